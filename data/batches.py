@@ -1,0 +1,60 @@
+"""From packed token rows to model inputs, one pure function per objective.
+
+Each takes int64[B, T] token rows, the masking rate for this step and a seeded generator, and returns a dict
+of tensors. Labels use -100 (PyTorch's ignore index) at positions that carry no loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+
+from masktrain.data import masking
+from masktrain.data.masking import PolicyOptions, Vocab
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """Everything a batch function needs besides the tokens: resolved once from the config."""
+
+    vocab: Vocab
+    policy: str = "random"
+    mask_prob: float = 0.8
+    random_prob: float = 0.1
+    share_across_batch: bool = False
+    options: PolicyOptions = field(default_factory=PolicyOptions)
+
+    def select(self, ids: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+        policy = masking.POLICIES[self.policy]
+        if self.share_across_batch:
+            # One pattern for the whole batch, drawn on the first row (MEAP authors' behaviour).
+            return policy(ids[:1], self.vocab, rate, gen, self.options).expand_as(ids) & masking.candidates(
+                ids, self.vocab)
+        return policy(ids, self.vocab, rate, gen, self.options)
+
+
+def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Masked LM: corrupted inputs; labels hold the original token at selected positions only."""
+    selected = spec.select(ids, rate, gen)
+    inputs = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    return {"input_ids": inputs, "labels": torch.where(selected, ids, IGNORE)}
+
+
+def meap_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """MEAP: a fraction of *inputs* become [MASK]; labels are the untouched tokens (plain next-token loss)."""
+    selected = spec.select(ids, rate, gen)
+    inputs = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    return {"input_ids": inputs, "labels": causal_labels(ids, spec.vocab)}
+
+
+def ntp_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Next-token prediction: inputs are the tokens; the model shifts labels itself."""
+    return {"input_ids": ids, "labels": causal_labels(ids, spec.vocab)}
+
+
+def causal_labels(ids: torch.Tensor, vocab: Vocab) -> torch.Tensor:
+    """The tokens themselves (the model shifts them), with padding carrying no loss."""
+    return ids.masked_fill(ids == vocab.pad_id, IGNORE)
+

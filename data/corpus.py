@@ -1,0 +1,163 @@
+"""Raw text sources -> a deterministic stream of documents (str), with bad input counted, not fatal.
+
+Sources: plain text (documents separated by blank lines), .gz of any of these, JSON lines (one document per
+line, text in a configurable field), directories (recursively, sorted), globs, and `builtin:python-docs`:
+English text that every Python install ships (pydoc topics and the standard library's docstrings), read with
+`ast` so no module is imported.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import gzip
+import json
+import sysconfig
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterator
+
+BUILTIN = "builtin:python-docs"
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json")
+
+
+class InputError(ValueError):
+    """Bad input under --strict: names the file and the line or document."""
+
+
+@dataclass
+class CorpusStats:
+    """What was read and what was skipped, by reason."""
+
+    documents: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str, where: str, strict: bool) -> None:
+        if strict:
+            raise InputError(f"{where}: {reason}")
+        self.skipped[reason] += 1
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Files in a stable order; directories are walked, globs expanded; a missing path is an error."""
+    files: list[str] = []
+    for item in inputs:
+        if item == BUILTIN:
+            files.append(item)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise InputError(f"{item}: the pattern matches no file")
+            files.extend(m for m in matches if Path(m).is_file())
+        elif Path(item).is_dir():
+            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and is_text_file(p))
+            if not found:
+                raise InputError(f"{item}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")
+            files.extend(found)
+        elif Path(item).is_file():
+            files.append(item)
+        else:
+            raise InputError(f"{item}: no such file or directory")
+    return files
+
+
+def is_text_file(path: Path) -> bool:
+    name = path.name.removesuffix(".gz")
+    return name.endswith(TEXT_SUFFIXES)
+
+
+def documents(inputs: list[str], text_field: str = "text", strict: bool = False,
+              stats: CorpusStats | None = None) -> Iterator[str]:
+    """Every document of every input, in order. Empty and undecodable documents are skipped and counted."""
+    stats = stats if stats is not None else CorpusStats()
+    for path in expand_inputs(inputs):
+        source = builtin_documents() if path == BUILTIN else file_documents(path, text_field, strict, stats)
+        for index, text in enumerate(source):
+            if not text.strip():
+                stats.skip("empty document", f"{path}: document {index}", strict)
+                continue
+            stats.documents += 1
+            yield text
+
+
+def open_binary(path: str) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats) -> Iterator[str]:
+    is_jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
+    try:
+        with open_binary(path) as handle:
+            if is_jsonl:
+                yield from jsonl_documents(handle, path, text_field, strict, stats)
+            else:
+                yield from paragraph_documents(handle, path, strict, stats)
+    except (OSError, EOFError) as err:  # truncated .gz, unreadable file
+        stats.skip("unreadable file", f"{path}: {err}", strict)
+
+
+def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
+                    stats: CorpusStats) -> Iterator[str]:
+    for number, raw in enumerate(handle, 1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            stats.skip("invalid UTF-8", f"{path}:{number}", strict)
+            continue
+        except json.JSONDecodeError as err:
+            stats.skip("invalid JSON", f"{path}:{number}: {err.msg}", strict)
+            continue
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            stats.skip("missing text field", f"{path}:{number}: no string field {text_field!r}", strict)
+            continue
+        yield text
+
+
+def paragraph_documents(handle: IO[bytes], path: str, strict: bool, stats: CorpusStats) -> Iterator[str]:
+    """Documents separated by blank lines; a block with undecodable bytes is skipped whole."""
+    block: list[bytes] = []
+    start = 1
+    for number, raw in enumerate(handle, 1):
+        if raw.strip():
+            if not block:
+                start = number
+            block.append(raw)
+            continue
+        if block:
+            yield from decode_block(block, path, start, strict, stats)
+            block = []
+    if block:
+        yield from decode_block(block, path, start, strict, stats)
+
+
+def decode_block(block: list[bytes], path: str, line: int, strict: bool, stats: CorpusStats) -> Iterator[str]:
+    try:
+        yield b"".join(block).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        stats.skip("invalid UTF-8", f"{path}:{line}", strict)
+
+
+def builtin_documents() -> Iterator[str]:
+    """Python's own documentation: pydoc topics, then module/class/function docstrings of the stdlib."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name].strip()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip_parts = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    for path in sorted(stdlib.rglob("*.py")):
+        if skip_parts.intersection(path.relative_to(stdlib).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes())
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 40:
+                    yield doc

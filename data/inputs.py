@@ -1,0 +1,72 @@
+"""A run's inputs from its config: where the data is, how documents are packed, the training loader and the
+validation batches of one rank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from masktrain.data.batches import MaskSpec
+from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
+from masktrain.data.masking import PolicyOptions, generator
+from masktrain.data.reader import Skips
+from masktrain.data.schedules import rate_schedule
+from masktrain.data.shards import manifest_urls
+from masktrain.data.tokenizer import Tokenizer
+from masktrain.data.validation import validation_batches
+from masktrain.launcher.config import Config
+
+
+def tokenizer_dir(cfg: Config) -> Path:
+    return Path(cfg.data.tokenizer or Path(cfg.data.dir) / "tokenizer")
+
+
+def shard_urls(cfg: Config, split: str) -> list[str]:
+    urls = cfg.data.train_shards if split == "train" else cfg.data.val_shards
+    return urls or manifest_urls(cfg.data.dir, split)
+
+
+def packing(cfg: Config, tokenizer: Tokenizer, encoder: bool) -> Packing:
+    if encoder:
+        return Packing(cfg.data.seq_len, tokenizer.cls_id, tokenizer.sep_id)
+    return Packing(cfg.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
+
+
+def mask_spec(cfg: Config, tokenizer: Tokenizer) -> MaskSpec:
+    m = cfg.data.masking
+    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max)
+    return MaskSpec(vocab=tokenizer.vocab(), policy=m.policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
+                    share_across_batch=m.share_across_batch, options=options)
+
+
+def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: Tokenizer, rank: int,
+                 world_size: int) -> Loader:
+    spec = LoaderSpec(urls=shard_urls(cfg, "train"), rank=rank, world_size=world_size,
+                      num_workers=cfg.data.num_workers, seed=cfg.run.seed,
+                      micro_batch_size=cfg.data.micro_batch_size, shuffle_block=cfg.data.shuffle_block,
+                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict)
+    batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
+                      cfg.run.seed, rank, cfg.grad_accum)
+    return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)
+
+
+def eval_rate(cfg: Config) -> float:
+    m = cfg.data.masking
+    return m.eval_rate if m.eval_rate is not None else rate_schedule(m, cfg.trainer.max_steps).final
+
+
+def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: Tokenizer, rank: int,
+                   world_size: int, skips: Skips) -> tuple[list[dict], dict]:
+    """(this rank's validation batches, an all-padding batch for ranks that run out first)."""
+    spec = mask_spec(cfg, tokenizer)
+    rate = eval_rate(cfg)
+    # Fixed seeds independent of the step: every evaluation of a run sees the same masks.
+    make = lambda rows, index: make_batch(rows, spec, rate, generator(cfg.run.seed, rank, index, -1))  # noqa: E731
+
+    pack = packing(cfg, tokenizer, encoder)
+    batches = validation_batches(shard_urls(cfg, "val"), rank, world_size, cfg.data.micro_batch_size, pack,
+                                 tokenizer.pad_id, make, skips, cfg.trainer.eval_batches)
+    empty = make(torch.full((1, cfg.data.seq_len), tokenizer.pad_id, dtype=torch.long), 0)
+    return batches, empty

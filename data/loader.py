@@ -1,0 +1,261 @@
+"""The streaming training loader: shards -> shuffled documents -> packed rows -> masked batches.
+
+Layout. Each rank has `max(1, num_workers)` slots (one per worker process); slot s of rank r reads, in
+epoch e, every n-th unit of a permutation of all units seeded by (seed, e), where n = world * workers. A slot
+never runs dry: after its units of epoch e it moves on to e + 1, so every rank yields as many batches as the
+trainer asks for, however uneven the shards (a finite epoch per rank is what hangs DeepSpeed jobs).
+
+Position. Documents are shuffled in blocks of `shuffle_block` read from one unit, each block permuted by a
+seed derived from its place. A slot's whole position is therefore five integers (epoch, unit, block start,
+index in block, token offset in the document being packed), so a resume re-reads at most one block.
+
+Exactness with workers. Every batch carries the state of its slot *after* that batch. The main process keeps
+the state of the batches it has consumed (not what workers have prefetched) and which slot comes next; a
+restart hands each worker its slot's state and rotates slots so the round-robin order continues unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from masktrain.data import masking
+from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
+
+STATE_VERSION = 1
+
+
+@dataclass
+class SlotState:
+    epoch: int = 0
+    unit: int = 0
+    """Index into this slot's units of `epoch`."""
+    block_start: int = 0
+    """Documents of the unit before the current shuffle block."""
+    in_block: int = 0
+    """Index (in permuted order) of the document being packed."""
+    in_doc: int = 0
+    """Tokens of that document (boundary tokens included) already packed."""
+    batches: int = 0
+    """Batches this slot has produced."""
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def units_for(urls: list[str], n_slots: int) -> list[Unit]:
+    """Shards as read units; with fewer shards than slots each shard is split by document index."""
+    if not urls:
+        raise DataError("no shards to read")
+    parts = math.ceil(n_slots / len(urls))
+    return [Unit(url, part, parts) for url in urls for part in range(parts)]
+
+
+def seed_int(*key: int) -> int:
+    return int(masking.generator(*key).initial_seed())
+
+
+@dataclass
+class Packing:
+    seq_len: int
+    start_id: int
+    end_id: int
+
+
+class SlotStream:
+    """One slot's endless, resumable stream of packed rows."""
+
+    def __init__(self, units: list[Unit], slot: int, n_slots: int, seed: int, shuffle_block: int,
+                 packing: Packing, strict: bool, state: SlotState):
+        self.units, self.slot, self.n_slots = units, slot, n_slots
+        self.seed, self.shuffle_block, self.packing = seed, shuffle_block, packing
+        self.state = state
+        self.skips = Skips(strict, state.skipped)
+        # A restart re-reads the current block, whose bad records were counted before.
+        self.skips.paused = state.block_start > 0 or state.in_block > 0 or state.in_doc > 0
+
+    def epoch_units(self, epoch: int) -> list[int]:
+        order = np.random.default_rng(seed_int(self.seed, epoch)).permutation(len(self.units))
+        return order[self.slot::self.n_slots].tolist()
+
+    def documents(self) -> Iterator[np.ndarray]:
+        """Documents with boundary tokens, in shuffled order, from the saved position on. While a document is
+        out, the state's epoch/unit/block fields point at it; `in_doc` is the packer's to advance."""
+        s, p = self.state, self.packing
+        empty_epochs = 0
+        while True:
+            produced = False
+            units = self.epoch_units(s.epoch)
+            while s.unit < len(units):
+                unit_id = units[s.unit]
+                docs = read_unit(self.units[unit_id], self.skips)
+                for _ in zip(range(s.block_start), docs):
+                    pass
+                while block := [d for _, d in zip(range(self.shuffle_block), docs)]:
+                    self.skips.paused = False
+                    produced = True
+                    key = (self.seed, s.epoch, unit_id, s.block_start)
+                    order = np.random.default_rng(seed_int(*key)).permutation(len(block))
+                    while s.in_block < len(block):
+                        yield np.concatenate(([p.start_id], block[order[s.in_block]], [p.end_id])).astype(np.int64)
+                        s.in_block += 1
+                        s.in_doc = 0
+                    s.block_start += len(block)
+                    s.in_block = 0
+                self.skips.paused = False
+                s.unit += 1
+                s.block_start = 0
+            # A resumed slot may finish an epoch with nothing left to read; only repeated empty epochs mean
+            # this slot's shards hold no readable document at all.
+            empty_epochs = 0 if produced else empty_epochs + 1
+            if empty_epochs >= 3:
+                raise DataError(f"slot {self.slot}: no readable document in its shards "
+                                f"(skipped: {dict(self.skips.counts) or 'none'})")
+            s.epoch += 1
+            s.unit = 0
+
+    def rows(self) -> Iterator[np.ndarray]:
+        """Packed rows of seq_len tokens; a document runs on across row boundaries."""
+        n = self.packing.seq_len
+        row = np.empty(n, dtype=np.int64)
+        filled = 0
+        for doc in self.documents():
+            offset = self.state.in_doc
+            while offset < len(doc):
+                take = min(n - filled, len(doc) - offset)
+                row[filled:filled + take] = doc[offset:offset + take]
+                filled += take
+                offset += take
+                self.state.in_doc = offset
+                if filled == n:
+                    yield row.copy()
+                    filled = 0
+
+    def batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        rows = self.rows()
+        while True:
+            batch = np.stack([next(rows) for _ in range(batch_size)])
+            self.state.batches += 1
+            self.state.skipped = dict(self.skips.counts)
+            yield batch
+
+
+@dataclass
+class Batcher:
+    """Token rows -> model inputs for one objective. The rate comes from the step the batch belongs to and the
+    generator from (seed, rank, batch index), so the mask depends only on the batch, never on who computes it."""
+
+    make: Callable[..., dict[str, torch.Tensor]]
+    spec: object
+    schedule: Callable[[int], float]
+    seed: int
+    rank: int
+    grad_accum: int
+
+    def __call__(self, ids: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+        rate = self.schedule(index // self.grad_accum)
+        return self.make(ids, self.spec, rate, masking.generator(self.seed, self.rank, index))
+
+
+@dataclass
+class LoaderSpec:
+    """Everything a rank's loader needs, picklable for worker processes."""
+
+    urls: list[str]
+    rank: int
+    world_size: int
+    num_workers: int
+    seed: int
+    micro_batch_size: int
+    shuffle_block: int
+    packing: Packing
+    strict: bool = False
+
+    @property
+    def slots_per_rank(self) -> int:
+        return max(1, self.num_workers)
+
+
+class SlotDataset(IterableDataset):
+    """Runs in each worker: the stream of the slot assigned to it, batches tagged with slot and state."""
+
+    def __init__(self, spec: LoaderSpec, states: list[SlotState], rotate: int, batcher: Batcher | None):
+        self.spec, self.states, self.rotate, self.batcher = spec, states, rotate, batcher
+
+    def __iter__(self):
+        info = get_worker_info()
+        spec = self.spec
+        local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
+        n_slots = spec.world_size * spec.slots_per_rank
+        units = units_for(expand_urls(spec.urls), n_slots)
+        state = SlotState(**asdict(self.states[local]))
+        stream = SlotStream(units, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
+                            spec.shuffle_block, spec.packing, spec.strict, state)
+        for rows in stream.batches(spec.micro_batch_size):
+            index = (state.batches - 1) * spec.slots_per_rank + local
+            ids = torch.from_numpy(rows)
+            batch = self.batcher(ids, index) if self.batcher else {"input_ids": ids}
+            yield {"slot": local, "index": index, "state": asdict(state), "batch": batch}
+
+
+class Loader:
+    """A rank's training batches, with `state_dict`/`load_state_dict` for exact resume."""
+
+    def __init__(self, spec: LoaderSpec, batcher: Batcher, mask_in_workers: bool = True, prefetch: int = 2):
+        self.spec, self.batcher = spec, batcher
+        self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
+        self.states = [SlotState() for _ in range(spec.slots_per_rank)]
+        self.consumed = 0
+        self.iterator: Iterator | None = None
+
+    def __iter__(self) -> "Loader":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.iterator is None:
+            self.iterator = self.start()
+        item = next(self.iterator)
+        if item["index"] != self.consumed:
+            raise RuntimeError(f"loader order broken: got batch {item['index']}, expected {self.consumed}")
+        self.states[item["slot"]] = SlotState(**item["state"])
+        self.consumed += 1
+        batch = item["batch"]
+        return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
+
+    def start(self) -> Iterator:
+        rotate = self.consumed % self.spec.slots_per_rank
+        dataset = SlotDataset(self.spec, self.states, rotate, self.batcher if self.mask_in_workers else None)
+        workers = self.spec.num_workers
+        return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                               prefetch_factor=self.prefetch if workers else None,
+                               persistent_workers=False,
+                               # A private generator: DataLoader otherwise draws worker seeds from the global
+                               # RNG, which would shift dropout after every (re)start.
+                               generator=torch.Generator()))
+
+    def skipped(self) -> dict[str, int]:
+        total: Counter = Counter()
+        for state in self.states:
+            total.update(state.skipped)
+        return dict(total)
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
+                "num_workers": self.spec.num_workers, "consumed": self.consumed,
+                "slots": [asdict(s) for s in self.states]}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
+                    "num_workers": self.spec.num_workers}
+        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
+            raise ValueError(f"cannot resume the data position exactly: {details} "
+                             "(set trainer.allow_config_change=true to restart the data stream instead)")
+        self.states = [SlotState(**s) for s in state["slots"]]
+        self.consumed = state["consumed"]
+        self.iterator = None

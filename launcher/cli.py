@@ -1,0 +1,93 @@
+"""The `masktrain` command: a thin dispatcher; each subcommand's work lives in its own module.
+
+Configs are loaded and validated here, in the launching process, so a bad config fails before any rank or
+job is started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from masktrain.launcher.loading import ConfigError
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="a YAML file, or the name of a shipped config (e.g. smoke)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=40 data.masking.rate=0.3")
+
+
+def cmd_train(args) -> int:
+    from masktrain.launcher.launch import launch_local
+    from masktrain.launcher.loading import load_config
+
+    return launch_local(load_config(args.config, args.overrides))
+
+
+def cmd_smoke(args) -> int:
+    from masktrain.launcher.smoke import smoke
+
+    return smoke(args.config, args.overrides, fresh_data=args.fresh)
+
+
+def cmd_config_show(args) -> int:
+    from masktrain.launcher.loading import dump_yaml, load_config
+
+    print(dump_yaml(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_data_prepare(args) -> int:
+    from masktrain.data.prepare import prepare
+    from masktrain.launcher.loading import load_config
+
+    prepare(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from masktrain.trainer.export import export
+
+    print(f"exported to {export(args.checkpoint, args.out_dir)}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="masktrain", description=__doc__.splitlines()[0])
+    sub = root.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="validate a config and train (resumes from the run folder's checkpoint)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("smoke", help="the whole path on this machine: data, 2-rank train, resume, export")
+    p.add_argument("config", nargs="?", default="smoke")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--fresh", action="store_true", help="rebuild the tokenizer and shards too")
+    p.set_defaults(func=cmd_smoke)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    p = config.add_parser("show", help="print the resolved config")
+    add_config_args(p)
+    p.set_defaults(func=cmd_config_show)
+
+    data = sub.add_parser("data", help="tokenizer and shards").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("prepare", help="build the tokenizer and shards a config reads")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except ConfigError as err:
+        print(f"masktrain: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

@@ -1,0 +1,233 @@
+"""The typed run configuration: one dataclass per YAML section.
+
+Every field has a default so that a YAML file only states what differs. Types are enforced and values are
+checked by `masktrain.launcher.validate`; loading and overrides live in `masktrain.launcher.loading`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name: used in log lines and as the default output folder `runs/<name>`."""
+    output_dir: str = ""
+    """Run folder (checkpoints/, tb/, metrics.jsonl, export/). Empty means `runs/<name>`."""
+    seed: int = 1234
+    """Seeds model init, data order, masking and dropout. Part of what makes a resume exact."""
+
+
+@dataclass
+class PrepareConfig:
+    """How `masktrain data prepare` turns raw text into the tokenizer and shards this run reads."""
+
+    inputs: list[str] = field(default_factory=lambda: ["builtin:python-docs"])
+    """Text sources: files (.txt, .gz, .jsonl, .jsonl.gz), directories, globs, or `builtin:python-docs`
+    (the documentation that ships with Python itself)."""
+    text_field: str = "text"
+    """Field holding the text in JSON-lines inputs."""
+    vocab_size: int = 8000
+    """Sentencepiece vocabulary size, special tokens included."""
+    tokenizer_type: str = "unigram"
+    """Sentencepiece model type: unigram or bpe."""
+    tokenizer_sample_docs: int = 200_000
+    """At most this many documents are sampled to train the tokenizer."""
+    shard_bytes: int = 64 * 2**20
+    """Target size of one shard in bytes (the last shard of each split is smaller)."""
+    val_fraction: float = 0.02
+    """Fraction of documents held out for validation (chosen by a hash of the document, not its order)."""
+    workers: int = 0
+    """Tokenizer processes; 0 means one per available core."""
+    max_docs: int = 0
+    """Stop after this many input documents (0: all). Keeps smoke runs small."""
+
+
+@dataclass
+class MaskingConfig:
+    """Which tokens an objective corrupts and how many, as a pure function of the global step."""
+
+    policy: str = "random"
+    """Selection policy: random, whole_word, span, importance (see `masktrain.data.masking.POLICIES`)."""
+    rate: float = 0.15
+    """Fraction of maskable tokens selected (the schedule's start value)."""
+    schedule: str = "constant"
+    """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`)."""
+    final_rate: float | None = None
+    """Schedule end value; None keeps `rate`."""
+    schedule_steps: int = 0
+    """Steps over which the schedule moves from `rate` to `final_rate`; 0 means trainer.max_steps."""
+    warmup_steps: int = 0
+    """Steps before the schedule starts moving (the rate holds at `rate` until then)."""
+    step_count: int = 4
+    """Number of equal plateaus for the step schedule."""
+    mask_prob: float = 0.8
+    """Of the selected tokens, the fraction replaced by [MASK]."""
+    random_prob: float = 0.1
+    """Of the selected tokens, the fraction replaced by a random token (the rest are kept as they are)."""
+    exact: bool = True
+    """Select exactly round(rate * maskable) tokens per row; false draws each token independently."""
+    span_mean: float = 3.0
+    """Span policy: mean span length (geometric distribution)."""
+    span_max: int = 10
+    """Span policy: longest span."""
+    share_across_batch: bool = False
+    """Use one mask pattern for every row of a batch (parity with the MEAP authors' code)."""
+    importance_table: str = ""
+    """Importance policy: path of the table built by `masktrain data importance` (default <data.dir>/idf.npy)."""
+    importance_power: float = 1.0
+    """Importance policy: selection weight is importance ** power (0 gives uniform selection)."""
+    eval_rate: float | None = None
+    """Rate used by evaluation; None uses the schedule's final value, so evaluations stay comparable."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "runs/data/smoke"
+    """Prepared dataset folder (tokenizer/, train/, val/, manifest.json); the default for the fields below."""
+    tokenizer: str = ""
+    """Tokenizer folder (sentencepiece model plus Hugging Face files). Empty means `<dir>/tokenizer`."""
+    train_shards: list[str] = field(default_factory=list)
+    """Shard URLs: paths, brace patterns (shard-{000000..000127}.tar) or `pipe:` commands. Empty: manifest."""
+    val_shards: list[str] = field(default_factory=list)
+    """Validation shard URLs; empty: from the manifest in `dir`."""
+    seq_len: int = 128
+    """Tokens per packed sequence."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    num_workers: int = 1
+    """Loader worker processes per rank (0 loads in the training process)."""
+    shuffle_block: int = 1000
+    """Documents shuffled together. A block is permuted whole, which keeps resume exact and cheap."""
+    mask_in_workers: bool = True
+    """Mask in loader workers (true) or in the training process; both give the same masks."""
+    strict: bool = False
+    """Fail on the first corrupt shard, bad sample or empty document instead of skipping and counting it."""
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+
+
+@dataclass
+class ModelConfig:
+    objective: str = "mlm"
+    """Training objective: mlm, mae_lm, ntp or meap (see `masktrain.trainer.objectives.OBJECTIVES`)."""
+    arch: str = "bert"
+    """Transformers architecture: bert or roberta for encoders, llama for decoders (the decoders' default)."""
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 0
+    """Decoders: key/value heads for grouped-query attention; 0 means num_heads."""
+    intermediate_size: int = 512
+    max_position_embeddings: int = 0
+    """0 means data.seq_len."""
+    dropout: float = 0.1
+    decoder_layers: int = 2
+    """MAE-LM: depth of the shallow bidirectional decoder."""
+    tie_embeddings: bool = True
+    """Tie the output projection to the input embedding."""
+    init_std: float = 0.02
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Peak learning rate."""
+    schedule: str = "cosine"
+    """LR schedule after warmup: constant, linear, cosine, damped_cosine (see trainer.lr.LR_SCHEDULES)."""
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak."""
+    cycles: int = 4
+    """damped_cosine: number of cosine cycles after warmup."""
+    damping: float = 0.5
+    """damped_cosine: each cycle's peak is the previous one's times this."""
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 50
+    """Optimizer steps in the whole run (a resumed run continues to the same total)."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks: micro_batch_size * grad accumulation * world size."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage 0-3 (presets in configs/deepspeed/)."""
+    deepspeed_config: str = ""
+    """A DeepSpeed JSON whose keys override the generated configuration."""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that supports it, fp32 on CPU), fp32 or bf16."""
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 20
+    """Save every N steps (0: only at the end and on a signal)."""
+    keep_last: int = 3
+    """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    eval_every: int = 0
+    """Evaluate every N steps on the validation shards (0: only at the end)."""
+    eval_batches: int = 0
+    """Batches per rank per evaluation (0: the whole validation split)."""
+    log_every: int = 1
+    max_bad_steps: int = 5
+    """Abort after this many consecutive steps with a non-finite loss (each one is skipped and counted)."""
+    resume: str = "auto"
+    """auto (resume from the run folder's latest checkpoint if there is one), never, or a checkpoint path."""
+    stop_after_steps: int = 0
+    """Checkpoint and leave (with the requeue exit code) after this many steps of one launch; 0 runs on.
+    For fixed-size pieces of a long run, and for trying resumption."""
+    allow_config_change: bool = False
+    """Resume even when the checkpoint's config differs in keys that change the run's meaning."""
+    peak_tflops: float = 0.0
+    """Per-device peak TFLOP/s for the MFU estimate; 0 looks the device up (CPU: no estimate)."""
+    progress_bar: bool = True
+
+
+@dataclass
+class LaunchConfig:
+    nproc_per_node: int = 2
+    """Ranks per node (GPUs per node, or CPU processes)."""
+    nnodes: int = 1
+    accelerator: str = "auto"
+    """auto, cpu or cuda. cpu uses gloo and DS_ACCELERATOR=cpu."""
+    master_port: int = 0
+    """Rendezvous port for local launches; 0 picks a free one."""
+    shutdown_timeout: int = 300
+    """Seconds torchrun waits for ranks to checkpoint after a signal before killing them."""
+    threads_per_rank: int = 0
+    """OMP/MKL threads per rank; 0 divides the cores evenly."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+    @property
+    def world_size(self) -> int:
+        return self.launch.nproc_per_node * self.launch.nnodes
+
+    @property
+    def grad_accum(self) -> int:
+        return self.trainer.global_batch_size // (self.data.micro_batch_size * self.world_size)
+
+    @property
+    def output_dir(self) -> str:
+        return self.run.output_dir or f"runs/{self.run.name}"
+
+
+# Paper defaults per objective, applied beneath the user's YAML so an explicit value always wins.
+# MEAP (scitix/MEAP) replaces inputs with [MASK] only; MAE-LM (yumeng5/MAE-LM) uses pure <mask>.
+OBJECTIVE_DEFAULTS: dict[str, dict] = {
+    "mlm": {"data": {"masking": {"rate": 0.15, "mask_prob": 0.8, "random_prob": 0.1}}},
+    "mae_lm": {"data": {"masking": {"rate": 0.15, "mask_prob": 1.0, "random_prob": 0.0}}},
+    "meap": {"model": {"arch": "llama"}, "data": {"masking": {"rate": 0.15, "mask_prob": 1.0, "random_prob": 0.0}}},
+    "ntp": {"model": {"arch": "llama"}, "data": {"masking": {"rate": 0.0}}},
+}

@@ -1,0 +1,205 @@
+"""YAML + dotted overrides -> a typed, validated `Config`.
+
+Precedence: command-line overrides > the YAML file > its `base:` files > objective defaults > dataclass
+defaults. Every problem found is collected and raised once as a `ConfigError` naming the keys to fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from masktrain import configs as builtin_configs
+from masktrain.launcher.config import OBJECTIVE_DEFAULTS, Config
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message lists every bad key with what is wrong and how to fix it."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid configuration ({source}):\n{lines}")
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A config file path, or the name of a config shipped in configs/ ("smoke", "bert-base.yaml")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = builtin_configs.find(name_or_path)
+    if shipped is not None:
+        return shipped
+    known = ", ".join(builtin_configs.names())
+    raise ConfigError(name_or_path, [f"no such config file; shipped configs are: {known}"])
+
+
+def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """One YAML file with its `base:` chain merged beneath it."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(str(path), ["`base:` files include each other in a cycle"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["the top level must be a mapping of sections"])
+    bases = raw.pop("base", [])
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
+        if not base_path.is_file():
+            base_path = resolve_path(base)
+        merge(merged, read_yaml(base_path, _seen + (path,)))
+    return merge(merged, raw)
+
+
+def merge(into: dict, update: dict) -> dict:
+    """Deep-merge `update` into `into` (mappings merge, everything else replaces)."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = copy.deepcopy(value)
+    return into
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """`a.b.c=value` strings into a nested dict; values are read as YAML (0.3, true, [1, 2])."""
+    tree: dict = {}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} is not of the form section.key=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {item!r} sets a key beneath a value")
+                break
+        else:
+            node[parts[-1]] = value
+    return tree, problems
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read, merge, type-check and validate a run configuration."""
+    from masktrain.launcher.validate import validate
+
+    source = str(path)
+    raw = read_yaml(resolve_path(str(path)))
+    override_tree, problems = parse_overrides(overrides or [])
+    merge(raw, override_tree)
+    objective = raw.get("model", {}).get("objective", "mlm") if isinstance(raw.get("model"), dict) else "mlm"
+    layered = merge(copy.deepcopy(OBJECTIVE_DEFAULTS.get(objective, {})), raw)
+    cfg = build(Config, layered, "", problems)
+    # Fields with a type error keep their defaults, so validating anyway reports every problem at once.
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
+    """A validated Config from a plain dict (as saved in run folders and checkpoints)."""
+    from masktrain.launcher.validate import validate
+
+    problems: list[str] = []
+    cfg = build(Config, copy.deepcopy(raw), "", problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(source, problems)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+
+
+def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass `cls` from `raw`, appending a message per unknown key or wrong type."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            problems.append(unknown_key_message(dotted, key, prefix, list(fields), cls))
+            continue
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = build(kind, value, dotted + ".", problems)
+        else:
+            ok, converted = coerce(value, kind)
+            if ok:
+                kwargs[key] = converted
+            else:
+                problems.append(f"{dotted}: expected {type_name(kind)}, got {type(value).__name__} {value!r}")
+    return cls(**kwargs)
+
+
+def unknown_key_message(dotted: str, key: str, prefix: str, valid: list[str], cls: type) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+    section = prefix.rstrip(".") or "the top level"
+    return f"{dotted}: unknown key in {section}{hint} (valid: {', '.join(valid)})"
+
+
+def coerce(value: Any, kind: Any) -> tuple[bool, Any]:
+    """(True, value as `kind`) when `value` is acceptable for the annotation `kind`."""
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            ok, converted = coerce(value, option)
+            if ok:
+                return True, converted
+        return False, None
+    if kind is type(None):
+        return value is None, None
+    if origin is list:
+        (item_kind,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            return False, None
+        items = [coerce(v, item_kind) for v in value]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
+    if kind is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported config annotation {kind!r}")
+
+
+def type_name(kind: Any) -> str:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(k) for k in typing.get_args(kind))
+    if origin is list:
+        return f"a list of {type_name(typing.get_args(kind)[0])}"
+    return {type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))

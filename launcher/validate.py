@@ -1,0 +1,152 @@
+"""Every range and cross-field check of a run configuration, in one place.
+
+Runs in the launching process before any rank is spawned, and again in each rank on the saved config.
+Problems are collected, not raised one by one, so a user fixes everything in one round.
+"""
+
+from __future__ import annotations
+
+from masktrain.launcher.config import Config
+
+ENCODER_ARCHS = ("bert", "roberta")
+DECODER_ARCHS = ("llama",)
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every problem with `cfg`, as 'key: what is wrong' lines (empty when valid)."""
+    from masktrain.data.masking import POLICIES
+    from masktrain.data.schedules import SCHEDULES
+    from masktrain.trainer.lr import LR_SCHEDULES
+    from masktrain.trainer.objectives import OBJECTIVES
+
+    problems: list[str] = []
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            problems.append(f"{key}: {message}")
+
+    def choice(value: str, key: str, valid) -> bool:
+        check(value in valid, key, f"unknown value {value!r}; valid: {', '.join(str(v) for v in sorted(valid))}")
+        return value in valid
+
+    def positive(value, key: str) -> None:
+        check(value > 0, key, f"must be > 0, got {value!r}")
+
+    def non_negative(value, key: str) -> None:
+        check(value >= 0, key, f"must be >= 0, got {value!r}")
+
+    def fraction(value, key: str) -> None:
+        check(value is None or 0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value!r}")
+
+    # run
+    check(bool(cfg.run.name.strip()), "run.name", "must not be empty")
+
+    # data
+    d = cfg.data
+    positive(d.seq_len, "data.seq_len")
+    check(d.seq_len >= 8, "data.seq_len", f"must be at least 8, got {d.seq_len}")
+    positive(d.micro_batch_size, "data.micro_batch_size")
+    non_negative(d.num_workers, "data.num_workers")
+    positive(d.shuffle_block, "data.shuffle_block")
+    p = d.prepare
+    check(bool(p.inputs), "data.prepare.inputs", "needs at least one input")
+    check(p.vocab_size >= 64, "data.prepare.vocab_size", f"must be at least 64, got {p.vocab_size}")
+    choice(p.tokenizer_type, "data.prepare.tokenizer_type", ("unigram", "bpe"))
+    positive(p.tokenizer_sample_docs, "data.prepare.tokenizer_sample_docs")
+    check(p.shard_bytes >= 4096, "data.prepare.shard_bytes", f"must be at least 4096, got {p.shard_bytes}")
+    check(0.0 <= p.val_fraction < 1.0, "data.prepare.val_fraction", f"must be within [0, 1), got {p.val_fraction}")
+    non_negative(p.workers, "data.prepare.workers")
+    non_negative(p.max_docs, "data.prepare.max_docs")
+
+    m = d.masking
+    choice(m.policy, "data.masking.policy", POLICIES)
+    choice(m.schedule, "data.masking.schedule", SCHEDULES)
+    for key in ("rate", "final_rate", "eval_rate", "mask_prob", "random_prob"):
+        fraction(getattr(m, key), f"data.masking.{key}")
+    check(m.mask_prob + m.random_prob <= 1.0 + 1e-9, "data.masking.mask_prob",
+          f"mask_prob + random_prob must be <= 1 (the rest is kept), got {m.mask_prob} + {m.random_prob}")
+    non_negative(m.schedule_steps, "data.masking.schedule_steps")
+    non_negative(m.warmup_steps, "data.masking.warmup_steps")
+    positive(m.step_count, "data.masking.step_count")
+    check(m.span_mean >= 1.0, "data.masking.span_mean", f"must be >= 1, got {m.span_mean}")
+    check(m.span_max >= 1, "data.masking.span_max", f"must be >= 1, got {m.span_max}")
+    check(m.span_mean <= m.span_max, "data.masking.span_mean", f"must not exceed span_max ({m.span_max})")
+    non_negative(m.importance_power, "data.masking.importance_power")
+
+    # model
+    mo = cfg.model
+    if choice(mo.objective, "model.objective", OBJECTIVES):
+        objective = OBJECTIVES[mo.objective]
+        choice(mo.arch, "model.arch", objective.archs)
+        if objective.masked:
+            check(m.rate > 0 or (m.final_rate or 0) > 0, "data.masking.rate",
+                  f"objective {mo.objective} needs a masking rate > 0")
+            check(m.policy in objective.policies, "data.masking.policy",
+                  f"objective {mo.objective} supports {', '.join(objective.policies)}, not {m.policy!r}")
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "decoder_layers"):
+        positive(getattr(mo, key), f"model.{key}")
+    non_negative(mo.num_kv_heads, "model.num_kv_heads")
+    if mo.num_heads > 0:
+        check(mo.hidden_size % mo.num_heads == 0, "model.hidden_size",
+              f"must be divisible by model.num_heads ({mo.num_heads}), got {mo.hidden_size}")
+        if mo.num_kv_heads:
+            check(mo.num_heads % mo.num_kv_heads == 0, "model.num_kv_heads",
+                  f"must divide model.num_heads ({mo.num_heads}), got {mo.num_kv_heads}")
+    non_negative(mo.max_position_embeddings, "model.max_position_embeddings")
+    if mo.max_position_embeddings:
+        check(mo.max_position_embeddings >= d.seq_len, "model.max_position_embeddings",
+              f"must be >= data.seq_len ({d.seq_len}), got {mo.max_position_embeddings}")
+    check(0.0 <= mo.dropout < 1.0, "model.dropout", f"must be within [0, 1), got {mo.dropout}")
+    positive(mo.init_std, "model.init_std")
+
+    # optim
+    o = cfg.optim
+    positive(o.lr, "optim.lr")
+    choice(o.schedule, "optim.schedule", LR_SCHEDULES)
+    non_negative(o.warmup_steps, "optim.warmup_steps")
+    fraction(o.min_lr_ratio, "optim.min_lr_ratio")
+    positive(o.cycles, "optim.cycles")
+    check(0.0 < o.damping <= 1.0, "optim.damping", f"must be within (0, 1], got {o.damping}")
+    non_negative(o.weight_decay, "optim.weight_decay")
+    check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
+          f"must be two values within [0, 1), got {o.betas}")
+    positive(o.eps, "optim.eps")
+    non_negative(o.grad_clip, "optim.grad_clip")
+
+    # trainer
+    t = cfg.trainer
+    positive(t.max_steps, "trainer.max_steps")
+    positive(t.global_batch_size, "trainer.global_batch_size")
+    choice(t.zero_stage, "trainer.zero_stage", (0, 1, 2, 3))
+    choice(t.precision, "trainer.precision", ("auto", "fp32", "bf16"))
+    for key in ("checkpoint_every", "eval_every", "eval_batches", "stop_after_steps"):
+        non_negative(getattr(t, key), f"trainer.{key}")
+    positive(t.keep_last, "trainer.keep_last")
+    positive(t.log_every, "trainer.log_every")
+    positive(t.max_bad_steps, "trainer.max_bad_steps")
+    non_negative(t.peak_tflops, "trainer.peak_tflops")
+    check(t.resume in ("auto", "never") or bool(t.resume.strip()), "trainer.resume",
+          "must be auto, never or a checkpoint path")
+    if t.deepspeed_config:
+        from pathlib import Path
+
+        check(Path(t.deepspeed_config).is_file(), "trainer.deepspeed_config",
+              f"file not found: {t.deepspeed_config}")
+
+    # launch and the batch arithmetic that ties data, trainer and launch together
+    la = cfg.launch
+    positive(la.nproc_per_node, "launch.nproc_per_node")
+    positive(la.nnodes, "launch.nnodes")
+    choice(la.accelerator, "launch.accelerator", ("auto", "cpu", "cuda"))
+    check(la.master_port == 0 or 1024 <= la.master_port < 65536, "launch.master_port",
+          f"must be 0 or a port within [1024, 65535], got {la.master_port}")
+    positive(la.shutdown_timeout, "launch.shutdown_timeout")
+    non_negative(la.threads_per_rank, "launch.threads_per_rank")
+    if d.micro_batch_size > 0 and la.nproc_per_node > 0 and la.nnodes > 0:
+        per_step = d.micro_batch_size * cfg.world_size
+        check(t.global_batch_size % per_step == 0, "trainer.global_batch_size",
+              f"{t.global_batch_size} is not a multiple of data.micro_batch_size ({d.micro_batch_size}) x world "
+              f"size ({cfg.world_size} = {la.nnodes} nodes x {la.nproc_per_node}); try "
+              f"{max(per_step, round(t.global_batch_size / per_step) * per_step)}")
+
+    return problems

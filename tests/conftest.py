@@ -1,0 +1,39 @@
+"""Shared fixtures: a small prepared dataset (built once per session) and a runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+MASKTRAIN = str(Path(sys.executable).parent / "masktrain")
+
+# A small slice of the built-in corpus: enough for losses to fall, small enough to build in seconds.
+TINY_DATA = ["data.prepare.max_docs=2500", "data.prepare.vocab_size=1000", "data.prepare.shard_bytes=65536"]
+
+
+def run_cli(*args: str, timeout: float = 600, check: bool = False, env: dict | None = None,
+            cwd: str | Path | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run([MASKTRAIN, *args], capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})}, cwd=cwd)
+    if check and result.returncode != 0:
+        raise AssertionError(f"masktrain {' '.join(args)} exited {result.returncode}\n"
+                             f"--- stdout\n{result.stdout[-5000:]}\n--- stderr\n{result.stderr[-5000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> list[str]:
+    """Overrides that point a config at a prepared tiny dataset (tokenizer + shards)."""
+    from masktrain.data.prepare import prepare
+    from masktrain.launcher.loading import load_config
+
+    root = tmp_path_factory.mktemp("data")
+    overrides = TINY_DATA + [f"data.dir={root}"]
+    prepare(load_config("smoke", overrides), log=lambda text: None)
+    return overrides

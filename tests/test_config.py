@@ -1,0 +1,97 @@
+"""Typed configs: loading, overrides, and errors that name the key before any process starts."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from conftest import run_cli
+from masktrain.launcher.loading import ConfigError, load_config, parse_overrides
+
+
+def problems_of(*overrides: str, config: str = "smoke") -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(config, list(overrides))
+    return err.value.problems
+
+
+def test_shipped_smoke_config_loads_with_overrides():
+    cfg = load_config("smoke", ["trainer.max_steps=40", "data.masking.rate=0.3", "optim.betas=[0.9, 0.95]"])
+    assert cfg.trainer.max_steps == 40
+    assert cfg.data.masking.rate == 0.3
+    assert cfg.optim.betas == [0.9, 0.95]
+    assert cfg.grad_accum == 1
+    assert cfg.output_dir == "runs/smoke"
+
+
+def test_unknown_key_names_it_and_suggests_the_closest():
+    (problem,) = problems_of("trainer.max_step=40")
+    assert problem.startswith("trainer.max_step: unknown key in trainer; did you mean trainer.max_steps?")
+
+
+def test_unknown_section_is_reported():
+    (problem,) = problems_of("trainr.max_steps=40")
+    assert "trainr: unknown key in the top level; did you mean trainer?" in problem
+
+
+def test_wrong_type_names_key_expected_and_given():
+    (problem,) = problems_of("trainer.max_steps=many")
+    assert problem == "trainer.max_steps: expected int, got str 'many'"
+    (problem,) = problems_of("data.strict=1")
+    assert problem == "data.strict: expected bool, got int 1"
+
+
+def test_out_of_range_values_and_batch_arithmetic_are_all_reported_at_once():
+    problems = problems_of("data.masking.rate=1.5", "trainer.global_batch_size=20", "model.objective=mlx",
+                           "trainer.zero_stage=4")
+    text = "\n".join(problems)
+    assert "data.masking.rate: must be within [0, 1], got 1.5" in text
+    assert "trainer.global_batch_size: 20 is not a multiple of data.micro_batch_size (8) x world size (2" in text
+    assert "model.objective: unknown value 'mlx'; valid: " in text
+    assert "trainer.zero_stage: unknown value 4" in text
+    assert len(problems) == 4
+
+
+def test_objective_defaults_sit_beneath_the_yaml():
+    meap = load_config("smoke", ["model.objective=meap", "data.masking.policy=random"])
+    assert (meap.model.arch, meap.data.masking.mask_prob, meap.data.masking.random_prob) == ("llama", 1.0, 0.0)
+    explicit = load_config("smoke", ["model.objective=meap", "data.masking.mask_prob=0.9"])
+    assert explicit.data.masking.mask_prob == 0.9
+
+
+def test_base_files_are_merged_beneath(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(yaml.safe_dump({"base": "smoke", "trainer": {"max_steps": 7}}))
+    cfg = load_config(str(child))
+    assert cfg.trainer.max_steps == 7
+    assert cfg.model.hidden_size == 128  # from smoke.yaml
+
+
+def test_missing_config_file_lists_shipped_ones():
+    with pytest.raises(ConfigError, match="shipped configs are: .*smoke"):
+        load_config("no-such-config")
+
+
+def test_bad_override_syntax():
+    _, problems = parse_overrides(["trainer.max_steps"])
+    assert problems == ["override 'trainer.max_steps' is not of the form section.key=value"]
+
+
+def test_config_show_prints_the_resolved_config():
+    result = run_cli("config", "show", "smoke", "trainer.max_steps=33", check=True)
+    shown = yaml.safe_load(result.stdout)
+    assert shown["trainer"]["max_steps"] == 33
+    assert shown["model"]["objective"] == "mlm"
+
+
+def test_train_with_bad_config_fails_before_spawning_anything(tmp_path):
+    started = time.monotonic()
+    result = run_cli("train", "smoke", f"run.output_dir={tmp_path / 'run'}", "trainer.max_step=3",
+                     "data.masking.rate=2")
+    assert result.returncode == 2
+    assert "trainer.max_step: unknown key in trainer; did you mean trainer.max_steps?" in result.stderr
+    assert "data.masking.rate: must be within [0, 1], got 2" in result.stderr
+    assert not (tmp_path / "run").exists()
+    assert time.monotonic() - started < 60

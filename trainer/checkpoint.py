@@ -1,0 +1,139 @@
+"""Atomic checkpoints around DeepSpeed's save/load.
+
+Layout: `<run>/checkpoints/step-00000040/` (DeepSpeed's files, the resolved config.yaml and meta.json) and
+`<run>/checkpoints/latest` (the tag of the newest complete one). A save goes to `step-N.partial` on every
+rank; only after all ranks finished does rank 0 rename it and then replace `latest` in one `os.replace`.
+A crash mid-save therefore leaves the previous checkpoint as `latest` and a `.partial` folder that the next
+start removes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+LATEST = "latest"
+PARTIAL = ".partial"
+CLIENT_KEY = "masktrain"
+
+# Keys whose change does not alter what a resumed run computes.
+RESUME_SAFE = {
+    "run.name", "run.output_dir",
+    "trainer.checkpoint_every", "trainer.keep_last", "trainer.eval_every", "trainer.eval_batches",
+    "trainer.log_every", "trainer.max_bad_steps", "trainer.resume", "trainer.allow_config_change",
+    "trainer.peak_tflops", "trainer.progress_bar", "trainer.stop_after_steps",
+    "data.strict", "data.mask_in_workers", "launch.master_port", "launch.shutdown_timeout",
+    "launch.threads_per_rank",
+}
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Keys (outside RESUME_SAFE and data.prepare) whose value differs, as 'key: old -> new'."""
+    old, new = flatten(saved), flatten(current)
+    return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key) and key not in RESUME_SAFE and not key.startswith("data.prepare.")]
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str | Path, keep_last: int, is_main: bool):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.is_main = is_main
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        pointer = self.dir / LATEST
+        if not pointer.is_file():
+            return None
+        path = self.dir / pointer.read_text().strip()
+        return path if (path / "meta.json").is_file() else None
+
+    def clean_partial(self) -> None:
+        """Remove saves a crash interrupted (rank 0, before anyone saves again)."""
+        if self.is_main and self.dir.is_dir():
+            for stale in self.dir.glob(f"*{PARTIAL}"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    def save(self, engine, step: int, client_state: dict, config: dict, meta: dict) -> Path:
+        tag = tag_for(step)
+        final = self.dir / tag
+        if (final / "meta.json").is_file():
+            return final
+        partial = tag + PARTIAL
+        engine.save_checkpoint(str(self.dir), tag=partial, client_state={CLIENT_KEY: client_state},
+                               save_latest=False)
+        if self.is_main:
+            staging = self.dir / partial
+            (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_atomic(staging / "meta.json", json.dumps({"tag": tag, "step": step, **meta}, indent=2))
+            sync_tree(staging)
+            staging.rename(final)
+            write_atomic(self.dir / LATEST, tag)
+            self.prune()
+        dist.barrier()
+        return final
+
+    def prune(self) -> None:
+        complete = sorted(p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL))
+        for old in complete[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, engine, path: Path) -> dict:
+        """Restore engine state (model, optimizer) and return masktrain's client state."""
+        _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+        if client is None or CLIENT_KEY not in client:
+            raise RuntimeError(f"{path}: not a masktrain checkpoint (no {CLIENT_KEY!r} client state)")
+        return client[CLIENT_KEY]
+
+
+def saved_config(path: Path) -> dict:
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def check_resumable(path: Path, config: dict, allowed: bool) -> None:
+    """Refuse to resume from `path` with a config that would change what the run computes."""
+    changes = config_changes(saved_config(path), config)
+    if changes and not allowed:
+        raise SystemExit(f"cannot resume from {path}: the config differs in keys that change the run:\n  "
+                         + "\n  ".join(changes)
+                         + "\nrestore them, use a new run.output_dir, or set trainer.allow_config_change=true")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync every file so the rename that publishes the checkpoint never precedes its data on disk."""
+    for file in path.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -1,0 +1,106 @@
+"""Process setup and the DeepSpeed engine: device, precision, the DeepSpeed JSON, optimizer and initialize."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from masktrain import configs
+from masktrain.launcher.config import Config
+from masktrain.launcher.loading import merge
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: rank facts and the device."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def use_cuda(cfg: Config) -> bool:
+    if cfg.launch.accelerator == "cuda":
+        return True
+    return cfg.launch.accelerator == "auto" and torch.cuda.is_available()
+
+
+def init_distributed(cfg: Config) -> Runtime:
+    """Join the process group the launcher set up (torchrun or srun environment variables)."""
+    cuda = use_cuda(cfg)
+    if not cuda:
+        # DeepSpeed picks its accelerator at import; on CPU that must be said before the import.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Runtime(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
+
+
+def precision(cfg: Config, runtime: Runtime) -> str:
+    if cfg.trainer.precision != "auto":
+        return cfg.trainer.precision
+    if runtime.device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def deepspeed_config(cfg: Config, dtype: str) -> dict:
+    """The stage preset, the batch/clipping/precision this run needs, then the user's JSON on top."""
+    ds = json.loads(configs.deepspeed_preset(cfg.trainer.zero_stage).read_text())
+    merge(ds, {
+        "train_batch_size": cfg.trainer.global_batch_size,
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": dtype == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    })
+    if cfg.trainer.deepspeed_config:
+        with open(cfg.trainer.deepspeed_config) as handle:
+            merge(ds, json.load(handle))
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), as in BERT and Llama recipes."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: str):
+    import deepspeed
+
+    if cfg.trainer.activation_checkpointing:
+        from transformers import PreTrainedModel
+
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  fused=runtime.device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, dtype))
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

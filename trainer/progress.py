@@ -1,0 +1,63 @@
+"""Rank 0's console output (a progress bar on a terminal, plain lines in batch logs) and the MFU estimate."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from masktrain.launcher.config import Config
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+
+
+def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
+    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores (PaLM, app. B)."""
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    attention = 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.data.seq_len
+    return 6.0 * params + attention
+
+
+def peak_flops(cfg: Config, runtime) -> float:
+    """Per-device peak FLOP/s, from the config or the GPU's name; 0 (no MFU) when unknown, as on CPU."""
+    if cfg.trainer.peak_tflops:
+        return cfg.trainer.peak_tflops * 1e12
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for key, tflops in PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+class Progress:
+    def __init__(self, enabled: bool, bar: bool, start: int, total: int):
+        self.enabled = enabled
+        self.bar = None
+        if enabled and bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, values: dict) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}")
+            return
+        print(f"[masktrain] step {step} loss {loss:.4f} lr {values['train/lr']:.3e} "
+              f"mask_rate {values['train/mask_rate']:.3f} tokens/s {values['train/tokens_per_s']:.0f}", flush=True)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(f"[masktrain] {text}")
+        else:
+            print(f"[masktrain] {text}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,28 @@
+"""Preemption: SIGTERM or SIGUSR1 asks the run to finish its step, checkpoint and leave.
+
+The handler only sets a flag; the loop agrees on it across ranks after every step so that all ranks stop at
+the same step and save together.
+"""
+
+from __future__ import annotations
+
+import signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum: int, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None

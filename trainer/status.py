@@ -1,0 +1,27 @@
+"""`<run>/status.json`: how the last launch of a run ended (running, preempted or completed, and the step).
+
+Launchers read it because torchrun replaces a worker's exit code with its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+STATUS = "status.json"
+# What launchers exit with when the run stopped to be resumed: EX_TEMPFAIL from sysexits.h,
+# "temporary failure, try again later".
+REQUEUE_EXIT = 75
+
+
+def write_status(run_dir: str | Path, state: str, step: int) -> None:
+    path = Path(run_dir) / STATUS
+    tmp = path.with_name(STATUS + ".tmp")
+    tmp.write_text(json.dumps({"state": state, "step": step, "pid": os.getpid()}) + "\n")
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / STATUS
+    return json.loads(path.read_text()) if path.is_file() else {}

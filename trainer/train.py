@@ -1,0 +1,266 @@
+"""One rank of a training run: `python -m masktrain.trainer.train RUN_DIR/config.yaml`.
+
+The launcher validated and saved the config; every rank reads that same file. The loop reads top to bottom:
+set LR -> micro-batches (forward, backward) -> agree across ranks -> step -> log -> evaluate -> checkpoint ->
+stop check.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from masktrain.data import inputs
+from masktrain.data.loader import seed_int
+from masktrain.data.reader import Skips
+from masktrain.data.schedules import rate_schedule
+from masktrain.data.tokenizer import Tokenizer
+from masktrain.launcher.config import Config
+from masktrain.launcher.loading import config_from_dict, to_dict
+from masktrain.trainer import engine as eng
+from masktrain.trainer.checkpoint import Checkpointer, check_resumable
+from masktrain.trainer.lr import lr_at
+from masktrain.trainer.metrics import Metrics
+from masktrain.trainer.models import build_model
+from masktrain.trainer.objectives import OBJECTIVES
+from masktrain.trainer.progress import Progress, flops_per_token, peak_flops
+from masktrain.trainer.signals import StopRequest
+from masktrain.trainer.status import write_status
+
+STATE_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done (skipped ones included: their data was consumed)."""
+    tokens: int = 0
+    bad_steps: int = 0
+    """Steps skipped for a non-finite loss or gradient, in total."""
+    bad_in_row: int = 0
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def resume_path(cfg: Config, ckpt: Checkpointer) -> Path | None:
+    if cfg.trainer.resume == "never":
+        return None
+    if cfg.trainer.resume == "auto":
+        return ckpt.latest()
+    path = Path(cfg.trainer.resume)
+    if not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"trainer.resume: {path} is not a complete masktrain checkpoint")
+    return path
+
+
+def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime) -> dict[str, float]:
+    """Loss and accuracy over the whole validation split; every rank runs the same number of forwards."""
+    (count,) = all_reduce([len(batches)], runtime.device, dist.ReduceOp.MAX)
+    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    engine.eval()
+    with torch.no_grad():
+        for i in range(int(count)):
+            out = engine(**to_device(batches[i] if i < len(batches) else empty, runtime.device))
+            sums += torch.stack([out["loss_sum"], out["tokens"], out["correct"]]).double()
+    engine.train()
+    dist.all_reduce(sums)
+    loss_sum, tokens, correct = sums.tolist()
+    loss = loss_sum / max(tokens, 1)
+    return {"val/loss": loss, "val/accuracy": correct / max(tokens, 1), "val/ppl": math.exp(min(loss, 50.0)),
+            "val/tokens": tokens}
+
+
+def drop_gradients(engine) -> None:
+    """Make the coming optimizer step a no-op (AdamW skips parameters without gradients). ZeRO 1-3 skip
+    non-finite steps themselves; ZeRO-0 hands gradients straight to the optimizer."""
+    for param in engine.module.parameters():
+        param.grad = None
+
+
+def train(cfg: Config) -> None:
+    """Train until max_steps or a stop request; how it ended is written to <run>/status.json."""
+    runtime = eng.init_distributed(cfg)
+    is_main = runtime.is_main
+    out_dir = Path(cfg.output_dir)
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+
+    tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+    objective = OBJECTIVES[cfg.model.objective]
+    model = build_model(objective, cfg.model, cfg.data.seq_len, tokenizer)
+    dtype = eng.precision(cfg, runtime)
+    engine = eng.build_engine(cfg, model, runtime, dtype)
+    loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
+                                 runtime.world_size)
+    val_skips = Skips(cfg.data.strict)
+    validation: tuple[list[dict], dict] | None = None  # read on first use
+    torch.manual_seed(seed_int(cfg.run.seed, runtime.rank, 1))  # dropout differs per rank
+
+    ckpt = Checkpointer(out_dir, cfg.trainer.keep_last, is_main)
+    ckpt.clean_partial()
+    dist.barrier()
+    state = TrainState()
+    source = resume_path(cfg, ckpt)
+    if source is not None:
+        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
+        client = ckpt.load(engine, source)
+        state = TrainState(**client["state"])
+        mine = client["ranks"][runtime.rank] if len(client["ranks"]) == runtime.world_size else None
+        if mine is not None:
+            try:
+                loader.load_state_dict(mine["data"])
+            except ValueError:
+                if not cfg.trainer.allow_config_change:
+                    raise
+            set_rng_state(mine["rng"])
+        if is_main:
+            print(f"[masktrain] resumed from {source} at step {state.step}", flush=True)
+
+    metrics = Metrics(out_dir, is_main, state.step)
+    stop = StopRequest().install()
+    mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+    flops = flops_per_token(engine.module, cfg)
+    peak = peak_flops(cfg, runtime)
+    progress = Progress(is_main, cfg.trainer.progress_bar, state.step, cfg.trainer.max_steps)
+    launch_start = state.step
+    preempted = False
+    if is_main:
+        write_status(out_dir, "running", state.step)
+
+    def save() -> Path:
+        ranks = [None] * runtime.world_size
+        dist.all_gather_object(ranks, {"data": loader.state_dict(), "rng": rng_state()})
+        client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
+        meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
+                "objective": cfg.model.objective}
+        return ckpt.save(engine, state.step, client, to_dict(cfg), meta)
+
+    while state.step < cfg.trainer.max_steps:
+        lr = lr_at(state.step, cfg.optim, cfg.trainer.max_steps)
+        eng.set_lr(engine, lr)
+        started = time.perf_counter()
+        waited = 0.0
+        # Summed on the device and read once per step: a host sync per micro-batch would stall GPUs.
+        stats = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+        for micro in range(cfg.grad_accum):
+            before = time.perf_counter()
+            batch = to_device(next(loader), runtime.device)
+            waited += time.perf_counter() - before
+            out = engine(**batch)
+            engine.backward(out["loss"])
+            stats[:3] += torch.stack([out["loss_sum"], out["tokens"], ~torch.isfinite(out["loss"].detach())]).double()
+            if micro < cfg.grad_accum - 1:
+                engine.step()
+        # One collective agrees on the loss, bad steps, skipped data and stop requests before the update.
+        wants_stop = stop.requested or (cfg.trainer.stop_after_steps > 0
+                                        and state.step + 1 - launch_start >= cfg.trainer.stop_after_steps)
+        stats[3], stats[4] = sum(loader.skipped().values()), float(wants_stop)
+        dist.all_reduce(stats)
+        loss_sum, targets, nonfinite, skipped_data, stops = stats.tolist()
+        bad = nonfinite > 0
+        if bad and cfg.trainer.zero_stage == 0:
+            drop_gradients(engine)
+        engine.step()
+        bad = bad or not engine.was_step_applied()
+
+        state.step += 1
+        state.tokens += tokens_per_step
+        state.bad_steps += int(bad)
+        state.bad_in_row = state.bad_in_row + 1 if bad else 0
+        if state.bad_in_row >= cfg.trainer.max_bad_steps:
+            raise RuntimeError(f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (up to step "
+                               f"{state.step}); lower optim.lr or check the data. trainer.max_bad_steps="
+                               f"{cfg.trainer.max_bad_steps} sets how many are tolerated")
+
+        elapsed = time.perf_counter() - started
+        loss = loss_sum / max(targets, 1.0)
+        if state.step % cfg.trainer.log_every == 0 or state.step == cfg.trainer.max_steps:
+            throughput = tokens_per_step / elapsed
+            grad_norm = engine.get_global_grad_norm()
+            values = {"train/loss": loss if not bad else float("nan"), "train/lr": lr,
+                      "train/mask_rate": mask_rate(state.step - 1), "train/grad_norm": grad_norm,
+                      "train/tokens_per_s": throughput, "train/data_wait": waited / elapsed,
+                      "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
+                      "train/tokens_seen": state.tokens,
+                      "train/mfu": flops * throughput / (peak * runtime.world_size) if peak else None}
+            metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
+            progress.update(state.step, loss, values)
+
+        final = state.step == cfg.trainer.max_steps
+        if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
+            if validation is None:
+                validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
+                                                   runtime.rank, runtime.world_size, val_skips)
+            results = evaluate(engine, *validation, runtime)
+            metrics.log(state.step, results)
+            progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+
+        leaving = stops > 0 and not final
+        if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
+            path = save()
+            progress.message(f"step {state.step}: checkpoint {path}")
+        if leaving:
+            reason = stop.signal_name or "stop_after_steps"
+            progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
+            preempted = True
+            break
+
+    if is_main:
+        write_status(out_dir, "preempted" if preempted else "completed", state.step)
+    if is_main and not preempted:
+        progress.message(f"done: {state.step} steps, {state.tokens} tokens, {state.bad_steps} skipped steps, "
+                         f"skipped data on rank 0: {loader.skipped() or 'none'}")
+    progress.close()
+    metrics.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m masktrain.trainer.train RUN_DIR/config.yaml")
+    with open(argv[0]) as handle:
+        cfg = config_from_dict(yaml.safe_load(handle), argv[0])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the notice is not ours to act on.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
