@@ -15,10 +15,10 @@ from masktrain.launcher.launch import REQUEUE_EXIT, launch_local
 from masktrain.launcher.loading import load_config
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
+def series(run_dir: Path, key: str) -> list[tuple[int, float]]:
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+    return [(r["step"], r[key]) for r in rows if key in r]
 
 
 def smoke(config: str = "smoke", overrides: list[str] | None = None, fresh_data: bool = False) -> int:
@@ -51,9 +51,11 @@ def smoke(config: str = "smoke", overrides: list[str] | None = None, fresh_data:
 
     checkpoint = Checkpointer(run_dir, 1, False).latest()
     exported = export(checkpoint, run_dir / "export")
-    curve = losses(run_dir)
+    curve = series(run_dir, "train/loss")
     (first_step, first_loss), (last_step, last_loss) = curve[0], curve[-1]
-    print(f"[smoke] loss: {first_loss:.4f} at step {first_step} -> {last_loss:.4f} at step {last_step}")
+    val_step, val_loss = series(run_dir, "val/loss")[-1]
+    print(f"[smoke] train loss: {first_loss:.4f} at step {first_step} -> {last_loss:.4f} at step {last_step}; "
+          f"validation loss {val_loss:.4f} at step {val_step}")
     print(f"[smoke] resumed at step {half} (see 'resumed from' above)")
     print(f"[smoke] TensorBoard logs: {run_dir / 'tb'}  (tensorboard --logdir {run_dir / 'tb'})")
     print(f"[smoke] checkpoint:       {checkpoint}")

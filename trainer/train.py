@@ -208,7 +208,8 @@ def train(cfg: Config) -> None:
 
         elapsed = time.perf_counter() - started
         loss = loss_sum / max(targets, 1.0)
-        if state.step % cfg.trainer.log_every == 0 or state.step == cfg.trainer.max_steps:
+        first_of_launch = state.step == launch_start + 1
+        if state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps:
             throughput = tokens_per_step / elapsed
             grad_norm = engine.get_global_grad_norm()
             values = {"train/loss": loss if not bad else float("nan"), "train/lr": lr,
