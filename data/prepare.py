@@ -43,6 +43,7 @@ def prepare(cfg: Config, log=print) -> dict:
         docs = itertools.islice(documents(p.inputs, p.text_field), p.max_docs or None)
         train_tokenizer(docs, tok_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, cfg.run.seed,
                         threads)
+        Tokenizer(tok_dir).save_hf(tok_dir)
         log(f"data: trained a {p.vocab_size}-piece {p.tokenizer_type} tokenizer in "
             f"{time.perf_counter() - started:.1f}s -> {tok_dir}")
     tokenizer = Tokenizer(tok_dir)

@@ -3,7 +3,7 @@ tables masking uses.
 
 The special tokens take the lowest ids (pad 0, unk 1, bos 2, eos 3, [CLS] 4, [SEP] 5, [MASK] 6) as control
 symbols, so encoding text never produces them. Normalization is the identity and whitespace is kept, so text
-round-trips exactly and the Hugging Face export encodes identically.
+round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that encodes identically.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Iterable, Iterator
 
 import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2
 
 from masktrain.data.masking import Vocab
 
@@ -22,6 +23,11 @@ SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
                   "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 CONTROL_SYMBOLS = ["[CLS]", "[SEP]", "[MASK]"]
 MAX_PIECE_INPUT = 4000  # sentencepiece ignores training "sentences" longer than its max_sentence_length
+SPACE = "\u2581"
+# Piece scores are rounded to multiples of 1/64. Sentencepiece adds scores in float32, Hugging Face's Unigram
+# in float64; with scores on this grid both sums are exact, so equal-score segmentations (runs of "*" or "=")
+# tie in both and resolve the same way. The rounding moves no score by more than 0.008.
+SCORE_GRID = 64
 
 
 def training_lines(docs: Iterable[str], max_docs: int) -> Iterator[str]:
@@ -63,8 +69,12 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
         num_threads=threads,
         minloglevel=2,
     )
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    for piece in proto.pieces:
+        piece.score = round(piece.score * SCORE_GRID) / SCORE_GRID
     tmp = out_dir / (MODEL_FILE + ".tmp")
-    tmp.write_bytes(model.getvalue())
+    tmp.write_bytes(proto.SerializeToString())
     tmp.replace(out_dir / MODEL_FILE)
     return out_dir
 
@@ -101,3 +111,57 @@ class Tokenizer:
         word_start = torch.tensor([p.startswith("\u2581") for p in pieces]) | special
         return Vocab(size=len(self), pad_id=self.pad_id, mask_id=self.mask_id, special=special,
                      word_start=word_start)
+
+    def hf_tokenizer(self, template: str | None = None):
+        """The same tokenizer as a `transformers` fast tokenizer.
+
+        `template` adds special tokens the way the model was trained: "encoder" wraps text as [CLS] ... [SEP],
+        "decoder" prefixes <s>; None adds nothing. Like every Hugging Face tokenizer it recognises special-token
+        strings ("[MASK]") written in text; with `split_special_tokens=True` it encodes all text exactly as
+        sentencepiece does.
+        """
+        from tokenizers import Tokenizer as Backend
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import generate_merges
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        # Control pieces must never match text, as in sentencepiece; byte fallback always offers a path.
+        if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
+            vocab = {self.sp.id_to_piece(i): i for i in range(len(self))}
+            merges = generate_merges({p: i for p, i in vocab.items() if not self.sp.is_control(i)})
+            model = models.BPE(vocab, merges, unk_token=SPECIAL_TOKENS["unk"], byte_fallback=True,
+                               fuse_unk=True)
+        else:
+            pieces = [(self.sp.id_to_piece(i), -1e9 if self.sp.is_control(i) else self.sp.get_score(i))
+                      for i in range(len(self))]
+            model = models.Unigram(pieces, unk_id=self.unk_id, byte_fallback=True)
+        backend = Backend(model)
+        # Sentencepiece always adds the dummy prefix and splits before every space.
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
+        backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                             decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        names = {name: SPECIAL_TOKENS[name] for name in ("cls", "sep", "bos", "mask")}
+        ids = {name: self.sp.piece_to_id(piece) for name, piece in names.items()}
+        if template == "encoder":
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{names['cls']} $A {names['sep']}", pair=f"{names['cls']} $A {names['sep']} $B:1 {names['sep']}:1",
+                special_tokens=[(names["cls"], ids["cls"]), (names["sep"], ids["sep"])])
+        elif template == "decoder":
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{names['bos']} $A", pair=f"{names['bos']} $A $B:1", special_tokens=[(names["bos"], ids["bos"])])
+        return PreTrainedTokenizerFast(
+            tokenizer_object=backend, pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"],
+            bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"], cls_token=SPECIAL_TOKENS["cls"],
+            sep_token=SPECIAL_TOKENS["sep"], mask_token=SPECIAL_TOKENS["mask"],
+            model_max_length=int(1e30), clean_up_tokenization_spaces=False)
+
+    def save_hf(self, out_dir: str | Path, template: str | None = None) -> Path:
+        """Write the Hugging Face files (tokenizer.json, tokenizer_config.json) and the sentencepiece model."""
+        out_dir = Path(out_dir)
+        self.hf_tokenizer(template).save_pretrained(str(out_dir))
+        if (self.dir / MODEL_FILE).resolve() != (out_dir / MODEL_FILE).resolve():
+            (out_dir / MODEL_FILE).write_bytes((self.dir / MODEL_FILE).read_bytes())
+        return out_dir

@@ -8,13 +8,12 @@ full module state in one file.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from masktrain.data.inputs import tokenizer_dir
-from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
+from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import config_from_dict
 from masktrain.trainer.checkpoint import saved_config
 from masktrain.trainer.models import build_model
@@ -48,5 +47,5 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.exported().save_pretrained(out_dir, safe_serialization=True)
-    shutil.copy(tokenizer.dir / MODEL_FILE, out_dir / MODEL_FILE)
+    tokenizer.save_hf(out_dir, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder")
     return out_dir
