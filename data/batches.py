@@ -59,7 +59,6 @@ def causal_labels(ids: torch.Tensor, vocab: Vocab) -> torch.Tensor:
     return ids.masked_fill(ids == vocab.pad_id, IGNORE)
 
 
-
 def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """MAE-LM: positions turned into [MASK] are removed from the encoder input.
 
@@ -72,11 +71,11 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     selected = spec.select(ids, rate, gen)
     corrupted = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     removed = selected & (corrupted == spec.vocab.mask_id)
-    visible = ~removed
-    width = int(visible.sum(dim=1).max())
+    counts = (~removed).sum(dim=1, keepdim=True)
+    width = int(counts.max())
     # A stable sort on "removed" moves visible positions to the front and keeps their order.
     order = removed.to(torch.int8).argsort(dim=1, stable=True)[:, :width]
-    visible_mask = torch.arange(width).unsqueeze(0) < visible.sum(dim=1, keepdim=True)
+    visible_mask = torch.arange(width).unsqueeze(0) < counts
     visible_ids = corrupted.gather(1, order).masked_fill(~visible_mask, spec.vocab.pad_id)
     return {"visible_ids": visible_ids, "visible_pos": order.masked_fill(~visible_mask, 0),
             "visible_mask": visible_mask, "removed": removed, "labels": torch.where(selected, ids, IGNORE)}

@@ -143,19 +143,16 @@ class Tokenizer:
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
         backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
                                              decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-        names = {name: SPECIAL_TOKENS[name] for name in ("cls", "sep", "bos", "mask")}
-        ids = {name: self.sp.piece_to_id(piece) for name, piece in names.items()}
+        cls, sep, bos = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["bos"]
         if template == "encoder":
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{names['cls']} $A {names['sep']}", pair=f"{names['cls']} $A {names['sep']} $B:1 {names['sep']}:1",
-                special_tokens=[(names["cls"], ids["cls"]), (names["sep"], ids["sep"])])
+                single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+                special_tokens=[(cls, self.cls_id), (sep, self.sep_id)])
         elif template == "decoder":
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{names['bos']} $A", pair=f"{names['bos']} $A $B:1", special_tokens=[(names["bos"], ids["bos"])])
+                single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, self.bos_id)])
         return PreTrainedTokenizerFast(
-            tokenizer_object=backend, pad_token=SPECIAL_TOKENS["pad"], unk_token=SPECIAL_TOKENS["unk"],
-            bos_token=SPECIAL_TOKENS["bos"], eos_token=SPECIAL_TOKENS["eos"], cls_token=SPECIAL_TOKENS["cls"],
-            sep_token=SPECIAL_TOKENS["sep"], mask_token=SPECIAL_TOKENS["mask"],
+            tokenizer_object=backend, **{f"{name}_token": piece for name, piece in SPECIAL_TOKENS.items()},
             model_max_length=int(1e30), clean_up_tokenization_spaces=False)
 
     def save_hf(self, out_dir: str | Path, template: str | None = None) -> Path:
