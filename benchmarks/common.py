@@ -2,31 +2,42 @@
 
 Each benchmark is `benchmarks/bench_<name>.py` with a `main(quick: bool = False) -> dict` that measures what
 it compares side by side in one process (this machine is shared and noisy: ratios measured together are
-what count), returns its result and writes it with `write_result`.
+what count), returns its result and writes it with `write_result`. `quick=True` must finish in seconds (tests
+run it); a plain `python -m benchmarks.bench_<name>` runs the full measurement. `make bench` (benchmarks/run.py)
+runs every bench_*.py in its own process and rebuilds the README's results table from the JSON files.
+
+The headline figures go in the result as `"summary"`, a list of entries the README table shows one row each:
+
+    "summary": [
+        {"metric": "MAE-LM / MLM step time", "value": 0.62, "target": "< 1", "unit": "x"},
+        {"metric": "loader tokens/s per rank", "value": 181000.0, "target": ">= 100000", "unit": "tokens/s"},
+    ]
+
+- metric (str): what is measured; a ratio names both sides, "A / B" reading as A divided by B.
+- value (number): the figure measured in this run (finite).
+- target (str): the goal as a comparison `<op> <number>` with op one of <, <=, >, >= (in the entry's unit);
+  the table marks it met or not. "" (or a remark such as "context for the row above") for a figure that
+  only informs: shown as written, never marked.
+- unit (str): "x" for ratios, else e.g. "tokens/s", "MiB", "s", "%"; "" for a plain number.
+
+Everything else in the result (raw timings, sizes, settings) stays in the JSON for whoever digs deeper. A
+missing or malformed summary is reported by the runner, naming the file and the entry.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
+from masktrain.launcher.machine import machine
+
 RESULTS = Path(__file__).parent / "results"
-
-
-def machine() -> dict:
-    import deepspeed
-    import torch
-    import transformers
-
-    return {"cores": len(os.sched_getaffinity(0)), "cpu": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+RESULTS_ENV = "MASKTRAIN_BENCH_RESULTS"
+"""The runner points this at another folder for quick runs, so they never overwrite the published results."""
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
@@ -55,9 +66,14 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def results_dir() -> Path:
+    return Path(os.environ.get(RESULTS_ENV) or RESULTS)
+
+
 def write_result(name: str, result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    folder = results_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **result}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

@@ -7,7 +7,9 @@ job is started.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from masktrain.launcher.loading import ConfigError
 
@@ -52,6 +54,21 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import subprocess
+
+    # Benchmarks are part of the source checkout, not of the installed package.
+    checkouts = [Path.cwd(), Path(__file__).resolve().parent.parent]
+    root = next((path for path in checkouts if (path / "benchmarks" / "run.py").is_file()), None)
+    if root is None:
+        print("masktrain bench: no benchmarks/run.py here or in the checkout masktrain is installed from; "
+              "run it from the repository root", file=sys.stderr)
+        return 2
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.rest],
+                           env={**os.environ, "PYTHONPATH": path})
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="masktrain", description=__doc__.splitlines()[0])
     sub = root.add_subparsers(dest="command", required=True)
@@ -80,11 +97,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
+
+    # The runner parses its own options (masktrain bench --help shows them).
+    p = sub.add_parser("bench", add_help=False, help="run benchmarks/bench_*.py and rebuild the README results table")
+    p.set_defaults(func=cmd_bench, passes_through=True)
+
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    root = parser()
+    args, rest = root.parse_known_args(argv)
+    if rest and not getattr(args, "passes_through", False):
+        root.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         code = args.func(args)
     except ConfigError as err:

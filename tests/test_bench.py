@@ -1,0 +1,128 @@
+"""The benchmark runner and the README results table: discovery, one process per benchmark, failures recorded
+in place of results, the `summary` convention checked, the README section replaced between its markers."""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = '''
+from benchmarks.common import write_result
+
+def main(quick: bool = False) -> dict:
+    result = {"quick_seen": quick, "summary": [
+        {"metric": "fast / slow time", "value": 0.25, "target": "< 1", "unit": "x"},
+        {"metric": "tokens/s", "value": 181234.5, "target": ">= 200000", "unit": "tokens/s"},
+        {"metric": "peak memory", "value": 12.5, "target": "", "unit": "MiB"}]}
+    write_result("good", result)
+    return result
+'''
+BROKEN = '''
+def main(quick: bool = False) -> dict:
+    raise RuntimeError("boom")
+'''
+SILENT = '''
+def main(quick: bool = False) -> dict:
+    return {}
+'''
+MALFORMED = '''
+from benchmarks.common import write_result
+
+def main(quick: bool = False) -> dict:
+    return write_result("malformed", {"summary": [
+        {"metric": "ratio", "value": "fast", "target": "=> 2", "unit": "x"},
+        {"metric": "ok", "value": 2.0, "target": "> 1", "unit": "x"},
+        {"metric": "remark", "value": 3.0, "target": "(context)", "unit": "x"}]})
+'''
+
+
+@pytest.fixture
+def fake_checkout(tmp_path) -> Path:
+    """A benchmarks/ folder with one benchmark of each kind, sharing the real common.py."""
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("")
+    shutil.copy(ROOT / "benchmarks" / "common.py", folder / "common.py")
+    for name, source in {"good": GOOD, "broken": BROKEN, "silent": SILENT, "malformed": MALFORMED}.items():
+        (folder / f"bench_{name}.py").write_text(source)
+    (folder / "helper.py").write_text("raise AssertionError('not a benchmark: never run')\n")
+    return tmp_path
+
+
+def test_runner_runs_each_benchmark_and_rebuilds_the_readme(fake_checkout):
+    results, readme = fake_checkout / "results", fake_checkout / "README.md"
+    readme.write_text("# Project\n\nIntro.\n\n## Results\n\n" + report.START + "\nold table\n" + report.END +
+                      "\n\n## After\n\nKept.\n")
+    run = run_cli("bench", "--quick", "--dir", str(fake_checkout / "benchmarks"), "--results", str(results),
+                  "--readme", str(readme), timeout=300)
+    assert run.returncode == 1, run.stderr
+    assert "bench: 4 benchmark(s)" in run.stdout and "helper" not in run.stdout
+
+    good = json.loads((results / "good.json").read_text())
+    assert good["quick_seen"] is True and good["run"]["quick"] is True
+    assert good["machine"]["cores"] >= 1 and good["machine"]["torch"]
+    broken = json.loads((results / "broken.json").read_text())
+    assert broken["error"].startswith("exited with code 1")
+    assert "RuntimeError: boom" in Path(broken["run"]["log"]).read_text()
+    assert "without writing silent.json" in json.loads((results / "silent.json").read_text())["error"]
+    assert "malformed.json: summary[0].value: expected a number, got 'fast'" in run.stderr
+    assert "summary[0].target: '=> 2' is not a comparison" in run.stderr
+
+    text = readme.read_text()
+    assert text.startswith("# Project\n\nIntro.\n\n## Results\n\n" + report.START)
+    assert text.endswith(report.END + "\n\n## After\n\nKept.\n") and "old table" not in text
+    assert "| good | fast / slow time | 0.250x | < 1 | yes |" in text
+    assert "| good | tokens/s | 181,234 tokens/s | >= 200000 | **no** |" in text
+    assert "| good | peak memory | 12.5 MiB |  |  |" in text
+    assert "| broken | **failed**: exited with code 1 (log: broken.log) | | | |" in text
+    assert "| malformed | ok | 2.00x | > 1 | yes |" in text
+    assert "| malformed | remark | 3.00x | (context) |  |" in text
+    assert "Quick mode (not comparable)" in text
+
+    # The section is replaced, never appended twice; only the chosen benchmark runs.
+    again = run_cli("bench", "good", "--quick", "--dir", str(fake_checkout / "benchmarks"), "--results",
+                    str(results), "--readme", str(readme), timeout=300)
+    assert "bench: 1 benchmark(s)" in again.stdout and "broken: FAILED" not in again.stdout
+    assert readme.read_text().count(report.START) == 1
+
+
+def test_unknown_benchmark_name_lists_the_found_ones(fake_checkout):
+    run = run_cli("bench", "nope", "--quick", "--dir", str(fake_checkout / "benchmarks"), timeout=120)
+    assert run.returncode != 0 and "no benchmark 'nope'" in run.stderr and "found: broken, good" in run.stderr
+
+
+def test_readme_without_markers_gets_a_results_section(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    summary = [{"metric": "m", "value": 3, "target": ">= 3", "unit": ""}]
+    (results / "x.json").write_text(json.dumps({"benchmark": "x", "date": "2026-01-02", "machine": {}, "summary": summary}))
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n")
+    report.update_readme(readme, report.section(report.read_results(results), results, tmp_path))
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n## Results\n\n" + report.START) and "| x | m | 3.00 | >= 3 | yes |" in text
+
+
+def bench_files() -> list[Path]:
+    return sorted((ROOT / "benchmarks").glob("bench_*.py"))
+
+
+@pytest.mark.parametrize("path", bench_files(), ids=lambda p: p.stem)
+def test_shipped_benchmarks_follow_the_convention(path):
+    """Every benchmark has `main(quick=False)` and runs as a module, so the runner can drive it."""
+    tree = ast.parse(path.read_text())
+    mains = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
+    assert mains, f"{path.name}: no top-level main()"
+    args = mains[0].args
+    names = [a.arg for a in args.args + args.kwonlyargs]
+    assert "quick" in names, f"{path.name}: main() takes no `quick` argument"
+    assert "__main__" in path.read_text(), f"{path.name}: no `if __name__ == \"__main__\": main()`"
