@@ -69,6 +69,27 @@ def cmd_bench(args) -> int:
                            env={**os.environ, "PYTHONPATH": path})
 
 
+def cmd_repro(args) -> int:
+    from masktrain.data.synthetic import RetrievalTask
+    from masktrain.launcher import repro
+
+    out = Path(args.out or f"runs/repro-{args.experiment}")
+    results = Path(args.results) if args.results else out
+    if args.experiment == "schedule":
+        repro.schedule(args.overrides, out, results)
+        return 0
+    try:
+        task = RetrievalTask(pairs=args.pairs, queries=args.queries, keys=args.keys, values=args.values)
+        for flag, value in (("--documents", args.documents), ("--probe-examples", args.probe_examples)):
+            if value < 1:
+                raise ValueError(f"{flag} must be at least 1, got {value}")
+    except ValueError as err:
+        print(f"masktrain repro meap: {err}", file=sys.stderr)
+        return 2
+    repro.meap(args.overrides, out, results, task, args.documents, args.probe_examples)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="masktrain", description=__doc__.splitlines()[0])
     sub = root.add_subparsers(dest="command", required=True)
@@ -102,6 +123,25 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", add_help=False, help="run benchmarks/bench_*.py and rebuild the README results table")
     p.set_defaults(func=cmd_bench, passes_through=True)
 
+    repro = sub.add_parser("repro", help="toy-scale reproductions of the papers' claims, with a JSON report and a plot")
+    experiments = repro.add_subparsers(dest="experiment", required=True)
+    from masktrain.data.synthetic import RetrievalTask
+
+    task = RetrievalTask()
+    for name, text in (("meap", "NTP vs MEAP decoders: key-value retrieval accuracy by position of the key"),
+                       ("schedule", "MLM with constant 15% vs linear 30%->15% masking: validation loss at 15%")):
+        p = experiments.add_parser(name, help=text.replace("%", "%%"), description=text)
+        p.add_argument("overrides", nargs="*", help=f"dotted overrides of configs/repro-{name}.yaml for both arms")
+        p.add_argument("--out", help=f"run folders and data (default runs/repro-{name})")
+        p.add_argument("--results", help=f"where repro-{name}.json and .png go (default: --out)")
+        p.set_defaults(func=cmd_repro)
+    meap = experiments.choices["meap"]
+    meap.add_argument("--documents", type=int, default=20000, help="training documents to generate")
+    meap.add_argument("--pairs", type=int, default=task.pairs, help="key-value pairs per context")
+    meap.add_argument("--queries", type=int, default=task.queries, help="queries per training document")
+    meap.add_argument("--keys", type=int, default=task.keys, help="distinct key words")
+    meap.add_argument("--values", type=int, default=task.values, help="distinct value words")
+    meap.add_argument("--probe-examples", type=int, default=100, help="probe contexts per position")
     return root
 
 
