@@ -104,7 +104,7 @@ def test_readme_without_markers_gets_a_results_section(tmp_path):
     results = tmp_path / "results"
     results.mkdir()
     summary = [{"metric": "m", "value": 3, "target": ">= 3", "unit": ""}]
-    (results / "x.json").write_text(json.dumps({"benchmark": "x", "date": "2026-01-02", "machine": {}, "summary": summary}))
+    (results / "x.json").write_text(json.dumps({"benchmark": "x", "date": "2026-01-02", "summary": summary}))
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n")
     report.update_readme(readme, report.section(report.read_results(results), results, tmp_path))
