@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from masktrain.data import importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
 from masktrain.data.masking import PolicyOptions, generator
@@ -34,9 +35,16 @@ def packing(cfg: Config, tokenizer: Tokenizer, encoder: bool) -> Packing:
     return Packing(cfg.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
 
 
+def importance_path(cfg: Config) -> Path:
+    return Path(cfg.data.masking.importance_table or Path(cfg.data.dir) / importance.TABLE_NAME)
+
+
 def mask_spec(cfg: Config, tokenizer: Tokenizer) -> MaskSpec:
     m = cfg.data.masking
-    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max)
+    weights = None
+    if m.policy == "importance":
+        weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
+    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max, importance=weights)
     return MaskSpec(vocab=tokenizer.vocab(), policy=m.policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
                     share_across_batch=m.share_across_batch, options=options)
 

@@ -45,6 +45,14 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_importance(args) -> int:
+    from masktrain.data.importance import build_for_config
+    from masktrain.launcher.loading import load_config
+
+    build_for_config(load_config(args.config, args.overrides))
+    return 0
+
+
 def cmd_export(args) -> int:
     from masktrain.trainer.export import export
 
@@ -75,6 +83,10 @@ def parser() -> argparse.ArgumentParser:
     p = data.add_parser("prepare", help="build the tokenizer and shards a config reads")
     add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("importance", help="build the IDF table of the importance masking policy "
+                                           "(default <data.dir>/idf.npy)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_importance)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
