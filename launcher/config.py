@@ -6,6 +6,7 @@ checked by `masktrain.launcher.validate`; loading and overrides live in `masktra
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 
@@ -49,31 +50,36 @@ class MaskingConfig:
     """Which tokens an objective corrupts and how many, as a pure function of the global step."""
 
     policy: str = "random"
-    """Selection policy: random, whole_word, span, importance (see `masktrain.data.masking.POLICIES`)."""
+    """Selection policy: random, whole_word, span or importance (see `masktrain.data.masking.POLICIES`)."""
     rate: float = 0.15
     """Fraction of maskable tokens selected (the schedule's start value)."""
     schedule: str = "constant"
-    """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`)."""
+    """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`). Rate,
+    final_rate and schedule form one unit: setting any of them drops all three of the objective's defaults."""
     final_rate: float | None = None
-    """Schedule end value; None keeps `rate`."""
+    """Schedule end value; None keeps `rate`. The constant schedule ignores it."""
     schedule_steps: int = 0
     """Steps over which the schedule moves from `rate` to `final_rate`; 0 means trainer.max_steps."""
     warmup_steps: int = 0
     """Steps before the schedule starts moving (the rate holds at `rate` until then)."""
     step_count: int = 4
-    """Number of equal plateaus for the step schedule."""
+    """Number of equal plateaus for the step schedule (at least 2: the first holds `rate`, the last
+    `final_rate`)."""
     mask_prob: float = 0.8
     """Of the selected tokens, the fraction replaced by [MASK]."""
     random_prob: float = 0.1
     """Of the selected tokens, the fraction replaced by a random token (the rest are kept as they are)."""
     exact: bool = True
-    """Select exactly round(rate * maskable) tokens per row; false draws each token independently."""
-    span_mean: float = 3.0
-    """Span policy: mean span length (geometric distribution)."""
+    """Select round(rate * maskable) tokens per row: exactly (random, importance, span) or to within half a word
+    (whole_word). False draws independently instead: each token (random, importance) or word (whole_word) with
+    probability rate, or whole spans only, the last one kept when the budget covers its middle (span)."""
+    span_mean: float = 3.8
+    """Span policy: mean span length in tokens (a geometric distribution cut at span_max and solved for this
+    mean; SpanBERT's p = 0.2 cut at 10 has mean 3.8)."""
     span_max: int = 10
     """Span policy: longest span."""
     share_across_batch: bool = False
-    """Use one mask pattern for every row of a batch (parity with the MEAP authors' code)."""
+    """Use one mask pattern for every row of a batch (parity with the MEAP authors' code; random policy only)."""
     importance_table: str = ""
     """Importance policy: path of the table built by `masktrain data importance` (default <data.dir>/idf.npy)."""
     importance_power: float = 1.0
@@ -224,10 +230,28 @@ class Config:
 
 
 # Paper defaults per objective, applied beneath the user's YAML so an explicit value always wins.
-# MEAP (scitix/MEAP) replaces inputs with [MASK] only; MAE-LM (yumeng5/MAE-LM) uses pure <mask>.
+# MLM: BERT's 80/10/10 with the masking-rate schedule MosaicML found best for BERT pre-training (Ankner et al.,
+# 2305.15096: linear 30% -> 15%). MEAP (scitix/MEAP) replaces inputs with [MASK] only at 15%; MAE-LM
+# (yumeng5/MAE-LM) uses pure <mask> at 15%.
 OBJECTIVE_DEFAULTS: dict[str, dict] = {
-    "mlm": {"data": {"masking": {"rate": 0.15, "mask_prob": 0.8, "random_prob": 0.1}}},
+    "mlm": {"data": {"masking": {"rate": 0.3, "final_rate": 0.15, "schedule": "linear", "mask_prob": 0.8,
+                                 "random_prob": 0.1}}},
     "mae_lm": {"data": {"masking": {"rate": 0.15, "mask_prob": 1.0, "random_prob": 0.0}}},
     "meap": {"model": {"arch": "llama"}, "data": {"masking": {"rate": 0.15, "mask_prob": 1.0, "random_prob": 0.0}}},
     "ntp": {"model": {"arch": "llama"}, "data": {"masking": {"rate": 0.0}}},
 }
+
+RATE_KEYS = ("rate", "final_rate", "schedule")
+
+
+def objective_defaults(objective: str, raw: dict) -> dict:
+    """The defaults of `objective` to lay beneath `raw` (the YAML with overrides). A rate schedule is taken
+    whole: when `raw` sets any of rate, final_rate or schedule, none of the objective's three apply, so
+    `rate: 0.2` alone means a constant 0.2, not a schedule from 0.2 to the paper's end value."""
+    defaults = copy.deepcopy(OBJECTIVE_DEFAULTS.get(objective, {}))
+    data = raw.get("data")
+    masking = data.get("masking") if isinstance(data, dict) else None
+    if isinstance(masking, dict) and any(key in masking for key in RATE_KEYS):
+        for key in RATE_KEYS:
+            defaults.get("data", {}).get("masking", {}).pop(key, None)
+    return defaults

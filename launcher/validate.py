@@ -68,9 +68,14 @@ def validate(cfg: Config) -> list[str]:
     non_negative(m.schedule_steps, "data.masking.schedule_steps")
     non_negative(m.warmup_steps, "data.masking.warmup_steps")
     positive(m.step_count, "data.masking.step_count")
-    check(m.span_mean >= 1.0, "data.masking.span_mean", f"must be >= 1, got {m.span_mean}")
+    check(m.schedule != "step" or m.step_count >= 2, "data.masking.step_count",
+          f"the step schedule needs at least 2 plateaus (one at rate, one at final_rate), got {m.step_count}")
     check(m.span_max >= 1, "data.masking.span_max", f"must be >= 1, got {m.span_max}")
-    check(m.span_mean <= m.span_max, "data.masking.span_mean", f"must not exceed span_max ({m.span_max})")
+    check(1.0 <= m.span_mean <= max(m.span_max, 1), "data.masking.span_mean",
+          f"must be within [1, span_max ({m.span_max})], got {m.span_mean}")
+    check(not m.share_across_batch or m.policy == "random", "data.masking.share_across_batch",
+          f"one pattern for the whole batch only works with policy random (whole words and spans differ per "
+          f"row), got policy {m.policy!r}")
     non_negative(m.importance_power, "data.masking.importance_power")
 
     # model
@@ -79,9 +84,13 @@ def validate(cfg: Config) -> list[str]:
         objective = OBJECTIVES[mo.objective]
         choice(mo.arch, "model.arch", objective.archs)
         if objective.masked:
-            check(m.rate > 0 or (m.final_rate or 0) > 0, "data.masking.rate",
-                  f"objective {mo.objective} needs a masking rate > 0")
-            check(m.policy in objective.policies, "data.masking.policy",
+            # Schedules move monotonically from rate to final_rate: both ends > 0 keep every step > 0, and a
+            # step with nothing masked has no loss at all.
+            for key in ("rate", "final_rate", "eval_rate"):
+                value = getattr(m, key)
+                check(value is None or value > 0, f"data.masking.{key}",
+                      f"objective {mo.objective} needs a masking rate > 0, got {value}")
+            check(m.policy not in POLICIES or m.policy in objective.policies, "data.masking.policy",
                   f"objective {mo.objective} supports {', '.join(objective.policies)}, not {m.policy!r}")
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "decoder_layers"):
         positive(getattr(mo, key), f"model.{key}")

@@ -29,8 +29,10 @@ class Objective:
     """Builder name in `masktrain.trainer.models.BUILDERS`."""
 
 
-ENCODER_POLICIES = ("random",)
-DECODER_POLICIES = ("random",)
+# Every selection policy serves both kinds: encoders predict the selected tokens, MEAP decoders see them as
+# [MASK] in their inputs and still predict every next token.
+ENCODER_POLICIES = ("random", "whole_word", "span", "importance")
+DECODER_POLICIES = ("random", "whole_word", "span", "importance")
 
 OBJECTIVES: dict[str, Objective] = {
     "mlm": Objective("mlm", ("bert", "roberta"), batches.mlm_batch, encoder=True, masked=True,
