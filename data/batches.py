@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 import torch
 
 from masktrain.data import masking
-from masktrain.data.masking import PolicyOptions, Vocab
+from masktrain.data.masking import IGNORE, PolicyOptions, Vocab
 
-IGNORE = -100
 
 
 @dataclass(frozen=True)
@@ -37,7 +36,7 @@ class MaskSpec:
             # One pattern of positions for the whole batch, drawn without looking at the tokens, as the MEAP
             # authors do (random.sample over positions); specials and padding in a row stay unmasked.
             length = ids.shape[1]
-            pattern = masking.take_lowest(torch.rand((1, length), generator=gen),
+            pattern = masking.take_lowest(masking.random_keys((1, length), gen),
                                           torch.tensor([round(rate * length)]))
             return pattern.expand_as(ids) & masking.candidates(ids, self.vocab)
         return masking.POLICIES[self.policy](ids, self.vocab, rate, gen, self.options)
@@ -46,14 +45,14 @@ class MaskSpec:
 def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Masked LM: corrupted inputs; labels hold the original token at selected positions only."""
     selected = spec.select(ids, rate, gen)
-    inputs = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
-    return {"input_ids": inputs, "labels": torch.where(selected, ids, IGNORE)}
+    inputs, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    return {"input_ids": inputs, "labels": labels}
 
 
 def meap_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """MEAP: a fraction of *inputs* become [MASK]; labels are the untouched tokens (plain next-token loss)."""
     selected = spec.select(ids, rate, gen)
-    inputs = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    inputs, _ = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     return {"input_ids": inputs, "labels": causal_labels(ids, spec.vocab)}
 
 
@@ -77,7 +76,7 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     recipe (mask_prob 1.0) removes all of them.
     """
     selected = spec.select(ids, rate, gen)
-    corrupted = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    corrupted, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     removed = selected & (corrupted == spec.vocab.mask_id)
     visible = ~removed
     counts = visible.sum(dim=1, keepdim=True)
@@ -90,4 +89,4 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     visible_mask = torch.arange(width).unsqueeze(0) < counts
     visible_ids = corrupted.gather(1, visible_pos).masked_fill_(~visible_mask, spec.vocab.pad_id)
     return {"visible_ids": visible_ids, "visible_pos": visible_pos, "visible_mask": visible_mask,
-            "removed": removed, "labels": torch.where(selected, ids, IGNORE)}
+            "removed": removed, "labels": labels}

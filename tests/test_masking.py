@@ -114,8 +114,9 @@ def test_take_in_order_fills_a_budget_in_score_order_to_within_half_a_unit():
 def test_corrupt_splits_80_10_10_and_never_inserts_specials():
     ids = packed_rows(rows=128)
     selected = POLICIES["random"](ids, VOCAB, 0.3, generator(1), PolicyOptions())
-    out = corrupt(ids, selected, VOCAB, 0.8, 0.1, generator(2))
+    out, labels = corrupt(ids, selected, VOCAB, 0.8, 0.1, generator(2))
     assert torch.equal(out[~selected], ids[~selected])
+    assert torch.equal(labels, torch.where(selected, ids, IGNORE))
     n = selected.sum().item()  # ~19,500 tokens: sd of a 10% share is 0.2%
     masked = (out[selected] == MASK).sum().item() / n
     kept = (out[selected] == ids[selected]).sum().item() / n
@@ -124,7 +125,7 @@ def test_corrupt_splits_80_10_10_and_never_inserts_specials():
     assert abs(masked - 0.8) < 0.01 and abs(replaced - 0.1) < 0.01 and abs(kept - 0.1) < 0.01
     assert not VOCAB.special[out[selected & (out != MASK)]].any()
 
-    pure = corrupt(ids, selected, VOCAB, 1.0, 0.0, generator(2))
+    pure, _ = corrupt(ids, selected, VOCAB, 1.0, 0.0, generator(2))
     assert (pure[selected] == MASK).all()
 
 
