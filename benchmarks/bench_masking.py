@@ -102,7 +102,7 @@ def main(quick: bool = False) -> dict:
     extras = [hf_inputs(ids, vocab, tokenizer) for ids in data]
     table = DATA / importance.TABLE_NAME
     if not table.is_file():
-        importance.build_table(shard_urls(cfg, "train"), len(tokenizer), table, log=lambda text: None)
+        importance.build_table(shard_urls(cfg, "train"), len(tokenizer), table)
     idf = importance.load_table(table, len(tokenizer))
 
     def ours(make, **spec) -> callable:

@@ -9,21 +9,19 @@ Long et al. 2022), which weights selection by term importance.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from masktrain.data import tables
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
 
 TABLE_NAME = "idf.npy"
 
 
-def document_frequencies(urls: list[str], vocab_size: int, skips: Skips,
-                         log: Callable[[str], None] = lambda text: None) -> tuple[np.ndarray, int, int]:
+def document_frequencies(urls: list[str], vocab_size: int, skips: Skips) -> tuple[np.ndarray, int, int]:
     """(documents containing each id as int64[vocab_size], documents, tokens) over the shards."""
     frequencies = np.zeros(vocab_size, dtype=np.int64)
     documents = tokens = 0
@@ -41,7 +39,6 @@ def document_frequencies(urls: list[str], vocab_size: int, skips: Skips,
         frequencies += np.bincount(pairs % vocab_size, minlength=vocab_size)
         documents += len(docs)
         tokens += len(ids)
-        log(f"importance: {url}: {len(docs):,} documents")
     return frequencies, documents, tokens
 
 
@@ -50,39 +47,23 @@ def idf(frequencies: np.ndarray, documents: int) -> np.ndarray:
     return (np.log((1.0 + documents) / (1.0 + frequencies)) + 1.0).astype(np.float32)
 
 
-def build_table(urls: list[str], vocab_size: int, path: str | Path, strict: bool = False,
-                log: Callable[[str], None] = print) -> dict:
-    """Count the shards, write the IDF table to `path` (and `<path>.json`, what it was built from); returns
-    that record. Both files are written under temporary names and renamed, so a crash leaves no half table."""
-    path = Path(path)
+def build_table(urls: list[str], vocab_size: int, path: str | Path, strict: bool = False) -> dict:
+    """Count the shards and write the IDF table to `path` (`tables.save`); returns the record of what it was
+    built from."""
     skips = Skips(strict)
-    frequencies, documents, tokens = document_frequencies(urls, vocab_size, skips, log)
+    frequencies, documents, tokens = document_frequencies(urls, vocab_size, skips)
     if documents == 0:
         raise DataError(f"no readable document in {len(expand_urls(urls))} train shards "
                         f"(skipped: {dict(skips.counts) or 'none'})")
     record = {"documents": documents, "tokens": tokens, "vocab_size": vocab_size, "shards": expand_urls(urls),
               "skipped": dict(skips.counts), "formula": "ln((1 + documents) / (1 + df)) + 1"}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, idf(frequencies, documents))
-    os.replace(tmp, path)
-    meta = path.with_name(path.name + ".json")
-    meta.with_name(meta.name + ".tmp").write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(meta.with_name(meta.name + ".tmp"), meta)
+    tables.save(path, idf(frequencies, documents), record)
     return record
 
 
 def load_table(path: str | Path, vocab_size: int) -> torch.Tensor:
     """The table at `path` as float32[vocab_size], checked against the tokenizer it must match."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no importance table; build it with `masktrain data importance CONFIG` "
-                                "or set data.masking.importance_table")
-    try:
-        table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path}: not a numpy table ({err})") from None
+    table = tables.load(path, "importance table", "importance", "data.masking.importance_table")
     if table.shape != (vocab_size,):
         raise ValueError(f"{path}: holds {table.shape} values, the tokenizer has {vocab_size} ids "
                          "(built for another tokenizer? rebuild with `masktrain data importance CONFIG`)")
@@ -97,8 +78,7 @@ def build_for_config(cfg, log: Callable[[str], None] = print) -> Path:
     from masktrain.data.tokenizer import Tokenizer
 
     path = importance_path(cfg)
-    record = build_table(shard_urls(cfg, "train"), len(Tokenizer(tokenizer_dir(cfg))), path, cfg.data.strict,
-                         log=lambda text: None)
+    record = build_table(shard_urls(cfg, "train"), len(Tokenizer(tokenizer_dir(cfg))), path, cfg.data.strict)
     log(f"importance: IDF over {record['documents']:,} documents ({record['tokens']:,} tokens, skipped: "
         f"{record['skipped'] or 'none'}) -> {path}")
     return path

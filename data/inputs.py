@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from masktrain.data import importance
+from masktrain.data import collocations, importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
 from masktrain.data.masking import PolicyOptions, generator
@@ -39,12 +39,20 @@ def importance_path(cfg: Config) -> Path:
     return Path(cfg.data.masking.importance_table or Path(cfg.data.dir) / importance.TABLE_NAME)
 
 
+def collocation_path(cfg: Config) -> Path:
+    return Path(cfg.data.masking.collocation_table or Path(cfg.data.dir) / collocations.TABLE_NAME)
+
+
 def mask_spec(cfg: Config, tokenizer: Tokenizer) -> MaskSpec:
+    """The masking of a run; the policy's table, if it needs one, is loaded (and checked) here, once per rank."""
     m = cfg.data.masking
-    weights = None
+    weights = pairs = None
     if m.policy == "importance":
         weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
-    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max, importance=weights)
+    if m.policy == "pmi":
+        pairs = collocations.load_table(collocation_path(cfg))
+    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max, importance=weights,
+                            collocations=pairs)
     return MaskSpec(vocab=tokenizer.vocab(), policy=m.policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
                     share_across_batch=m.share_across_batch, options=options)
 

@@ -15,7 +15,7 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Callable
 
 import torch
@@ -138,6 +138,8 @@ class PolicyOptions:
     span_max: int = 10
     importance: torch.Tensor | None = None
     """float[vocab]: selection weight per id for the importance policy."""
+    collocations: torch.Tensor | None = None
+    """int64[n], sorted: pair keys (`word_pairs`) of the word pairs the pmi policy masks as one unit."""
 
     @cached_property
     def span_cdf(self) -> torch.Tensor:
@@ -190,20 +192,87 @@ def word_index(ids: torch.Tensor, vocab: Vocab, cand: torch.Tensor) -> torch.Ten
     return starts.cumsum(dim=1) - 1
 
 
-def select_whole_word(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generator,
-                      opts: PolicyOptions) -> torch.Tensor:
-    """Whole words: every piece of a chosen word together. The rate counts tokens: words are taken in random
-    order until round(rate * n) tokens are reached (within half a word), or each word independently with
-    probability rate."""
-    cand = candidates(ids, vocab)
-    words = word_index(ids, vocab, cand)
-    sizes = torch.zeros(ids.shape, dtype=torch.long).scatter_add_(1, words, cand.long())
+def group_sizes(groups: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """long[B, T]: candidates in each group (word or unit) of a row, indexed by group."""
+    return torch.zeros(groups.shape, dtype=torch.long).scatter_add_(1, groups, cand.long())
+
+
+def select_units(units: torch.Tensor, cand: torch.Tensor, rate: float, gen: torch.Generator,
+                 opts: PolicyOptions) -> torch.Tensor:
+    """Whole units (`units[b, t]`: the unit of token t): every candidate of a chosen unit together. The rate
+    counts tokens: units are taken in random order until round(rate * n) tokens are reached (within half a
+    unit), or each unit independently with probability rate."""
     if opts.exact:
-        keys = random_keys(ids.shape, gen).masked_fill_(sizes == 0, NEVER)
+        sizes = group_sizes(units, cand)
+        keys = random_keys(units.shape, gen).masked_fill_(sizes == 0, NEVER)
         chosen = take_in_order(keys, sizes, target_counts(cand, rate))
     else:
-        chosen = draw(ids.shape, rate, gen)
-    return chosen.gather(1, words) & cand
+        chosen = draw(units.shape, rate, gen)
+    return chosen.gather(1, units) & cand
+
+
+def select_whole_word(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generator,
+                      opts: PolicyOptions) -> torch.Tensor:
+    """Whole words: every piece of a chosen word together (see `select_units`)."""
+    cand = candidates(ids, vocab)
+    return select_units(word_index(ids, vocab, cand), cand, rate, gen, opts)
+
+
+# Odd 64-bit multipliers (from splitmix64): hashing wraps around in int64, identically in every process.
+PIECE_MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64
+PAIR_MULTIPLIER = 0xBF58476D1CE4E5B9 - 2**64
+
+
+@lru_cache(maxsize=8)
+def piece_powers(length: int) -> torch.Tensor:
+    """int64[length]: PIECE_MULTIPLIER ** offset, wrapped to 64 bits (computed exactly in Python)."""
+    powers, value = [], 1
+    for _ in range(length):
+        powers.append(value - 2**64 if value >= 2**63 else value)
+        value = value * PIECE_MULTIPLIER % 2**64
+    return torch.tensor(powers, dtype=torch.int64)
+
+
+def word_hashes(ids: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """int64[B, T]: a hash of each word's piece sequence, indexed by word: the sum of id * M ** (offset in the
+    word), wrapping in int64 (the same in every process and in `masktrain data collocations`)."""
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    starts = torch.ones(ids.shape, dtype=torch.bool)
+    starts[:, 1:] = words[:, 1:] != words[:, :-1]
+    first = torch.cummax(torch.where(starts, positions, 0), dim=1).values
+    pieces = ids * lookup(piece_powers(ids.shape[1]), positions - first)
+    return torch.zeros(ids.shape, dtype=torch.int64).scatter_add_(1, words, pieces)
+
+
+def word_table(ids: torch.Tensor, vocab: Vocab, cand: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(word of each token, hash of each word, whether each word holds candidates), the last two indexed by
+    word: what both the pmi policy and `masktrain data collocations` see of a row."""
+    words = word_index(ids, vocab, cand)
+    return words, word_hashes(ids, words), group_sizes(words, cand) > 0
+
+
+def pair_keys(hashes: torch.Tensor) -> torch.Tensor:
+    """int64[B, T - 1]: the key of each pair of adjacent words (w, w + 1), from their hashes."""
+    return hashes[:, :-1] * PAIR_MULTIPLIER + hashes[:, 1:]
+
+
+def select_pmi(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generator,
+               opts: PolicyOptions) -> torch.Tensor:
+    """PMI spans: whole words, where adjacent words that form a collocation (a word pair of high pointwise
+    mutual information in the training data, from `masktrain data collocations`) are one unit, chained into
+    longer n-grams when pairs overlap; units then go as in `select_units`. After PMI-Masking (Levine et al.,
+    ICLR 2021), which masks correlated n-grams together so the model cannot fill them in from each other."""
+    table = opts.collocations
+    if table is None or len(table) == 0:
+        raise ValueError("the pmi policy needs a collocation table (data.masking.collocation_table; build it "
+                         "with `masktrain data collocations CONFIG`)")
+    cand = candidates(ids, vocab)
+    words, hashes, real = word_table(ids, vocab, cand)
+    keys = pair_keys(hashes)
+    found = lookup(table, torch.searchsorted(table, keys).clamp_(max=len(table) - 1)) == keys
+    unit_starts = torch.ones(ids.shape, dtype=torch.bool)
+    unit_starts[:, 1:] = ~(found & real[:, :-1] & real[:, 1:])
+    return select_units((unit_starts.cumsum(dim=1) - 1).gather(1, words), cand, rate, gen, opts)
 
 
 def select_span(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generator,
@@ -289,6 +358,7 @@ POLICIES: dict[str, Callable[..., torch.Tensor]] = {
     "whole_word": select_whole_word,
     "span": select_span,
     "importance": select_importance,
+    "pmi": select_pmi,
 }
 
 

@@ -53,6 +53,14 @@ def cmd_data_importance(args) -> int:
     return 0
 
 
+def cmd_data_collocations(args) -> int:
+    from masktrain.data.collocations import build_for_config
+    from masktrain.launcher.loading import load_config
+
+    build_for_config(load_config(args.config, args.overrides))
+    return 0
+
+
 def cmd_export(args) -> int:
     from masktrain.trainer.export import export
 
@@ -87,6 +95,10 @@ def parser() -> argparse.ArgumentParser:
                                            "(default <data.dir>/idf.npy)")
     add_config_args(p)
     p.set_defaults(func=cmd_data_importance)
+    p = data.add_parser("collocations", help="build the word-pair table of the pmi masking policy "
+                                             "(default <data.dir>/collocations.npy)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_collocations)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")

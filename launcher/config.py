@@ -50,7 +50,7 @@ class MaskingConfig:
     """Which tokens an objective corrupts and how many, as a pure function of the global step."""
 
     policy: str = "random"
-    """Selection policy: random, whole_word, span or importance (see `masktrain.data.masking.POLICIES`)."""
+    """Selection policy: random, whole_word, span, importance or pmi (see `masktrain.data.masking.POLICIES`)."""
     rate: float = 0.15
     """Fraction of maskable tokens selected (the schedule's start value)."""
     schedule: str = "constant"
@@ -70,9 +70,10 @@ class MaskingConfig:
     random_prob: float = 0.1
     """Of the selected tokens, the fraction replaced by a random token (the rest are kept as they are)."""
     exact: bool = True
-    """Select round(rate * maskable) tokens per row: exactly (random, importance, span) or to within half a word
-    (whole_word). False draws independently instead: each token (random, importance) or word (whole_word) with
-    probability rate, or whole spans only, the last one kept when the budget covers its middle (span)."""
+    """Select round(rate * maskable) tokens per row: exactly (random, importance, span) or to within half a unit
+    (whole_word: a word, pmi: a word or collocation). False draws independently instead: each token (random,
+    importance) or unit (whole_word, pmi) with probability rate, or whole spans only, the last one kept when the
+    budget covers its middle (span)."""
     span_mean: float = 3.8
     """Span policy: mean span length in tokens (a geometric distribution cut at span_max and solved for this
     mean; SpanBERT's p = 0.2 cut at 10 has mean 3.8)."""
@@ -84,6 +85,13 @@ class MaskingConfig:
     """Importance policy: path of the table built by `masktrain data importance` (default <data.dir>/idf.npy)."""
     importance_power: float = 1.0
     """Importance policy: selection weight is importance ** power (0 gives uniform selection)."""
+    collocation_table: str = ""
+    """Pmi policy: path of the table built by `masktrain data collocations` (default
+    <data.dir>/collocations.npy)."""
+    collocation_min_count: int = 20
+    """`masktrain data collocations`: keep only word pairs seen at least this often (PMI overrates rare pairs)."""
+    collocation_pairs: int = 100_000
+    """`masktrain data collocations`: keep at most this many pairs, those of highest PMI."""
     eval_rate: float | None = None
     """Rate used by evaluation; None uses the schedule's final value, so evaluations stay comparable."""
 

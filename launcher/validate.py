@@ -77,6 +77,8 @@ def validate(cfg: Config) -> list[str]:
           f"one pattern for the whole batch only works with policy random (whole words and spans differ per "
           f"row), got policy {m.policy!r}")
     non_negative(m.importance_power, "data.masking.importance_power")
+    positive(m.collocation_min_count, "data.masking.collocation_min_count")
+    positive(m.collocation_pairs, "data.masking.collocation_pairs")
 
     # model
     mo = cfg.model

@@ -9,8 +9,9 @@ import torch
 
 from masktrain.data import batches
 from masktrain.data.batches import IGNORE, MaskSpec
-from masktrain.data.masking import (POLICIES, PolicyOptions, Vocab, candidates, corrupt, generator,
-                                    span_length_probs, take_in_order, take_lowest, target_counts, word_index)
+from masktrain.data.masking import (POLICIES, PolicyOptions, Vocab, candidates, corrupt, generator, pair_keys,
+                                    span_length_probs, take_in_order, take_lowest, target_counts, word_index,
+                                    word_table)
 
 SIZE = 1000
 PAD, UNK, BOS, EOS, CLS, SEP, MASK = range(7)
@@ -36,6 +37,13 @@ def packed_rows(rows: int = 64, length: int = 512, seed: int = 0) -> torch.Tenso
     ids[torch.rand(ids.shape, generator=gen) < 0.002] = UNK
     ids[0, length - 40:] = PAD
     return ids
+
+
+def some_collocations(ids: torch.Tensor, every: int = 7) -> torch.Tensor:
+    """A collocation table holding every `every`-th adjacent word pair of the batch."""
+    _, hashes, real = word_table(ids, VOCAB, candidates(ids, VOCAB))
+    both = real[:, :-1] & real[:, 1:]
+    return torch.unique(pair_keys(hashes)[both][::every])
 
 
 def words_of(ids: torch.Tensor, vocab: Vocab) -> list[list[list[int]]]:
@@ -69,7 +77,8 @@ def runs_of(mask: torch.Tensor) -> torch.Tensor:
 def test_every_policy_hits_the_rate_and_never_touches_specials_or_padding(policy, exact):
     ids = packed_rows()
     cand = candidates(ids, VOCAB)
-    opts = PolicyOptions(exact=exact, importance=torch.rand(SIZE, generator=torch.Generator().manual_seed(1)) + 0.5)
+    opts = PolicyOptions(exact=exact, importance=torch.rand(SIZE, generator=torch.Generator().manual_seed(1)) + 0.5,
+                         collocations=some_collocations(ids))
     for rate in (0.05, 0.15, 0.4):
         selected = POLICIES[policy](ids, VOCAB, rate, generator(7, 0, 3), opts)
         assert not (selected & ~cand).any(), "a special or padding token was selected"
@@ -214,7 +223,8 @@ def test_importance_without_a_table_says_how_to_build_one():
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_same_batch_same_key_same_mask_and_a_new_key_changes_it(policy):
     ids = packed_rows(rows=8, length=128)
-    spec = MaskSpec(vocab=VOCAB, policy=policy, options=PolicyOptions(importance=torch.rand(SIZE) + 0.1))
+    spec = MaskSpec(vocab=VOCAB, policy=policy, options=PolicyOptions(importance=torch.rand(SIZE) + 0.1,
+                                                                      collocations=some_collocations(ids)))
     first = batches.mlm_batch(ids, spec, 0.2, generator(1234, 0, 17))
     again = batches.mlm_batch(ids.clone(), spec, 0.2, generator(1234, 0, 17))
     other = batches.mlm_batch(ids, spec, 0.2, generator(1234, 0, 18))
@@ -274,3 +284,40 @@ def test_mae_visible_set_is_exactly_the_complement_of_the_removed_set():
             assert torch.equal(shown[~selected[r, visible]], ids[r, visible][~selected[r, visible]])
             assert not (shown == MASK).any()
         assert (batch["visible_ids"][~batch["visible_mask"]] == PAD).all()
+
+
+def test_pmi_masks_collocated_words_as_one_unit():
+    ids = packed_rows(rows=16, length=256)
+    cand = candidates(ids, VOCAB)
+    words, hashes, real = word_table(ids, VOCAB, cand)
+    keys = pair_keys(hashes)
+    joinable = (real[:, :-1] & real[:, 1:]).nonzero()
+    chosen = joinable[torch.randperm(len(joinable), generator=torch.Generator().manual_seed(0))[:200]]
+    table = torch.unique(keys[chosen[:, 0], chosen[:, 1]])
+    opts = PolicyOptions(collocations=table)
+    selected = POLICIES["pmi"](ids, VOCAB, 0.2, generator(3), opts)
+    assert not (selected & ~cand).any()
+    assert abs(selected.sum().item() / cand.sum().item() - 0.2) < 0.02
+    for r in range(ids.shape[0]):
+        state = [bool(selected[r][words[r] == w][cand[r][words[r] == w]].any()) for w in range(int(words[r].max()) + 1)]
+        for w in range(len(state) - 1):
+            if real[r, w] and real[r, w + 1] and bool(torch.isin(keys[r, w], table)):
+                assert state[w] == state[w + 1], f"row {r}: collocation of words {w}, {w + 1} split"
+    # Whole words stay whole as well.
+    for r, row_words in enumerate(words_of(ids, VOCAB)):
+        for word in row_words:
+            assert len({bool(selected[r, t]) for t in word}) == 1
+
+
+def test_word_hashes_identify_a_word_by_its_pieces_wherever_it_is():
+    vocab = make_vocab()
+    starts = torch.nonzero(vocab.word_start & ~vocab.special).flatten()
+    inner = torch.nonzero(~vocab.word_start).flatten()
+    word = [int(starts[0]), int(inner[0]), int(inner[1])]
+    other = [int(starts[1]), int(inner[1]), int(inner[0])]
+    ids = torch.tensor([[CLS] + word + other + word + [SEP], [CLS, *other, *other, *word, *word, SEP][:11]])
+    cand = candidates(ids, vocab)
+    words, hashes, _ = word_table(ids, vocab, cand)
+    first, second = hashes[0, words[0, 1]], hashes[0, words[0, 4]]
+    assert first != second and hashes[0, words[0, 7]] == first
+    assert hashes[1, words[1, 7]] == first and hashes[1, words[1, 1]] == second

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from masktrain.data import importance, inputs
+from masktrain.data import collocations, importance, inputs
 from masktrain.data.batches import IGNORE
 from masktrain.data.reader import Skips
 from masktrain.data.shards import manifest_urls, write_dataset
@@ -117,6 +117,43 @@ def test_idf_counts_each_document_once_per_id(tmp_path):
     weights = importance.idf(frequencies, documents)
     assert weights[7] == pytest.approx(np.log(5 / 4) + 1) and weights[10] == pytest.approx(np.log(5) + 1)
     assert weights[7] < weights[8] < weights[9] < weights[10]
+
+
+def test_collocations_keep_the_pairs_that_occur_together_far_more_than_chance(tmp_path):
+    from test_masking import VOCAB
+
+    starts = torch.nonzero(VOCAB.word_start & ~VOCAB.special).flatten().tolist()
+    inner = torch.nonzero(~VOCAB.word_start).flatten().tolist()
+    new, york = [starts[0], inner[0]], [starts[1]]
+    gen = np.random.default_rng(0)
+    docs = []
+    for i in range(300):
+        filler = [[starts[2 + int(w)]] for w in gen.integers(0, 200, 12)]
+        filler.insert(int(gen.integers(0, 12)), new + york)
+        docs.append((f"doc {i}", [t for word in filler for t in word]))
+    write_dataset(docs, tmp_path, vocab_size=len(VOCAB.special), shard_bytes=8192, val_fraction=0.0)
+    record = collocations.build_table(manifest_urls(tmp_path, "train"), VOCAB, lambda ids: " ".join(map(str, ids)),
+                                      tmp_path / "pairs.npy", min_count=20, keep=10)
+    assert record["strongest"][0]["text"] == " ".join(map(str, new + york))
+    assert record["words"] == 300 * 14 and record["pairs"] == 300 * 13  # 12 fillers + 2 words per document
+    table = collocations.load_table(tmp_path / "pairs.npy")
+    assert 1 <= len(table) <= 10 and bool((table.diff() > 0).all())
+    with pytest.raises(FileNotFoundError, match="masktrain data collocations"):
+        collocations.load_table(tmp_path / "missing.npy")
+
+
+def test_pmi_policy_through_the_loader_with_collocations_of_the_tiny_corpus(tiny_data, tmp_path):
+    table = tmp_path / "collocations.npy"
+    overrides = [f"data.masking.collocation_table={table}", "data.masking.collocation_min_count=5",
+                 "data.masking.policy=pmi"]
+    collocations.build_for_config(load_config("smoke", [*tiny_data, *overrides]), log=lambda text: None)
+    assert len(collocations.load_table(table)) > 100
+    loader, tokenizer = rank_loader(tiny_data, "data.num_workers=0", *overrides)
+    special = tokenizer.vocab().special
+    for index in range(4):
+        batch = next(loader)
+        assert same(batch, loader.batcher(originals(batch), index))
+        assert not special[originals(batch)][batch["labels"] != IGNORE].any()
 
 
 def test_real_tokenizer_marks_every_special_token_unmaskable(tiny_data):

@@ -31,8 +31,8 @@ class Objective:
 
 # Every selection policy serves both kinds: encoders predict the selected tokens, MEAP decoders see them as
 # [MASK] in their inputs and still predict every next token.
-ENCODER_POLICIES = ("random", "whole_word", "span", "importance")
-DECODER_POLICIES = ("random", "whole_word", "span", "importance")
+ENCODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
+DECODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
 
 OBJECTIVES: dict[str, Objective] = {
     "mlm": Objective("mlm", ("bert", "roberta"), batches.mlm_batch, encoder=True, masked=True,
