@@ -24,24 +24,31 @@ import numpy as np
 import torch
 
 from benchmarks.common import interleaved, write_result
-from masktrain.data import batches, importance
+from masktrain.data import batches, collocations, importance
 from masktrain.data.batches import MaskSpec
-from masktrain.data.inputs import shard_urls, tokenizer_dir
+from masktrain.data.inputs import collocation_path, importance_path, shard_urls, tokenizer_dir
 from masktrain.data.masking import PolicyOptions, generator, word_index
 from masktrain.data.prepare import prepare
 from masktrain.data.reader import Skips, Unit, read_unit
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import load_config
 
-DATA = Path(__file__).parent / "out" / "masking-data"
+OUT = Path(__file__).parent / "out"
 RATE = 0.15
 
 
-def dataset():
-    """A small prepared dataset (tokenizer + shards) of Python's documentation, built once and reused."""
-    cfg = load_config("smoke", [f"data.dir={DATA}", "data.prepare.max_docs=3000", "data.prepare.vocab_size=8000",
-                                "data.prepare.shard_bytes=1048576"])
+def dataset(quick: bool):
+    """A small prepared dataset of Python's documentation (tokenizer, shards, IDF and collocation tables), built
+    once and reused; quick runs use a smaller one that builds in seconds."""
+    docs, vocab_size, min_count = (300, 1000, 3) if quick else (3000, 8000, 20)
+    cfg = load_config("smoke", [f"data.dir={OUT / ('masking-data-quick' if quick else 'masking-data')}",
+                                f"data.prepare.max_docs={docs}", f"data.prepare.vocab_size={vocab_size}",
+                                "data.prepare.shard_bytes=1048576", f"data.masking.collocation_min_count={min_count}"])
     prepare(cfg, log=lambda text: None)
+    for path, build in ((importance_path(cfg), importance.build_for_config),
+                        (collocation_path(cfg), collocations.build_for_config)):
+        if not path.is_file():
+            build(cfg, log=lambda text: None)
     return cfg, Tokenizer(tokenizer_dir(cfg))
 
 
@@ -56,7 +63,7 @@ def packed_batches(cfg, tokenizer: Tokenizer, count: int, rows: int, length: int
         if total >= need:
             break
     if total < need:
-        raise SystemExit(f"{DATA}: {total} tokens, the benchmark needs {need}")
+        raise SystemExit(f"{cfg.data.dir}: {total} tokens, the benchmark needs {need}")
     flat = torch.from_numpy(np.concatenate(pieces)[:need])
     return list(flat.view(count, rows, length))
 
@@ -91,29 +98,24 @@ def measure(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]
     return {name: statistics.median(values[1:]) for name, values in cpu.items()}, wall
 
 
-def main(quick: bool = False) -> dict:
+def contenders(cfg, tokenizer: Tokenizer, data: list[torch.Tensor]) -> dict[str, callable]:
+    """Each side's batch function over `data` (one batch per call, in turn), by name."""
     from transformers import DataCollatorForLanguageModeling
 
-    torch.set_num_threads(1)
-    rows, length, count, repeats = (8, 128, 2, 5) if quick else (64, 512, 8, 30)
-    cfg, tokenizer = dataset()
     vocab = tokenizer.vocab()
-    data = packed_batches(cfg, tokenizer, count, rows, length)
     extras = [hf_inputs(ids, vocab, tokenizer) for ids in data]
-    table = DATA / importance.TABLE_NAME
-    if not table.is_file():
-        importance.build_table(shard_urls(cfg, "train"), len(tokenizer), table)
-    idf = importance.load_table(table, len(tokenizer))
+    idf = importance.load_table(importance_path(cfg), len(tokenizer))
+    pairs = collocations.load_table(collocation_path(cfg))
 
     def ours(make, **spec) -> callable:
-        options = PolicyOptions(exact=spec.pop("exact", True), importance=idf)
+        options = PolicyOptions(exact=spec.pop("exact", True), importance=idf, collocations=pairs)
         mask_spec = MaskSpec(vocab=vocab, options=options, **spec)
         calls = itertools.count()
 
         def call():
             # A fresh batch index each call, as in the loader: new random draws, seeded the loader's way.
             index = next(calls)
-            return make(data[index % count], mask_spec, RATE, generator(cfg.run.seed, 0, index))
+            return make(data[index % len(data)], mask_spec, RATE, generator(cfg.run.seed, 0, index))
         return call
 
     hf = tokenizer.hf_tokenizer("encoder")
@@ -126,11 +128,11 @@ def main(quick: bool = False) -> dict:
         calls = itertools.count()
 
         def call():
-            index = next(calls) % count
+            index = next(calls) % len(data)
             return fn(data[index], extras[index])
         return call
 
-    fns = {
+    return {
         "mlm exact (default)": ours(batches.mlm_batch),
         "mlm bernoulli": ours(batches.mlm_batch, exact=False),
         "whole_word exact": ours(batches.mlm_batch, policy="whole_word", mask_prob=1.0, random_prob=0.0),
@@ -138,6 +140,7 @@ def main(quick: bool = False) -> dict:
                                      exact=False),
         "span exact": ours(batches.mlm_batch, policy="span"),
         "importance exact": ours(batches.mlm_batch, policy="importance"),
+        "pmi exact": ours(batches.mlm_batch, policy="pmi"),
         "meap exact": ours(batches.meap_batch, mask_prob=1.0, random_prob=0.0),
         "mae_lm exact": ours(batches.mae_batch, mask_prob=1.0, random_prob=0.0),
         "hf collator": theirs(lambda ids, extra: plain(extra["examples"])),
@@ -147,23 +150,45 @@ def main(quick: bool = False) -> dict:
         "hf whole-word torch_mask_tokens": theirs(lambda ids, extra: whole.torch_mask_tokens(
             ids.clone(), special_tokens_mask=extra["special"], offset_mapping=extra["offsets"])),
     }
-    cpu, wall = measure(fns, repeats)
-    tokens = rows * length
-    speed = {name: tokens / seconds for name, seconds in cpu.items()}
 
-    def ratio(a: str, b: str) -> float:
-        return round(speed[a] / speed[b], 2)
 
-    # The realized rate of each side on one batch, so the comparison is of like work.
-    realized = {
-        "masktrain mlm exact": float((fns["mlm exact (default)"]()["labels"] != -100).float().mean()),
-        "hf": float((plain.torch_mask_tokens(data[0].clone(), special_tokens_mask=extras[0]["special"])[1]
-                     != -100).float().mean()),
-    }
+def realized_rates(fns: dict) -> dict[str, float]:
+    """The fraction of tokens each side selected in one batch: the comparison is of like work."""
+    return {"masktrain mlm exact": float((fns["mlm exact (default)"]()["labels"] != -100).float().mean()),
+            "hf torch_mask_tokens": float((fns["hf torch_mask_tokens"]()[1] != -100).float().mean())}
+
+
+# A second, small shape shows the fixed cost per batch (masktrain runs more, smaller tensor operations).
+SMALL = ("mlm exact (default)", "mlm bernoulli", "hf torch_mask_tokens", "hf collator")
+
+
+def main(quick: bool = False) -> dict:
+    torch.set_num_threads(1)
+    shapes = {"large": (8, 128), "small": (8, 32)} if quick else {"large": (64, 512), "small": (8, 512)}
+    count, repeats = (2, 5) if quick else (8, 30)
+    cfg, tokenizer = dataset(quick)
+    measured = {}
+    for shape, (rows, length) in shapes.items():
+        fns = contenders(cfg, tokenizer, packed_batches(cfg, tokenizer, count, rows, length))
+        if shape == "small":
+            fns = {name: fns[name] for name in SMALL}
+        cpu, wall = measure(fns, repeats)
+        measured[shape] = {"rows": rows, "length": length, "realized_rate": realized_rates(fns),
+                           "tokens_per_s_per_core": {name: round(rows * length / s) for name, s in cpu.items()},
+                           "cpu_s_per_batch": cpu, "wall_s_per_batch": wall}
+    speed = measured["large"]["tokens_per_s_per_core"]
+    small = measured["small"]["tokens_per_s_per_core"]
+
+    def ratio(a: str, b: str, of: dict = speed) -> float:
+        return round(of[a] / of[b], 2)
+
+    rows, length = shapes["large"]
     summary = [
-        {"metric": "MLM masking per core (80/10/10, exact count per row)", "value": round(speed["mlm exact (default)"]),
-         "target": ">= 20000000", "unit": "tokens/s"},
+        {"metric": f"MLM masking per core (80/10/10, exact count per row, {rows}x{length})",
+         "value": speed["mlm exact (default)"], "target": ">= 20000000", "unit": "tokens/s"},
         {"metric": "MLM bernoulli / HF collator call", "value": ratio("mlm bernoulli", "hf collator"),
+         "target": ">= 5", "unit": "x"},
+        {"metric": "MLM exact / HF collator call", "value": ratio("mlm exact (default)", "hf collator"),
          "target": ">= 5", "unit": "x"},
         {"metric": "MLM bernoulli / HF torch_mask_tokens (masking only)",
          "value": ratio("mlm bernoulli", "hf torch_mask_tokens"), "target": ">= 5", "unit": "x"},
@@ -173,11 +198,11 @@ def main(quick: bool = False) -> dict:
          "value": ratio("whole_word bernoulli", "hf whole-word collator"), "target": ">= 5", "unit": "x"},
         {"metric": "whole-word bernoulli / HF whole-word torch_mask_tokens (masking only)",
          "value": ratio("whole_word bernoulli", "hf whole-word torch_mask_tokens"), "target": ">= 5", "unit": "x"},
+        {"metric": "MLM exact / HF torch_mask_tokens, small batch {}x{}".format(*shapes["small"]),
+         "value": ratio("mlm exact (default)", "hf torch_mask_tokens", small), "target": "", "unit": "x"},
     ]
-    result = {"summary": summary, "batch": {"rows": rows, "length": length, "batches": count, "repeats": repeats},
-              "rate": RATE, "realized_rate": realized, "tokens_per_s_per_core": {k: round(v) for k, v in speed.items()},
-              "cpu_s_per_batch": cpu, "wall_s_per_batch": wall, "torch_threads": torch.get_num_threads(),
-              "quick": quick}
+    result = {"summary": summary, "rate": RATE, "batches": count, "repeats": repeats, "shapes": measured,
+              "torch_threads": torch.get_num_threads(), "quick": quick}
     path = write_result("masking", result)
     for name, value in speed.items():
         print(f"{name:36s} {value / 1e6:8.1f} M tokens/s per core")
