@@ -7,11 +7,11 @@ of tensors. Labels use -100 (PyTorch's ignore index) at positions that carry no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from masktrain.data import masking
 from masktrain.data.masking import IGNORE, PolicyOptions, Vocab
-
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ class Vocab:
     @cached_property
     def regular_ids(self) -> torch.Tensor:
         """The ids random replacement draws from (cached: masking needs them for every batch)."""
-        return torch.nonzero(~self.special).flatten()
+        return torch.nonzero(self.maskable).flatten()
 
 
 def generator(*key: int) -> torch.Generator:
@@ -139,7 +139,7 @@ class PolicyOptions:
     importance: torch.Tensor | None = None
     """float[vocab]: selection weight per id for the importance policy."""
     collocations: torch.Tensor | None = None
-    """int64[n], sorted: pair keys (`word_pairs`) of the word pairs the pmi policy masks as one unit."""
+    """int64[n], sorted: keys (`pair_keys`) of the adjacent word pairs the pmi policy masks as one unit."""
 
     @cached_property
     def span_cdf(self) -> torch.Tensor:
