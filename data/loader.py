@@ -190,17 +190,17 @@ class LoaderSpec:
 class SlotDataset(IterableDataset):
     """Runs in each worker: the stream of the slot assigned to it, batches tagged with slot and state."""
 
-    def __init__(self, spec: LoaderSpec, states: list[SlotState], rotate: int, batcher: Batcher | None):
-        self.spec, self.states, self.rotate, self.batcher = spec, states, rotate, batcher
+    def __init__(self, spec: LoaderSpec, units: list[Unit], states: list[SlotState], rotate: int,
+                 batcher: Batcher | None):
+        self.spec, self.units, self.states, self.rotate, self.batcher = spec, units, states, rotate, batcher
 
     def __iter__(self):
         info = get_worker_info()
         spec = self.spec
         local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
         n_slots = spec.world_size * spec.slots_per_rank
-        units = units_for(expand_urls(spec.urls), n_slots)
         state = SlotState(**asdict(self.states[local]))
-        stream = SlotStream(units, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
+        stream = SlotStream(self.units, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
                             spec.shuffle_block, spec.packing, spec.strict, state, spec.vocab_size)
         try:
             for rows in stream.batches(spec.micro_batch_size):
@@ -220,6 +220,7 @@ class Loader:
     def __init__(self, spec: LoaderSpec, batcher: Batcher, mask_in_workers: bool = True, prefetch: int = 2):
         self.spec, self.batcher = spec, batcher
         self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
+        self.units = units_for(expand_urls(spec.urls), spec.world_size * spec.slots_per_rank)
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
@@ -243,7 +244,8 @@ class Loader:
 
     def start(self) -> Iterator:
         rotate = self.consumed % self.spec.slots_per_rank
-        dataset = SlotDataset(self.spec, self.states, rotate, self.batcher if self.mask_in_workers else None)
+        dataset = SlotDataset(self.spec, self.units, self.states, rotate,
+                              self.batcher if self.mask_in_workers else None)
         workers = self.spec.num_workers
         return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                prefetch_factor=self.prefetch if workers else None,

@@ -13,7 +13,9 @@ byte-identical shards.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -170,13 +172,17 @@ def manifest_urls(root: str | Path, split: str) -> list[str]:
 
 def tokenize_stream(texts: Iterable[str], tokenizer, threads: int = 1,
                     batch_docs: int = 1024) -> Iterator[tuple[str, np.ndarray]]:
-    """(text, ids) pairs in input order, encoding `batch_docs` documents at a time on sentencepiece's own
-    `threads` (it releases the GIL; `benchmarks/bench_shards.py` found a process pool no faster)."""
-    batch: list[str] = []
-    for text in texts:
-        batch.append(text)
-        if len(batch) == batch_docs:
-            yield from zip(batch, tokenizer.encode(batch, threads=threads))
-            batch = []
-    if batch:
-        yield from zip(batch, tokenizer.encode(batch, threads=threads))
+    """(text, ids) pairs in input order. Batches of `batch_docs` documents are encoded on sentencepiece's own
+    `threads` in a background thread, while the caller writes the previous batch and reads the next:
+    sentencepiece releases the GIL, so encoding overlaps the Python work (benchmarks/bench_shards.py)."""
+    texts = iter(texts)
+    with ThreadPoolExecutor(1) as encoder:
+        pending = None
+        while True:
+            batch = list(itertools.islice(texts, batch_docs))
+            ahead = encoder.submit(tokenizer.encode, batch, threads) if batch else None
+            if pending is not None:
+                yield from zip(pending[0], pending[1].result())
+            if ahead is None:
+                return
+            pending = (batch, ahead)

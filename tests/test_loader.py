@@ -308,6 +308,15 @@ def test_strict_mode_fails_naming_the_shard_and_member(tmp_path, num_workers):
         assert f"{reason}: {url}: {where}" in message, f"{name}: {message}"
 
 
+def test_slots_that_draw_only_empty_units_wait_for_data_instead_of_failing(tmp_path):
+    """One document for 4 slots: each epoch, 3 of them draw an empty part of the shard."""
+    urls = write_shards(tmp_path, [[3]])
+    for rank in (0, 1):
+        loader = Loader(spec_for(urls, rank=rank, world_size=2, num_workers=2), plain_batcher(rank))
+        rows = torch.cat([b["input_ids"] for b in take(loader, 4)[0]]).numpy()
+        assert set(document_numbers(rows)) == {0}
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_no_readable_data_raises_instead_of_hanging(tmp_path, num_workers):
     urls = [url for name, (url, _, _) in bad_shards(tmp_path).items() if name in ("not_a_tar", "failing_pipe")]
