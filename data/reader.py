@@ -14,6 +14,7 @@ and the member.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import re
 import tarfile
@@ -88,9 +89,14 @@ def end_problem(err: Exception | None) -> str | None:
 
 
 def read_problem(err: Exception, member: str | None) -> str:
+    """The reason to count for an error raised while reading an archive (tarfile has no class per cause)."""
     if member is None:
         return "unreadable shard"
-    return "truncated shard" if "unexpected end of data" in str(err) else "corrupt shard"
+    if isinstance(err, EOFError) or "unexpected end of data" in str(err):
+        return "truncated shard"
+    if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile):
+        return "unreadable shard"  # the read itself failed part-way: a pipe's command exited, a disk error
+    return "corrupt shard"
 
 
 def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator[tuple[str, bytes]]:
@@ -136,7 +142,8 @@ def samples(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
         if prefix != key and sample:
             yield key, sample
             sample = {}
-        key, sample[suffix] = prefix, data
+        key = prefix
+        sample[suffix] = data
     if sample:
         yield key, sample
 
