@@ -62,7 +62,7 @@ def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: To
     spec = LoaderSpec(urls=shard_urls(cfg, "train"), rank=rank, world_size=world_size,
                       num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                       micro_batch_size=cfg.data.micro_batch_size, shuffle_block=cfg.data.shuffle_block,
-                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict)
+                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer))
     batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
                       cfg.run.seed, rank, cfg.grad_accum)
     return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)
@@ -83,6 +83,6 @@ def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: 
 
     pack = packing(cfg, tokenizer, encoder)
     batches = validation_batches(shard_urls(cfg, "val"), rank, world_size, cfg.data.micro_batch_size, pack,
-                                 tokenizer.pad_id, make, skips, cfg.trainer.eval_batches)
+                                 tokenizer.pad_id, make, skips, cfg.trainer.eval_batches, len(tokenizer))
     empty = make(torch.full((1, cfg.data.seq_len), tokenizer.pad_id, dtype=torch.long), 0)
     return batches, empty

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from masktrain.data.corpus import InputError
+from masktrain.data.reader import DataError
 from masktrain.launcher.loading import ConfigError
 
 
@@ -61,6 +63,42 @@ def cmd_data_collocations(args) -> int:
     return 0
 
 
+def prepare_settings(args) -> dict:
+    """The `data.prepare` fields given as flags (dest `prepare.<field>`); absent ones keep their defaults."""
+    return {dest.removeprefix("prepare."): value for dest, value in vars(args).items() if dest.startswith("prepare.")}
+
+
+def cmd_data_tokenizer(args) -> int:
+    from masktrain.data.prepare import build_tokenizer, command_config
+
+    cfg = command_config({**prepare_settings(args), "inputs": args.inputs}, args.seed, args.strict)
+    build_tokenizer(cfg.data.prepare, args.out, cfg.run.seed, args.strict, args.template)
+    return 0
+
+
+def cmd_data_shards(args) -> int:
+    from masktrain.data.prepare import build_shards, command_config
+
+    cfg = command_config({**prepare_settings(args), "inputs": args.inputs}, args.seed, args.strict)
+    build_shards(cfg.data.prepare, args.tokenizer, args.out, cfg.run.seed, args.strict)
+    return 0
+
+
+def add_data_args(parser: argparse.ArgumentParser, *flags: tuple[str, type, str]) -> None:
+    """Inputs, common options, and the `data.prepare` fields in `flags` as (field, type, help)."""
+    parser.add_argument("inputs", nargs="+", help="text files (.txt, .md, ...), .gz, JSON lines (.jsonl), "
+                        "directories, globs, or builtin:python-docs")
+    parser.add_argument("--out", required=True, help="output folder")
+    for name, kind, text in (("text_field", str, "field holding the text in JSON lines"),
+                             ("max_docs", int, "stop after this many input documents (0: all)"),
+                             ("workers", int, "sentencepiece threads (0: one per core)"), *flags):
+        parser.add_argument("--" + name.replace("_", "-"), dest=f"prepare.{name}", type=kind,
+                            metavar=name.split("_")[-1].upper(), help=f"{text} (data.prepare.{name})")
+    parser.add_argument("--seed", type=int, help="random seed (run.seed)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first bad input (undecodable text, empty document) instead of counting it")
+
+
 def cmd_export(args) -> int:
     from masktrain.trainer.export import export
 
@@ -100,6 +138,20 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=cmd_data_collocations)
 
+    p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer (+ Hugging Face files) on text")
+    add_data_args(p, ("vocab_size", int, "vocabulary size, special tokens included"),
+                  ("tokenizer_type", str, "unigram or bpe"),
+                  ("tokenizer_sample_docs", int, "train on at most this many documents"))
+    p.add_argument("--template", choices=("encoder", "decoder"),
+                   help="Hugging Face files add [CLS]/[SEP] (encoder) or <s> (decoder) around text")
+    p.set_defaults(func=cmd_data_tokenizer)
+    p = data.add_parser("shards", help="tokenize text into WebDataset shards with a manifest")
+    add_data_args(p, ("shard_bytes", int, "target shard size in bytes"),
+                  ("val_fraction", float, "fraction of documents held out for validation"),
+                  ("shuffle_buffer", int, "documents shuffled together before writing (0: input order)"))
+    p.add_argument("--tokenizer", required=True, help="folder of a tokenizer from `masktrain data tokenizer`")
+    p.set_defaults(func=cmd_data_shards)
+
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
     p.add_argument("out_dir")
@@ -114,4 +166,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 2
+    except (InputError, DataError) as err:  # --strict: the message names the file and line or member
+        print(f"masktrain: {err}", file=sys.stderr)
+        code = 1
     sys.exit(code)

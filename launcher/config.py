@@ -40,7 +40,10 @@ class PrepareConfig:
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (chosen by a hash of the document, not its order)."""
     workers: int = 0
-    """Tokenizer processes; 0 means one per available core."""
+    """Tokenizer threads (sentencepiece's own, for tokenizer training and encoding); 0: one per available core."""
+    shuffle_buffer: int = 100_000
+    """Documents held back and written in a random order seeded by run.seed, so each shard mixes the input's
+    files and sources (the loader shuffles within a shard only); 0 keeps input order."""
     max_docs: int = 0
     """Stop after this many input documents (0: all). Keeps smoke runs small."""
 

@@ -56,6 +56,7 @@ def validate(cfg: Config) -> list[str]:
     check(p.shard_bytes >= 4096, "data.prepare.shard_bytes", f"must be at least 4096, got {p.shard_bytes}")
     check(0.0 <= p.val_fraction < 1.0, "data.prepare.val_fraction", f"must be within [0, 1), got {p.val_fraction}")
     non_negative(p.workers, "data.prepare.workers")
+    non_negative(p.shuffle_buffer, "data.prepare.shuffle_buffer")
     non_negative(p.max_docs, "data.prepare.max_docs")
 
     m = d.masking
