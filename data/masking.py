@@ -39,6 +39,9 @@ class Vocab:
     """bool[size]: ids that are never selected (padding, boundaries, [MASK], unknown)."""
     word_start: torch.Tensor
     """bool[size]: the piece begins a word (sentencepiece's "▁" marker); specials count as word starts."""
+    word_break: torch.Tensor | None = None
+    """bool[size]: whitespace pieces without the marker (newline and tab bytes); the token after one starts a
+    word. Sentencepiece only marks spaces, so without this "-1\n>>>" would be one word."""
 
     @cached_property
     def maskable(self) -> torch.Tensor:
@@ -183,11 +186,14 @@ def select_random(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Gener
 def word_index(ids: torch.Tensor, vocab: Vocab, cand: torch.Tensor) -> torch.Tensor:
     """long[B, T]: index within its row of the word each token belongs to.
 
-    A word starts at a word-start piece, at the row's first token (a word cut by packing counts as its own
-    word), and at and after every non-candidate, so a word never holds a special token.
+    A word starts at a word-start piece, after a word-break piece, at the row's first token (a word cut by
+    packing counts as its own word), and at and after every non-candidate, so a word never holds a special
+    token.
     """
     starts = lookup(vocab.word_start, ids) | ~cand
     starts[:, 1:] |= ~cand[:, :-1]
+    if vocab.word_break is not None:
+        starts[:, 1:] |= lookup(vocab.word_break, ids[:, :-1])
     starts[:, 0] = True
     return starts.cumsum(dim=1) - 1
 

@@ -321,3 +321,21 @@ def test_word_hashes_identify_a_word_by_its_pieces_wherever_it_is():
     first, second = hashes[0, words[0, 1]], hashes[0, words[0, 4]]
     assert first != second and hashes[0, words[0, 7]] == first
     assert hashes[1, words[1, 7]] == first and hashes[1, words[1, 1]] == second
+
+
+def test_a_newline_ends_a_word_for_the_real_tokenizer(tmp_path):
+    """Sentencepiece marks only spaces: without word breaks "-999", "\n" and ">>>" would form one word."""
+    import itertools
+
+    from masktrain.data.corpus import documents
+    from masktrain.data.tokenizer import Tokenizer, train_tokenizer
+
+    train_tokenizer(itertools.islice(documents(["builtin:python-docs"]), 300), tmp_path, 400)
+    tokenizer = Tokenizer(tmp_path)
+    vocab = tokenizer.vocab()
+    ids = torch.from_numpy(tokenizer.encode(["x -999\n>>>y\tz"])[0].astype("int64")).unsqueeze(0)
+    pieces = [tokenizer.sp.id_to_piece(i) for i in ids[0].tolist()]
+    words = word_index(ids, vocab, candidates(ids, vocab))[0].tolist()
+    newline, tab = pieces.index("<0x0A>"), pieces.index("<0x09>")
+    assert words[newline] != words[newline - 1] and words[newline + 1] != words[newline]
+    assert words[tab + 1] != words[tab]
