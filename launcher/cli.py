@@ -60,32 +60,48 @@ def slurm_spec(args):
                    job_name=args.job_name, sbatch=args.sbatch, chain=getattr(args, "chain", 1))
 
 
+def slurm_errors(action) -> int:
+    """Run a `slurm` subcommand; what SLURM refuses is reported in a line, without a traceback."""
+    from masktrain.launcher.slurm import SlurmError
+
+    try:
+        return action()
+    except SlurmError as err:
+        print(f"masktrain slurm: {err}", file=sys.stderr)
+        return 1
+
+
 def cmd_slurm_render(args) -> int:
     from masktrain.launcher import slurm
 
-    spec = slurm_spec(args)
-    cfg = slurm.job_config(args.config, args.overrides, spec)
-    text = slurm.render(cfg, spec)
-    if args.out:
-        print(f"wrote {slurm.write_script(cfg, text, args.out)}", file=sys.stderr)
-    else:
-        print(text, end="")
-    return 0
+    def render() -> int:
+        spec = slurm_spec(args)
+        cfg = slurm.job_config(args.config, args.overrides, spec)
+        text = slurm.render(cfg, spec)
+        if args.out:
+            print(f"wrote {slurm.write_script(cfg, text, args.out)}", file=sys.stderr)
+        else:
+            print(text, end="")
+        return 0
+
+    return slurm_errors(render)
 
 
 def cmd_slurm_submit(args) -> int:
     from masktrain.launcher import slurm
 
-    spec = slurm_spec(args)
-    slurm.submit(slurm.job_config(args.config, args.overrides, spec), spec)
-    return 0
+    def submit() -> int:
+        spec = slurm_spec(args)
+        slurm.submit(slurm.job_config(args.config, args.overrides, spec), spec)
+        return 0
+
+    return slurm_errors(submit)
 
 
 def cmd_slurm_node(args) -> int:
     from masktrain.launcher.slurm import node
 
-    node(args.run_config)
-    return 0
+    return slurm_errors(lambda: node(args.run_config))
 
 
 def cmd_slurm_status(args) -> int:

@@ -34,6 +34,10 @@ TIME_FORMS = [r"(?P<m>\d+)", r"(?P<m>\d+):(?P<s>\d+)", r"(?P<h>\d+):(?P<m>\d+):(
               r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"]
 
 
+class SlurmError(RuntimeError):
+    """Submitting or starting a job failed for a reason outside the run config (sbatch refused, no SLURM)."""
+
+
 @dataclass
 class JobSpec:
     """What the job asks SLURM for (the run itself is described by the config)."""
@@ -104,8 +108,8 @@ def masktrain_command() -> str:
     beside = Path(sys.executable).parent / "masktrain"
     found = str(beside) if beside.is_file() else shutil.which("masktrain")
     if found is None:
-        raise ConfigError("masktrain slurm", ["cannot find the `masktrain` command to run inside the job; "
-                                              "install masktrain (pip install -e .) in this environment"])
+        raise SlurmError("cannot find the `masktrain` command to run inside the job; install masktrain "
+                         "(pip install -e .) in this environment")
     return str(Path(found).absolute())
 
 
@@ -173,12 +177,11 @@ def write_script(cfg: Config, text: str, path: str | Path | None = None) -> Path
 def sbatch(args: list[str]) -> str:
     """Run sbatch; the job id."""
     if shutil.which("sbatch") is None:
-        raise ConfigError("masktrain slurm submit", ["`sbatch` is not on PATH: submit from a SLURM login node, "
-                                                     "or start the local cluster (slurm/local-cluster.sh)"])
+        raise SlurmError("`sbatch` is not on PATH: submit from a SLURM login node, or start the local cluster "
+                         "(slurm/local-cluster.sh)")
     done = subprocess.run(["sbatch", "--parsable", *args], capture_output=True, text=True)
     if done.returncode != 0:
-        raise ConfigError("masktrain slurm submit", [f"sbatch {shlex.join(args)} failed: "
-                                                     f"{(done.stderr or done.stdout).strip()}"])
+        raise SlurmError(f"sbatch {shlex.join(args)} failed: {(done.stderr or done.stdout).strip()}")
     return done.stdout.strip().split(";")[0]
 
 
@@ -208,8 +211,8 @@ def node_command(cfg: Config, config_path: str, env: dict[str, str]) -> list[str
     missing = [k for k in ("SLURM_JOB_ID", "SLURM_NODEID", "SLURM_JOB_NUM_NODES", "MASTER_ADDR", "MASTER_PORT")
                if k not in env]
     if missing:
-        raise ConfigError("masktrain slurm node", [f"{', '.join(missing)} not set: this runs inside the job "
-                                                   "script that `masktrain slurm render` writes"])
+        raise SlurmError(f"{', '.join(missing)} not set: `masktrain slurm node` runs inside the job script that "
+                         "`masktrain slurm render` writes")
     nodes = int(env["SLURM_JOB_NUM_NODES"])
     if nodes != cfg.launch.nnodes:
         raise ConfigError(config_path, [f"launch.nnodes: the run config says {cfg.launch.nnodes} but the job has "

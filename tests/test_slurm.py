@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -36,7 +37,36 @@ def write_stub(folder: Path, name: str, body: str) -> None:
     path.chmod(0o755)
 
 
-def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path):
+@pytest.fixture
+def stubs(tmp_path) -> Path:
+    """Stand-ins for the SLURM commands, for running a job script outside a cluster. srun prints what it was
+    asked to start, leaves STUB_STATE behind as the ranks' status if set, and lasts STUB_SLEEP s; scontrol
+    answers for nodes gpu07-gpu10 and logs requeues; sbatch logs its arguments and hands out ids 101, 102..."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    write_stub(folder, "scontrol", '''case "$1 $2" in
+    "show hostnames") printf "gpu07\\ngpu08\\ngpu09\\ngpu10\\n" ;;
+    "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.0.7 NodeHostName=$3" ;;
+    "requeue "*) echo "$2" >>"$(dirname "$0")/requeued" ;;
+esac
+''')
+    write_stub(folder, "srun", '''echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
+[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
+sleep "${STUB_SLEEP:-0}"
+''')
+    write_stub(folder, "sbatch", '''echo "$*" >>"$(dirname "$0")/sbatch-calls"
+echo $((100 + $(wc -l <"$(dirname "$0")/sbatch-calls")))
+''')
+    return folder
+
+
+def run_script(script: Path, stubs: Path, nodes: int, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": str(nodes),
+           "SLURM_JOB_NODELIST": "gpu[07-10]", **extra}
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path, stubs):
     run = tmp_path / "run"
     overrides = [f"run.output_dir={run}", "launch.accelerator=cuda", "trainer.global_batch_size=256"]
     script = tmp_path / "job.sbatch"
@@ -51,24 +81,17 @@ def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path):
                    "--open-mode=append", f"--output={run}/slurm/%x-%j.out", "--exclusive"):
         assert option in sbatch, option
 
-    # Run the script with stand-ins for scontrol and srun: the batch part's rendezvous values are what srun sees.
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    write_stub(stubs, "scontrol", '[[ $1 == show && $2 == hostnames ]] && printf "gpu07\\ngpu08\\ngpu09\\ngpu10\\n"\n'
-                                  '[[ $1 == show && $2 == node ]] && echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.0.7 '
-                                  'NodeHostName=$3"\nexit 0\n')
-    write_stub(stubs, "srun", 'echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"\n')
-    env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "4",
-           "SLURM_JOB_NODELIST": "gpu[07-10]"}
-    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    # The batch part's rendezvous values are what srun is started with.
+    done = run_script(script, stubs, nodes=4)
     port = 15000 + 123456 % 15000
     assert f"rendezvous at 10.1.0.7:{port} (node gpu07)" in done.stdout, done.stdout + done.stderr
     srun = [line for line in done.stdout.splitlines() if line.startswith("SRUN ")]
     assert len(srun) == 1 and f"MASTER_ADDR=10.1.0.7 MASTER_PORT={port}" in srun[0]
     assert "--nodes=4 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1" in srun[0]
     assert f"slurm node {run}/config.yaml" in srun[0]
-    # Nothing trained, so the script must call it a failure and not requeue.
+    # Nothing trained and no signal came: a failure, not requeued.
     assert done.returncode == 1 and "not requeued" in done.stdout
+    assert not (stubs / "requeued").exists()
     saved = load_config(str(run / "config.yaml"))
     assert (saved.launch.nnodes, saved.launch.nproc_per_node, saved.trainer.global_batch_size) == (4, 8, 256)
 
@@ -82,13 +105,60 @@ def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path):
                     "--rdzv-id=123456-2", f"--rdzv-conf=is_host={host}", "--shutdown-timeout=300"):
             assert arg in command, arg
         assert command[-2:] == ["masktrain.trainer.train", str(run / "config.yaml")]
+    with pytest.raises(Exception, match="launch.nnodes"):
+        node_command(saved, "config.yaml", {**slurm_env, "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2"})
 
 
-def test_bad_job_shape_fails_before_sbatch(tmp_path):
-    stubs = tmp_path / "bin"
-    stubs.mkdir()
-    calls = tmp_path / "sbatch-calls"
-    write_stub(stubs, "sbatch", f'echo "$*" >> {calls}\necho 1\n')
+def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stubs):
+    run = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    run_cli("slurm", "render", "smoke", f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=2", *JOB_ARGS,
+            f"--out={script}", check=True)
+    assert "--gpus-per-node" not in script.read_text()  # launch.accelerator=cpu: no GPUs asked for
+
+    chained = run_script(script, stubs, nodes=1, STUB_STATE="preempted", MASKTRAIN_CHAINED="1")
+    assert chained.returncode == 0 and "the next job of the chain continues" in chained.stdout, chained.stdout
+    assert not (stubs / "requeued").exists()
+
+    last = run_script(script, stubs, nodes=1, STUB_STATE="preempted")
+    assert last.returncode == 0 and "requeued job 123456" in last.stdout, last.stdout
+    assert (stubs / "requeued").read_text().split() == ["123456"]
+
+    # SIGTERM is scancel (or the time limit): the job ends for good, whatever the ranks managed to save.
+    (stubs / "requeued").unlink()
+    env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "gpu07", "STUB_STATE": "preempted", "STUB_SLEEP": "3"}
+    cancelled = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in cancelled.stdout:
+        lines.append(line)
+        if line.startswith("SRUN "):
+            cancelled.send_signal(signal.SIGTERM)
+    assert cancelled.wait(timeout=60) != 0
+    assert "not requeued by this script" in "".join(lines), "".join(lines)
+    assert not (stubs / "requeued").exists()
+
+    # A chained job that finds the run complete starts nothing.
+    (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))
+    done = run_script(script, stubs, nodes=1)
+    assert done.returncode == 0 and "already complete" in done.stdout and "SRUN" not in done.stdout
+
+
+def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs):
+    run = tmp_path / "run"
+    result = run_cli("slurm", "submit", "smoke", f"run.output_dir={run}", "--nodes=2", "--gpus-per-node=1",
+                     *JOB_ARGS, "--chain=3", env=job_env(stubs=stubs), check=True)
+    script = run / "slurm" / "job.sbatch"
+    calls = (stubs / "sbatch-calls").read_text().splitlines()
+    assert calls == [f"--parsable --export=ALL,MASKTRAIN_CHAINED=1 {script}",
+                     f"--parsable --dependency=afterany:101 --export=ALL,MASKTRAIN_CHAINED=1 {script}",
+                     f"--parsable --dependency=afterany:102 {script}"]
+    for job in (101, 102, 103):
+        assert f"{run}/slurm/smoke-{job}.out" in result.stdout
+    assert "submitted job 103 (3 of 3, starts after job 102 ends)" in result.stdout
+
+
+def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
     # 16 sequences per step cannot be split over 3 nodes x 1 rank x 8 per micro-batch.
     result = run_cli("slurm", "submit", "smoke", f"run.output_dir={tmp_path / 'run'}", "--nodes=3",
                      "--gpus-per-node=1", *JOB_ARGS, env=job_env(stubs=stubs))
@@ -97,7 +167,7 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path):
     result = run_cli("slurm", "submit", "smoke", "--nodes=2", "--gpus-per-node=1", "--time=1:00",
                      "--partition=local", "--signal-grace=120", env=job_env(stubs=stubs))
     assert result.returncode == 2 and "--signal-grace" in result.stderr
-    assert not calls.exists()
+    assert not (stubs / "sbatch-calls").exists()
     with pytest.raises(Exception, match="--time"):
         job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=1, time="soon", partition="local"))
 
