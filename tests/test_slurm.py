@@ -225,13 +225,14 @@ def wait_for(condition, timeout: float, what: str, logs: list[Path]) -> None:
         if time.monotonic() > deadline:
             text = "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in logs if p.is_file())
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{text}")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
 @pytest.mark.slurm
 def test_two_node_job_preempted_requeued_and_resumed_exactly(slurm_cluster, tiny_data, tmp_path):
-    steps = 12
+    # Enough steps that the signal, sent after step 2, lands mid-run even on a fast machine (~1 s to arrive).
+    steps = 24
     common = [*tiny_data, f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.checkpoint_every=0",
               "launch.threads_per_rank=1", "trainer.progress_bar=false"]
     reference, preempted = tmp_path / "reference", tmp_path / "preempted"
@@ -240,10 +241,14 @@ def test_two_node_job_preempted_requeued_and_resumed_exactly(slurm_cluster, tiny
     job = submit(slurm_cluster, preempted, common)
     log, ref_log = preempted / "slurm" / f"smoke-{job}.out", reference / "slurm" / f"smoke-{ref_job}.out"
 
-    wait_for(lambda: len(losses(preempted)) >= 3, 300, "3 steps of the job", [log])
+    def queued(*jobs: str) -> list[str]:
+        return slurm_command(slurm_cluster, "squeue", "-h", "-o", "%i", "-j", ",".join(jobs)).split()
+
+    # Generous: on a fresh machine the first DeepSpeed start compiles its CPU comm op (minutes on 2 busy cores).
+    wait_for(lambda: len(losses(preempted)) >= 2 or not queued(job), 480, "2 steps of the job", [log])
+    assert len(losses(preempted)) >= 2, f"the job ended before its second step:\n{log.read_text()[-4000:]}"
     slurm_command(slurm_cluster, "scancel", "--signal=USR1", "--batch", job)
-    queued = lambda: slurm_command(slurm_cluster, "squeue", "-h", "-o", "%i", "-j", f"{job},{ref_job}").split()
-    wait_for(lambda: not queued(), 400, "both jobs to finish", [log, ref_log])
+    wait_for(lambda: not queued(job, ref_job), 400, "both jobs to finish", [log, ref_log])
 
     text = log.read_text()
     # It really ran across the two slurmd nodes, and was signalled, requeued and resumed.
@@ -252,7 +257,7 @@ def test_two_node_job_preempted_requeued_and_resumed_exactly(slurm_cluster, tiny
     assert f"job {job} attempt 0" in text and f"job {job} attempt 1" in text, text
     assert re.search(r"Restarts=1\b", slurm_command(slurm_cluster, "scontrol", "show", "job", job))
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
-    assert 3 <= resumed < steps
+    assert 2 <= resumed < steps
     # The signal's checkpoint, kept beside the final one.
     assert (preempted / "checkpoints" / f"step-{resumed:08d}" / "meta.json").is_file()
     assert (preempted / "checkpoints" / "latest").read_text() == f"step-{steps:08d}"
