@@ -106,6 +106,82 @@ def cmd_export(args) -> int:
     return 0
 
 
+def slurm_spec(args):
+    from masktrain.launcher.slurm import JobSpec
+
+    return JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
+                   account=args.account, cpus_per_task=args.cpus_per_task, grace=args.signal_grace,
+                   job_name=args.job_name, sbatch=args.sbatch, chain=getattr(args, "chain", 1))
+
+
+def slurm_errors(action) -> int:
+    """Run a `slurm` subcommand; what SLURM refuses is reported in a line, without a traceback."""
+    from masktrain.launcher.slurm import SlurmError
+
+    try:
+        return action()
+    except SlurmError as err:
+        print(f"masktrain slurm: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_slurm_render(args) -> int:
+    from masktrain.launcher import slurm
+
+    def render() -> int:
+        spec = slurm_spec(args)
+        cfg = slurm.job_config(args.config, args.overrides, spec)
+        text = slurm.render(cfg, spec)
+        if args.out:
+            print(f"wrote {slurm.write_script(cfg, text, args.out)}", file=sys.stderr)
+        else:
+            print(text, end="")
+        return 0
+
+    return slurm_errors(render)
+
+
+def cmd_slurm_submit(args) -> int:
+    from masktrain.launcher import slurm
+
+    def submit() -> int:
+        spec = slurm_spec(args)
+        slurm.submit(slurm.job_config(args.config, args.overrides, spec), spec)
+        return 0
+
+    return slurm_errors(submit)
+
+
+def cmd_slurm_node(args) -> int:
+    from masktrain.launcher.slurm import node
+
+    return slurm_errors(lambda: node(args.run_config))
+
+
+def cmd_slurm_status(args) -> int:
+    from masktrain.launcher.slurm import status
+
+    print(status(args.run_dir))
+    return 0
+
+
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True,
+                        help="ranks per node: GPUs, or CPU processes when launch.accelerator=cpu")
+    parser.add_argument("--time", required=True, help="time limit, e.g. 4:00:00 or 2-00:00:00")
+    parser.add_argument("--partition", required=True)
+    parser.add_argument("--account", default="")
+    parser.add_argument("--cpus-per-task", type=int, default=0,
+                        help="CPUs per node (default: one per rank plus one per loader worker of each rank)")
+    parser.add_argument("--signal-grace", type=int, default=180,
+                        help="seconds before the time limit at which the ranks are told to checkpoint and stop")
+    parser.add_argument("--job-name", default="", help="default: run.name")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="an extra #SBATCH option, repeatable: --sbatch=--exclusive --sbatch=--mem=0")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="masktrain", description=__doc__.splitlines()[0])
     sub = root.add_subparsers(dest="command", required=True)
@@ -156,11 +232,35 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
+
+    slurm = sub.add_parser("slurm", help="SLURM jobs: render and submit the sbatch script").add_subparsers(
+        dest="slurm_command", required=True)
+    p = slurm.add_parser("render", help="print (or --out: write) the job script for N nodes x G ranks")
+    add_job_args(p)
+    p.add_argument("--out", help="write the script here instead of printing it")
+    p.set_defaults(func=cmd_slurm_render)
+    p = slurm.add_parser("submit", help="render the job script and sbatch it; prints job ids and log files")
+    add_job_args(p)
+    p.add_argument("--chain", type=int, default=1,
+                   help="submit K jobs, each starting when the one before ends, for runs longer than --time")
+    p.set_defaults(func=cmd_slurm_submit)
+    p = slurm.add_parser("node", help="(run by the job script on every node) start this node's ranks")
+    p.add_argument("run_config", help="<run>/config.yaml")
+    p.set_defaults(func=cmd_slurm_node)
+    p = slurm.add_parser("status", help="(read by the job script) print the run's last state and step")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_slurm_status)
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    root = parser()
+    args, extra = root.parse_known_args(argv)
+    # Overrides may also follow options (`slurm render smoke --nodes 2 trainer.max_steps=40`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        root.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
     except ConfigError as err:

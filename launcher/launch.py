@@ -52,7 +52,17 @@ def rank_environment(cfg: Config, cuda: bool) -> dict[str, str]:
     # torchrun then passes SIGUSR1 on to the ranks (and waits for their checkpoint) instead of dying on it.
     env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     env["PYTHONUNBUFFERED"] = "1"
+    # DeepSpeed JIT-builds its CPU comm op at start; a build cache shared with other environments (the default,
+    # ~/.cache) is rebuilt, for minutes, whenever another environment built it last.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     return env
+
+
+def torchrun_command(cfg: Config, config_path: Path, rendezvous: list[str]) -> list[str]:
+    """torchrun starting this node's ranks; `rendezvous` says how the nodes find each other."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.launch.nproc_per_node}",
+            f"--shutdown-timeout={cfg.launch.shutdown_timeout}", *rendezvous,
+            "-m", "masktrain.trainer.train", str(config_path)]
 
 
 def launch_local(cfg: Config) -> int:
@@ -63,14 +73,11 @@ def launch_local(cfg: Config) -> int:
     config_path = write_run_config(cfg)
     (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
     cuda = cfg.launch.accelerator == "cuda" or (cfg.launch.accelerator == "auto" and torch.cuda.is_available())
-    command = [sys.executable, "-m", "torch.distributed.run",
-               f"--nproc-per-node={cfg.launch.nproc_per_node}", f"--shutdown-timeout={cfg.launch.shutdown_timeout}"]
     if cfg.launch.master_port:
-        command += ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
+        rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
     else:
-        command += ["--standalone"]
-    command += ["-m", "masktrain.trainer.train", str(config_path)]
-    process = subprocess.Popen(command, env=rank_environment(cfg, cuda))
+        rendezvous = ["--standalone"]
+    process = subprocess.Popen(torchrun_command(cfg, config_path, rendezvous), env=rank_environment(cfg, cuda))
 
     def forward(signum, frame):
         process.send_signal(signum)
