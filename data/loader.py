@@ -17,7 +17,9 @@ restart hands each worker its slot's state and rotates slots so the round-robin 
 
 from __future__ import annotations
 
+import atexit
 import math
+import signal
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -214,6 +216,13 @@ class SlotDataset(IterableDataset):
             yield {"error": str(err)}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore preemption signals. SLURM signals every process of a job; a worker that died of
+    it would crash its rank before the rank had saved its checkpoint. `Loader.close` stops them instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Loader:
     """A rank's training batches, with `state_dict`/`load_state_dict` for exact resume."""
 
@@ -224,6 +233,7 @@ class Loader:
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
+        self.closes_at_exit = False
 
     def __iter__(self) -> "Loader":
         return self
@@ -242,7 +252,16 @@ class Loader:
         batch = item["batch"]
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
 
+    def close(self) -> None:
+        """Stop the worker processes. Releasing the DataLoader iterator shuts them down in order; they ignore
+        SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait for them forever."""
+        self.iterator = None
+
     def start(self) -> Iterator:
+        if not self.closes_at_exit:
+            # atexit runs hooks last-registered first, so this precedes multiprocessing's own exit hook.
+            atexit.register(self.close)
+            self.closes_at_exit = True
         rotate = self.consumed % self.spec.slots_per_rank
         dataset = SlotDataset(self.spec, self.units, self.states, rotate,
                               self.batcher if self.mask_in_workers else None)
@@ -252,7 +271,8 @@ class Loader:
                                persistent_workers=False,
                                # A private generator: DataLoader otherwise draws worker seeds from the global
                                # RNG, which would shift dropout after every (re)start.
-                               generator=torch.Generator()))
+                               generator=torch.Generator(),
+                               worker_init_fn=ignore_stop_signals))
 
     def skipped(self) -> dict[str, int]:
         total: Counter = Counter()

@@ -323,3 +323,26 @@ def test_no_readable_data_raises_instead_of_hanging(tmp_path, num_workers):
     loader = Loader(spec_for(urls, world_size=1, num_workers=num_workers), plain_batcher())
     with pytest.raises(DataError, match="no readable document in any of the 2 units"):
         next(loader)
+
+
+def test_loader_workers_outlive_preemption_signals_and_the_process_still_exits(tmp_path):
+    """SLURM signals every process of a job: the loader's workers must outlive it (the rank checkpoints first),
+    and the process must still exit normally afterwards although its workers ignore SIGTERM."""
+    import subprocess
+    import sys
+
+    urls = write_shards(tmp_path, [[30] * 40, [30] * 40])
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_loader import Loader, plain_batcher, spec_for
+loader = Loader(spec_for({urls!r}, num_workers=2), plain_batcher())
+next(loader)
+for worker in loader.iterator._workers:
+    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, signal.SIGUSR1)
+print(len([next(loader) for _ in range(6)]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "6"
