@@ -10,7 +10,7 @@ from masktrain.data import inputs
 from masktrain.data.reader import Skips
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
-from masktrain.launcher.loading import load_config, to_dict
+from masktrain.launcher.loading import ConfigError, load_config, to_dict
 from masktrain.trainer.checkpoint import config_changes
 from masktrain.trainer.models import BUILDERS, TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
@@ -161,3 +161,8 @@ def test_model_info_counts_without_building(capsys):
     printed = capsys.readouterr().out
     assert "decoder 4 layers" in printed and "exported BertModel 110.0M" in printed
     assert "ZeRO-3 over 8 ranks" in model_info(load_config("ntp-1b"))
+
+
+def test_mae_lm_refuses_a_corruption_that_removes_nothing():
+    with pytest.raises(ConfigError, match="data.masking.mask_prob: mae_lm removes"):
+        load_config("mae-lm-base", ["data.masking.mask_prob=0"])

@@ -39,16 +39,22 @@ def millions(count: int) -> str:
 
 
 def describe(model: nn.Module) -> str:
-    """'110.1M parameters (110,106,428)', how large the exported part is when it is not all of it, and what one
-    rank holds when the model was built partitioned."""
-    total, exported = parameter_count(model), parameter_count(model.exported())
+    """'110.7M parameters (110,650,112)' and, when the model was built partitioned, what this rank holds."""
+    total = parameter_count(model)
     text = f"{millions(total)} parameters ({total:,})"
-    if exported != total:
-        text += f", exported {type(model.exported()).__name__} {millions(exported)} ({exported:,})"
     held = held_here(model)
     if held is not None:
         text += f"; built ZeRO-3 partitioned, this rank holds {held:,}"
     return text
+
+
+def exported_size(model: nn.Module) -> str:
+    """The exported model's class and size when it is not the whole model (MAE-LM's encoder), else ''."""
+    exported = model.exported()
+    count = parameter_count(exported)
+    if count == parameter_count(model):
+        return ""
+    return f", exported {type(exported).__name__} {millions(count)} ({count:,})"
 
 
 def state_bytes_per_rank(params: int, precision: str, zero_stage: int, world_size: int) -> float:
@@ -90,7 +96,7 @@ def model_info(cfg: Config) -> str:
     return "\n".join([
         f"objective:  {m.objective} on {m.arch} ({shape}), sequence length {cfg.data.seq_len}",
         f"vocabulary: {ids.size} from {source}",
-        f"parameters: {describe(model)}",
+        f"parameters: {describe(model)}{exported_size(model)}",
         f"training state per rank: {per_rank / 2**30:.2f} GiB ({precision} weights/gradients/AdamW under "
         f"ZeRO-{cfg.trainer.zero_stage} over {cfg.world_size} ranks; activations not included)",
     ])
