@@ -45,13 +45,16 @@ def load_trained(checkpoint: str | Path):
 def model_card(cfg, model, checkpoint: Path) -> str:
     """README.md of an exported folder: what it is and how to load it without masktrain."""
     auto = model.auto_class
-    what = ("the encoder of an MAE-LM model (its shallow decoder and LM head are pre-training only)"
-            if cfg.model.objective == "mae_lm" else f"a {cfg.model.objective} model")
+    what = ("The encoder of an MAE-LM model (its shallow decoder and LM head are pre-training only)"
+            if cfg.model.objective == "mae_lm" else f"A {cfg.model.objective} model")
+    pooler = ("\nLoaded with `AutoModel`, the encoder gets a pooler that pre-training never had: transformers "
+              "reports it missing and it starts untrained.\n" if OBJECTIVES[cfg.model.objective].encoder else "")
     return (f"# {cfg.run.name}\n\n"
-            f"{what[0].upper() + what[1:]}, pre-trained with masktrain ({cfg.model.objective} on "
+            f"{what}, pre-trained with masktrain ({cfg.model.objective} on "
             f"{cfg.model.arch}) and exported from `{checkpoint}`.\n\n"
             f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
-            f"tokenizer = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n")
+            f"tokenizer = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n"
+            + pooler)
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:

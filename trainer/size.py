@@ -59,9 +59,11 @@ def exported_size(model: nn.Module) -> str:
 
 def state_bytes_per_rank(params: int, precision: str, zero_stage: int, world_size: int) -> float:
     """Weights, gradients and optimizer state one rank holds (activations and buffers not included)."""
+    def share(nbytes: int, partitioned_from_stage: int) -> float:
+        return nbytes / world_size if zero_stage >= partitioned_from_stage else nbytes
+
     weights, grads, optim = STATE_BYTES[precision]
-    shard = lambda nbytes, stage: nbytes / world_size if zero_stage >= stage else nbytes  # noqa: E731
-    return params * (shard(weights, 3) + shard(grads, 2) + shard(optim, 1))
+    return params * (share(weights, 3) + share(grads, 2) + share(optim, 1))
 
 
 def token_ids(cfg: Config) -> tuple[TokenIds, str]:
