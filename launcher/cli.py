@@ -39,6 +39,14 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_model_info(args) -> int:
+    from masktrain.launcher.loading import load_config
+    from masktrain.trainer.size import model_info
+
+    print(model_info(load_config(args.config, args.overrides)))
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from masktrain.data.prepare import prepare
     from masktrain.launcher.loading import load_config
@@ -102,7 +110,8 @@ def add_data_args(parser: argparse.ArgumentParser, *flags: tuple[str, type, str]
 def cmd_export(args) -> int:
     from masktrain.trainer.export import export
 
-    print(f"exported to {export(args.checkpoint, args.out_dir)}")
+    out_dir = export(args.checkpoint, args.out_dir)
+    print(f"exported to {out_dir} (how to load it: {out_dir / 'README.md'})")
     return 0
 
 
@@ -200,6 +209,11 @@ def parser() -> argparse.ArgumentParser:
     p = config.add_parser("show", help="print the resolved config")
     add_config_args(p)
     p.set_defaults(func=cmd_config_show)
+
+    model = sub.add_parser("model", help="inspect models").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("info", help="parameter count and training state per rank, without building weights")
+    add_config_args(p)
+    p.set_defaults(func=cmd_model_info)
 
     data = sub.add_parser("data", help="tokenizer and shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="build the tokenizer and shards a config reads")

@@ -140,8 +140,9 @@ class ModelConfig:
     max_position_embeddings: int = 0
     """0 means data.seq_len."""
     dropout: float = 0.1
-    decoder_layers: int = 2
-    """MAE-LM: depth of the shallow bidirectional decoder."""
+    decoder_layers: int = 4
+    """MAE-LM: depth of the shallow bidirectional decoder (the reference's run_pretrain.sh uses 4 under a
+    12-layer encoder). Only MAE-LM has a decoder; other objectives ignore it."""
     tie_embeddings: bool = True
     """Tie the output projection to the input embedding."""
     init_std: float = 0.02

@@ -95,6 +95,9 @@ def validate(cfg: Config) -> list[str]:
                       f"objective {mo.objective} needs a masking rate > 0, got {value}")
             check(m.policy not in POLICIES or m.policy in objective.policies, "data.masking.policy",
                   f"objective {mo.objective} supports {', '.join(objective.policies)}, not {m.policy!r}")
+        if mo.objective == "mae_lm":
+            check(m.mask_prob > 0, "data.masking.mask_prob",
+                  "mae_lm removes the tokens chosen for [MASK] from the encoder input; with 0 none are removed")
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "decoder_layers"):
         positive(getattr(mo, key), f"model.{key}")
     non_negative(mo.num_kv_heads, "model.num_kv_heads")

@@ -37,6 +37,8 @@ DECODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
 OBJECTIVES: dict[str, Objective] = {
     "mlm": Objective("mlm", ("bert", "roberta"), batches.mlm_batch, encoder=True, masked=True,
                      policies=ENCODER_POLICIES, model="masked_lm"),
+    "mae_lm": Objective("mae_lm", ("bert", "roberta"), batches.mae_batch, encoder=True, masked=True,
+                        policies=ENCODER_POLICIES, model="mae_lm"),
     "meap": Objective("meap", ("llama",), batches.meap_batch, encoder=False, masked=True,
                       policies=DECODER_POLICIES, model="causal_lm"),
     "ntp": Objective("ntp", ("llama",), batches.ntp_batch, encoder=False, masked=False,

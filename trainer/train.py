@@ -32,10 +32,11 @@ from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import Checkpointer, check_resumable
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Metrics
-from masktrain.trainer.models import build_model
+from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 from masktrain.trainer.progress import Progress, flops_per_token, peak_flops
 from masktrain.trainer.signals import StopRequest
+from masktrain.trainer.size import describe
 from masktrain.trainer.status import write_status
 
 STATE_VERSION = 1
@@ -120,8 +121,12 @@ def train(cfg: Config) -> None:
 
     tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
     objective = OBJECTIVES[cfg.model.objective]
-    model = build_model(objective, cfg.model, cfg.data.seq_len, tokenizer)
     dtype = eng.precision(cfg, runtime)
+    # Given the DeepSpeed config, ZeRO-3 builds the model partitioned: no rank ever holds all of it.
+    model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer),
+                        eng.deepspeed_config(cfg, dtype))
+    if is_main:
+        print(f"[masktrain] model: {cfg.model.objective} on {cfg.model.arch}, {describe(model)}", flush=True)
     engine = eng.build_engine(cfg, model, runtime, dtype)
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
