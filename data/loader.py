@@ -17,6 +17,7 @@ restart hands each worker its slot's state and rotates slots so the round-robin 
 from __future__ import annotations
 
 import math
+import signal
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -202,6 +203,14 @@ class SlotDataset(IterableDataset):
             yield {"slot": local, "index": index, "state": asdict(state), "batch": batch}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM and SIGUSR1 to the training process, which checkpoints and then stops them itself.
+    Schedulers and torchrun signal the whole process group: a worker dying of it would crash the rank before
+    its checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class Loader:
     """A rank's training batches, with `state_dict`/`load_state_dict` for exact resume."""
 
@@ -232,7 +241,7 @@ class Loader:
         workers = self.spec.num_workers
         return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                prefetch_factor=self.prefetch if workers else None,
-                               persistent_workers=False,
+                               persistent_workers=False, worker_init_fn=ignore_stop_signals,
                                # A private generator: DataLoader otherwise draws worker seeds from the global
                                # RNG, which would shift dropout after every (re)start.
                                generator=torch.Generator()))

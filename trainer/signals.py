@@ -1,11 +1,15 @@
 """Preemption: SIGTERM or SIGUSR1 asks the run to finish its step, checkpoint and leave.
 
 The handler only sets a flag; the loop agrees on it across ranks after every step so that all ranks stop at
-the same step and save together.
+the same step and save together. Schedulers and torchrun signal whole process groups, so the loader's worker
+processes get the signal too: they ignore it (`masktrain.data.loader.ignore_stop_signals`) and the rank stops
+them itself.
 """
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -18,6 +22,9 @@ class StopRequest:
     def install(self) -> "StopRequest":
         for sig in STOP_SIGNALS:
             signal.signal(sig, self.handle)
+        # Runs before multiprocessing's own exit hook (atexit is last in, first out), which would SIGTERM the
+        # remaining workers and wait for them forever.
+        atexit.register(kill_workers)
         return self
 
     def handle(self, signum: int, frame) -> None:
@@ -26,3 +33,10 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+
+
+def kill_workers() -> None:
+    """Workers still alive at exit (the rank failed before its loader shut them down) ignore SIGTERM."""
+    for child in multiprocessing.active_children():
+        child.kill()
+        child.join()
