@@ -175,41 +175,50 @@ def test_zero2_kill9_mid_save_and_at_a_random_step_resumes_bitwise(tiny_data, tm
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
 
 
-def test_zero3_sigterm_checkpoints_requeues_and_resumes_exactly(tiny_data, tmp_path):
+def test_zero3_sigterm_and_sigusr1_checkpoint_requeue_and_resume_exactly(tiny_data, tmp_path):
     run = tmp_path / "run"
     ckpt = Checkpointer(run, 4, False)
-    args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.zero_stage=3", "trainer.max_steps=10",
+    args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.zero_stage=3", "trainer.max_steps=12",
             "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.keep_last=4"]
 
-    # SIGTERM to the launcher (as from a scheduler): finish the step, checkpoint, exit with the requeue code.
-    signal_at = RNG.randint(3, 7)
-    first = Launch(args, tmp_path / "1.log")
-    first.wait_for_step(signal_at)
-    first.process.send_signal(signal.SIGTERM)
-    assert first.finish() == 75, first.text()[-3000:]
-    status = json.loads((run / "status.json").read_text())
-    stopped = status["step"]
-    assert status["state"] == "preempted" and status["reason"] == "SIGTERM" and stopped >= signal_at
-    assert "stopping on SIGTERM" in first.text()
-    assert ckpt.latest().name == f"step-{stopped:08d}"
+    def stop(launch: Launch, sig: signal.Signals, at: int) -> int:
+        """Signal the launcher (as a scheduler would) at step `at`: it finishes the step, checkpoints and exits
+        with the requeue code. Returns the step it stopped at."""
+        launch.wait_for_step(at)
+        launch.process.send_signal(sig)
+        assert launch.finish() == 75, launch.text()[-3000:]
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "preempted" and status["reason"] == sig.name and status["step"] >= at, status
+        assert f"stopping on {sig.name}" in launch.text()
+        assert ckpt.latest().name == f"step-{status['step']:08d}"
+        return status["step"]
+
+    sigterm_at = RNG.randint(3, 6)
+    stopped = stop(Launch(args, tmp_path / "1.log"), signal.SIGTERM, sigterm_at)
     before = losses(run)
     assert sorted(before) == list(range(1, stopped + 1))
 
     # Resume from the checkpoint before the last one: the steps both launches ran must agree bitwise, and the
-    # new save of the stop step replaces the first one.
+    # new save of the stop step replaces the first one. SIGUSR1 (which torchrun forwards only when told to)
+    # stops this launch.
     earlier = ckpt.complete()[-2]
     resumed_at = int(earlier.name.split("-")[1])
-    second = run_cli("train", *args, f"trainer.resume={earlier}", check=True)
-    assert f"resumed from {earlier} at step {resumed_at}" in second.stdout
-    after = losses(run)
-    assert sorted(after) == list(range(1, 11))
-    assert {s: after[s] for s in before} == before, f"SIGTERM at step {signal_at}, resumed at {resumed_at}"
-    assert after[10] < after[1]
-    assert any(r["step"] == 10 and "val/accuracy" in r for r in metrics(run))
+    second = Launch([*args, f"trainer.resume={earlier}"], tmp_path / "2.log")
+    stop(second, signal.SIGUSR1, stopped + 1)
+    assert f"resumed from {earlier} at step {resumed_at}" in second.text()
+    replayed = losses(run)
+    assert {s: replayed[s] for s in before} == before, f"SIGTERM at step {sigterm_at}, resumed at {resumed_at}"
 
-    # A resume whose config changes what the run computes fails before any rank starts, naming the key.
-    refused = run_cli("train", *args, "model.hidden_size=64", "trainer.max_steps=12")
+    third = run_cli("train", *args, check=True)
+    assert "resumed from" in third.stdout
+    after = losses(run)
+    assert sorted(after) == list(range(1, 13)) and after[12] < after[1]
+    assert {s: after[s] for s in replayed} == replayed
+    assert any(r["step"] == 12 and "val/accuracy" in r for r in metrics(run))
+
+    # A resume whose config changes what the run computes fails before any rank starts, naming the keys.
+    refused = run_cli("train", *args, "model.hidden_size=64", "trainer.max_steps=14")
     assert refused.returncode != 0
     assert "cannot resume from" in refused.stderr and "model.hidden_size: 128 -> 64" in refused.stderr
-    assert "trainer.max_steps: 10 -> 12" in refused.stderr and "allow_config_change" in refused.stderr
+    assert "trainer.max_steps: 12 -> 14" in refused.stderr and "allow_config_change" in refused.stderr
     assert "DeepSpeed" not in refused.stdout + refused.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, outcome, rank_environment
-from masktrain.launcher.loading import load_config, to_dict
+from masktrain.launcher.loading import ConfigError, load_config, to_dict
 from masktrain.trainer.checkpoint import Checkpointer, config_changes, tag_for
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
@@ -117,3 +117,10 @@ def test_torchrun_is_told_to_forward_sigusr1_to_the_ranks():
     env = rank_environment(load_config("smoke", []), cuda=False)
     assert set(env["PET_SIGNALS_TO_HANDLE"].split(",")) == {s.name for s in FORWARDED_SIGNALS}
     assert signal.SIGUSR1 in FORWARDED_SIGNALS and signal.SIGTERM in FORWARDED_SIGNALS
+
+
+def test_an_explicit_resume_must_name_a_complete_checkpoint(tmp_path):
+    (tmp_path / "step-00000004").mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [f"trainer.resume={tmp_path / 'step-00000004'}"])
+    assert err.value.problems[0].startswith("trainer.resume: must be auto, never or a complete checkpoint folder")

