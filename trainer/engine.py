@@ -145,4 +145,3 @@ def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: s
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
-
