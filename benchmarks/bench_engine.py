@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -136,6 +137,7 @@ def memory_rank(rank: int, port: int, out_dir: str) -> None:
         engine.backward(out["loss"])
         engine.step()  # the optimizer state exists from the first step on
         result[f"zero{stage}"] = held_bytes(engine)
+        result["parameter_count"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
         del engine, out
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()
@@ -147,7 +149,7 @@ def memory() -> dict:
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
     worst = {stage: max(r[stage]["total"] for r in ranks) for stage in ("zero0", "zero3")}
     return {"per_rank_bytes": ranks, "ratio": worst["zero3"] / worst["zero0"],
-            "parameters": config(2, MEMORY_MODEL).model.__dict__}
+            "model": asdict(config(2, MEMORY_MODEL).model)}
 
 
 def free_port() -> int:
