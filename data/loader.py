@@ -253,9 +253,15 @@ class Loader:
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
 
     def close(self) -> None:
-        """Stop the worker processes. Releasing the DataLoader iterator shuts them down in order; they ignore
-        SIGTERM, so multiprocessing's exit hook (terminate, then join) would wait for them forever."""
+        """Stop the worker processes. They ignore SIGTERM, so neither DataLoader's fallback (terminate) nor
+        multiprocessing's exit hook (terminate, then join forever) can stop one: releasing the iterator shuts
+        them down in order, and a worker still stuck (e.g. in a `pipe:` read) is killed."""
+        workers = list(getattr(self.iterator, "_workers", ()))  # where DataLoader keeps its processes
         self.iterator = None
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
 
     def start(self) -> Iterator:
         if not self.closes_at_exit:

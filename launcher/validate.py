@@ -6,6 +6,8 @@ Problems are collected, not raised one by one, so a user fixes everything in one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from masktrain.launcher.config import Config
 
 ENCODER_ARCHS = ("bert", "roberta")
@@ -140,11 +142,10 @@ def validate(cfg: Config) -> list[str]:
     positive(t.log_every, "trainer.log_every")
     positive(t.max_bad_steps, "trainer.max_bad_steps")
     non_negative(t.peak_tflops, "trainer.peak_tflops")
-    check(t.resume in ("auto", "never") or bool(t.resume.strip()), "trainer.resume",
-          "must be auto, never or a checkpoint path")
+    if t.resume not in ("auto", "never"):
+        check((Path(t.resume) / "meta.json").is_file(), "trainer.resume",
+              f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
     if t.deepspeed_config:
-        from pathlib import Path
-
         check(Path(t.deepspeed_config).is_file(), "trainer.deepspeed_config",
               f"file not found: {t.deepspeed_config}")
 
