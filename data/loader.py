@@ -17,8 +17,8 @@ restart hands each worker its slot's state and rotates slots so the round-robin 
 
 from __future__ import annotations
 
-import atexit
 import math
+import multiprocessing.util
 import signal
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -253,9 +253,9 @@ class Loader:
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
 
     def close(self) -> None:
-        """Stop the worker processes. They ignore SIGTERM, so neither DataLoader's fallback (terminate) nor
-        multiprocessing's exit hook (terminate, then join forever) can stop one: releasing the iterator shuts
-        them down in order, and a worker still stuck (e.g. in a `pipe:` read) is killed."""
+        """Stop the worker processes (also run at exit). They ignore SIGTERM, so neither DataLoader's fallback
+        (terminate) nor multiprocessing's exit hook (terminate, then join forever) can stop one: releasing the
+        iterator shuts them down in order, and a worker still stuck (e.g. in a `pipe:` read) is killed."""
         workers = list(getattr(self.iterator, "_workers", ()))  # where DataLoader keeps its processes
         self.iterator = None
         for worker in workers:
@@ -265,8 +265,9 @@ class Loader:
 
     def start(self) -> Iterator:
         if not self.closes_at_exit:
-            # atexit runs hooks last-registered first, so this precedes multiprocessing's own exit hook.
-            atexit.register(self.close)
+            # multiprocessing's exit hook runs finalizers of priority >= 0 before it terminates and joins the
+            # children, in the main process and in processes multiprocessing started (where atexit never runs).
+            multiprocessing.util.Finalize(None, self.close, exitpriority=10)
             self.closes_at_exit = True
         rotate = self.consumed % self.spec.slots_per_rank
         dataset = SlotDataset(self.spec, self.units, self.states, rotate,
