@@ -223,6 +223,14 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stop_workers(workers: list) -> None:
+    """Kill the given loader workers that are still alive (they ignore SIGTERM)."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+
+
 class Loader:
     """A rank's training batches, with `state_dict`/`load_state_dict` for exact resume."""
 
@@ -233,7 +241,6 @@ class Loader:
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
-        self.closes_at_exit = False
 
     def __iter__(self) -> "Loader":
         return self
@@ -253,33 +260,31 @@ class Loader:
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
 
     def close(self) -> None:
-        """Stop the worker processes (also run at exit). They ignore SIGTERM, so neither DataLoader's fallback
-        (terminate) nor multiprocessing's exit hook (terminate, then join forever) can stop one: releasing the
-        iterator shuts them down in order, and a worker still stuck (e.g. in a `pipe:` read) is killed."""
+        """Stop the worker processes: releasing the iterator shuts them down in order, then any still stuck
+        (e.g. in a `pipe:` read) is killed, since they ignore the SIGTERM DataLoader would fall back to."""
         workers = list(getattr(self.iterator, "_workers", ()))  # where DataLoader keeps its processes
         self.iterator = None
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()
-                worker.join()
+        stop_workers(workers)
 
     def start(self) -> Iterator:
-        if not self.closes_at_exit:
-            # multiprocessing's exit hook runs finalizers of priority >= 0 before it terminates and joins the
-            # children, in the main process and in processes multiprocessing started (where atexit never runs).
-            multiprocessing.util.Finalize(None, self.close, exitpriority=10)
-            self.closes_at_exit = True
         rotate = self.consumed % self.spec.slots_per_rank
         dataset = SlotDataset(self.spec, self.units, self.states, rotate,
                               self.batcher if self.mask_in_workers else None)
         workers = self.spec.num_workers
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                               prefetch_factor=self.prefetch if workers else None,
-                               persistent_workers=False,
-                               # A private generator: DataLoader otherwise draws worker seeds from the global
-                               # RNG, which would shift dropout after every (re)start.
-                               generator=torch.Generator(),
-                               worker_init_fn=ignore_stop_signals))
+        iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                   prefetch_factor=self.prefetch if workers else None,
+                                   persistent_workers=False,
+                                   # A private generator: DataLoader otherwise draws worker seeds from the
+                                   # global RNG, which would shift dropout after every (re)start.
+                                   generator=torch.Generator(),
+                                   worker_init_fn=ignore_stop_signals))
+        if workers:
+            # Multiprocessing's exit hook terminates, then joins, all children: workers ignoring SIGTERM would
+            # be waited for forever. Its finalizers of priority >= 0 run first (in the main process and in
+            # processes multiprocessing started, where atexit never runs); this one also runs, after the
+            # orderly shutdown, when the iterator is released.
+            multiprocessing.util.Finalize(iterator, stop_workers, args=(list(iterator._workers),), exitpriority=10)
+        return iterator
 
     def skipped(self) -> dict[str, int]:
         total: Counter = Counter()
