@@ -7,12 +7,11 @@ of tensors. Labels use -100 (PyTorch's ignore index) at positions that carry no 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 
 from masktrain.data import masking
-from masktrain.data.masking import PolicyOptions, Vocab
-
-IGNORE = -100
+from masktrain.data.masking import IGNORE, PolicyOptions, Vocab
 
 
 @dataclass(frozen=True)
@@ -26,26 +25,34 @@ class MaskSpec:
     share_across_batch: bool = False
     options: PolicyOptions = field(default_factory=PolicyOptions)
 
+    def __post_init__(self):
+        if self.policy not in masking.POLICIES:
+            raise ValueError(f"unknown masking policy {self.policy!r}; valid: {', '.join(sorted(masking.POLICIES))}")
+        if self.share_across_batch and self.policy != "random":
+            raise ValueError(f"share_across_batch needs the random policy, not {self.policy!r}")
+
     def select(self, ids: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
-        policy = masking.POLICIES[self.policy]
         if self.share_across_batch:
-            # One pattern for the whole batch, drawn on the first row (MEAP authors' behaviour).
-            return policy(ids[:1], self.vocab, rate, gen, self.options).expand_as(ids) & masking.candidates(
-                ids, self.vocab)
-        return policy(ids, self.vocab, rate, gen, self.options)
+            # One pattern of positions for the whole batch, drawn without looking at the tokens, as the MEAP
+            # authors do (random.sample over positions); specials and padding in a row stay unmasked.
+            length = ids.shape[1]
+            pattern = masking.take_lowest(masking.random_keys((1, length), gen),
+                                          torch.tensor([round(rate * length)]))
+            return pattern.expand_as(ids) & masking.candidates(ids, self.vocab)
+        return masking.POLICIES[self.policy](ids, self.vocab, rate, gen, self.options)
 
 
 def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Masked LM: corrupted inputs; labels hold the original token at selected positions only."""
     selected = spec.select(ids, rate, gen)
-    inputs = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
-    return {"input_ids": inputs, "labels": torch.where(selected, ids, IGNORE)}
+    inputs, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    return {"input_ids": inputs, "labels": labels}
 
 
 def meap_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """MEAP: a fraction of *inputs* become [MASK]; labels are the untouched tokens (plain next-token loss)."""
     selected = spec.select(ids, rate, gen)
-    inputs = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    inputs, _ = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     return {"input_ids": inputs, "labels": causal_labels(ids, spec.vocab)}
 
 
@@ -69,13 +76,17 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     recipe (mask_prob 1.0) removes all of them.
     """
     selected = spec.select(ids, rate, gen)
-    corrupted = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
+    corrupted, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     removed = selected & (corrupted == spec.vocab.mask_id)
-    counts = (~removed).sum(dim=1, keepdim=True)
+    visible = ~removed
+    counts = visible.sum(dim=1, keepdim=True)
     width = int(counts.max())
-    # A stable sort on "removed" moves visible positions to the front and keeps their order.
-    order = removed.to(torch.int8).argsort(dim=1, stable=True)[:, :width]
+    # Each visible token goes to slot "visible tokens before it" (a running count: no sort needed); removed
+    # ones all go to one spare column past the end, dropped afterwards.
+    slot = torch.where(visible, visible.cumsum(dim=1) - 1, width)
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    visible_pos = torch.zeros((ids.shape[0], width + 1), dtype=torch.long).scatter_(1, slot, positions)[:, :width]
     visible_mask = torch.arange(width).unsqueeze(0) < counts
-    visible_ids = corrupted.gather(1, order).masked_fill(~visible_mask, spec.vocab.pad_id)
-    return {"visible_ids": visible_ids, "visible_pos": order.masked_fill(~visible_mask, 0),
-            "visible_mask": visible_mask, "removed": removed, "labels": torch.where(selected, ids, IGNORE)}
+    visible_ids = corrupted.gather(1, visible_pos).masked_fill_(~visible_mask, spec.vocab.pad_id)
+    return {"visible_ids": visible_ids, "visible_pos": visible_pos, "visible_mask": visible_mask,
+            "removed": removed, "labels": labels}

@@ -49,17 +49,23 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise InputError(f"{item}: the pattern matches no file")
-            files.extend(m for m in matches if Path(m).is_file())
+            for match in matches:
+                files.extend(directory_files(match) if Path(match).is_dir() else [match])
         elif Path(item).is_dir():
-            found = sorted(str(p) for p in Path(item).rglob("*") if p.is_file() and is_text_file(p))
-            if not found:
-                raise InputError(f"{item}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")
-            files.extend(found)
+            files.extend(directory_files(item))
         elif Path(item).is_file():
             files.append(item)
         else:
             raise InputError(f"{item}: no such file or directory")
     return files
+
+
+def directory_files(directory: str) -> list[str]:
+    """The text files below `directory`, sorted; other files (images, archives) are not documents."""
+    found = sorted(str(p) for p in Path(directory).rglob("*") if p.is_file() and is_text_file(p))
+    if not found:
+        raise InputError(f"{directory}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")
+    return found
 
 
 def is_text_file(path: Path) -> bool:
@@ -72,10 +78,13 @@ def documents(inputs: list[str], text_field: str = "text", strict: bool = False,
     """Every document of every input, in order. Empty and undecodable documents are skipped and counted."""
     stats = stats if stats is not None else CorpusStats()
     for path in expand_inputs(inputs):
-        source = builtin_documents() if path == BUILTIN else file_documents(path, text_field, strict, stats)
-        for index, text in enumerate(source):
+        if path == BUILTIN:
+            source = ((f"{BUILTIN} #{index}", text) for index, text in enumerate(builtin_documents()))
+        else:
+            source = file_documents(path, text_field, strict, stats)
+        for where, text in source:
             if not text.strip():
-                stats.skip("empty document", f"{path}: document {index}", strict)
+                stats.skip("empty document", where, strict)
                 continue
             stats.documents += 1
             yield text
@@ -85,7 +94,8 @@ def open_binary(path: str) -> IO[bytes]:
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats) -> Iterator[str]:
+def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats) -> Iterator[tuple[str, str]]:
+    """(where, text) for each document of one file; `where` is "path:line"."""
     is_jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
     try:
         with open_binary(path) as handle:
@@ -98,7 +108,7 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats)
 
 
 def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
-                    stats: CorpusStats) -> Iterator[str]:
+                    stats: CorpusStats) -> Iterator[tuple[str, str]]:
     for number, raw in enumerate(handle, 1):
         if not raw.strip():
             continue
@@ -114,10 +124,11 @@ def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
         if not isinstance(text, str):
             stats.skip("missing text field", f"{path}:{number}: no string field {text_field!r}", strict)
             continue
-        yield text
+        yield f"{path}:{number}", text
 
 
-def paragraph_documents(handle: IO[bytes], path: str, strict: bool, stats: CorpusStats) -> Iterator[str]:
+def paragraph_documents(handle: IO[bytes], path: str, strict: bool,
+                        stats: CorpusStats) -> Iterator[tuple[str, str]]:
     """Documents separated by blank lines; a block with undecodable bytes is skipped whole."""
     block: list[bytes] = []
     start = 1
@@ -134,9 +145,10 @@ def paragraph_documents(handle: IO[bytes], path: str, strict: bool, stats: Corpu
         yield from decode_block(block, path, start, strict, stats)
 
 
-def decode_block(block: list[bytes], path: str, line: int, strict: bool, stats: CorpusStats) -> Iterator[str]:
+def decode_block(block: list[bytes], path: str, line: int, strict: bool,
+                 stats: CorpusStats) -> Iterator[tuple[str, str]]:
     try:
-        yield b"".join(block).decode("utf-8").strip()
+        yield f"{path}:{line}", b"".join(block).decode("utf-8").strip()
     except UnicodeDecodeError:
         stats.skip("invalid UTF-8", f"{path}:{line}", strict)
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 import torch
 
+from masktrain.data import collocations, importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
 from masktrain.data.masking import PolicyOptions, generator
@@ -34,9 +35,24 @@ def packing(cfg: Config, tokenizer: Tokenizer, encoder: bool) -> Packing:
     return Packing(cfg.data.seq_len, tokenizer.bos_id, tokenizer.eos_id)
 
 
+def importance_path(cfg: Config) -> Path:
+    return Path(cfg.data.masking.importance_table or Path(cfg.data.dir) / importance.TABLE_NAME)
+
+
+def collocation_path(cfg: Config) -> Path:
+    return Path(cfg.data.masking.collocation_table or Path(cfg.data.dir) / collocations.TABLE_NAME)
+
+
 def mask_spec(cfg: Config, tokenizer: Tokenizer) -> MaskSpec:
+    """The masking of a run; the policy's table, if it needs one, is loaded (and checked) here, once per rank."""
     m = cfg.data.masking
-    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max)
+    weights = pairs = None
+    if m.policy == "importance":
+        weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
+    if m.policy == "pmi":
+        pairs = collocations.load_table(collocation_path(cfg))
+    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max, importance=weights,
+                            collocations=pairs)
     return MaskSpec(vocab=tokenizer.vocab(), policy=m.policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
                     share_across_batch=m.share_across_batch, options=options)
 
@@ -46,7 +62,7 @@ def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: To
     spec = LoaderSpec(urls=shard_urls(cfg, "train"), rank=rank, world_size=world_size,
                       num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                       micro_batch_size=cfg.data.micro_batch_size, shuffle_block=cfg.data.shuffle_block,
-                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict)
+                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer))
     batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
                       cfg.run.seed, rank, cfg.grad_accum)
     return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)
@@ -67,6 +83,6 @@ def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: 
 
     pack = packing(cfg, tokenizer, encoder)
     batches = validation_batches(shard_urls(cfg, "val"), rank, world_size, cfg.data.micro_batch_size, pack,
-                                 tokenizer.pad_id, make, skips, cfg.trainer.eval_batches)
+                                 tokenizer.pad_id, make, skips, cfg.trainer.eval_batches, len(tokenizer))
     empty = make(torch.full((1, cfg.data.seq_len), tokenizer.pad_id, dtype=torch.long), 0)
     return batches, empty

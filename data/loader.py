@@ -7,7 +7,8 @@ trainer asks for, however uneven the shards (a finite epoch per rank is what han
 
 Position. Documents are shuffled in blocks of `shuffle_block` read from one unit, each block permuted by a
 seed derived from its place. A slot's whole position is therefore five integers (epoch, unit, block start,
-index in block, token offset in the document being packed), so a resume re-reads at most one block.
+index in block, token offset in the document being packed); a resume re-reads the current unit up to the end
+of the current block, and nothing else.
 
 Exactness with workers. Every batch carries the state of its slot *after* that batch. The main process keeps
 the state of the batches it has consumed (not what workers have prefetched) and which slot comes next; a
@@ -17,6 +18,8 @@ restart hands each worker its slot's state and rotates slots so the round-robin 
 from __future__ import annotations
 
 import math
+import multiprocessing.util
+import signal
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -28,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from masktrain.data import masking
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -45,6 +48,10 @@ class SlotState:
     batches: int = 0
     """Batches this slot has produced."""
     skipped: dict[str, int] = field(default_factory=dict)
+    """Bad data skipped so far, by reason."""
+    unit_skipped: dict[str, int] = field(default_factory=dict)
+    """`skipped` when the current unit began. A restart re-reads the unit from its start and counts its bad data
+    again from there: once in all, and a problem that is new this time (a pipe failing) is counted too."""
 
 
 def units_for(urls: list[str], n_slots: int) -> list[Unit]:
@@ -70,13 +77,11 @@ class SlotStream:
     """One slot's endless, resumable stream of packed rows."""
 
     def __init__(self, units: list[Unit], slot: int, n_slots: int, seed: int, shuffle_block: int,
-                 packing: Packing, strict: bool, state: SlotState):
-        self.units, self.slot, self.n_slots = units, slot, n_slots
+                 packing: Packing, strict: bool, state: SlotState, vocab_size: int = 0):
+        self.units, self.slot, self.n_slots, self.vocab_size = units, slot, n_slots, vocab_size
         self.seed, self.shuffle_block, self.packing = seed, shuffle_block, packing
         self.state = state
-        self.skips = Skips(strict, state.skipped)
-        # A restart re-reads the current block, whose bad records were counted before.
-        self.skips.paused = state.block_start > 0 or state.in_block > 0 or state.in_doc > 0
+        self.skips = Skips(strict, state.unit_skipped)
 
     def epoch_units(self, epoch: int) -> list[int]:
         order = np.random.default_rng(seed_int(self.seed, epoch)).permutation(len(self.units))
@@ -86,18 +91,19 @@ class SlotStream:
         """Documents with boundary tokens, in shuffled order, from the saved position on. While a document is
         out, the state's epoch/unit/block fields point at it; `in_doc` is the packer's to advance."""
         s, p = self.state, self.packing
-        empty_epochs = 0
+        dry: set[int] = set()  # units read since this slot last found a document
         while True:
-            produced = False
             units = self.epoch_units(s.epoch)
             while s.unit < len(units):
                 unit_id = units[s.unit]
-                docs = read_unit(self.units[unit_id], self.skips)
+                found = s.block_start > 0  # a unit resumed part-way had documents
+                if s.block_start == s.in_block == s.in_doc == 0:  # a fresh unit, not one resumed part-way
+                    s.unit_skipped = dict(self.skips.counts)
+                docs = read_unit(self.units[unit_id], self.skips, self.vocab_size)
                 for _ in zip(range(s.block_start), docs):
                     pass
                 while block := [d for _, d in zip(range(self.shuffle_block), docs)]:
-                    self.skips.paused = False
-                    produced = True
+                    found = True
                     key = (self.seed, s.epoch, unit_id, s.block_start)
                     order = np.random.default_rng(seed_int(*key)).permutation(len(block))
                     while s.in_block < len(block):
@@ -105,16 +111,17 @@ class SlotStream:
                         s.in_block += 1
                         s.in_doc = 0
                     s.block_start += len(block)
-                    s.in_block = 0
-                self.skips.paused = False
+                    # Zeroed here too: a block re-read after a restart can come back shorter (a pipe that
+                    # failed this time), and the next document must then start from its first token.
+                    s.in_block = s.in_doc = 0
                 s.unit += 1
                 s.block_start = 0
-            # A resumed slot may finish an epoch with nothing left to read; only repeated empty epochs mean
-            # this slot's shards hold no readable document at all.
-            empty_epochs = 0 if produced else empty_epochs + 1
-            if empty_epochs >= 3:
-                raise DataError(f"slot {self.slot}: no readable document in its shards "
-                                f"(skipped: {dict(self.skips.counts) or 'none'})")
+                dry = set() if found else dry | {unit_id}
+                # A slot's units change every epoch, so one that read nothing may just have drawn the empty
+                # parts of a shard; only once it has tried every unit is there nothing left to find.
+                if len(dry) == len(self.units):
+                    raise DataError(f"slot {self.slot}: no readable document in any of the {len(self.units)} "
+                                    f"units (skipped: {dict(self.skips.counts) or 'none'})")
             s.epoch += 1
             s.unit = 0
 
@@ -174,6 +181,8 @@ class LoaderSpec:
     shuffle_block: int
     packing: Packing
     strict: bool = False
+    vocab_size: int = 0
+    """Token ids must be below this (a corrupt shard's garbage ids would crash the embedding); 0: unchecked."""
 
     @property
     def slots_per_rank(self) -> int:
@@ -183,23 +192,43 @@ class LoaderSpec:
 class SlotDataset(IterableDataset):
     """Runs in each worker: the stream of the slot assigned to it, batches tagged with slot and state."""
 
-    def __init__(self, spec: LoaderSpec, states: list[SlotState], rotate: int, batcher: Batcher | None):
-        self.spec, self.states, self.rotate, self.batcher = spec, states, rotate, batcher
+    def __init__(self, spec: LoaderSpec, units: list[Unit], states: list[SlotState], rotate: int,
+                 batcher: Batcher | None):
+        self.spec, self.units, self.states, self.rotate, self.batcher = spec, units, states, rotate, batcher
 
     def __iter__(self):
         info = get_worker_info()
         spec = self.spec
         local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
         n_slots = spec.world_size * spec.slots_per_rank
-        units = units_for(expand_urls(spec.urls), n_slots)
         state = SlotState(**asdict(self.states[local]))
-        stream = SlotStream(units, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
-                            spec.shuffle_block, spec.packing, spec.strict, state)
-        for rows in stream.batches(spec.micro_batch_size):
-            index = (state.batches - 1) * spec.slots_per_rank + local
-            ids = torch.from_numpy(rows)
-            batch = self.batcher(ids, index) if self.batcher else {"input_ids": ids}
-            yield {"slot": local, "index": index, "state": asdict(state), "batch": batch}
+        stream = SlotStream(self.units, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
+                            spec.shuffle_block, spec.packing, spec.strict, state, spec.vocab_size)
+        try:
+            for rows in stream.batches(spec.micro_batch_size):
+                index = (state.batches - 1) * spec.slots_per_rank + local
+                ids = torch.from_numpy(rows)
+                batch = self.batcher(ids, index) if self.batcher else {"input_ids": ids}
+                yield {"slot": local, "index": index, "state": asdict(state), "batch": batch}
+        except DataError as err:
+            # Handed over for the main process to raise: an exception raised in a worker reaches it wrapped in
+            # a traceback dump, and leaves the DataLoader seconds of shutdown timeouts.
+            yield {"error": str(err)}
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers ignore preemption signals. SLURM signals every process of a job; a worker that died of
+    it would crash its rank before the rank had saved its checkpoint. `Loader.close` stops them instead."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers(workers: list) -> None:
+    """Kill the given loader workers that are still alive (they ignore SIGTERM)."""
+    for worker in workers:
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
 
 
 class Loader:
@@ -208,6 +237,7 @@ class Loader:
     def __init__(self, spec: LoaderSpec, batcher: Batcher, mask_in_workers: bool = True, prefetch: int = 2):
         self.spec, self.batcher = spec, batcher
         self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
+        self.units = units_for(expand_urls(spec.urls), spec.world_size * spec.slots_per_rank)
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
@@ -219,6 +249,9 @@ class Loader:
         if self.iterator is None:
             self.iterator = self.start()
         item = next(self.iterator)
+        if "error" in item:
+            self.iterator = None  # stops the worker processes now
+            raise DataError(item["error"])
         if item["index"] != self.consumed:
             raise RuntimeError(f"loader order broken: got batch {item['index']}, expected {self.consumed}")
         self.states[item["slot"]] = SlotState(**item["state"])
@@ -226,16 +259,32 @@ class Loader:
         batch = item["batch"]
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
 
+    def close(self) -> None:
+        """Stop the worker processes: releasing the iterator shuts them down in order, then any still stuck
+        (e.g. in a `pipe:` read) is killed, since they ignore the SIGTERM DataLoader would fall back to."""
+        workers = list(getattr(self.iterator, "_workers", ()))  # where DataLoader keeps its processes
+        self.iterator = None
+        stop_workers(workers)
+
     def start(self) -> Iterator:
         rotate = self.consumed % self.spec.slots_per_rank
-        dataset = SlotDataset(self.spec, self.states, rotate, self.batcher if self.mask_in_workers else None)
+        dataset = SlotDataset(self.spec, self.units, self.states, rotate,
+                              self.batcher if self.mask_in_workers else None)
         workers = self.spec.num_workers
-        return iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                               prefetch_factor=self.prefetch if workers else None,
-                               persistent_workers=False,
-                               # A private generator: DataLoader otherwise draws worker seeds from the global
-                               # RNG, which would shift dropout after every (re)start.
-                               generator=torch.Generator()))
+        iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                   prefetch_factor=self.prefetch if workers else None,
+                                   persistent_workers=False,
+                                   # A private generator: DataLoader otherwise draws worker seeds from the
+                                   # global RNG, which would shift dropout after every (re)start.
+                                   generator=torch.Generator(),
+                                   worker_init_fn=ignore_stop_signals))
+        if workers:
+            # Multiprocessing's exit hook terminates, then joins, all children: workers ignoring SIGTERM would
+            # be waited for forever. Its finalizers of priority >= 0 run first (in the main process and in
+            # processes multiprocessing started, where atexit never runs); this one also runs, after the
+            # orderly shutdown, when the iterator is released.
+            multiprocessing.util.Finalize(iterator, stop_workers, args=(list(iterator._workers),), exitpriority=10)
+        return iterator
 
     def skipped(self) -> dict[str, int]:
         total: Counter = Counter()

@@ -1,4 +1,5 @@
-"""`masktrain data prepare`: raw text -> tokenizer -> shards for one run config, skipped when already done.
+"""Raw text -> tokenizer -> shards: `masktrain data tokenizer`, `masktrain data shards` and, for one run
+config, `masktrain data prepare` (both steps, skipped when already done).
 
 The manifest records the settings it was built with; a data folder prepared differently is refused rather
 than silently reused.
@@ -12,50 +13,82 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from tqdm import tqdm
+
 from masktrain.data.corpus import CorpusStats, documents
 from masktrain.data.inputs import tokenizer_dir
-from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset
+from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset, write_manifest
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
-from masktrain.launcher.config import Config
+from masktrain.launcher.config import Config, PrepareConfig
+from masktrain.launcher.loading import config_from_dict
 
 
 def worker_count(requested: int) -> int:
     return requested or len(os.sched_getaffinity(0))
 
 
+def command_config(prepare: dict, seed: int | None = None, strict: bool = False) -> Config:
+    """A validated config holding the given `data.prepare` settings (None: the default), for the data
+    commands that take them as flags; bad values raise ConfigError naming the keys."""
+    raw = {"data": {"strict": strict, "prepare": {k: v for k, v in prepare.items() if v is not None}}}
+    if seed is not None:
+        raw["run"] = {"seed": seed}
+    return config_from_dict(raw, "command line")
+
+
+def skipped_text(stats: CorpusStats) -> str:
+    return ", ".join(f"{n:,} {reason}" for reason, n in sorted(stats.skipped.items())) or "nothing"
+
+
+def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bool = False,
+                    template: str | None = None, log=print) -> Tokenizer:
+    """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files."""
+    started = time.perf_counter()
+    stats = CorpusStats()
+    docs = itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None)
+    train_tokenizer(docs, out_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, seed,
+                    worker_count(p.workers))
+    tokenizer = Tokenizer(out_dir)
+    tokenizer.save_hf(out_dir, template)
+    log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {stats.documents:,} documents "
+        f"in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) -> {out_dir}")
+    return tokenizer
+
+
+def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Path, seed: int,
+                 strict: bool = False, log=print) -> dict:
+    """Tokenize `p.inputs` into train/val shards under `out_dir` with a manifest; returns the manifest."""
+    started = time.perf_counter()
+    tokenizer = Tokenizer(tokenizer_path)
+    stats = CorpusStats()
+    docs = itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None)
+    # disable=None: a progress bar on a terminal, nothing in logs and pipes.
+    with tqdm(docs, desc="tokenizing", unit=" docs", disable=None, mininterval=1.0) as progress:
+        manifest = write_dataset(tokenize_stream(progress, tokenizer, worker_count(p.workers)), out_dir,
+                                 len(tokenizer), p.shard_bytes, p.val_fraction, p.shuffle_buffer, seed)
+    manifest.update(recipe={"prepare": asdict(p), "seed": seed}, tokenizer=str(tokenizer_path),
+                    input_documents=stats.documents, input_skipped=dict(stats.skipped))
+    write_manifest(out_dir, manifest)
+    splits = manifest["splits"]
+    log(f"data: {stats.documents:,} documents (skipped {skipped_text(stats)}) -> "
+        f"{len(splits['train']['shards'])} train shards ({splits['train']['tokens']:,} tokens), "
+        f"{len(splits['val']['shards'])} val shards ({splits['val']['tokens']:,} tokens) "
+        f"in {time.perf_counter() - started:.1f}s -> {out_dir}")
+    return manifest
+
+
 def prepare(cfg: Config, log=print) -> dict:
-    """Build what is missing (tokenizer, shards) and return the manifest."""
+    """Build what is missing (tokenizer, shards) for a run config and return the manifest."""
     p = cfg.data.prepare
     root = Path(cfg.data.dir)
-    recipe = {"prepare": asdict(p), "seed": cfg.run.seed}
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)
-        if manifest.get("recipe") != recipe:
+        if manifest.get("recipe") != {"prepare": asdict(p), "seed": cfg.run.seed}:
             raise SystemExit(f"{root}: prepared with other data.prepare settings; remove the folder or "
                              "choose another data.dir")
         log(f"data: reusing {root} ({manifest['splits']['train']['tokens']:,} train tokens)")
         return manifest
-
-    threads = worker_count(p.workers)
     tok_dir = tokenizer_dir(cfg)
-    started = time.perf_counter()
     if not (tok_dir / MODEL_FILE).is_file():
-        docs = itertools.islice(documents(p.inputs, p.text_field), p.max_docs or None)
-        train_tokenizer(docs, tok_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, cfg.run.seed,
-                        threads)
-        Tokenizer(tok_dir).save_hf(tok_dir)
-        log(f"data: trained a {p.vocab_size}-piece {p.tokenizer_type} tokenizer in "
-            f"{time.perf_counter() - started:.1f}s -> {tok_dir}")
-    tokenizer = Tokenizer(tok_dir)
-
-    started = time.perf_counter()
-    stats = CorpusStats()
-    docs = itertools.islice(documents(p.inputs, p.text_field, cfg.data.strict, stats), p.max_docs or None)
-    manifest = write_dataset(tokenize_stream(docs, tokenizer, threads=threads), root, len(tokenizer),
-                             p.shard_bytes, p.val_fraction,
-                             extra={"recipe": recipe, "tokenizer": str(tok_dir), "input_skipped": dict(stats.skipped)})
-    splits = manifest["splits"]
-    log(f"data: {stats.documents:,} documents -> {len(splits['train']['shards'])} train shards "
-        f"({splits['train']['tokens']:,} tokens), {len(splits['val']['shards'])} val shards "
-        f"({splits['val']['tokens']:,} tokens) in {time.perf_counter() - started:.1f}s -> {root}")
-    return manifest
+        build_tokenizer(p, tok_dir, cfg.run.seed, cfg.data.strict, log=log)
+    return build_shards(p, tok_dir, root, cfg.run.seed, cfg.data.strict, log=log)

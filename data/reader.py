@@ -1,21 +1,36 @@
-"""Reading documents out of one shard, through webdataset's tar iterators, with bad data counted.
+"""Reading documents out of one shard, with bad data counted by reason instead of lost.
 
-A corrupt or truncated tar, an unreadable member or an empty document is skipped and counted by reason;
-under `strict` it raises `DataError` naming the shard URL and the member.
+Shards are opened with webdataset's `gopen`, so a URL is a path, a `pipe:` command (object storage through
+`pipe:aws s3 cp ... -`) or anything else webdataset opens. The tar is read here rather than through
+`webdataset.tarfile_samples` because Python's tarfile ends an archive quietly at a truncated or garbled header
+after the first member, and webdataset passes that on: a shard cut at a member boundary would lose its tail
+without a word. Here every archive must end with tar's end-of-archive block.
+
+A truncated or corrupt tar, a member that is not a token array, a token id outside the vocabulary and an
+empty document are skipped and counted by reason; under `strict` they raise `DataError` naming the shard URL
+and the member.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import io
+import re
+import tarfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import braceexpand
 import numpy as np
-import webdataset as wds
+from webdataset import gopen
+from webdataset.tariterators import base_plus_ext
 
 TOKENS_KEY = "tokens.npy"
+# Errors that reading a shard can raise: tar structure, I/O and pipe exits, gzip streams.
+READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
 
 
 class DataError(RuntimeError):
@@ -28,13 +43,12 @@ class Skips:
     def __init__(self, strict: bool, counts: dict[str, int] | None = None):
         self.strict = strict
         self.counts: Counter = Counter(counts or {})
-        self.paused = False
-        """While True nothing is counted: re-reading data whose problems were counted before a restart."""
 
-    def __call__(self, reason: str, where: str) -> None:
+    def __call__(self, reason: str, where: str, count: bool = True) -> None:
+        """`count=False` reports a problem another reader counts (the same shard read for another slot)."""
         if self.strict:
             raise DataError(f"{reason}: {where}")
-        if not self.paused:
+        if count:
             self.counts[reason] += 1
 
 
@@ -53,34 +67,127 @@ def expand_urls(patterns: list[str]) -> list[str]:
     return [url for pattern in patterns for url in braceexpand.braceexpand(pattern)]
 
 
-def decode_tokens(sample: dict) -> np.ndarray:
-    if TOKENS_KEY not in sample:
-        raise ValueError(f"no {TOKENS_KEY} member (has: {', '.join(k for k in sample if not k.startswith('__'))})")
-    array = np.load(io.BytesIO(sample[TOKENS_KEY]), allow_pickle=False)
+class EndAwareInfo(tarfile.TarInfo):
+    """Records the header error that ended the member list, which tarfile swallows after the first member."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.HeaderError as err:
+            archive.end_error = err
+            raise
+
+
+def end_problem(err: Exception | None) -> str | None:
+    """Why an archive whose member list ended is bad, or None for tar's end-of-archive block."""
+    if isinstance(err, tarfile.EOFHeaderError):
+        return None
+    if isinstance(err, tarfile.InvalidHeaderError):
+        return "corrupt shard"
+    return "truncated shard"  # no end-of-archive block: the data stops at or inside a header
+
+
+def read_problem(err: Exception, member: str | None) -> str:
+    """The reason to count for an error raised while reading an archive (tarfile has no class per cause)."""
+    if member is None:
+        return "unreadable shard"
+    if isinstance(err, EOFError) or "unexpected end of data" in str(err):
+        return "truncated shard"
+    if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile):
+        return "unreadable shard"  # the read itself failed part-way: a pipe's command exited, a disk error
+    return "corrupt shard"
+
+
+def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file in the tar at `url`. A problem with the archive itself goes to
+    `skip(reason, where, count)` once, after the members read before it."""
+    name, position, problem, detail, stream = None, "", None, "", None
+    try:
+        stream = gopen(url, "rb")
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=EndAwareInfo) as archive:
+            for info in archive:
+                name, position = info.name, "in"
+                data = archive.extractfile(info).read() if info.isreg() else None
+                position = "after"
+                archive.members = []  # stream mode keeps every header otherwise
+                if data is not None:
+                    yield name, data
+            problem = end_problem(getattr(archive, "end_error", None))
+        if problem is None:
+            # A pipe's command may still be writing the padding after the end block; reading it lets the
+            # command exit cleanly, so the exit status that close() checks means something.
+            while stream.read(1 << 16):
+                pass
+        stream, opened = None, stream
+        opened.close()
+    except READ_ERRORS as err:
+        problem, detail = read_problem(err, name), f": {err}"
+    finally:
+        if stream is not None:  # left early (error, or the reader stopped): the status no longer matters
+            with contextlib.suppress(*READ_ERRORS):
+                stream.close()
+    if problem is not None:
+        where = f"{url}: {'at the start' if name is None else f'{position} member {name}'}{detail}"
+        skip(problem, where, count)
+
+
+def samples(url: str, skip: Callable[..., None], count: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {suffix: bytes}) for consecutive members sharing a key, as webdataset groups them."""
+    key, sample = None, {}
+    for name, data in members(url, skip, count):
+        prefix, suffix = base_plus_ext(name)
+        if prefix is None:
+            continue
+        if prefix != key and sample:
+            yield key, sample
+            sample = {}
+        key = prefix
+        sample[suffix] = data
+    if sample:
+        yield key, sample
+
+
+# The header numpy writes for a 1-D array. Parsing it here is ~20x faster than np.load, whose
+# ast.literal_eval of the header costs more than everything else the loader does with a document.
+NPY_1D = re.compile(rb"\x93NUMPY\x01\x00..\{'descr': '([<>|][iu][1248])', 'fortran_order': False, "
+                    rb"'shape': \((\d+),\), \} *\n", re.S)
+
+
+def decode_tokens(data: bytes) -> np.ndarray:
+    """A 1-D integer array from .npy bytes; raises ValueError on anything else."""
+    header = NPY_1D.match(data)
+    if header is None:
+        array = np.load(io.BytesIO(data), allow_pickle=False)  # any other .npy layout
+    else:
+        array = np.frombuffer(data, dtype=np.dtype(header.group(1).decode()), offset=header.end())
+        if len(array) != int(header.group(2)):
+            raise ValueError(f"{len(array)} values where the header says {int(header.group(2))}")
     if array.ndim != 1 or array.dtype.kind not in "iu":
         raise ValueError(f"expected a 1-D integer array, got {array.dtype} {array.shape}")
     return array
 
 
-def read_unit(unit: Unit, skip: Callable[[str, str], None]) -> Iterator[np.ndarray]:
+def read_unit(unit: Unit, skip: Callable[..., None], vocab_size: int = 0) -> Iterator[np.ndarray]:
     """The unit's documents as integer arrays, in shard order. Bad data goes to `skip(reason, where)`, which
-    counts it or raises."""
-
-    def on_shard_error(exn: Exception) -> bool:
-        skip("corrupt shard", f"{unit.url}: {exn}")
-        return True
-
-    samples = wds.tarfile_samples([{"url": unit.url}], handler=on_shard_error)
-    for index, sample in enumerate(samples):
+    counts it or raises; ids must be below `vocab_size` when it is > 0."""
+    # Every part of a shard reads the whole archive; only part 0 counts the archive's own problems.
+    for index, (key, sample) in enumerate(samples(unit.url, skip, count=unit.part == 0)):
         if index % unit.parts != unit.part:
             continue
-        member = f"{unit.url}: member {sample.get('__key__')}.{TOKENS_KEY}"
+        member = f"{unit.url}: member {key}.{TOKENS_KEY}"
+        if TOKENS_KEY not in sample:
+            skip("bad sample", f"{unit.url}: sample {key} has no {TOKENS_KEY} (has: {', '.join(sample)})")
+            continue
         try:
-            tokens = decode_tokens(sample)
+            tokens = decode_tokens(sample[TOKENS_KEY])
         except Exception as err:  # anything np.load can raise on bad bytes
             skip("bad sample", f"{member}: {err}")
             continue
         if len(tokens) == 0:
             skip("empty document", member)
+            continue
+        if vocab_size and int(tokens.max()) >= vocab_size:
+            skip("bad sample", f"{member}: token id {int(tokens.max())} outside the vocabulary ({vocab_size})")
             continue
         yield tokens

@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
@@ -24,6 +25,9 @@ SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
 CONTROL_SYMBOLS = ["[CLS]", "[SEP]", "[MASK]"]
 MAX_PIECE_INPUT = 4000  # sentencepiece ignores training "sentences" longer than its max_sentence_length
 SPACE = "\u2581"
+# Byte-fallback pieces of whitespace other than the space (which sentencepiece marks with SPACE): tab, newline,
+# vertical tab, form feed, carriage return. Whole-word masking treats them as word boundaries.
+WHITESPACE_BYTES = {f"<0x{b:02X}>" for b in (0x09, 0x0A, 0x0B, 0x0C, 0x0D)}
 # Piece scores are rounded to multiples of 1/64. Sentencepiece adds scores in float32, Hugging Face's Unigram
 # in float64; with scores on this grid both sums are exact, so equal-score segmentations (runs of "*" or "=")
 # tie in both and resolve the same way. The rounding moves no score by more than 0.008.
@@ -99,8 +103,9 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.sp.get_piece_size()
 
-    def encode(self, texts: list[str], threads: int = 1) -> list[list[int]]:
-        return self.sp.encode(texts, num_threads=threads)
+    def encode(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
+        """int32 id arrays, encoded on `threads` threads; arrays skip building a Python int per token."""
+        return self.sp.encode(texts, num_threads=threads, return_type="numpy")
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
@@ -108,17 +113,19 @@ class Tokenizer:
     def vocab(self) -> Vocab:
         pieces = [self.sp.id_to_piece(i) for i in range(len(self))]
         special = torch.tensor([self.sp.is_control(i) or self.sp.is_unknown(i) for i in range(len(self))])
-        word_start = torch.tensor([p.startswith("\u2581") for p in pieces]) | special
+        word_break = torch.tensor([p in WHITESPACE_BYTES for p in pieces])
+        word_start = torch.tensor([p.startswith(SPACE) for p in pieces]) | special | word_break
         return Vocab(size=len(self), pad_id=self.pad_id, mask_id=self.mask_id, special=special,
-                     word_start=word_start)
+                     word_start=word_start, word_break=word_break)
 
     def hf_tokenizer(self, template: str | None = None):
         """The same tokenizer as a `transformers` fast tokenizer.
 
         `template` adds special tokens the way the model was trained: "encoder" wraps text as [CLS] ... [SEP],
-        "decoder" prefixes <s>; None adds nothing. Like every Hugging Face tokenizer it recognises special-token
-        strings ("[MASK]") written in text; with `split_special_tokens=True` it encodes all text exactly as
-        sentencepiece does.
+        "decoder" prefixes <s>; None adds nothing. Text encodes exactly as sentencepiece encodes it, with one
+        exception: like every Hugging Face tokenizer it recognises special-token strings ("[MASK]") written in
+        text, and it then encodes the text after one as if it began the input (with a leading "\u2581").
+        (`split_special_tokens=True` does not turn that recognition off in transformers 5.)
         """
         from tokenizers import Tokenizer as Backend
         from tokenizers import decoders, models, normalizers, pre_tokenizers, processors

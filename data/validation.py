@@ -16,11 +16,11 @@ from masktrain.data.loader import Packing
 from masktrain.data.reader import Unit, expand_urls, read_unit
 
 
-def rank_documents(urls: list[str], rank: int, world_size: int,
-                   skip: Callable[[str, str], None]) -> Iterator[np.ndarray]:
+def rank_documents(urls: list[str], rank: int, world_size: int, skip: Callable[..., None],
+                   vocab_size: int = 0) -> Iterator[np.ndarray]:
     index = 0
     for url in expand_urls(urls):
-        for doc in read_unit(Unit(url), skip):
+        for doc in read_unit(Unit(url), skip, vocab_size):
             if index % world_size == rank:
                 yield doc
             index += 1
@@ -28,10 +28,11 @@ def rank_documents(urls: list[str], rank: int, world_size: int,
 
 def validation_batches(urls: list[str], rank: int, world_size: int, micro_batch_size: int, packing: Packing,
                        pad_id: int, make: Callable[[torch.Tensor, int], dict[str, torch.Tensor]],
-                       skip: Callable[[str, str], None], limit: int = 0) -> list[dict[str, torch.Tensor]]:
+                       skip: Callable[..., None], limit: int = 0,
+                       vocab_size: int = 0) -> list[dict[str, torch.Tensor]]:
     """This rank's validation batches (at most `limit` if > 0); `make(rows, index)` masks them."""
     stream = [np.concatenate(([packing.start_id], doc, [packing.end_id]))
-              for doc in rank_documents(urls, rank, world_size, skip)]
+              for doc in rank_documents(urls, rank, world_size, skip, vocab_size)]
     tokens = np.concatenate(stream) if stream else np.empty(0, dtype=np.int64)
     rows_needed = -(-len(tokens) // packing.seq_len)
     rows = np.full((rows_needed, packing.seq_len), pad_id, dtype=np.int64)

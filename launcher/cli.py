@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from masktrain.data.corpus import InputError
+from masktrain.data.reader import DataError
 from masktrain.launcher.loading import ConfigError
 
 
@@ -39,6 +41,14 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_model_info(args) -> int:
+    from masktrain.launcher.loading import load_config
+    from masktrain.trainer.size import model_info
+
+    print(model_info(load_config(args.config, args.overrides)))
+    return 0
+
+
 def cmd_data_prepare(args) -> int:
     from masktrain.data.prepare import prepare
     from masktrain.launcher.loading import load_config
@@ -47,10 +57,63 @@ def cmd_data_prepare(args) -> int:
     return 0
 
 
+def cmd_data_importance(args) -> int:
+    from masktrain.data.importance import build_for_config
+    from masktrain.launcher.loading import load_config
+
+    build_for_config(load_config(args.config, args.overrides))
+    return 0
+
+
+def cmd_data_collocations(args) -> int:
+    from masktrain.data.collocations import build_for_config
+    from masktrain.launcher.loading import load_config
+
+    build_for_config(load_config(args.config, args.overrides))
+    return 0
+
+
+def prepare_settings(args) -> dict:
+    """The `data.prepare` fields given as flags (dest `prepare.<field>`); absent ones keep their defaults."""
+    return {dest.removeprefix("prepare."): value for dest, value in vars(args).items() if dest.startswith("prepare.")}
+
+
+def cmd_data_tokenizer(args) -> int:
+    from masktrain.data.prepare import build_tokenizer, command_config
+
+    cfg = command_config({**prepare_settings(args), "inputs": args.inputs}, args.seed, args.strict)
+    build_tokenizer(cfg.data.prepare, args.out, cfg.run.seed, args.strict, args.template)
+    return 0
+
+
+def cmd_data_shards(args) -> int:
+    from masktrain.data.prepare import build_shards, command_config
+
+    cfg = command_config({**prepare_settings(args), "inputs": args.inputs}, args.seed, args.strict)
+    build_shards(cfg.data.prepare, args.tokenizer, args.out, cfg.run.seed, args.strict)
+    return 0
+
+
+def add_data_args(parser: argparse.ArgumentParser, *flags: tuple[str, type, str]) -> None:
+    """Inputs, common options, and the `data.prepare` fields in `flags` as (field, type, help)."""
+    parser.add_argument("inputs", nargs="+", help="text files (.txt, .md, ...), .gz, JSON lines (.jsonl), "
+                        "directories, globs, or builtin:python-docs")
+    parser.add_argument("--out", required=True, help="output folder")
+    for name, kind, text in (("text_field", str, "field holding the text in JSON lines"),
+                             ("max_docs", int, "stop after this many input documents (0: all)"),
+                             ("workers", int, "sentencepiece threads (0: one per core)"), *flags):
+        parser.add_argument("--" + name.replace("_", "-"), dest=f"prepare.{name}", type=kind,
+                            metavar=name.split("_")[-1].upper(), help=f"{text} (data.prepare.{name})")
+    parser.add_argument("--seed", type=int, help="random seed (run.seed)")
+    parser.add_argument("--strict", action="store_true",
+                        help="fail on the first bad input (undecodable text, empty document) instead of counting it")
+
+
 def cmd_export(args) -> int:
     from masktrain.trainer.export import export
 
-    print(f"exported to {export(args.checkpoint, args.out_dir)}")
+    out_dir = export(args.checkpoint, args.out_dir)
+    print(f"exported to {out_dir} (how to load it: {out_dir / 'README.md'})")
     return 0
 
 
@@ -90,6 +153,82 @@ def cmd_repro(args) -> int:
     return 0
 
 
+def slurm_spec(args):
+    from masktrain.launcher.slurm import JobSpec
+
+    return JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, time=args.time, partition=args.partition,
+                   account=args.account, cpus_per_task=args.cpus_per_task, grace=args.signal_grace,
+                   job_name=args.job_name, sbatch=args.sbatch, chain=getattr(args, "chain", 1))
+
+
+def slurm_errors(action) -> int:
+    """Run a `slurm` subcommand; what SLURM refuses is reported in a line, without a traceback."""
+    from masktrain.launcher.slurm import SlurmError
+
+    try:
+        return action()
+    except SlurmError as err:
+        print(f"masktrain slurm: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_slurm_render(args) -> int:
+    from masktrain.launcher import slurm
+
+    def render() -> int:
+        spec = slurm_spec(args)
+        cfg = slurm.job_config(args.config, args.overrides, spec)
+        text = slurm.render(cfg, spec)
+        if args.out:
+            print(f"wrote {slurm.write_script(cfg, text, args.out)}", file=sys.stderr)
+        else:
+            print(text, end="")
+        return 0
+
+    return slurm_errors(render)
+
+
+def cmd_slurm_submit(args) -> int:
+    from masktrain.launcher import slurm
+
+    def submit() -> int:
+        spec = slurm_spec(args)
+        slurm.submit(slurm.job_config(args.config, args.overrides, spec), spec)
+        return 0
+
+    return slurm_errors(submit)
+
+
+def cmd_slurm_node(args) -> int:
+    from masktrain.launcher.slurm import node
+
+    return slurm_errors(lambda: node(args.run_config))
+
+
+def cmd_slurm_status(args) -> int:
+    from masktrain.launcher.slurm import status
+
+    print(status(args.run_dir))
+    return 0
+
+
+def add_job_args(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--nodes", type=int, required=True)
+    parser.add_argument("--gpus-per-node", type=int, required=True,
+                        help="ranks per node: GPUs, or CPU processes when launch.accelerator=cpu")
+    parser.add_argument("--time", required=True, help="time limit, e.g. 4:00:00 or 2-00:00:00")
+    parser.add_argument("--partition", required=True)
+    parser.add_argument("--account", default="")
+    parser.add_argument("--cpus-per-task", type=int, default=0,
+                        help="CPUs per node (default: one per rank plus one per loader worker of each rank)")
+    parser.add_argument("--signal-grace", type=int, default=180,
+                        help="seconds before the time limit at which the ranks are told to checkpoint and stop")
+    parser.add_argument("--job-name", default="", help="default: run.name")
+    parser.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                        help="an extra #SBATCH option, repeatable: --sbatch=--exclusive --sbatch=--mem=0")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="masktrain", description=__doc__.splitlines()[0])
     sub = root.add_subparsers(dest="command", required=True)
@@ -109,10 +248,37 @@ def parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.set_defaults(func=cmd_config_show)
 
+    model = sub.add_parser("model", help="inspect models").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("info", help="parameter count and training state per rank, without building weights")
+    add_config_args(p)
+    p.set_defaults(func=cmd_model_info)
+
     data = sub.add_parser("data", help="tokenizer and shards").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("prepare", help="build the tokenizer and shards a config reads")
     add_config_args(p)
     p.set_defaults(func=cmd_data_prepare)
+    p = data.add_parser("importance", help="build the IDF table of the importance masking policy "
+                                           "(default <data.dir>/idf.npy)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_importance)
+    p = data.add_parser("collocations", help="build the word-pair table of the pmi masking policy "
+                                             "(default <data.dir>/collocations.npy)")
+    add_config_args(p)
+    p.set_defaults(func=cmd_data_collocations)
+
+    p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer (+ Hugging Face files) on text")
+    add_data_args(p, ("vocab_size", int, "vocabulary size, special tokens included"),
+                  ("tokenizer_type", str, "unigram or bpe"),
+                  ("tokenizer_sample_docs", int, "train on at most this many documents"))
+    p.add_argument("--template", choices=("encoder", "decoder"),
+                   help="Hugging Face files add [CLS]/[SEP] (encoder) or <s> (decoder) around text")
+    p.set_defaults(func=cmd_data_tokenizer)
+    p = data.add_parser("shards", help="tokenize text into WebDataset shards with a manifest")
+    add_data_args(p, ("shard_bytes", int, "target shard size in bytes"),
+                  ("val_fraction", float, "fraction of documents held out for validation"),
+                  ("shuffle_buffer", int, "documents shuffled together before writing (0: input order)"))
+    p.add_argument("--tokenizer", required=True, help="folder of a tokenizer from `masktrain data tokenizer`")
+    p.set_defaults(func=cmd_data_shards)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
@@ -142,18 +308,42 @@ def parser() -> argparse.ArgumentParser:
     meap.add_argument("--keys", type=int, default=task.keys, help="distinct key words")
     meap.add_argument("--values", type=int, default=task.values, help="distinct value words")
     meap.add_argument("--probe-examples", type=int, default=100, help="probe contexts per position")
+
+    slurm = sub.add_parser("slurm", help="SLURM jobs: render and submit the sbatch script").add_subparsers(
+        dest="slurm_command", required=True)
+    p = slurm.add_parser("render", help="print (or --out: write) the job script for N nodes x G ranks")
+    add_job_args(p)
+    p.add_argument("--out", help="write the script here instead of printing it")
+    p.set_defaults(func=cmd_slurm_render)
+    p = slurm.add_parser("submit", help="render the job script and sbatch it; prints job ids and log files")
+    add_job_args(p)
+    p.add_argument("--chain", type=int, default=1,
+                   help="submit K jobs, each starting when the one before ends, for runs longer than --time")
+    p.set_defaults(func=cmd_slurm_submit)
+    p = slurm.add_parser("node", help="(run by the job script on every node) start this node's ranks")
+    p.add_argument("run_config", help="<run>/config.yaml")
+    p.set_defaults(func=cmd_slurm_node)
+    p = slurm.add_parser("status", help="(read by the job script) print the run's last state and step")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_slurm_status)
     return root
 
 
 def main(argv: list[str] | None = None) -> None:
     root = parser()
-    args, rest = root.parse_known_args(argv)
-    if rest and not getattr(args, "passes_through", False):
-        root.error(f"unrecognized arguments: {' '.join(rest)}")
-    args.rest = rest
+    args, extra = root.parse_known_args(argv)
+    args.rest = extra
+    # Overrides may also follow options (`slurm render smoke --nodes 2 trainer.max_steps=40`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra and not getattr(args, "passes_through", False):
+        root.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
     except ConfigError as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 2
+    except (InputError, DataError) as err:  # --strict: the message names the file and line or member
+        print(f"masktrain: {err}", file=sys.stderr)
+        code = 1
     sys.exit(code)

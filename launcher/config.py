@@ -6,6 +6,7 @@ checked by `masktrain.launcher.validate`; loading and overrides live in `masktra
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 
@@ -39,7 +40,10 @@ class PrepareConfig:
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (chosen by a hash of the document, not its order)."""
     workers: int = 0
-    """Tokenizer processes; 0 means one per available core."""
+    """Tokenizer threads (sentencepiece's own, for tokenizer training and encoding); 0: one per available core."""
+    shuffle_buffer: int = 100_000
+    """Documents held back and written in a random order seeded by run.seed, so each shard mixes the input's
+    files and sources (the loader shuffles within a shard only); 0 keeps input order."""
     max_docs: int = 0
     """Stop after this many input documents (0: all). Keeps smoke runs small."""
 
@@ -49,35 +53,48 @@ class MaskingConfig:
     """Which tokens an objective corrupts and how many, as a pure function of the global step."""
 
     policy: str = "random"
-    """Selection policy: random, whole_word, span, importance (see `masktrain.data.masking.POLICIES`)."""
+    """Selection policy: random, whole_word, span, importance or pmi (see `masktrain.data.masking.POLICIES`)."""
     rate: float = 0.15
     """Fraction of maskable tokens selected (the schedule's start value)."""
     schedule: str = "constant"
-    """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`)."""
+    """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`). Rate,
+    final_rate and schedule form one unit: setting any of them drops all three of the objective's defaults."""
     final_rate: float | None = None
-    """Schedule end value; None keeps `rate`."""
+    """Schedule end value; None keeps `rate`. The constant schedule ignores it."""
     schedule_steps: int = 0
     """Steps over which the schedule moves from `rate` to `final_rate`; 0 means trainer.max_steps."""
     warmup_steps: int = 0
     """Steps before the schedule starts moving (the rate holds at `rate` until then)."""
     step_count: int = 4
-    """Number of equal plateaus for the step schedule."""
+    """Number of equal plateaus for the step schedule (at least 2: the first holds `rate`, the last
+    `final_rate`)."""
     mask_prob: float = 0.8
     """Of the selected tokens, the fraction replaced by [MASK]."""
     random_prob: float = 0.1
     """Of the selected tokens, the fraction replaced by a random token (the rest are kept as they are)."""
     exact: bool = True
-    """Select exactly round(rate * maskable) tokens per row; false draws each token independently."""
-    span_mean: float = 3.0
-    """Span policy: mean span length (geometric distribution)."""
+    """Select round(rate * maskable) tokens per row: exactly (random, importance, span) or to within half a unit
+    (whole_word: a word, pmi: a word or collocation). False draws independently instead: each token (random,
+    importance) or unit (whole_word, pmi) with probability rate, or whole spans only, the last one kept when the
+    budget covers its middle (span)."""
+    span_mean: float = 3.8
+    """Span policy: mean span length in tokens (a geometric distribution cut at span_max and solved for this
+    mean; SpanBERT's p = 0.2 cut at 10 has mean 3.8)."""
     span_max: int = 10
     """Span policy: longest span."""
     share_across_batch: bool = False
-    """Use one mask pattern for every row of a batch (parity with the MEAP authors' code)."""
+    """Use one mask pattern for every row of a batch (parity with the MEAP authors' code; random policy only)."""
     importance_table: str = ""
     """Importance policy: path of the table built by `masktrain data importance` (default <data.dir>/idf.npy)."""
     importance_power: float = 1.0
     """Importance policy: selection weight is importance ** power (0 gives uniform selection)."""
+    collocation_table: str = ""
+    """Pmi policy: path of the table built by `masktrain data collocations` (default
+    <data.dir>/collocations.npy)."""
+    collocation_min_count: int = 20
+    """`masktrain data collocations`: keep only word pairs seen at least this often (PMI overrates rare pairs)."""
+    collocation_pairs: int = 100_000
+    """`masktrain data collocations`: keep at most this many pairs, those of highest PMI."""
     eval_rate: float | None = None
     """Rate used by evaluation; None uses the schedule's final value, so evaluations stay comparable."""
 
@@ -123,8 +140,9 @@ class ModelConfig:
     max_position_embeddings: int = 0
     """0 means data.seq_len."""
     dropout: float = 0.1
-    decoder_layers: int = 2
-    """MAE-LM: depth of the shallow bidirectional decoder."""
+    decoder_layers: int = 4
+    """MAE-LM: depth of the shallow bidirectional decoder (the reference's run_pretrain.sh uses 4 under a
+    12-layer encoder). Only MAE-LM has a decoder; other objectives ignore it."""
     tie_embeddings: bool = True
     """Tie the output projection to the input embedding."""
     init_std: float = 0.02
@@ -224,10 +242,28 @@ class Config:
 
 
 # Paper defaults per objective, applied beneath the user's YAML so an explicit value always wins.
-# MEAP (scitix/MEAP) replaces inputs with [MASK] only; MAE-LM (yumeng5/MAE-LM) uses pure <mask>.
+# MLM: BERT's 80/10/10 with the masking-rate schedule MosaicML found best for BERT pre-training (Ankner et al.,
+# 2305.15096: linear 30% -> 15%). MEAP (scitix/MEAP) replaces inputs with [MASK] only at 15%; MAE-LM
+# (yumeng5/MAE-LM) uses pure <mask> at 15%.
 OBJECTIVE_DEFAULTS: dict[str, dict] = {
-    "mlm": {"data": {"masking": {"rate": 0.15, "mask_prob": 0.8, "random_prob": 0.1}}},
+    "mlm": {"data": {"masking": {"rate": 0.3, "final_rate": 0.15, "schedule": "linear", "mask_prob": 0.8,
+                                 "random_prob": 0.1}}},
     "mae_lm": {"data": {"masking": {"rate": 0.15, "mask_prob": 1.0, "random_prob": 0.0}}},
     "meap": {"model": {"arch": "llama"}, "data": {"masking": {"rate": 0.15, "mask_prob": 1.0, "random_prob": 0.0}}},
     "ntp": {"model": {"arch": "llama"}, "data": {"masking": {"rate": 0.0}}},
 }
+
+RATE_KEYS = ("rate", "final_rate", "schedule")
+
+
+def objective_defaults(objective: str, raw: dict) -> dict:
+    """The defaults of `objective` to lay beneath `raw` (the YAML with overrides). A rate schedule is taken
+    whole: when `raw` sets any of rate, final_rate or schedule, none of the objective's three apply, so
+    `rate: 0.2` alone means a constant 0.2, not a schedule from 0.2 to the paper's end value."""
+    defaults = copy.deepcopy(OBJECTIVE_DEFAULTS.get(objective, {}))
+    data = raw.get("data")
+    masking = data.get("masking") if isinstance(data, dict) else None
+    if isinstance(masking, dict) and any(key in masking for key in RATE_KEYS):
+        for key in RATE_KEYS:
+            defaults.get("data", {}).get("masking", {}).pop(key, None)
+    return defaults

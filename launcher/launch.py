@@ -19,6 +19,9 @@ from masktrain.launcher.loading import to_dict
 
 from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status
 
+# torchrun's own defaults plus SIGUSR1, the signal SLURM jobs are commonly given ahead of their time limit.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
+
 
 def check_resume_compatible(cfg: Config) -> None:
     """Fail before spawning anything when the run folder's checkpoint was made with a different config."""
@@ -49,28 +52,35 @@ def rank_environment(cfg: Config, cuda: bool) -> dict[str, str]:
     threads = cfg.launch.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // cfg.launch.nproc_per_node)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))
-    # torchrun then passes SIGUSR1 on to the ranks (and waits for their checkpoint) instead of dying on it.
-    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    # torchrun then passes SIGUSR1 on to the ranks (and waits for their checkpoint) instead of dying on it and
+    # orphaning them. torchrun reads its --signals-to-handle default from PET_SIGNALS_TO_HANDLE and overwrites
+    # TORCHELASTIC_SIGNALS_TO_HANDLE with it, so only the PET_ variable has an effect.
+    env["PET_SIGNALS_TO_HANDLE"] = ",".join(sig.name for sig in FORWARDED_SIGNALS)
+    # DeepSpeed JIT-builds a CPU communication op at start-up into a cache keyed by the op's name only: two Python
+    # environments sharing ~/.cache rebuild each other's copy (minutes) on every start. One cache per environment.
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
+def torchrun_command(cfg: Config, config_path: Path, rendezvous: list[str]) -> list[str]:
+    """torchrun starting this node's ranks; `rendezvous` says how the nodes find each other."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.launch.nproc_per_node}",
+            f"--shutdown-timeout={cfg.launch.shutdown_timeout}", *rendezvous,
+            "-m", "masktrain.trainer.train", str(config_path)]
+
+
 def launch_local(cfg: Config) -> int:
     """Run the training job on this machine; returns 0, REQUEUE_EXIT or the failure code."""
-    import torch
-
     check_resume_compatible(cfg)
     config_path = write_run_config(cfg)
     (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
-    cuda = cfg.launch.accelerator == "cuda" or (cfg.launch.accelerator == "auto" and torch.cuda.is_available())
-    command = [sys.executable, "-m", "torch.distributed.run",
-               f"--nproc-per-node={cfg.launch.nproc_per_node}", f"--shutdown-timeout={cfg.launch.shutdown_timeout}"]
+    cuda = cfg.launch.accelerator == "cuda" or (cfg.launch.accelerator == "auto" and cuda_available())
     if cfg.launch.master_port:
-        command += ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
+        rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
     else:
-        command += ["--standalone"]
-    command += ["-m", "masktrain.trainer.train", str(config_path)]
-    process = subprocess.Popen(command, env=rank_environment(cfg, cuda))
+        rendezvous = ["--standalone"]
+    process = subprocess.Popen(torchrun_command(cfg, config_path, rendezvous), env=rank_environment(cfg, cuda))
 
     def forward(signum, frame):
         process.send_signal(signum)
@@ -81,9 +91,22 @@ def launch_local(cfg: Config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    status = read_status(cfg.output_dir).get("state")
-    if status == "preempted":
+    return outcome(cfg.output_dir, code)
+
+
+def cuda_available() -> bool:
+    import torch  # seconds to import: only when the config leaves the choice to the machine
+
+    return torch.cuda.is_available()
+
+
+def outcome(run_dir: str | Path, code: int) -> int:
+    """The launcher's exit code from how the ranks said the run ended (torchrun's own code says little)."""
+    status = read_status(run_dir)
+    if status.get("state") == "preempted":
         return REQUEUE_EXIT
-    if status == "completed":
+    if status.get("state") == "completed":
         return 0
+    if status.get("state") == "failed":
+        print(f"masktrain: training failed at step {status['step']}: {status['reason']}", file=sys.stderr)
     return code or 1

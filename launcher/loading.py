@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from masktrain import configs as builtin_configs
-from masktrain.launcher.config import OBJECTIVE_DEFAULTS, Config
+from masktrain.launcher.config import Config, objective_defaults
 
 
 class ConfigError(ValueError):
@@ -106,7 +106,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     override_tree, problems = parse_overrides(overrides or [])
     merge(raw, override_tree)
     objective = raw.get("model", {}).get("objective", "mlm") if isinstance(raw.get("model"), dict) else "mlm"
-    layered = merge(copy.deepcopy(OBJECTIVE_DEFAULTS.get(objective, {})), raw)
+    layered = merge(objective_defaults(objective, raw), raw)
     cfg = build(Config, layered, "", problems)
     # Fields with a type error keep their defaults, so validating anyway reports every problem at once.
     problems += validate(cfg)

@@ -6,6 +6,8 @@ Problems are collected, not raised one by one, so a user fixes everything in one
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from masktrain.launcher.config import Config
 
 ENCODER_ARCHS = ("bert", "roberta")
@@ -56,6 +58,7 @@ def validate(cfg: Config) -> list[str]:
     check(p.shard_bytes >= 4096, "data.prepare.shard_bytes", f"must be at least 4096, got {p.shard_bytes}")
     check(0.0 <= p.val_fraction < 1.0, "data.prepare.val_fraction", f"must be within [0, 1), got {p.val_fraction}")
     non_negative(p.workers, "data.prepare.workers")
+    non_negative(p.shuffle_buffer, "data.prepare.shuffle_buffer")
     non_negative(p.max_docs, "data.prepare.max_docs")
 
     m = d.masking
@@ -68,10 +71,17 @@ def validate(cfg: Config) -> list[str]:
     non_negative(m.schedule_steps, "data.masking.schedule_steps")
     non_negative(m.warmup_steps, "data.masking.warmup_steps")
     positive(m.step_count, "data.masking.step_count")
-    check(m.span_mean >= 1.0, "data.masking.span_mean", f"must be >= 1, got {m.span_mean}")
+    check(m.schedule != "step" or m.step_count >= 2, "data.masking.step_count",
+          f"the step schedule needs at least 2 plateaus (one at rate, one at final_rate), got {m.step_count}")
     check(m.span_max >= 1, "data.masking.span_max", f"must be >= 1, got {m.span_max}")
-    check(m.span_mean <= m.span_max, "data.masking.span_mean", f"must not exceed span_max ({m.span_max})")
+    check(1.0 <= m.span_mean <= max(m.span_max, 1), "data.masking.span_mean",
+          f"must be within [1, span_max ({m.span_max})], got {m.span_mean}")
+    check(not m.share_across_batch or m.policy == "random", "data.masking.share_across_batch",
+          f"one pattern for the whole batch only works with policy random (whole words and spans differ per "
+          f"row), got policy {m.policy!r}")
     non_negative(m.importance_power, "data.masking.importance_power")
+    positive(m.collocation_min_count, "data.masking.collocation_min_count")
+    positive(m.collocation_pairs, "data.masking.collocation_pairs")
 
     # model
     mo = cfg.model
@@ -79,10 +89,17 @@ def validate(cfg: Config) -> list[str]:
         objective = OBJECTIVES[mo.objective]
         choice(mo.arch, "model.arch", objective.archs)
         if objective.masked:
-            check(m.rate > 0 or (m.final_rate or 0) > 0, "data.masking.rate",
-                  f"objective {mo.objective} needs a masking rate > 0")
-            check(m.policy in objective.policies, "data.masking.policy",
+            # Schedules move monotonically from rate to final_rate: both ends > 0 keep every step > 0, and a
+            # step with nothing masked has no loss at all.
+            for key in ("rate", "final_rate", "eval_rate"):
+                value = getattr(m, key)
+                check(value is None or value > 0, f"data.masking.{key}",
+                      f"objective {mo.objective} needs a masking rate > 0, got {value}")
+            check(m.policy not in POLICIES or m.policy in objective.policies, "data.masking.policy",
                   f"objective {mo.objective} supports {', '.join(objective.policies)}, not {m.policy!r}")
+        if mo.objective == "mae_lm":
+            check(m.mask_prob > 0, "data.masking.mask_prob",
+                  "mae_lm removes the tokens chosen for [MASK] from the encoder input; with 0 none are removed")
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "decoder_layers"):
         positive(getattr(mo, key), f"model.{key}")
     non_negative(mo.num_kv_heads, "model.num_kv_heads")
@@ -125,11 +142,10 @@ def validate(cfg: Config) -> list[str]:
     positive(t.log_every, "trainer.log_every")
     positive(t.max_bad_steps, "trainer.max_bad_steps")
     non_negative(t.peak_tflops, "trainer.peak_tflops")
-    check(t.resume in ("auto", "never") or bool(t.resume.strip()), "trainer.resume",
-          "must be auto, never or a checkpoint path")
+    if t.resume not in ("auto", "never"):
+        check((Path(t.resume) / "meta.json").is_file(), "trainer.resume",
+              f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
     if t.deepspeed_config:
-        from pathlib import Path
-
         check(Path(t.deepspeed_config).is_file(), "trainer.deepspeed_config",
               f"file not found: {t.deepspeed_config}")
 

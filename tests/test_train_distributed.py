@@ -1,34 +1,224 @@
-"""A short 2-rank DeepSpeed (ZeRO-2, gloo, CPU) training run through the CLI: trains, checkpoints, resumes."""
+"""2-rank DeepSpeed runs (gloo, CPU) through the `masktrain train` CLI, interrupted the ways clusters interrupt
+them: kill -9 in the middle of a save, kill -9 at a random step, SIGTERM. Each launch costs 15-30 s here, so
+every launch serves several assertions.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
+import subprocess
+import time
 from pathlib import Path
 
-from conftest import run_cli
+import pytest
+
+from conftest import MASKTRAIN, run_cli
+from masktrain.trainer.checkpoint import Checkpointer
+
+pytestmark = pytest.mark.slow
+
+RNG = random.Random()  # the chosen steps are in every assertion message, so a failure can be replayed
 
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_rank_zero2_trains_checkpoints_and_resumes(tiny_data, tmp_path):
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [r for r in metrics(run_dir) if "train/loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {steps}"
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+def processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, scheduler state letter) of every process."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+    return table
+
+
+def descendants(root: int, table: dict[int, tuple[int, str]]) -> list[int]:
+    found, frontier = [root], [root]
+    while frontier:
+        frontier = [pid for pid, (parent, _) in table.items() if parent in frontier]
+        found += frontier
+    return found
+
+
+def send(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:  # exited meanwhile
+            pass
+
+
+class Launch:
+    """`masktrain train` in the background. Signals go to the launcher, as a scheduler sends them; `kill` takes
+    down the whole process tree at once (launcher, torchrun, ranks in their own sessions, loader workers), as a
+    node failure would."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.log = log
+        with open(log, "w") as out:
+            self.process = subprocess.Popen([MASKTRAIN, "train", *args], stdout=out, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, condition, what: str, timeout: float = 300, poll: float = 0.05) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.process.poll() is not None:
+                raise AssertionError(f"exited ({self.process.returncode}) before {what}:\n{self.text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"timed out waiting for {what}:\n{self.text()[-3000:]}")
+            time.sleep(poll)
+
+    def wait_for_step(self, step: int) -> None:
+        self.wait_for(lambda: f"] step {step} loss" in self.text(), f"step {step}")
+
+    def freeze(self) -> list[int]:
+        """SIGSTOP every process of the job and wait until all are stopped (delivery to a process running on
+        another core takes a moment, and a process may start one meanwhile). Returns their pids."""
+        deadline = time.monotonic() + 10
+        while True:
+            table = processes()
+            pids = [pid for pid in descendants(self.process.pid, table) if pid in table]
+            if all(table[pid][1] in "TtZX" for pid in pids):
+                return pids
+            assert time.monotonic() < deadline, "the job did not stop"
+            send(pids, signal.SIGSTOP)
+            time.sleep(0.001)
+
+    def resume(self, pids: list[int]) -> None:
+        send(pids, signal.SIGCONT)
+
+    def kill(self) -> None:
+        send(self.freeze(), signal.SIGKILL)
+        self.process.wait(timeout=60)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"did not finish in {timeout}s:\n{self.text()[-3000:]}") from None
+
+
+def kill_during_save(launch: Launch, ckpt_dir: Path, steps: list[int]) -> int:
+    """kill -9 the whole job while it writes one of the checkpoints for `steps`; returns that step.
+
+    The job is frozen (SIGSTOP) the moment the `.partial` folder appears; if the save already got published in
+    that moment, it runs on to the next candidate."""
+    for step in steps:
+        partial, final = ckpt_dir / f"step-{step:08d}.partial", ckpt_dir / f"step-{step:08d}"
+        launch.wait_for(partial.exists, f"the save of step {step}", poll=0.002)
+        frozen = launch.freeze()
+        if partial.exists() and not final.exists():
+            launch.kill()
+            return step
+        launch.resume(frozen)
+    launch.kill()
+    raise AssertionError(f"no save of steps {steps} could be caught in progress")
+
+
+def test_zero2_kill9_mid_save_and_at_a_random_step_resumes_bitwise(tiny_data, tmp_path):
+    common = ["smoke", *tiny_data, "trainer.zero_stage=2", "trainer.max_steps=12", "trainer.log_every=1",
+              "trainer.checkpoint_every=3", "trainer.keep_last=2", "trainer.eval_every=6"]
+    reference = tmp_path / "reference"
+    run_cli("train", *common, f"run.output_dir={reference}", check=True)
+    expected = losses(reference)
+    assert sorted(expected) == list(range(1, 13))
+
     run = tmp_path / "run"
-    common = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=16", "trainer.log_every=1",
-              "trainer.checkpoint_every=4", "trainer.keep_last=2"]
-    first = run_cli("train", *common, "trainer.stop_after_steps=6")
-    assert first.returncode == 75, first.stderr[-3000:]
-    assert json.loads((run / "status.json").read_text())["state"] == "preempted"
-    assert (run / "checkpoints" / "latest").read_text() == "step-00000006"
+    ckpt = Checkpointer(run, 2, False)
+    args = [*common, f"run.output_dir={run}"]
 
-    second = run_cli("train", *common)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "at step 6" in second.stdout
+    # 1. kill -9 while a checkpoint is being written: the previous one stays `latest` and loads (launch 2).
+    saving = kill_during_save(Launch(args, tmp_path / "1.log"), ckpt.dir, [6, 9])
+    previous = ckpt.dir / f"step-{saving - 3:08d}"
+    assert (ckpt.dir / "latest").read_text() == previous.name
+    assert ckpt.latest() == previous
+    assert (ckpt.dir / f"step-{saving:08d}.partial").exists() and not (ckpt.dir / f"step-{saving:08d}").exists()
 
-    rows = [r for r in metrics(run) if "train/loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, 17))
-    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.5
-    assert any("val/loss" in r for r in metrics(run))
-    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
-    assert kept == ["step-00000012", "step-00000016"]
-    assert (run / "tb").is_dir() and any((run / "tb").iterdir())
+    # 2. kill -9 at a random step after the resume.
+    kill_at = RNG.randint(saving - 2, 10)
+    second = Launch(args, tmp_path / "2.log")
+    second.wait_for_step(kill_at)
+    second.kill()
+    assert f"resumed from {previous} at step {saving - 3}" in second.text()
+
+    # 3. run to the end: every step's loss equals the uninterrupted run's, bit for bit.
+    third = run_cli("train", *args, check=True)
+    assert "resumed from" in third.stdout
+    got = losses(run)
+    assert got == expected, f"killed mid-save at step {saving}, then at step {kill_at}: {got} != {expected}"
+
+    rows = metrics(run)
+    evals = [r for r in rows if "val/loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(0.0 < r["val/accuracy"] < 1.0 and "val/ppl" not in r for r in evals)
+    assert evals == [r for r in metrics(reference) if "val/loss" in r]
+    assert [p.name for p in ckpt.complete()] == ["step-00000009", "step-00000012"]
+    assert not list(ckpt.dir.glob("*.partial")), "an interrupted save was not cleaned up"
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+def test_zero3_sigterm_and_sigusr1_checkpoint_requeue_and_resume_exactly(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    ckpt = Checkpointer(run, 4, False)
+    args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.zero_stage=3", "trainer.max_steps=12",
+            "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.keep_last=4"]
+
+    def stop(launch: Launch, sig: signal.Signals, at: int) -> int:
+        """Signal the launcher (as a scheduler would) at step `at`: it finishes the step, checkpoints and exits
+        with the requeue code. Returns the step it stopped at."""
+        launch.wait_for_step(at)
+        launch.process.send_signal(sig)
+        assert launch.finish() == 75, launch.text()[-3000:]
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "preempted" and status["reason"] == sig.name and status["step"] >= at, status
+        assert f"stopping on {sig.name}" in launch.text()
+        assert ckpt.latest().name == f"step-{status['step']:08d}"
+        return status["step"]
+
+    sigterm_at = RNG.randint(3, 6)
+    stopped = stop(Launch(args, tmp_path / "1.log"), signal.SIGTERM, sigterm_at)
+    before = losses(run)
+    assert sorted(before) == list(range(1, stopped + 1))
+
+    # Resume from the checkpoint before the last one: the steps both launches ran must agree bitwise, and the
+    # new save of the stop step replaces the first one. SIGUSR1 (which torchrun forwards only when told to)
+    # stops this launch.
+    earlier = ckpt.complete()[-2]
+    resumed_at = int(earlier.name.split("-")[1])
+    second = Launch([*args, f"trainer.resume={earlier}"], tmp_path / "2.log")
+    stop(second, signal.SIGUSR1, stopped + 1)
+    assert f"resumed from {earlier} at step {resumed_at}" in second.text()
+    replayed = losses(run)
+    assert {s: replayed[s] for s in before} == before, f"SIGTERM at step {sigterm_at}, resumed at {resumed_at}"
+
+    third = run_cli("train", *args, check=True)
+    assert "resumed from" in third.stdout
+    after = losses(run)
+    assert sorted(after) == list(range(1, 13)) and after[12] < after[1]
+    assert {s: after[s] for s in replayed} == replayed
+    assert any(r["step"] == 12 and "val/accuracy" in r for r in metrics(run))
+
+    # A resume whose config changes what the run computes fails before any rank starts, naming the keys.
+    refused = run_cli("train", *args, "model.hidden_size=64", "trainer.max_steps=14")
+    assert refused.returncode != 0
+    assert "cannot resume from" in refused.stderr and "model.hidden_size: 128 -> 64" in refused.stderr
+    assert "trainer.max_steps: 12 -> 14" in refused.stderr and "allow_config_change" in refused.stderr
+    assert "DeepSpeed" not in refused.stdout + refused.stderr

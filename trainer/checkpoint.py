@@ -2,9 +2,9 @@
 
 Layout: `<run>/checkpoints/step-00000040/` (DeepSpeed's files, the resolved config.yaml and meta.json) and
 `<run>/checkpoints/latest` (the tag of the newest complete one). A save goes to `step-N.partial` on every
-rank; only after all ranks finished does rank 0 rename it and then replace `latest` in one `os.replace`.
-A crash mid-save therefore leaves the previous checkpoint as `latest` and a `.partial` folder that the next
-start removes.
+rank; every rank flushes its files to disk, and only after all ranks finished does rank 0 rename the folder
+and then replace `latest` in one `os.replace`. A crash mid-save therefore leaves the previous checkpoint as
+`latest` and a `.partial` folder that the next start removes.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch.distributed as dist
 import yaml
 
 LATEST = "latest"
@@ -59,13 +58,22 @@ class Checkpointer:
         self.keep_last = keep_last
         self.is_main = is_main
 
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first (the zero-padded step sorts by name)."""
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.glob("step-*") if not p.name.endswith(PARTIAL) and is_complete(p))
+
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
+        """The checkpoint `latest` names or, when a crash came between publishing a checkpoint and pointing
+        `latest` at it (or `latest` was removed), the newest complete one; None when there is none."""
         pointer = self.dir / LATEST
-        if not pointer.is_file():
-            return None
-        path = self.dir / pointer.read_text().strip()
-        return path if (path / "meta.json").is_file() else None
+        if pointer.is_file():
+            path = self.dir / pointer.read_text().strip()
+            if is_complete(path):
+                return path
+        complete = self.complete()
+        return complete[-1] if complete else None
 
     def clean_partial(self) -> None:
         """Remove saves a crash interrupted (rank 0, before anyone saves again)."""
@@ -74,27 +82,34 @@ class Checkpointer:
                 shutil.rmtree(stale, ignore_errors=True)
 
     def save(self, engine, step: int, client_state: dict, config: dict, meta: dict) -> Path:
+        """Collective: every rank calls it with the same step; returns the published checkpoint."""
+        import torch.distributed as dist
+
         tag = tag_for(step)
-        final = self.dir / tag
-        if (final / "meta.json").is_file():
-            return final
-        partial = tag + PARTIAL
-        engine.save_checkpoint(str(self.dir), tag=partial, client_state={CLIENT_KEY: client_state},
+        final, staging = self.dir / tag, self.dir / (tag + PARTIAL)
+        engine.save_checkpoint(str(self.dir), tag=staging.name, client_state={CLIENT_KEY: client_state},
                                save_latest=False)
+        # Each rank flushes what it wrote: on a shared file system one node's fsync says nothing of another's.
+        sync_tree(staging)
+        dist.barrier()
         if self.is_main:
-            staging = self.dir / partial
-            (staging / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_atomic(staging / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             write_atomic(staging / "meta.json", json.dumps({"tag": tag, "step": step, **meta}, indent=2))
-            sync_tree(staging)
+            if final.exists():
+                # A run resumed from an older checkpoint passes this step again: the new state replaces the
+                # old one. Renamed as a partial first, so a crash here leaves nothing that looks complete.
+                stale = self.dir / (tag + ".replaced" + PARTIAL)
+                final.rename(stale)
+                shutil.rmtree(stale)
             staging.rename(final)
+            fsync_dir(self.dir)
             write_atomic(self.dir / LATEST, tag)
             self.prune()
         dist.barrier()
         return final
 
     def prune(self) -> None:
-        complete = sorted(p for p in self.dir.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL))
-        for old in complete[:-self.keep_last]:
+        for old in self.complete()[:-self.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load(self, engine, path: Path) -> dict:
@@ -104,6 +119,11 @@ class Checkpointer:
         if client is None or CLIENT_KEY not in client:
             raise RuntimeError(f"{path}: not a masktrain checkpoint (no {CLIENT_KEY!r} client state)")
         return client[CLIENT_KEY]
+
+
+def is_complete(path: Path) -> bool:
+    """meta.json is written last, just before the folder is published."""
+    return (path / "meta.json").is_file()
 
 
 def saved_config(path: Path) -> dict:
@@ -126,6 +146,16 @@ def write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable: they live in the directory, not in the files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def sync_tree(path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
@@ -84,6 +85,40 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class FiniteAdamW(torch.optim.AdamW):
+    """AdamW that clips the gradient norm itself and skips a step whose norm is not finite, reporting both the
+    way DeepSpeed's optimizer wrappers do (`overflow`, `_global_grad_norm`), so `was_step_applied()` and
+    `get_global_grad_norm()` work alike at every stage.
+
+    For ZeRO-0 in fp32, the one setup where DeepSpeed hands the reduced gradients straight to the torch
+    optimizer: there it neither checks them (NaN would reach the weights and moments) nor reports the norm."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+        self.overflow = False
+        self._global_grad_norm = 0.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        # The gradients are reduced already: every rank computes the same norm and makes the same decision.
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        self._global_grad_norm = norm.item()
+        self.overflow = not math.isfinite(self._global_grad_norm)
+        if self.overflow:
+            return None
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, norm)
+        return super().step(closure)
+
+
+def hands_gradients_to_optimizer(ds: dict) -> bool:
+    """Whether DeepSpeed gives the torch optimizer the gradients as they are (ZeRO-0 without bf16/fp16)."""
+    low_precision = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
+    return ds.get("zero_optimization", {}).get("stage", 0) == 0 and not low_precision
+
+
 def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: str):
     import deepspeed
 
@@ -93,11 +128,17 @@ def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: s
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                                  fused=runtime.device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, dtype))
+    ds = deepspeed_config(cfg, dtype)
+    groups = param_groups(model, cfg.optim.weight_decay)
+    adamw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                 fused=runtime.device.type == "cuda")
+    if hands_gradients_to_optimizer(ds):
+        # The optimizer clips after its finiteness check; DeepSpeed clipping first would hide an infinite norm.
+        optimizer = FiniteAdamW(groups, max_norm=ds["gradient_clipping"], **adamw)
+        ds["gradient_clipping"] = 0.0
+    else:
+        optimizer = torch.optim.AdamW(groups, **adamw)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     return engine
 
 

@@ -16,7 +16,7 @@ from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import config_from_dict
 from masktrain.trainer.checkpoint import saved_config
-from masktrain.trainer.models import build_model
+from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
 
@@ -37,15 +37,32 @@ def load_trained(checkpoint: str | Path):
         raise FileNotFoundError(f"{checkpoint}: not a complete masktrain checkpoint (no meta.json)")
     cfg = config_from_dict(saved_config(checkpoint), str(checkpoint / "config.yaml"))
     tokenizer = Tokenizer(tokenizer_dir(cfg))
-    model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, tokenizer)
+    model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
     model.load_state_dict(consolidated_state_dict(checkpoint, cfg.trainer.zero_stage))
     return cfg, tokenizer, model.eval()
 
 
+def model_card(cfg, model, checkpoint: Path) -> str:
+    """README.md of an exported folder: what it is and how to load it without masktrain."""
+    auto = model.auto_class
+    what = ("The encoder of an MAE-LM model (its shallow decoder and LM head are pre-training only)"
+            if cfg.model.objective == "mae_lm" else f"A {cfg.model.objective} model")
+    pooler = ("\nLoaded with `AutoModel`, the encoder gets a pooler that pre-training never had: transformers "
+              "reports it missing and it starts untrained.\n" if OBJECTIVES[cfg.model.objective].encoder else "")
+    return (f"# {cfg.run.name}\n\n"
+            f"{what}, pre-trained with masktrain ({cfg.model.objective} on "
+            f"{cfg.model.arch}) and exported from `{checkpoint}`.\n\n"
+            f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
+            f"tokenizer = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n"
+            + pooler)
+
+
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Write the checkpoint's exported model (safetensors), its tokenizer and a model card to `out_dir`."""
     cfg, tokenizer, model = load_trained(checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.exported().save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_hf(out_dir, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder")
+    (out_dir / "README.md").write_text(model_card(cfg, model, Path(checkpoint)))
     return out_dir

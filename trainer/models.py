@@ -2,13 +2,19 @@
 the forward pass takes a loader batch and returns the loss.
 
 The wrappers gather the positions that carry a loss *before* the LM head, so head compute scales with the
-number of targets (15% of tokens for MLM) rather than the sequence length. The wrapped Hugging Face model is
-`module.hf`; exporting saves it as it is.
+number of targets (15% of tokens for MLM) rather than the sequence length. `exported()` is the Hugging Face
+model a checkpoint becomes; `auto_class` names the `transformers` Auto class that loads it back.
+
+Every Hugging Face model is built with `_from_config`: under ZeRO-3 (see `partitioned`) that constructs it
+inside `deepspeed.zero.Init` and initializes its weights one gathered module at a time, so no rank ever holds
+the whole model.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +22,21 @@ from torch import nn
 
 from masktrain.data.batches import IGNORE
 from masktrain.launcher.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """What a model needs to know about the tokenizer."""
+
+    size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenIds:
+        return cls(len(tokenizer), tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -28,6 +49,8 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.T
 
 class MaskedLM(nn.Module):
     """BERT/RoBERTa masked LM: loss only at selected positions."""
+
+    auto_class = "AutoModelForMaskedLM"
 
     def __init__(self, hf: nn.Module, head: str):
         super().__init__()
@@ -47,6 +70,8 @@ class MaskedLM(nn.Module):
 
 class CausalLM(nn.Module):
     """Llama-style decoder for NTP and MEAP: next-token loss at every position with a real next token."""
+
+    auto_class = "AutoModelForCausalLM"
 
     def __init__(self, hf: nn.Module):
         super().__init__()
@@ -83,34 +108,82 @@ def encoder_config(cfg: ModelConfig, seq_len: int, vocab_size: int, pad_id: int,
     return BertConfig(max_position_embeddings=max_positions(cfg, seq_len), type_vocab_size=1, **common)
 
 
-def masked_lm(cfg: ModelConfig, seq_len: int, tokenizer) -> nn.Module:
-    from transformers import BertForMaskedLM, RobertaForMaskedLM
+def encoder_classes(arch: str) -> tuple[type, type, str]:
+    """(masked-LM class, bare encoder class, name of the masked-LM head attribute) for an encoder arch."""
+    from transformers import BertForMaskedLM, BertModel, RobertaForMaskedLM, RobertaModel
 
-    config = encoder_config(cfg, seq_len, len(tokenizer), tokenizer.pad_id)
-    if cfg.arch == "roberta":
-        return MaskedLM(RobertaForMaskedLM(config), head="lm_head")
-    return MaskedLM(BertForMaskedLM(config), head="cls")
+    if arch == "roberta":
+        return RobertaForMaskedLM, RobertaModel, "lm_head"
+    return BertForMaskedLM, BertModel, "cls"
 
 
-def causal_lm(cfg: ModelConfig, seq_len: int, tokenizer) -> nn.Module:
+def position_offset(arch: str, pad_id: int) -> int:
+    """RoBERTa numbers real tokens from pad_id + 1 (fairseq's convention); BERT from 0."""
+    return pad_id + 1 if arch == "roberta" else 0
+
+
+def masked_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
+    mlm_class, _, head = encoder_classes(cfg.arch)
+    return MaskedLM(mlm_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id)), head=head)
+
+
+def mae_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
+    from masktrain.trainer.mae import MaeLM
+
+    mlm_class, encoder_class, head = encoder_classes(cfg.arch)
+    hf = mlm_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id))
+    decoder = encoder_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id, cfg.decoder_layers),
+                                         add_pooling_layer=False)
+    return MaeLM(hf, decoder, head, ids.mask_id, position_offset(cfg.arch, ids.pad_id))
+
+
+def causal_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+    config = LlamaConfig(vocab_size=ids.size, hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
                          num_attention_heads=cfg.num_heads,
                          num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
                          max_position_embeddings=max_positions(cfg, seq_len), attention_dropout=cfg.dropout,
                          initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
-                         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                         pad_token_id=tokenizer.pad_id)
-    return CausalLM(LlamaForCausalLM(config))
+                         bos_token_id=ids.bos_id, eos_token_id=ids.eos_id, pad_token_id=ids.pad_id)
+    return CausalLM(LlamaForCausalLM._from_config(config))
 
 
-BUILDERS: dict[str, Callable[[ModelConfig, int, object], nn.Module]] = {
+BUILDERS: dict[str, Callable[[ModelConfig, int, TokenIds], nn.Module]] = {
     "masked_lm": masked_lm,
+    "mae_lm": mae_lm,
     "causal_lm": causal_lm,
 }
 
 
-def build_model(objective, cfg: ModelConfig, seq_len: int, tokenizer) -> nn.Module:
-    return BUILDERS[objective.model](cfg, seq_len, tokenizer)
+@contextmanager
+def partitioned(deepspeed_config: dict | None) -> Iterator[None]:
+    """Models built in this context are ZeRO-3 partitioned from the start when `deepspeed_config` is stage 3.
+
+    transformers' `_from_config` enters `deepspeed.zero.Init` while a `HfDeepSpeedConfig` is alive; the
+    context removes it again so that nothing built later (exports, evaluation copies) is partitioned.
+    """
+    stage = (deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        yield
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    alive = HfDeepSpeedConfig(deepspeed_config)  # transformers keeps only a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del alive
+
+
+def build_model(objective, cfg: ModelConfig, seq_len: int, ids: TokenIds,
+                deepspeed_config: dict | None = None) -> nn.Module:
+    """The objective's model; pass the run's DeepSpeed config to build it partitioned under ZeRO-3."""
+    if objective.model not in BUILDERS:
+        raise KeyError(f"objective {objective.name!r} names model builder {objective.model!r}; "
+                       f"known builders: {', '.join(sorted(BUILDERS))}")
+    with partitioned(deepspeed_config):
+        return BUILDERS[objective.model](cfg, seq_len, ids)

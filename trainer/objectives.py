@@ -29,12 +29,16 @@ class Objective:
     """Builder name in `masktrain.trainer.models.BUILDERS`."""
 
 
-ENCODER_POLICIES = ("random",)
-DECODER_POLICIES = ("random",)
+# Every selection policy serves both kinds: encoders predict the selected tokens, MEAP decoders see them as
+# [MASK] in their inputs and still predict every next token.
+ENCODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
+DECODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
 
 OBJECTIVES: dict[str, Objective] = {
     "mlm": Objective("mlm", ("bert", "roberta"), batches.mlm_batch, encoder=True, masked=True,
                      policies=ENCODER_POLICIES, model="masked_lm"),
+    "mae_lm": Objective("mae_lm", ("bert", "roberta"), batches.mae_batch, encoder=True, masked=True,
+                        policies=ENCODER_POLICIES, model="mae_lm"),
     "meap": Objective("meap", ("llama",), batches.meap_batch, encoder=False, masked=True,
                       policies=DECODER_POLICIES, model="causal_lm"),
     "ntp": Objective("ntp", ("llama",), batches.ntp_batch, encoder=False, masked=False,

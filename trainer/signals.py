@@ -1,7 +1,9 @@
 """Preemption: SIGTERM or SIGUSR1 asks the run to finish its step, checkpoint and leave.
 
 The handler only sets a flag; the loop agrees on it across ranks after every step so that all ranks stop at
-the same step and save together.
+the same step and save together. Schedulers and torchrun signal whole process groups, so the loader's worker
+processes get the signal too: they ignore it (`masktrain.data.loader.ignore_stop_signals`) and the loader stops
+them itself (`Loader.close`).
 """
 
 from __future__ import annotations
@@ -26,3 +28,4 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
+

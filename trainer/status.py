@@ -1,4 +1,5 @@
-"""`<run>/status.json`: how the last launch of a run ended (running, preempted or completed, and the step).
+"""`<run>/status.json`: how the last launch of a run ended (running, preempted, completed or failed with a
+reason, and the step).
 
 Launchers read it because torchrun replaces a worker's exit code with its own.
 """
@@ -15,10 +16,11 @@ STATUS = "status.json"
 REQUEUE_EXIT = 75
 
 
-def write_status(run_dir: str | Path, state: str, step: int) -> None:
+def write_status(run_dir: str | Path, state: str, step: int, reason: str | None = None) -> None:
     path = Path(run_dir) / STATUS
     tmp = path.with_name(STATUS + ".tmp")
-    tmp.write_text(json.dumps({"state": state, "step": step, "pid": os.getpid()}) + "\n")
+    status = {"state": state, "step": step, "pid": os.getpid(), **({"reason": reason} if reason else {})}
+    tmp.write_text(json.dumps(status) + "\n")
     os.replace(tmp, path)
 
 

@@ -1,8 +1,8 @@
 """One rank of a training run: `python -m masktrain.trainer.train RUN_DIR/config.yaml`.
 
 The launcher validated and saved the config; every rank reads that same file. The loop reads top to bottom:
-set LR -> micro-batches (forward, backward) -> agree across ranks -> step -> log -> evaluate -> checkpoint ->
-stop check.
+set LR -> micro-batches (forward, backward) -> agree across ranks -> step -> log -> abort check -> evaluate ->
+checkpoint -> stop check.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import random
 import sys
 import time
 import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,10 +33,11 @@ from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import Checkpointer, check_resumable
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Metrics
-from masktrain.trainer.models import build_model
+from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 from masktrain.trainer.progress import Progress, flops_per_token, peak_flops
 from masktrain.trainer.signals import StopRequest
+from masktrain.trainer.size import describe
 from masktrain.trainer.status import write_status
 
 STATE_VERSION = 1
@@ -76,19 +78,45 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def gather_counts(counts: dict[str, int]) -> dict[str, int]:
+    """Per-reason counts summed over ranks. Collective, and an object collective: call it when they changed."""
+    everyone: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, counts)
+    return dict(sum((Counter(c) for c in everyone), Counter()))
+
+
+def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
+    return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
+
+
 def resume_path(cfg: Config, ckpt: Checkpointer) -> Path | None:
     if cfg.trainer.resume == "never":
         return None
     if cfg.trainer.resume == "auto":
         return ckpt.latest()
-    path = Path(cfg.trainer.resume)
-    if not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"trainer.resume: {path} is not a complete masktrain checkpoint")
-    return path
+    return Path(cfg.trainer.resume)  # validated: a complete checkpoint
 
 
-def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime) -> dict[str, float]:
-    """Loss and accuracy over the whole validation split; every rank runs the same number of forwards."""
+def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
+    """Put this rank's data position and RNG state back. Returns why they were not restored, which only
+    trainer.allow_config_change permits (otherwise the config check stops such a resume earlier)."""
+    ranks = client["ranks"]
+    if len(ranks) != runtime.world_size:
+        return f"the checkpoint has {len(ranks)} ranks, this run {runtime.world_size}"
+    mine = ranks[runtime.rank]
+    try:
+        loader.load_state_dict(mine["data"])
+    except ValueError as err:
+        if not allowed:
+            raise
+        return str(err)
+    set_rng_state(mine["rng"])
+    return None
+
+
+def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime, encoder: bool) -> dict[str, float]:
+    """Masked-token loss and accuracy (encoders) or loss and perplexity (decoders) over the validation split;
+    every rank runs the same number of forwards."""
     (count,) = all_reduce([len(batches)], runtime.device, dist.ReduceOp.MAX)
     sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
     engine.eval()
@@ -100,19 +128,16 @@ def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime) -> 
     dist.all_reduce(sums)
     loss_sum, tokens, correct = sums.tolist()
     loss = loss_sum / max(tokens, 1)
-    return {"val/loss": loss, "val/accuracy": correct / max(tokens, 1), "val/ppl": math.exp(min(loss, 50.0)),
-            "val/tokens": tokens}
-
-
-def drop_gradients(engine) -> None:
-    """Make the coming optimizer step a no-op (AdamW skips parameters without gradients). ZeRO 1-3 skip
-    non-finite steps themselves; ZeRO-0 hands gradients straight to the optimizer."""
-    for param in engine.module.parameters():
-        param.grad = None
+    if encoder:
+        return {"val/loss": loss, "val/accuracy": correct / max(tokens, 1), "val/tokens": tokens}
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": tokens}
 
 
 def train(cfg: Config) -> None:
     """Train until max_steps or a stop request; how it ended is written to <run>/status.json."""
+    # First of all: a preemption signal during the minutes a large model takes to start must not kill the
+    # rank; it is honoured after the first step.
+    stop = StopRequest().install()
     runtime = eng.init_distributed(cfg)
     is_main = runtime.is_main
     out_dir = Path(cfg.output_dir)
@@ -120,8 +145,12 @@ def train(cfg: Config) -> None:
 
     tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
     objective = OBJECTIVES[cfg.model.objective]
-    model = build_model(objective, cfg.model, cfg.data.seq_len, tokenizer)
     dtype = eng.precision(cfg, runtime)
+    # Given the DeepSpeed config, ZeRO-3 builds the model partitioned: no rank ever holds all of it.
+    model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer),
+                        eng.deepspeed_config(cfg, dtype))
+    if is_main:
+        print(f"[masktrain] model: {cfg.model.objective} on {cfg.model.arch}, {describe(model)}", flush=True)
     engine = eng.build_engine(cfg, model, runtime, dtype)
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
@@ -138,26 +167,21 @@ def train(cfg: Config) -> None:
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
         client = ckpt.load(engine, source)
         state = TrainState(**client["state"])
-        mine = client["ranks"][runtime.rank] if len(client["ranks"]) == runtime.world_size else None
-        if mine is not None:
-            try:
-                loader.load_state_dict(mine["data"])
-            except ValueError:
-                if not cfg.trainer.allow_config_change:
-                    raise
-            set_rng_state(mine["rng"])
+        not_restored = restore_rank_state(client, loader, runtime, cfg.trainer.allow_config_change)
         if is_main:
             print(f"[masktrain] resumed from {source} at step {state.step}", flush=True)
+            if not_restored:
+                print(f"[masktrain] data stream and RNG restart from the beginning: {not_restored}", flush=True)
 
     metrics = Metrics(out_dir, is_main, state.step)
-    stop = StopRequest().install()
+    skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     flops = flops_per_token(engine.module, cfg)
     peak = peak_flops(cfg, runtime)
     progress = Progress(is_main, cfg.trainer.progress_bar, state.step, cfg.trainer.max_steps)
     launch_start = state.step
-    preempted = False
+    ended, reason = "completed", None
     if is_main:
         write_status(out_dir, "running", state.step)
 
@@ -191,42 +215,54 @@ def train(cfg: Config) -> None:
         stats[3], stats[4] = sum(loader.skipped().values()), float(wants_stop)
         dist.all_reduce(stats)
         loss_sum, targets, nonfinite, skipped_data, stops = stats.tolist()
-        bad = nonfinite > 0
-        if bad and cfg.trainer.zero_stage == 0:
-            drop_gradients(engine)
+        # DeepSpeed skips the update when the gradient norm is not finite (see engine.FiniteAdamW for ZeRO-0).
         engine.step()
-        bad = bad or not engine.was_step_applied()
+        bad = nonfinite > 0 or not engine.was_step_applied()
+        if skipped_data != skipped_seen:  # the all-reduced total moved, so every rank takes this branch
+            skipped_seen, skipped_by_reason = skipped_data, gather_counts(loader.skipped())
 
         state.step += 1
         state.tokens += tokens_per_step
         state.bad_steps += int(bad)
         state.bad_in_row = state.bad_in_row + 1 if bad else 0
-        if state.bad_in_row >= cfg.trainer.max_bad_steps:
-            raise RuntimeError(f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (up to step "
-                               f"{state.step}); lower optim.lr or check the data. trainer.max_bad_steps="
-                               f"{cfg.trainer.max_bad_steps} sets how many are tolerated")
 
         elapsed = time.perf_counter() - started
         loss = loss_sum / max(targets, 1.0)
         first_of_launch = state.step == launch_start + 1
-        if state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps:
+        aborting = state.bad_in_row >= cfg.trainer.max_bad_steps
+        if (state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps
+                or bad or aborting):
             throughput = tokens_per_step / elapsed
-            grad_norm = engine.get_global_grad_norm()
-            values = {"train/loss": loss if not bad else float("nan"), "train/lr": lr,
-                      "train/mask_rate": mask_rate(state.step - 1), "train/grad_norm": grad_norm,
+            values = {"train/loss": loss, "train/lr": lr, "train/mask_rate": mask_rate(state.step - 1),
+                      "train/grad_norm": engine.get_global_grad_norm(),
                       "train/tokens_per_s": throughput, "train/data_wait": waited / elapsed,
                       "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
                       "train/tokens_seen": state.tokens,
-                      "train/mfu": flops * throughput / (peak * runtime.world_size) if peak else None}
+                      "train/mfu": flops * throughput / (peak * runtime.world_size) if peak else None,
+                      **count_metrics("train/skipped", skipped_by_reason)}
             metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
             progress.update(state.step, loss, values)
+        if bad:
+            progress.message(f"step {state.step}: skipped (non-finite loss or gradient), "
+                             f"{state.bad_in_row} in a row, {state.bad_steps} in total")
+        if aborting:
+            # Every rank gets here at the same step (the decision is all-reduced), so none waits in a
+            # collective. No checkpoint: the last one before the bad steps is what to resume from.
+            ended = "failed"
+            reason = (f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (steps "
+                      f"{state.step - state.bad_in_row + 1}-{state.step}); lower optim.lr or check the data, then "
+                      f"resume from the last checkpoint. trainer.max_bad_steps={cfg.trainer.max_bad_steps} sets "
+                      f"how many in a row are tolerated")
+            progress.message(f"aborting: {reason}")
+            break
 
         final = state.step == cfg.trainer.max_steps
         if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
             if validation is None:
                 validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
                                                    runtime.rank, runtime.world_size, val_skips)
-            results = evaluate(engine, *validation, runtime)
+            results = evaluate(engine, *validation, runtime, objective.encoder)
+            results.update(count_metrics("val/skipped", gather_counts(dict(val_skips.counts))))
             metrics.log(state.step, results)
             progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
@@ -235,20 +271,22 @@ def train(cfg: Config) -> None:
             path = save()
             progress.message(f"step {state.step}: checkpoint {path}")
         if leaving:
-            reason = stop.signal_name or "stop_after_steps"
+            ended, reason = "preempted", stop.signal_name or "stop_after_steps"
             progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
-            preempted = True
             break
 
     if is_main:
-        write_status(out_dir, "preempted" if preempted else "completed", state.step)
-    if is_main and not preempted:
+        write_status(out_dir, ended, state.step, reason)
+    if ended == "completed":
         progress.message(f"done: {state.step} steps, {state.tokens} tokens, {state.bad_steps} skipped steps, "
-                         f"skipped data on rank 0: {loader.skipped() or 'none'}")
+                         f"skipped data: {skipped_by_reason or 'none'}")
+    loader.close()
     progress.close()
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()
+    if ended == "failed":
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -258,8 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     with open(argv[0]) as handle:
         cfg = config_from_dict(yaml.safe_load(handle), argv[0])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # DeepSpeed's ZeRO calls a torch collective that torch has renamed; the notice is not ours to act on.
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    # DeepSpeed's ZeRO calls torch collectives that torch has renamed; the notice is not ours to act on.
+    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
     train(cfg)
 
 

@@ -1,0 +1,187 @@
+"""What DeepSpeed costs and saves, side by side in one run.
+
+1. Step time: the trainer's DeepSpeed ZeRO-0 engine (`trainer.engine.build_engine`) vs a plain torch loop
+   (forward, backward, clip_grad_norm_, AdamW with the same parameter groups) on the same MLM model from the same
+   initial weights and the same masked batches, in one process, alternating step by step. Dropout is off, so the
+   two compute the same thing: their losses are compared too. Target: DeepSpeed / plain <= 1.10.
+2. Memory: bytes each of 2 ranks (gloo, CPU) holds for parameters (master copies included) and optimizer state
+   after a training step, ZeRO-3 vs ZeRO-0 with the shipped presets, counted from the tensors' storages (each
+   storage once). Target: ZeRO-3 / ZeRO-0 <= 0.55. ZeRO-3 keeps parameters below the preset's
+   stage3_param_persistence_threshold (1e5 elements) whole on every rank, so the model is sized for its
+   matrices to be partitioned.
+
+Run: `.venv/bin/python -m benchmarks.bench_engine` (`--quick` for a short run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from benchmarks.common import interleaved, write_result
+from masktrain.launcher.config import Config
+from masktrain.launcher.loading import load_config
+
+DATA = Path(__file__).parent / "out" / "data" / "engine"
+TINY_DATA = ["data.prepare.max_docs=2500", "data.prepare.vocab_size=1000", "data.prepare.shard_bytes=65536"]
+TIMED_MODEL = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=4", "model.intermediate_size=1024"]
+MEMORY_MODEL = ["model.hidden_size=512", "model.num_layers=4", "model.num_heads=8", "model.intermediate_size=2048"]
+
+
+def config(ranks: int, model: list[str], stage: int = 0) -> Config:
+    return load_config("smoke", [*TINY_DATA, f"data.dir={DATA}", *model, "model.dropout=0.0", "data.num_workers=0",
+                                 f"launch.nproc_per_node={ranks}", f"trainer.global_batch_size={8 * ranks}",
+                                 f"trainer.zero_stage={stage}", "launch.accelerator=cpu"])
+
+
+def join_group(rank: int, world_size: int, port: int, cfg: Config):
+    from masktrain.trainer import engine as eng
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    return eng.init_distributed(cfg)
+
+
+def model_and_batches(cfg: Config, runtime, count: int):
+    from masktrain.data import inputs
+    from masktrain.data.tokenizer import Tokenizer
+    from masktrain.trainer.models import build_model
+    from masktrain.trainer.objectives import OBJECTIVES
+
+    tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+    objective = OBJECTIVES[cfg.model.objective]
+    loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
+                                 runtime.world_size)
+    batches = [next(loader) for _ in range(count)]
+
+    def build():
+        torch.manual_seed(cfg.run.seed)
+        return build_model(objective, cfg.model, cfg.data.seq_len, tokenizer)
+
+    return build, batches
+
+
+def step_times(quick: bool) -> dict:
+    from masktrain.trainer import engine as eng
+
+    cfg = config(1, TIMED_MODEL)
+    runtime = join_group(0, 1, free_port(), cfg)
+    build, batches = model_and_batches(cfg, runtime, 8)
+    engine = eng.build_engine(cfg, build(), runtime, "fp32")
+    plain = build()
+    optimizer = torch.optim.AdamW(eng.param_groups(plain, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    losses = {"deepspeed_zero0": [], "plain_torch": []}
+    feeds = {name: itertools.cycle(batches) for name in losses}
+
+    def deepspeed_step():
+        out = engine(**next(feeds["deepspeed_zero0"]))
+        engine.backward(out["loss"])
+        engine.step()
+        losses["deepspeed_zero0"].append(out["loss"].item())
+
+    def plain_step():
+        out = plain(**next(feeds["plain_torch"]))
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(plain.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses["plain_torch"].append(out["loss"].item())
+
+    seconds = interleaved({"deepspeed_zero0": deepspeed_step, "plain_torch": plain_step},
+                          repeats=8 if quick else 40, warmup=2)
+    torch.distributed.destroy_process_group()
+    # Equal first losses say the two start from the same weights and batches; later ones drift apart only by
+    # float rounding (the CPU kernels' reduction order), which the chaotic training dynamics amplify.
+    gaps = [abs(a - b) / abs(b) for a, b in zip(losses["deepspeed_zero0"], losses["plain_torch"])]
+    return {"seconds_per_step": seconds, "ratio": seconds["deepspeed_zero0"] / seconds["plain_torch"],
+            "parameters": sum(p.numel() for p in plain.parameters()), "steps_each": len(gaps),
+            "relative_loss_gap": {"first_step": gaps[0], "max": max(gaps)}, "threads": torch.get_num_threads()}
+
+
+def storage_bytes(tensors) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def held_bytes(engine) -> dict[str, int]:
+    """Parameters as the module holds them (ZeRO-3: its partition in ds_tensor, plus parameters it keeps whole),
+    the master weights the torch optimizer steps on, and that optimizer's state."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    params = [t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None)) if t is not None]
+    params += [p for group in inner.param_groups for p in group["params"]]
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"parameters": storage_bytes(params), "optimizer_state": storage_bytes(state),
+            "total": storage_bytes(params + state)}
+
+
+def memory_rank(rank: int, port: int, out_dir: str) -> None:
+    from masktrain.trainer import engine as eng
+
+    runtime = join_group(rank, 2, port, config(2, MEMORY_MODEL))
+    result = {}
+    for stage in (0, 3):
+        cfg = config(2, MEMORY_MODEL, stage)
+        build, (batch,) = model_and_batches(cfg, runtime, 1)
+        engine = eng.build_engine(cfg, build(), runtime, "fp32")
+        out = engine(**batch)
+        engine.backward(out["loss"])
+        engine.step()  # the optimizer state exists from the first step on
+        result[f"zero{stage}"] = held_bytes(engine)
+        result["parameter_count"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        del engine, out
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def memory() -> dict:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(memory_rank, args=(free_port(), out_dir), nprocs=2, start_method="spawn")
+        ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
+    worst = {stage: max(r[stage]["total"] for r in ranks) for stage in ("zero0", "zero3")}
+    return {"per_rank_bytes": ranks, "ratio": worst["zero3"] / worst["zero0"],
+            "model": asdict(config(2, MEMORY_MODEL).model)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(quick: bool = False) -> dict:
+    from masktrain.data.prepare import prepare
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+    prepare(config(1, TIMED_MODEL), log=lambda text: None)
+    timing = step_times(quick)
+    mem = memory()
+    result = {
+        "quick": quick,
+        "step_time": timing,
+        "memory": mem,
+        "summary": [
+            {"metric": "DeepSpeed ZeRO-0 step time / plain torch loop (CPU, 1 process)", "value": timing["ratio"],
+             "target": "<= 1.10", "unit": "x"},
+            {"metric": "per-rank parameter+optimizer bytes, ZeRO-3 / ZeRO-0 (2 ranks)", "value": mem["ratio"],
+             "target": "<= 0.55", "unit": "x"},
+        ],
+    }
+    path = write_result("engine", result)
+    print(json.dumps(result["summary"], indent=2))
+    print(f"written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main(quick="--quick" in sys.argv)

@@ -1,0 +1,142 @@
+"""Export after real 2-rank DeepSpeed runs (gloo, CPU): the Hugging Face folder, loaded with stock Auto classes,
+computes what the trained module computed.
+
+"What the trained module computed" comes from the run itself: the validation loss the DeepSpeed engine logged at
+its last step, over every rank's validation batches. The exported model must reproduce it from the exported
+files alone. ZeRO-2 also keeps the engine's module weights whole, which the MLM test compares logits against;
+the ZeRO-3 runs check that the model was built partitioned and that DeepSpeed's consolidation restores it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+from test_models import TINY_MODEL
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+from masktrain.data import inputs
+from masktrain.data.batches import IGNORE
+from masktrain.data.reader import Skips
+from masktrain.trainer.checkpoint import Checkpointer
+from masktrain.trainer.export import export, load_trained
+from masktrain.trainer.models import TokenIds, build_model
+from masktrain.trainer.objectives import OBJECTIVES
+
+TEXT = ["Return a new sorted list from the items in iterable.", "The with statement wraps a block."]
+
+
+def train(tiny_data, run_dir: Path, *overrides: str) -> str:
+    result = run_cli("train", "smoke", *tiny_data, *TINY_MODEL, f"run.output_dir={run_dir}", "trainer.max_steps=3",
+                     "trainer.checkpoint_every=0", "trainer.progress_bar=false", "optim.warmup_steps=1", *overrides)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def logged_val_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [row for row in rows if "val/loss" in row][-1]["val/loss"]
+
+
+def val_loss(cfg, tokenizer, losses) -> float:
+    """Mean loss over every rank's validation batches; `losses(batch)` returns (loss sum, target count)."""
+    objective = OBJECTIVES[cfg.model.objective]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rank in range(cfg.world_size):
+            batches, _ = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer, rank,
+                                               cfg.world_size, Skips(False))
+            for batch in batches:
+                loss_sum, targets = losses(batch)
+                total, count = total + float(loss_sum), count + int(targets)
+    return total / count
+
+
+def target_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    where = labels != IGNORE
+    return F.cross_entropy(logits[where], labels[where], reduction="sum"), where.sum()
+
+
+def assert_partitioned(stdout: str) -> None:
+    """The rank-0 line printed at start: a ZeRO-3 rank holds about half of the parameters of 2 ranks."""
+    found = re.search(r"\(([\d,]+)\).*this rank holds ([\d,]+)", stdout)
+    assert found, stdout[-2000:]
+    total, held = (int(group.replace(",", "")) for group in found.groups())
+    assert held < 0.6 * total
+
+
+def assert_plain_transformers_folder(out: Path, architecture: str) -> None:
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [architecture] and "auto_map" not in config
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
+    run = tmp_path / "mlm"
+    train(tiny_data, run, "trainer.zero_stage=2")
+    checkpoint = Checkpointer(run, 1, False).latest()
+    run_cli("export", str(checkpoint), str(run / "export"), check=True)
+    out = run / "export"
+    assert_plain_transformers_folder(out, "BertForMaskedLM")
+
+    exported = AutoModelForMaskedLM.from_pretrained(out).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    cfg, tokenizer, _ = load_trained(checkpoint)
+    # ZeRO-2 saves the engine's module whole: the trained weights, independent of the fp32 consolidation.
+    trained = build_model(OBJECTIVES["mlm"], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer)).eval()
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    trained.load_state_dict(states["module"])
+
+    encoded = hf_tokenizer(TEXT, padding=True, return_tensors="pt")
+    assert encoded["input_ids"][0].tolist()[:-1] == [tokenizer.cls_id, *tokenizer.encode(TEXT[:1])[0]]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**encoded).logits, trained.hf(**encoded).logits, rtol=1e-5, atol=1e-5)
+    loss = val_loss(cfg, tokenizer, lambda b: target_loss(exported(input_ids=b["input_ids"]).logits, b["labels"]))
+    assert loss == pytest.approx(logged_val_loss(run), rel=1e-5)
+
+
+def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
+    run = tmp_path / "mae"
+    stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=mae_lm", "model.arch=roberta")
+    assert_partitioned(stdout)
+    checkpoint = Checkpointer(run, 1, False).latest()
+    out = export(checkpoint, run / "export")
+    assert_plain_transformers_folder(out, "RobertaModel")
+    assert "AutoModel.from_pretrained" in (out / "README.md").read_text()
+
+    # Consolidating the ZeRO-3 shards gives back the trained model: it reproduces the logged validation loss.
+    cfg, tokenizer, trained = load_trained(checkpoint)
+    assert val_loss(cfg, tokenizer, lambda b: (lambda o: (o["loss_sum"], o["tokens"]))(trained(**b))) == \
+        pytest.approx(logged_val_loss(run), rel=1e-5)
+
+    exported = AutoModel.from_pretrained(out).eval()
+    assert sum(p.numel() for p in exported.base_model.encoder.parameters()) == \
+        sum(p.numel() for p in trained.hf.base_model.encoder.parameters())
+    encoded = AutoTokenizer.from_pretrained(out)(TEXT, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**encoded).last_hidden_state,
+                                   trained.hf.base_model(**encoded).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+def test_meap_zero3_export_reproduces_the_trained_module(tiny_data, tmp_path):
+    run = tmp_path / "meap"
+    stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=meap")
+    assert_partitioned(stdout)
+    checkpoint = Checkpointer(run, 1, False).latest()
+    out = export(checkpoint, run / "export")
+    assert_plain_transformers_folder(out, "LlamaForCausalLM")
+
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    cfg, tokenizer, trained = load_trained(checkpoint)
+    loss = val_loss(cfg, tokenizer, lambda b: target_loss(exported(input_ids=b["input_ids"]).logits[:, :-1],
+                                                          b["labels"][:, 1:]))
+    assert loss == pytest.approx(logged_val_loss(run), rel=1e-5)
+    encoded = AutoTokenizer.from_pretrained(out)(TEXT[:1], return_tensors="pt")
+    assert encoded["input_ids"][0].tolist() == [tokenizer.bos_id, *tokenizer.encode(TEXT[:1])[0]]
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**encoded).logits, trained.hf(**encoded).logits, rtol=1e-5, atol=1e-5)

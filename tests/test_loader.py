@@ -1,0 +1,348 @@
+"""The streaming loader: rank/worker split, equal batch counts, exact resume, URL kinds and bad data.
+
+Shards here hold synthetic documents whose every token is the document's number (+ FIRST_ID), so packed rows
+can be taken apart again and each document recognised.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import random
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import webdataset as wds
+
+from masktrain.data.batches import MaskSpec, mlm_batch
+from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing, SlotState, SlotStream, units_for
+from masktrain.data.masking import Vocab
+from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
+
+START, END, FIRST_ID, VOCAB = 1, 2, 10, 4000
+
+
+def write_shard(path: Path, docs: dict[int, int]) -> str:
+    """A shard of documents {number: length}; every token of document n is FIRST_ID + n."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path), mtime=0) as writer:
+        for number, length in docs.items():
+            writer.write({"__key__": f"{number:06d}", "tokens.npy": np.full(length, FIRST_ID + number, np.uint16)})
+    return str(path)
+
+
+def write_shards(root: Path, lengths: list[list[int]]) -> list[str]:
+    """One shard per list of document lengths, documents numbered across shards."""
+    urls, number = [], 0
+    for index, shard in enumerate(lengths):
+        urls.append(write_shard(root / f"shard-{index:06d}.tar", dict(enumerate(shard, number))))
+        number += len(shard)
+    return urls
+
+
+def spec_for(urls: list[str], rank: int = 0, world_size: int = 1, num_workers: int = 0, seq_len: int = 16,
+             micro_batch_size: int = 2, shuffle_block: int = 4, strict: bool = False) -> LoaderSpec:
+    return LoaderSpec(urls=urls, rank=rank, world_size=world_size, num_workers=num_workers, seed=7,
+                      micro_batch_size=micro_batch_size, shuffle_block=shuffle_block,
+                      packing=Packing(seq_len, START, END), strict=strict, vocab_size=VOCAB)
+
+
+# Module-level functions, not lambdas: worker processes started by spawn or forkserver receive them pickled.
+def rows_only(ids: torch.Tensor, spec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"input_ids": ids}
+
+
+def wobbling_rate(step: int) -> float:
+    return 0.15 + 0.01 * (step % 5)
+
+
+def plain_batcher(rank: int = 0) -> Batcher:
+    return Batcher(rows_only, None, wobbling_rate, 0, rank, 1)
+
+
+def mlm_batcher(rank: int) -> Batcher:
+    special = torch.arange(VOCAB) < FIRST_ID
+    vocab = Vocab(size=VOCAB, pad_id=0, mask_id=6, special=special, word_start=torch.ones(VOCAB, dtype=torch.bool))
+    return Batcher(mlm_batch, MaskSpec(vocab=vocab), wobbling_rate, 11, rank, 2)
+
+
+def take(loader: Loader, n: int) -> tuple[list[dict], list[dict]]:
+    """n batches and the loader's state after each."""
+    batches, states = [], []
+    for _ in range(n):
+        batches.append(next(loader))
+        states.append(copy.deepcopy(loader.state_dict()))
+    return batches, states
+
+
+def assert_same_batches(got: list[dict], expected: list[dict], context: str) -> None:
+    assert len(got) == len(expected)
+    for index, (a, b) in enumerate(zip(got, expected)):
+        assert a.keys() == b.keys(), context
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{context}: batch {index}, {key} differs"
+
+
+def document_numbers(rows: np.ndarray) -> list[int]:
+    """Numbers of the documents that start in these rows (concatenated in order)."""
+    tokens = rows.reshape(-1)
+    return [int(tokens[i + 1]) - FIRST_ID for i in np.flatnonzero(tokens[:-1] == START)]
+
+
+def epoch_documents(urls: list[str], world_size: int, workers: int, epochs: int) -> list[Counter]:
+    """Per epoch, how often each document came out of all slots of all ranks."""
+    slots = world_size * max(1, workers)
+    units = units_for(expand_urls(urls), slots)
+    seen = [Counter() for _ in range(epochs)]
+    for slot in range(slots):
+        stream = SlotStream(units, slot, slots, 7, 3, Packing(16, START, END), False, SlotState(), VOCAB)
+        for doc in stream.documents():
+            if stream.state.epoch >= epochs:
+                break
+            seen[stream.state.epoch][int(doc[1]) - FIRST_ID] += 1
+    return seen
+
+
+@pytest.mark.parametrize("lengths, world_size, workers", [
+    ([[5] * 7, [3] * 2, [9] * 11, [4] * 1, [6] * 5], 2, 2),  # uneven shards, more shards than slots
+    ([[5] * 13, [7] * 4], 2, 3),                              # fewer shards than slots: split by document
+    ([[4] * 9], 3, 0),                                        # one shard, three in-process ranks
+])
+def test_every_document_once_per_epoch_across_ranks_and_workers(tmp_path, lengths, world_size, workers):
+    urls = write_shards(tmp_path, lengths)
+    total = sum(len(shard) for shard in lengths)
+    for epoch, seen in enumerate(epoch_documents(urls, world_size, workers, epochs=2)):
+        assert seen == Counter(range(total)), f"epoch {epoch}"
+
+
+def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
+    """What the worker processes deliver is exactly the slots' streams, round-robin, which carries the
+    split above over to the loader."""
+    urls = write_shards(tmp_path, [[5] * 7, [30] * 3, [9] * 11])
+    spec = spec_for(urls, rank=1, world_size=2, num_workers=2)
+    got, _ = take(Loader(spec, plain_batcher(1)), 12)
+    units = units_for(urls, 4)
+    streams = [SlotStream(units, 2 + local, 4, 7, spec.shuffle_block, spec.packing, False, SlotState(), VOCAB)
+               .batches(spec.micro_batch_size) for local in range(2)]
+    expected = [{"input_ids": torch.from_numpy(next(streams[i % 2]))} for i in range(12)]
+    assert_same_batches(got, expected, "loader vs slot streams")
+
+
+def rank_steps(rank: int, world_size: int, init_file: str, urls: list[str], steps: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    loader = Loader(spec_for(urls, rank=rank, world_size=world_size, num_workers=1), plain_batcher(rank))
+    total = torch.zeros(1)
+    for _ in range(steps):
+        batch = next(loader)
+        # A collective per step, as DeepSpeed does: a rank without a batch would hang the other one here.
+        total += batch["input_ids"].sum()
+        dist.all_reduce(total)
+    torch.save({"steps": steps, "epochs": [s["epoch"] for s in loader.state_dict()["slots"]]}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_path):
+    # One shard holds a single short document, the other hundreds: each epoch one rank gets the tiny one.
+    urls = write_shards(tmp_path / "shards", [[3], [40] * 300])
+    out = str(tmp_path / "result")
+    mp.start_processes(rank_steps, args=(2, str(tmp_path / "init"), urls, 30, out), nprocs=2, start_method="fork")
+    results = [torch.load(f"{out}.{rank}") for rank in range(2)]
+    assert [r["steps"] for r in results] == [30, 30]
+    # The rank that drew the tiny shard ran out of its first epoch and went on; the other is still in it.
+    epochs = sorted(r["epochs"][0] for r in results)
+    assert epochs[0] == 0 and epochs[1] >= 1, epochs
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_resume_at_a_random_step_with_two_workers_is_bitwise_identical(tmp_path, rank):
+    urls = write_shards(tmp_path, [[random.Random(n).randrange(1, 40) for n in range(k, k + 9)]
+                                   for k in range(0, 50, 9)])
+    spec = spec_for(urls, rank=rank, world_size=2, num_workers=2, micro_batch_size=3)
+    expected, states = take(Loader(spec, mlm_batcher(rank)), 24)
+    step = random.randrange(1, 23)
+    resumed = Loader(spec, mlm_batcher(rank))
+    resumed.load_state_dict(states[step - 1])
+    got, _ = take(resumed, 24 - step)
+    assert_same_batches(got, expected[step:], f"rank {rank}, resumed after batch {step}")
+
+
+@pytest.mark.parametrize("doc_len, seq_len", [(6, 8), (37, 8), (3, 16)])
+def test_resume_after_every_batch_including_block_unit_and_epoch_boundaries(tmp_path, doc_len, seq_len):
+    """(6, 8): each document with its 2 boundary tokens fills a row exactly, so batches end exactly where
+    documents, blocks, units and epochs end. (37, 8): documents span several rows and batches."""
+    urls = write_shards(tmp_path, [[doc_len] * 4, [doc_len] * 5, [doc_len] * 2])
+    spec = spec_for(urls, seq_len=seq_len, shuffle_block=3)
+    expected, states = take(Loader(spec, plain_batcher()), 40)
+    slots = [s["slots"][0] for s in states]
+    assert any(s["block_start"] > 0 for s in slots) and any(s["unit"] > 0 for s in slots)
+    assert slots[-1]["epoch"] >= 1
+    for step in range(1, 40):
+        resumed = Loader(spec, plain_batcher())
+        resumed.load_state_dict(states[step - 1])
+        got, _ = take(resumed, min(6, 40 - step))
+        assert_same_batches(got, expected[step:step + 6], f"resumed after batch {step}")
+
+
+def test_a_shard_cut_short_before_a_restart_is_counted_and_packing_restarts_cleanly(tmp_path):
+    """The restart re-reads the block it stopped in, but this time the shard ends early (as when a `pipe:`
+    download fails): the document that was half packed is gone, and what follows must be whole documents."""
+    (url,) = write_shards(tmp_path, [[5] * 12])
+    spec = spec_for([url], seq_len=8, shuffle_block=6)
+    _, states = take(Loader(spec, plain_batcher()), 12)
+    state = next(s for s in states if s["slots"][0]["block_start"] == 6 and s["slots"][0]["in_block"] >= 2)
+    with tarfile.open(url) as archive:
+        cut = archive.getmembers()[8].offset
+    Path(url).write_bytes(Path(url).read_bytes()[:cut])  # the second block now holds 2 documents, not 6
+    resumed = Loader(spec, plain_batcher())
+    resumed.load_state_dict(state)
+    rows = torch.cat([b["input_ids"] for b in take(resumed, 2)[0]]).reshape(-1).numpy()
+    assert resumed.skipped() == {"truncated shard": 1}
+    starts = np.flatnonzero(rows == START)
+    assert starts[0] == 0
+    for begin, end in zip(starts[:-1], starts[1:]):
+        assert rows[end - 1] == END and len(set(rows[begin + 1:end - 1])) == 1 and end - begin == 7
+
+
+def test_brace_patterns_and_pipe_commands_read_the_same_batches(tmp_path):
+    urls = write_shards(tmp_path, [[5] * 6, [9] * 4, [3] * 8])
+    variants = {
+        "paths": urls,
+        "brace": [str(tmp_path / "shard-{000000..000002}.tar")],
+        "pipe": [f"pipe:cat {url}" for url in urls],
+    }
+    batches = {name: take(Loader(spec_for(u), plain_batcher()), 15)[0] for name, u in variants.items()}
+    assert_same_batches(batches["brace"], batches["paths"], "brace pattern")
+    assert_same_batches(batches["pipe"], batches["paths"], "pipe: command")
+
+
+def tar_bytes(docs: dict[int, int]) -> tuple[bytes, list[tarfile.TarInfo]]:
+    buffer = io.BytesIO()
+    with wds.TarWriter(buffer, mtime=0) as writer:
+        for number, length in docs.items():
+            writer.write({"__key__": f"{number:06d}", "tokens.npy": np.full(length, FIRST_ID + number, np.uint16)})
+    data = buffer.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+        return data, archive.getmembers()
+
+
+def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
+    """Shards with one problem each: name -> (url, reason counted, member the strict error names)."""
+    root.mkdir(parents=True, exist_ok=True)
+    data, members = tar_bytes({n: 5 for n in range(100, 104)})
+    header = members[2].offset  # documents 100 and 101 come before it
+    cases = {
+        "cut_at_member": (data[:header], "truncated shard", "after member 000101.tokens.npy"),
+        "cut_in_member": (data[:members[2].offset_data + 20], "truncated shard", "in member 000102.tokens.npy"),
+        "garbled_header": (data[:header] + b"\xff" * 512 + data[header + 512:], "corrupt shard",
+                           "after member 000101.tokens.npy"),
+        "not_a_tar": (b"this is not a tar file" * 40, "unreadable shard", "at the start"),
+    }
+    shards = {name: (str(root / f"{name}.tar"), reason, where) for name, (_, reason, where) in cases.items()}
+    for name, (blob, _, _) in cases.items():
+        Path(shards[name][0]).write_bytes(blob)
+
+    def sample(name: str, payload: bytes, reason: str, member: str) -> None:
+        buffer = io.BytesIO()
+        with wds.TarWriter(buffer, mtime=0) as writer:
+            writer.write({"__key__": "000110", "tokens.npy": np.full(4, FIRST_ID + 110, np.uint16)})
+            writer.write({"__key__": member, "tokens.npy": payload})
+        (root / f"{name}.tar").write_bytes(buffer.getvalue())
+        shards[name] = (str(root / f"{name}.tar"), reason, f"member {member}.tokens.npy")
+
+    sample("garbled_member", b"\x93NUMPY garbage" * 8, "bad sample", "000111")
+    sample("empty_document", np_bytes(np.zeros(0, np.uint16)), "empty document", "000112")
+    sample("id_outside_vocab", np_bytes(np.full(3, VOCAB + 5, np.uint16)), "bad sample", "000113")
+    shards["failing_pipe"] = (f"pipe:cat {root / 'missing.tar'} 2>/dev/null", "unreadable shard", "at the start")
+    return shards
+
+
+def np_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+SURVIVORS = {"cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
+             "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110]}
+
+
+def test_each_kind_of_bad_data_is_skipped_and_counted(tmp_path):
+    for name, (url, reason, _) in bad_shards(tmp_path).items():
+        skips = Skips(strict=False)
+        docs = list(read_unit(Unit(url), skips, VOCAB))
+        assert skips.counts == {reason: 1}, name
+        assert [int(doc[0]) - FIRST_ID for doc in docs] == SURVIVORS.get(name, []), name
+
+
+def test_skip_counts_reach_the_loader_and_survive_a_resume(tmp_path):
+    shards = bad_shards(tmp_path / "bad")
+    good = write_shards(tmp_path / "good", [[6] * 5])
+    spec = spec_for(good + [url for url, _, _ in shards.values()], seq_len=8)
+    _, states = take(Loader(spec, plain_batcher()), 30)
+    counted = [s["slots"][0]["skipped"] for s in states]
+    assert set(counted[-1]) == {reason for _, reason, _ in shards.values()}
+    for step in (1, 9, 17):
+        resumed = Loader(spec, plain_batcher())
+        resumed.load_state_dict(states[step - 1])
+        for index in range(step, 30):
+            next(resumed)
+            # Re-reading the block a restart resumes in must not count its bad data a second time.
+            assert resumed.skipped() == counted[index], f"resumed after batch {step}, at batch {index + 1}"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_strict_mode_fails_naming_the_shard_and_member(tmp_path, num_workers):
+    good = write_shards(tmp_path / "good", [[6] * 3])
+    for name, (url, reason, where) in bad_shards(tmp_path / "bad").items():
+        loader = Loader(spec_for(good + [url], num_workers=num_workers, strict=True), plain_batcher())
+        with pytest.raises(DataError) as err:
+            take(loader, 20)
+        message = str(err.value)
+        assert f"{reason}: {url}: {where}" in message, f"{name}: {message}"
+
+
+def test_slots_that_draw_only_empty_units_wait_for_data_instead_of_failing(tmp_path):
+    """One document for 4 slots: each epoch, 3 of them draw an empty part of the shard."""
+    urls = write_shards(tmp_path, [[3]])
+    for rank in (0, 1):
+        loader = Loader(spec_for(urls, rank=rank, world_size=2, num_workers=2), plain_batcher(rank))
+        rows = torch.cat([b["input_ids"] for b in take(loader, 4)[0]]).numpy()
+        assert set(document_numbers(rows)) == {0}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_no_readable_data_raises_instead_of_hanging(tmp_path, num_workers):
+    urls = [url for name, (url, _, _) in bad_shards(tmp_path).items() if name in ("not_a_tar", "failing_pipe")]
+    loader = Loader(spec_for(urls, world_size=1, num_workers=num_workers), plain_batcher())
+    with pytest.raises(DataError, match="no readable document in any of the 2 units"):
+        next(loader)
+
+
+def test_loader_workers_outlive_preemption_signals_and_the_process_still_exits(tmp_path):
+    """SLURM signals every process of a job: the loader's workers must outlive it (the rank checkpoints first),
+    and the process must still exit normally afterwards although its workers ignore SIGTERM."""
+    import subprocess
+    import sys
+
+    urls = write_shards(tmp_path, [[30] * 40, [30] * 40])
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_loader import Loader, plain_batcher, spec_for
+loader = Loader(spec_for({urls!r}, num_workers=2), plain_batcher())
+next(loader)
+for worker in loader.iterator._workers:
+    os.kill(worker.pid, signal.SIGTERM)
+    os.kill(worker.pid, signal.SIGUSR1)
+print(len([next(loader) for _ in range(6)]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "6"

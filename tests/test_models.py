@@ -1,0 +1,168 @@
+"""Objective models on real (tiny) batches: what MAE-LM's encoder and decoder receive, that gathering before the
+head leaves the loss unchanged, that NTP -> MEAP changes only the inputs, and the presets' sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from masktrain.data import inputs
+from masktrain.data.reader import Skips
+from masktrain.data.tokenizer import Tokenizer
+from masktrain.launcher import cli
+from masktrain.launcher.loading import ConfigError, load_config, to_dict
+from masktrain.trainer.checkpoint import config_changes
+from masktrain.trainer.models import BUILDERS, TokenIds, build_model
+from masktrain.trainer.objectives import OBJECTIVES
+from masktrain.trainer.size import model_info, parameter_count
+
+TINY_MODEL = ["model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.intermediate_size=64",
+              "model.decoder_layers=1"]
+
+
+def setup(tiny_data, *overrides: str):
+    """(config, tokenizer ids, model, validation batches) for the smoke config shrunk to a tiny model."""
+    cfg = load_config("smoke", [*tiny_data, *TINY_MODEL, *overrides])
+    tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+    objective = OBJECTIVES[cfg.model.objective]
+    torch.manual_seed(0)
+    model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
+    batches, _ = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer, 0, 1, Skips(False))
+    return cfg, TokenIds.of(tokenizer), model, batches
+
+
+def capture_kwargs(module: torch.nn.Module, seen: list[dict]):
+    return module.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
+
+
+@pytest.mark.parametrize("arch,corruption", [("bert", ["data.masking.mask_prob=1.0", "data.masking.random_prob=0"]),
+                                             ("roberta", ["data.masking.mask_prob=0.8", "data.masking.random_prob=0.1"])])
+def test_mae_encoder_sees_visible_tokens_at_original_positions(tiny_data, arch, corruption):
+    cfg, ids, model, batches = setup(tiny_data, "model.objective=mae_lm", f"model.arch={arch}",
+                                     "data.masking.rate=0.4", *corruption)
+    batch = batches[0]
+    encoder_in, decoder_in, head_in = [], [], []
+    capture_kwargs(model.hf.base_model.embeddings, encoder_in)
+    capture_kwargs(model.decoder.embeddings, decoder_in)
+    model.hf.get_output_embeddings().register_forward_hook(lambda _, args, out: head_in.append(args[0]))
+    model.eval()
+    with torch.no_grad():
+        out = model(**batch)
+        encoded = model.encode(batch["visible_ids"], batch["visible_pos"], batch["visible_mask"])
+
+    removed, visible = batch["removed"], batch["visible_mask"]
+    assert removed.any() and (batch["visible_ids"].shape[1] < removed.shape[1])
+    seen_ids, seen_pos = encoder_in[0]["input_ids"], encoder_in[0]["position_ids"]
+    assert not (seen_ids == ids.mask_id).any(), "the encoder was given a [MASK] id"
+    offset = ids.pad_id + 1 if arch == "roberta" else 0
+    for row in range(removed.shape[0]):
+        kept = torch.nonzero(~removed[row]).flatten()
+        assert torch.equal(seen_pos[row][visible[row]], kept + offset)
+        assert seen_ids[row][visible[row]].shape == kept.shape
+
+    # Decoder input: the encoder outputs back at their positions, the [MASK] embedding in every removed slot.
+    slots = decoder_in[0]["inputs_embeds"]
+    mask_embedding = model.hf.get_input_embeddings().weight[ids.mask_id]
+    assert torch.equal(slots[removed], mask_embedding.expand(int(removed.sum()), -1))
+    for row in range(removed.shape[0]):
+        assert torch.equal(slots[row, batch["visible_pos"][row][visible[row]]], encoded[row][visible[row]])
+    # The head runs only where a label is.
+    targets = int((batch["labels"] != -100).sum())
+    assert head_in[0].shape[0] == targets == int(out["tokens"])
+
+
+@pytest.mark.parametrize("objective,arch", [("mlm", "bert"), ("mlm", "roberta"), ("ntp", "llama"),
+                                            ("meap", "llama")])
+def test_gathering_before_the_head_leaves_the_loss_unchanged(tiny_data, objective, arch):
+    """The wrapper's loss equals transformers' own loss over full-length logits."""
+    _, _, model, batches = setup(tiny_data, f"model.objective={objective}", f"model.arch={arch}")
+    model.eval()
+    batch = batches[0]
+    with torch.no_grad():
+        ours = model(**batch)["loss"]
+        theirs = model.hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_ntp_to_meap_changes_only_the_inputs(tiny_data):
+    ntp_cfg, ids, ntp_model, ntp_batches = setup(tiny_data, "model.objective=ntp")
+    meap_cfg, _, meap_model, meap_batches = setup(tiny_data, "model.objective=meap")
+    changed = {line.split(":")[0] for line in config_changes(to_dict(ntp_cfg), to_dict(meap_cfg))}
+    assert "model.objective" in changed
+    assert all(key == "model.objective" or key.startswith("data.masking.") for key in changed), changed
+
+    assert type(ntp_model) is type(meap_model)
+    ntp_state, meap_state = ntp_model.state_dict(), meap_model.state_dict()
+    assert ntp_state.keys() == meap_state.keys()
+    assert all(torch.equal(ntp_state[k], meap_state[k]) for k in ntp_state)
+
+    for ntp, meap in zip(ntp_batches, meap_batches, strict=True):
+        assert ntp.keys() == meap.keys() == {"input_ids", "labels"}
+        assert torch.equal(ntp["labels"], meap["labels"])
+        differs = ntp["input_ids"] != meap["input_ids"]
+        assert differs.any()
+        assert (meap["input_ids"][differs] == ids.mask_id).all()
+    # Same loss function: MEAP's loss is the NTP loss of the masked inputs.
+    ntp_model.eval(), meap_model.eval()
+    with torch.no_grad():
+        meap_loss = meap_model(**meap_batches[0])["loss"]
+        ntp_loss_on_meap_inputs = ntp_model(**meap_batches[0])["loss"]
+    assert torch.equal(meap_loss, ntp_loss_on_meap_inputs)
+
+
+@pytest.mark.parametrize("objective,arch", [("mlm", "bert"), ("mae_lm", "bert"), ("mae_lm", "roberta"),
+                                            ("ntp", "llama")])
+def test_every_parameter_learns(tiny_data, objective, arch):
+    """One backward reaches every parameter: DeepSpeed partitions and steps all of them."""
+    _, _, model, batches = setup(tiny_data, f"model.objective={objective}", f"model.arch={arch}")
+    model(**batches[0])["loss"].backward()
+    silent = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not silent
+
+
+def test_every_objective_has_a_builder():
+    assert {o.model for o in OBJECTIVES.values()} <= set(BUILDERS)
+    broken = OBJECTIVES["mlm"].__class__("x", ("bert",), None, True, True, ("random",), model="nope")
+    with pytest.raises(KeyError, match="known builders: causal_lm, mae_lm, masked_lm"):
+        build_model(broken, load_config("smoke").model, 16, TokenIds(100, 0, 2, 3, 6))
+
+
+def meta_size(config: str, *overrides: str) -> tuple[int, int]:
+    cfg = load_config(config, list(overrides))
+    with torch.device("meta"):
+        model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len,
+                            TokenIds(cfg.data.prepare.vocab_size, 0, 2, 3, 6))
+    return parameter_count(model), parameter_count(model.exported())
+
+
+# Published sizes. TinyLlama-1.1B: 1,100,048,384. BERT-base / -large (vocab 30522, with the pooler and two token
+# types): 109,482,240 / 335,141,888; masktrain's encoders have neither pooler nor a second token type.
+BERT_BASE_ENCODER = 109_482_240 - (768 * 768 + 768) - 768
+BERT_LARGE_ENCODER = 335_141_888 - (1024 * 1024 + 1024) - 1024
+
+
+def test_presets_have_their_published_sizes():
+    assert meta_size("ntp-1b") == (1_100_048_384, 1_100_048_384)
+    assert meta_size("meap-1b") == meta_size("ntp-1b")
+    bert_vocab = "data.prepare.vocab_size=30522"
+    mae_total, mae_encoder = meta_size("mae-lm-base", bert_vocab)
+    assert mae_encoder == BERT_BASE_ENCODER
+    # The decoder adds 4 layers and its own positions; it borrows the encoder's token table and head.
+    layer = 12 * 768 * 768 + 13 * 768
+    assert mae_total - meta_size("bert-base", bert_vocab)[0] == 4 * layer + 512 * 768 + 768 + 2 * 768
+    mlm_total, mlm_exported = meta_size("bert-large", bert_vocab)
+    assert mlm_total == mlm_exported == BERT_LARGE_ENCODER + (1024 * 1024 + 3 * 1024) + 30522
+
+
+def test_model_info_counts_without_building(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["model", "info", "mae-lm-base"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert "decoder 4 layers" in printed and "exported BertModel 110.0M" in printed
+    assert "ZeRO-3 over 8 ranks" in model_info(load_config("ntp-1b"))
+
+
+def test_mae_lm_refuses_a_corruption_that_removes_nothing():
+    with pytest.raises(ConfigError, match="data.masking.mask_prob: mae_lm removes"):
+        load_config("mae-lm-base", ["data.masking.mask_prob=0"])

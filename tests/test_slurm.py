@@ -1,0 +1,270 @@
+"""SLURM jobs: the rendered script for a 4 x 8 GPU job, and a real 2-node run on a local SLURM cluster that is
+preempted with USR1, requeued, resumed and finishes exactly like an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from masktrain import slurm as slurm_files
+from masktrain.launcher.loading import load_config
+from masktrain.launcher.slurm import JobSpec, job_config, node_command
+
+LOCAL_CLUSTER = Path(slurm_files.__file__).parent / "local-cluster.sh"
+JOB_ARGS = ["--time=10", "--partition=local", "--signal-grace=30", "--cpus-per-task=1"]
+
+
+def job_env(cluster: Path | None = None, stubs: Path | None = None) -> dict[str, str]:
+    env = {"SLURM_CONF": str(cluster / "slurm.conf")} if cluster else {}
+    if stubs:
+        env["PATH"] = f"{stubs}{os.pathsep}{os.environ['PATH']}"
+    return env
+
+
+def write_stub(folder: Path, name: str, body: str) -> None:
+    path = folder / name
+    path.write_text("#!/bin/bash\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def stubs(tmp_path) -> Path:
+    """Stand-ins for the SLURM commands, for running a job script outside a cluster. srun prints what it was
+    asked to start, leaves STUB_STATE behind as the ranks' status if set, and lasts STUB_SLEEP s; scontrol
+    answers for nodes gpu07-gpu10 and logs requeues; sbatch logs its arguments and hands out ids 101, 102..."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    write_stub(folder, "scontrol", '''case "$1 $2" in
+    "show hostnames") printf "gpu07\\ngpu08\\ngpu09\\ngpu10\\n" ;;
+    "show node") echo "NodeName=$3 Arch=x86_64 NodeAddr=10.1.0.7 NodeHostName=$3" ;;
+    "requeue "*) echo "$2" >>"$(dirname "$0")/requeued" ;;
+esac
+''')
+    write_stub(folder, "srun", '''echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
+[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
+sleep "${STUB_SLEEP:-0}"
+''')
+    write_stub(folder, "sbatch", '''echo "$*" >>"$(dirname "$0")/sbatch-calls"
+echo $((100 + $(wc -l <"$(dirname "$0")/sbatch-calls")))
+''')
+    return folder
+
+
+def run_script(script: Path, stubs: Path, nodes: int, **extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": str(nodes),
+           "SLURM_JOB_NODELIST": "gpu[07-10]", **extra}
+    return subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path, stubs):
+    run = tmp_path / "run"
+    overrides = [f"run.output_dir={run}", "launch.accelerator=cuda", "trainer.global_batch_size=256"]
+    script = tmp_path / "job.sbatch"
+    rendered = run_cli("slurm", "render", "smoke", *overrides, "--nodes=4", "--gpus-per-node=8", "--time=4:00:00",
+                       "--partition=gpu", "--account=proj", "--sbatch=--exclusive", f"--out={script}", check=True)
+    assert str(script) in rendered.stderr
+    text = script.read_text()
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    sbatch = re.findall(r"^#SBATCH (\S+)$", text, re.M)
+    for option in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=16",
+                   "--partition=gpu", "--account=proj", "--time=4:00:00", "--signal=B:USR1@180", "--requeue",
+                   "--open-mode=append", f"--output={run}/slurm/%x-%j.out", "--exclusive"):
+        assert option in sbatch, option
+
+    # The batch part's rendezvous values are what srun is started with.
+    done = run_script(script, stubs, nodes=4)
+    port = 15000 + 123456 % 15000
+    assert f"rendezvous at 10.1.0.7:{port} (node gpu07)" in done.stdout, done.stdout + done.stderr
+    srun = [line for line in done.stdout.splitlines() if line.startswith("SRUN ")]
+    assert len(srun) == 1 and f"MASTER_ADDR=10.1.0.7 MASTER_PORT={port}" in srun[0]
+    assert "--nodes=4 --ntasks-per-node=1 --cpus-per-task=16 --kill-on-bad-exit=1" in srun[0]
+    assert f"slurm node {run}/config.yaml" in srun[0]
+    # Nothing trained and no signal came: a failure, not requeued.
+    assert done.returncode == 1 and "not requeued" in done.stdout
+    assert not (stubs / "requeued").exists()
+    saved = load_config(str(run / "config.yaml"))
+    assert (saved.launch.nnodes, saved.launch.nproc_per_node, saved.trainer.global_batch_size) == (4, 8, 256)
+
+    # What each node's launcher then runs: 4 nodes x 8 ranks meeting at the first node's store.
+    slurm_env = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "4", "MASTER_ADDR": "10.1.0.7",
+                 "MASTER_PORT": str(port), "SLURM_RESTART_COUNT": "2"}
+    for node_id, host in (("0", "1"), ("3", "0")):
+        command = node_command(saved, str(run / "config.yaml"), {**slurm_env, "SLURM_NODEID": node_id})
+        assert command[1:3] == ["-m", "torch.distributed.run"]
+        for arg in ("--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint=10.1.0.7:{port}",
+                    "--rdzv-id=123456-2", f"--rdzv-conf=is_host={host}", "--shutdown-timeout=300"):
+            assert arg in command, arg
+        assert command[-2:] == ["masktrain.trainer.train", str(run / "config.yaml")]
+    with pytest.raises(Exception, match="launch.nnodes"):
+        node_command(saved, "config.yaml", {**slurm_env, "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2"})
+
+
+def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stubs):
+    run = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    run_cli("slurm", "render", "smoke", f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=2", *JOB_ARGS,
+            f"--out={script}", check=True)
+    assert "--gpus-per-node" not in script.read_text()  # launch.accelerator=cpu: no GPUs asked for
+
+    chained = run_script(script, stubs, nodes=1, STUB_STATE="preempted", MASKTRAIN_CHAINED="1")
+    assert chained.returncode == 0 and "the next job of the chain continues" in chained.stdout, chained.stdout
+    assert not (stubs / "requeued").exists()
+
+    last = run_script(script, stubs, nodes=1, STUB_STATE="preempted")
+    assert last.returncode == 0 and "requeued job 123456" in last.stdout, last.stdout
+    assert (stubs / "requeued").read_text().split() == ["123456"]
+
+    # SIGTERM is scancel (or the time limit): the job ends for good, whatever the ranks managed to save.
+    (stubs / "requeued").unlink()
+    env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "gpu07", "STUB_STATE": "preempted", "STUB_SLEEP": "3"}
+    cancelled = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in cancelled.stdout:
+        lines.append(line)
+        if line.startswith("SRUN "):
+            cancelled.send_signal(signal.SIGTERM)
+    assert cancelled.wait(timeout=60) != 0
+    assert "not requeued by this script" in "".join(lines), "".join(lines)
+    assert not (stubs / "requeued").exists()
+
+    # A chained job that finds the run complete starts nothing.
+    (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))
+    done = run_script(script, stubs, nodes=1)
+    assert done.returncode == 0 and "already complete" in done.stdout and "SRUN" not in done.stdout
+
+
+def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs):
+    run = tmp_path / "run"
+    result = run_cli("slurm", "submit", "smoke", f"run.output_dir={run}", "--nodes=2", "--gpus-per-node=1",
+                     *JOB_ARGS, "--chain=3", env=job_env(stubs=stubs), check=True)
+    script = run / "slurm" / "job.sbatch"
+    calls = (stubs / "sbatch-calls").read_text().splitlines()
+    assert calls == [f"--parsable --export=ALL,MASKTRAIN_CHAINED=1 {script}",
+                     f"--parsable --dependency=afterany:101 --export=ALL,MASKTRAIN_CHAINED=1 {script}",
+                     f"--parsable --dependency=afterany:102 {script}"]
+    for job in (101, 102, 103):
+        assert f"{run}/slurm/smoke-{job}.out" in result.stdout
+    assert "submitted job 103 (3 of 3, starts after job 102 ends)" in result.stdout
+
+
+def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
+    # 16 sequences per step cannot be split over 3 nodes x 1 rank x 8 per micro-batch.
+    result = run_cli("slurm", "submit", "smoke", f"run.output_dir={tmp_path / 'run'}", "--nodes=3",
+                     "--gpus-per-node=1", *JOB_ARGS, env=job_env(stubs=stubs))
+    assert result.returncode == 2
+    assert "trainer.global_batch_size" in result.stderr and "3 nodes x 1" in result.stderr
+    result = run_cli("slurm", "submit", "smoke", "--nodes=2", "--gpus-per-node=1", "--time=1:00",
+                     "--partition=local", "--signal-grace=120", env=job_env(stubs=stubs))
+    assert result.returncode == 2 and "--signal-grace" in result.stderr
+    assert not (stubs / "sbatch-calls").exists()
+    with pytest.raises(Exception, match="--time"):
+        job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=1, time="soon", partition="local"))
+
+
+# --- A real cluster ---------------------------------------------------------------------------------------
+
+def cluster_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (slurmd runs jobs as their users)"
+    if shutil.which("slurmd") is None and shutil.which("apt-get") is None:
+        return "slurm-wlm is not installed and there is no apt-get to install it"
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """Two slurmd nodes on this machine (slurm/local-cluster.sh), stopped by their PIDs afterwards."""
+    reason = cluster_unavailable()
+    if reason:
+        pytest.skip(reason)
+    # Not under pytest's private temp folder: munged, running as its own user, must reach its socket.
+    folder = Path(tempfile.mkdtemp(prefix="masktrain-slurm-"))
+    started = subprocess.run([str(LOCAL_CLUSTER), "start", str(folder), "2"], capture_output=True, text=True,
+                             timeout=600)
+    try:
+        assert started.returncode == 0, f"local cluster did not start:\n{started.stdout}\n{started.stderr}"
+        yield folder
+    finally:
+        subprocess.run([str(LOCAL_CLUSTER), "stop", str(folder)], capture_output=True, timeout=120)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def slurm_command(cluster: Path, *args: str) -> str:
+    return subprocess.run(list(args), capture_output=True, text=True, check=True,
+                          env={**os.environ, **job_env(cluster)}).stdout
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    path = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+
+def submit(cluster: Path, run: Path, common: list[str]) -> str:
+    result = run_cli("slurm", "submit", "smoke", *common, f"run.output_dir={run}", "--nodes=2",
+                     "--gpus-per-node=1", *JOB_ARGS, env=job_env(cluster), check=True)
+    job = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    assert f"{run}/slurm/smoke-{job}.out" in result.stdout
+    return job
+
+
+def wait_for(condition, timeout: float, what: str, logs: list[Path]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            text = "\n".join(f"--- {p}\n{p.read_text()[-4000:]}" for p in logs if p.is_file())
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{text}")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_two_node_job_preempted_requeued_and_resumed_exactly(slurm_cluster, tiny_data, tmp_path):
+    # Enough steps that the signal, sent after step 2, lands mid-run even on a fast machine (~1 s to arrive).
+    steps = 24
+    common = [*tiny_data, f"trainer.max_steps={steps}", "trainer.log_every=1", "trainer.checkpoint_every=0",
+              "launch.threads_per_rank=1", "trainer.progress_bar=false"]
+    reference, preempted = tmp_path / "reference", tmp_path / "preempted"
+    # Both jobs fit side by side (one CPU per node each): the reference is never signalled.
+    ref_job = submit(slurm_cluster, reference, common)
+    job = submit(slurm_cluster, preempted, common)
+    log, ref_log = preempted / "slurm" / f"smoke-{job}.out", reference / "slurm" / f"smoke-{ref_job}.out"
+
+    def queued(*jobs: str) -> list[str]:
+        return slurm_command(slurm_cluster, "squeue", "-h", "-o", "%i", "-j", ",".join(jobs)).split()
+
+    # Generous: on a fresh machine the first DeepSpeed start compiles its CPU comm op (minutes on 2 busy cores).
+    wait_for(lambda: len(losses(preempted)) >= 2 or not queued(job), 480, "2 steps of the job", [log])
+    assert len(losses(preempted)) >= 2, f"the job ended before its second step:\n{log.read_text()[-4000:]}"
+    slurm_command(slurm_cluster, "scancel", "--signal=USR1", "--batch", job)
+    wait_for(lambda: not queued(job, ref_job), 400, "both jobs to finish", [log, ref_log])
+
+    text = log.read_text()
+    # It really ran across the two slurmd nodes, and was signalled, requeued and resumed.
+    assert "node 0 (n1)" in text and "node 1 (n2)" in text, text
+    assert "got SIGUSR1" in text and f"requeued job {job}" in text, text
+    assert f"job {job} attempt 0" in text and f"job {job} attempt 1" in text, text
+    assert re.search(r"Restarts=1\b", slurm_command(slurm_cluster, "scontrol", "show", "job", job))
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", text).group(1))
+    assert 2 <= resumed < steps
+    # The signal's checkpoint, kept beside the final one.
+    assert (preempted / "checkpoints" / f"step-{resumed:08d}" / "meta.json").is_file()
+    assert (preempted / "checkpoints" / "latest").read_text() == f"step-{steps:08d}"
+    assert json.loads((preempted / "status.json").read_text())["state"] == "completed"
+
+    # Exactly the configured steps, and the same losses as the run nobody interrupted.
+    got, want = losses(preempted), losses(reference)
+    assert [s for s, _ in got] == list(range(1, steps + 1)) == [s for s, _ in want], ref_log.read_text()
+    assert got[-1][1] == want[-1][1]
+    assert got == want

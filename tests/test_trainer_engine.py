@@ -1,0 +1,92 @@
+"""The DeepSpeed engine the trainer builds, at every ZeRO stage (one rank, gloo, CPU, in a child process so the
+process group does not outlive the test): a step whose gradients are not finite leaves weights and optimizer
+state untouched and is reported through `was_step_applied()`; a good step after it applies and is clipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from masktrain.launcher.launch import rank_environment
+from masktrain.launcher.loading import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def snapshot(engine) -> list:
+    """This rank's weights and optimizer state as plain numbers (ZeRO-3 keeps its partition in ds_tensor)."""
+    import torch
+
+    weights = [getattr(p, "ds_tensor", p).detach().clone() for p in engine.module.parameters()]
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    moments = [v.detach().clone() for state in inner.state.values() for v in state.values() if torch.is_tensor(v)]
+    return weights + moments
+
+
+def same(a: list, b: list) -> bool:
+    import torch
+
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def probe() -> dict:
+    import torch
+
+    from masktrain.trainer import engine as eng
+
+    cfg = load_config("smoke", ["launch.nproc_per_node=1", "trainer.global_batch_size=8", "launch.accelerator=cpu",
+                                "optim.grad_clip=0.5"])
+    runtime = eng.init_distributed(cfg)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    results = {}
+    for stage in (0, 1, 2, 3):
+        cfg.trainer.zero_stage = stage
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 1))
+        engine = eng.build_engine(cfg, model, runtime, "fp32")
+
+        def step(scale: float) -> tuple[bool, float]:
+            engine.backward(engine(x).pow(2).mean() * scale)
+            engine.step()
+            return engine.was_step_applied(), float(engine.get_global_grad_norm())
+
+        step(1.0)  # creates the optimizer state
+        before = snapshot(engine)
+        nan_applied, nan_norm = step(float("nan"))
+        unchanged = same(before, snapshot(engine))
+        good_applied, good_norm = step(1000.0)
+        after = snapshot(engine)
+        results[stage] = {"nan_applied": nan_applied, "nan_norm_finite": bool(torch.isfinite(torch.tensor(nan_norm))),
+                          "unchanged": unchanged, "good_applied": good_applied, "good_norm": good_norm,
+                          "changed": not same(before, after),
+                          "finite": all(bool(torch.isfinite(t).all()) for t in after)}
+    return results
+
+
+def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**rank_environment(load_config("smoke", []), cuda=False), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    child = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    results = json.loads(child.stdout.strip().splitlines()[-1])
+    for stage, r in results.items():
+        assert r["nan_applied"] is False and r["unchanged"], f"ZeRO-{stage} applied a NaN step: {r}"
+        assert not r["nan_norm_finite"], f"ZeRO-{stage}: {r}"
+        assert r["good_applied"] and r["changed"] and r["finite"], f"ZeRO-{stage}: {r}"
+        assert r["good_norm"] > 0.5, f"ZeRO-{stage} reports the norm after clipping: {r}"
+    norms = [r["good_norm"] for r in results.values()]
+    assert max(norms) == pytest.approx(min(norms), rel=1e-4), f"stages disagree on the gradient norm: {norms}"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    print(json.dumps(probe()))

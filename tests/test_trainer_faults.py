@@ -1,0 +1,100 @@
+"""Bad steps and bad data in a 2-rank run: a NaN loss on one rank skips the step on both and is counted, too
+many in a row abort with a message; skipped data is counted per reason. Both reach TensorBoard."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from masktrain.launcher.launch import outcome, rank_environment, write_run_config
+from masktrain.launcher.loading import load_config
+
+pytestmark = pytest.mark.slow
+
+FAULTY_RANK = Path(__file__).parent / "faulty_rank.py"
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def spoil_shards(data_dir: Path) -> None:
+    """Put an undecodable sample and an empty document at the start of every training shard."""
+    bad = {"aaa-bad-sample.tokens.npy": b"not an npy file", "aaa-empty-doc.tokens.npy": npy(np.zeros(0, np.uint16))}
+    for shard in sorted((data_dir / "train").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(shard, "w") as tar:
+            for name, payload in bad.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+            for member, payload in members:
+                tar.addfile(member, io.BytesIO(payload))
+
+
+def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(next(o.split("=", 1)[1] for o in tiny_data if o.startswith("data.dir=")), data)
+    spoil_shards(data)
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [*tiny_data, f"data.dir={data}", f"run.output_dir={run}", "trainer.zero_stage=0",
+                                "trainer.max_steps=20", "trainer.log_every=4", "trainer.checkpoint_every=0",
+                                "trainer.max_bad_steps=3"])
+    config_path = write_run_config(cfg)
+    env = {**rank_environment(cfg, cuda=False), "FAULT_LOG": str(tmp_path), "FAULT_NAN_RANK": "1",
+           "FAULT_NAN_STEPS": "3", "FAULT_NAN_FROM": "7"}
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            str(FAULTY_RANK), str(config_path)], env=env, capture_output=True, text=True,
+                           timeout=600)
+    log = ranks.stdout[-3000:] + ranks.stderr[-3000:]
+    assert outcome(run, ranks.returncode) == 1, log
+
+    # Step 3 (NaN on rank 1 only) is skipped on both ranks: the weights entering step 4 are those of step 3.
+    for rank in (0, 1):
+        checksums = {}
+        for line in (tmp_path / f"rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            checksums[row["step"]] = row["checksum"]
+        assert checksums[4] == checksums[3], f"rank {rank}: the skipped step changed the weights"
+        assert len({checksums[s] for s in (1, 2, 3, 5, 6, 7)}) == 6, f"rank {rank}: a good step was not applied"
+
+    # Steps 7, 8, 9 are NaN everywhere: the third in a row aborts with a message, without a checkpoint.
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "failed" and status["step"] == 9, status
+    assert "3 steps in a row had a non-finite loss or gradient (steps 7-9)" in status["reason"]
+    assert "trainer.max_bad_steps=3" in status["reason"] and "aborting:" in ranks.stdout
+    assert not (run / "checkpoints").exists()
+
+    rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert sorted(rows) == [1, 3, 4, 7, 8, 9]  # every 4th, the first, and every bad step
+    assert rows[3]["train/loss"] is None and rows[3]["train/bad_steps"] == 1
+    assert rows[4]["train/loss"] > 0 and rows[4]["train/bad_steps"] == 1
+    assert rows[9]["train/bad_steps"] == 4
+    counts = {k: v for k, v in rows[9].items() if k.startswith("train/skipped/")}
+    assert set(counts) == {"train/skipped/bad_sample", "train/skipped/empty_document"}, rows[9]
+    assert counts["train/skipped/bad_sample"] == counts["train/skipped/empty_document"] >= 2
+    assert rows[9]["train/skipped_data"] == sum(counts.values())
+
+    tb = scalars(run / "tb")
+    assert tb["train/bad_steps"][-1] == (9, 4.0)
+    assert tb["train/skipped/bad_sample"][-1] == (9, counts["train/skipped/bad_sample"])
+    assert 3 not in dict(tb["train/loss"])  # non-finite values stay out of TensorBoard

@@ -1,0 +1,126 @@
+"""The trainer's pure parts, in process: LR schedules, checkpoint bookkeeping, resume checks, metrics files,
+the DeepSpeed JSON and the launcher's reading of how a run ended."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+
+import pytest
+
+from masktrain.launcher.config import OptimConfig
+from masktrain.launcher.launch import FORWARDED_SIGNALS, outcome, rank_environment
+from masktrain.launcher.loading import ConfigError, load_config, to_dict
+from masktrain.trainer.checkpoint import Checkpointer, config_changes, tag_for
+from masktrain.trainer.engine import deepspeed_config
+from masktrain.trainer.lr import lr_at
+from masktrain.trainer.metrics import Metrics
+from masktrain.trainer.status import REQUEUE_EXIT, write_status
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "damped_cosine"])
+def test_lr_warms_up_linearly_then_follows_the_schedule_to_its_floor(schedule):
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1, cycles=4, damping=0.5)
+    lrs = [lr_at(step, optim, 110) for step in range(110)]
+    assert lrs[:10] == pytest.approx([1e-4 * (s + 1) for s in range(10)])
+    assert max(lrs) == pytest.approx(1e-3)
+    final = {"constant": 1e-3}.get(schedule, 1e-4)
+    assert lr_at(110, optim, 110) == pytest.approx(final)
+    assert min(lrs) >= 1e-4 - 1e-12
+
+
+def test_damped_cosine_restarts_each_cycle_at_a_damped_peak():
+    optim = OptimConfig(lr=1.0, warmup_steps=0, schedule="damped_cosine", min_lr_ratio=0.0, cycles=4, damping=0.5)
+    assert [lr_at(step, optim, 100) for step in (0, 25, 50, 75)] == pytest.approx([1.0, 0.5, 0.25, 0.125])
+
+
+def make_checkpoint(ckpt: Checkpointer, step: int, complete: bool = True) -> None:
+    path = ckpt.dir / tag_for(step)
+    path.mkdir(parents=True)
+    if complete:
+        (path / "meta.json").write_text("{}")
+
+
+def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=2, is_main=True)
+    assert ckpt.latest() is None
+    for step in (10, 20, 30):
+        make_checkpoint(ckpt, step)
+    make_checkpoint(ckpt, 40, complete=False)  # published folders always have meta.json; this one is damaged
+    (ckpt.dir / "step-00000050.partial").mkdir()
+    (ckpt.dir / "latest").write_text("step-00000020")
+    assert ckpt.latest().name == "step-00000020"
+    # A crash between publishing step 30 and pointing `latest` at it, or a pointer to a deleted folder:
+    (ckpt.dir / "latest").write_text("step-00000099")
+    assert ckpt.latest().name == "step-00000030"
+    assert [p.name for p in ckpt.complete()] == ["step-00000010", "step-00000020", "step-00000030"]
+    ckpt.prune()
+    ckpt.clean_partial()
+    assert sorted(p.name for p in ckpt.dir.iterdir()) == ["latest", "step-00000020", "step-00000030",
+                                                          "step-00000040"]
+
+
+def test_resume_check_ignores_keys_that_do_not_change_the_run():
+    saved = to_dict(load_config("smoke", []))
+    same = to_dict(load_config("smoke", ["trainer.checkpoint_every=7", "trainer.keep_last=9", "run.name=other",
+                                         "data.prepare.max_docs=5", "trainer.stop_after_steps=3"]))
+    assert config_changes(saved, same) == []
+    changed = to_dict(load_config("smoke", ["optim.lr=0.1", "trainer.zero_stage=3"]))
+    assert config_changes(saved, changed) == ["optim.lr: 0.002 -> 0.1", "trainer.zero_stage: 2 -> 3"]
+
+
+def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_json(tmp_path):
+    first = Metrics(tmp_path, True, 0)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"train/loss": 1.0 / step, "train/mfu": None})
+    first.log(4, {"train/loss": math.nan})
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 5, "train/lo')  # killed mid-write
+    resumed = Metrics(tmp_path, True, 2)
+    resumed.log(3, {"train/loss": 0.5, "train/grad_norm": math.inf})
+    resumed.close()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5},
+                    {"step": 3, "train/loss": 0.5, "train/grad_norm": None}]
+
+
+def test_deepspeed_json_is_the_stage_preset_plus_the_run_plus_the_users_overrides(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
+    cfg = load_config("smoke", ["trainer.zero_stage=3", "trainer.global_batch_size=32",
+                                f"trainer.deepspeed_config={user}"])
+    ds = deepspeed_config(cfg, "fp32")
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 1000
+    assert ds["zero_optimization"]["stage3_prefetch_bucket_size"] == 50_000_000  # the preset's, kept
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) \
+        == (32, 8, 2)
+    assert ds["gradient_clipping"] == 0.5 and ds["bf16"] == {"enabled": False}
+
+
+def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, capsys):
+    assert outcome(tmp_path, 1) == 1  # the ranks never got to write one
+    write_status(tmp_path, "running", 3)
+    assert outcome(tmp_path, -9) == -9
+    write_status(tmp_path, "preempted", 5, "SIGUSR1")
+    assert outcome(tmp_path, 1) == REQUEUE_EXIT
+    write_status(tmp_path, "completed", 9)
+    assert outcome(tmp_path, 1) == 0
+    write_status(tmp_path, "failed", 7, "3 steps in a row had a non-finite loss")
+    assert outcome(tmp_path, 0) == 1
+    assert "training failed at step 7: 3 steps in a row had a non-finite loss" in capsys.readouterr().err
+
+
+def test_torchrun_is_told_to_forward_sigusr1_to_the_ranks():
+    env = rank_environment(load_config("smoke", []), cuda=False)
+    assert set(env["PET_SIGNALS_TO_HANDLE"].split(",")) == {s.name for s in FORWARDED_SIGNALS}
+    assert signal.SIGUSR1 in FORWARDED_SIGNALS and signal.SIGTERM in FORWARDED_SIGNALS
+
+
+def test_an_explicit_resume_must_name_a_complete_checkpoint(tmp_path):
+    (tmp_path / "step-00000004").mkdir()
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", [f"trainer.resume={tmp_path / 'step-00000004'}"])
+    assert err.value.problems[0].startswith("trainer.resume: must be auto, never or a complete checkpoint folder")

@@ -1,0 +1,58 @@
+"""MAE-LM (Meng et al., ICLR 2024; yumeng5/MAE-LM, fairseq `ae` arch): masked tokens are removed from the
+encoder's input instead of being replaced by [MASK], so the encoder never sees a token it will not see when
+fine-tuned, and it runs on the visible tokens only.
+
+A shallow bidirectional decoder receives the encoder outputs scattered back to their original positions with
+the [MASK] embedding in the removed slots, and the LM head predicts only at the selected positions. The encoder
+alone is the pre-trained model: `exported()` is a bare BertModel/RobertaModel that `AutoModel` loads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from masktrain.data.batches import IGNORE
+from masktrain.trainer.models import token_loss
+
+
+class MaeLM(nn.Module):
+    auto_class = "AutoModel"
+
+    def __init__(self, hf: nn.Module, decoder: nn.Module, head: str, mask_id: int, position_offset: int):
+        """`hf` is a masked-LM model: its base model is the encoder and its head, tied to the encoder's token
+        embeddings, reads the decoder's outputs. `decoder` is a bare encoder stack of the decoder's depth."""
+        super().__init__()
+        self.hf = hf
+        self.decoder = decoder
+        self.head_name = head
+        self.mask_id = mask_id
+        self.position_offset = position_offset
+        # The decoder embeds nothing but [MASK], with the encoder's table (the reference fills masked slots with
+        # embed_tokens.weight[mask_idx]); sharing it also leaves no unused decoder table in the optimizer.
+        decoder.set_input_embeddings(hf.get_input_embeddings())
+
+    def encode(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor,
+               visible_mask: torch.Tensor) -> torch.Tensor:
+        """Encoder outputs [B, V, H] of the visible tokens, each at its original position."""
+        return self.hf.base_model(input_ids=visible_ids, attention_mask=visible_mask,
+                                  position_ids=visible_pos + self.position_offset).last_hidden_state
+
+    def forward(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
+                removed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        encoded = self.encode(visible_ids, visible_pos, visible_mask)
+        batch, length = removed.shape
+        rows = torch.arange(batch, device=removed.device).unsqueeze(1).expand_as(visible_pos)
+        slots = encoded.new_zeros(batch, length, encoded.shape[-1]).index_put(
+            (rows[visible_mask], visible_pos[visible_mask]), encoded[visible_mask])
+        # Called as a module (not indexed as a weight) so that ZeRO-3 gathers the partitioned table first.
+        mask_token = torch.full((1, 1), self.mask_id, dtype=torch.long, device=removed.device)
+        mask_embedding = self.decoder.get_input_embeddings()(mask_token).to(slots.dtype)
+        slots = torch.where(removed.unsqueeze(-1), mask_embedding, slots)
+        decoded = self.decoder(inputs_embeds=slots).last_hidden_state
+        where = labels != IGNORE
+        logits = getattr(self.hf, self.head_name)(decoded[where])
+        return token_loss(logits, labels[where])
+
+    def exported(self) -> nn.Module:
+        return self.hf.base_model
