@@ -110,6 +110,14 @@ def main(quick: bool = False) -> dict:
         "ratios": {"mlm_vs_packed": round(median["mlm"] / median["packed"], 3),
                    "reader_vs_webdataset": round(median["reader"] / median["webdataset_reader"], 3)},
         "runs": {name: [round(v) for v in values] for name, values in runs.items()},
+        "summary": [
+            {"metric": "loader, shards to packed batches (1 worker)", "value": median["packed"], "target": "",
+             "unit": "tokens/s"},
+            {"metric": "loader, shards to masked MLM batches (1 worker)", "value": median["mlm"], "target": "",
+             "unit": "tokens/s"},
+            {"metric": "shard reader / webdataset + np.load, documents/s", "value":
+             median["reader"] / median["webdataset_reader"], "target": "", "unit": "x"},
+        ],
     }
     path = write_result("loader", result)
     print(f"packed {median['packed']:,.0f} tokens/s, masked MLM {median['mlm']:,.0f} tokens/s (1 worker); "

@@ -105,6 +105,12 @@ def main(quick: bool = False) -> dict:
         "mb_per_s": {name: round(size / 1e6 / median[name], 2) for name in variants},
         "speedup_vs_inline_1_thread": {name: round(median["inline_1_thread"] / median[name], 3) for name in variants},
         "median_seconds": {name: round(value, 3) for name, value in median.items()},
+        "summary": [
+            {"metric": f"text to shards, as `masktrain data shards` does it ({cores} cores)",
+             "value": size / 1e6 / median["pipelined_sp_threads"], "target": "", "unit": "MB/s"},
+            {"metric": "pipelined / inline single-thread tokenization, text to shards",
+             "value": median["inline_1_thread"] / median["pipelined_sp_threads"], "target": "", "unit": "x"},
+        ],
     }
     path = write_result("shards", result)
     print(", ".join(f"{name} {mb:.1f} MB/s" for name, mb in result["mb_per_s"].items()) + f" ({cores} cores) -> {path}")

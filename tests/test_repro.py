@@ -5,11 +5,14 @@ probe's answer check are tested directly."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from conftest import run_cli
 from masktrain.data.synthetic import RetrievalTask, probe_examples, training_documents
+from masktrain.trainer import probe
 
 TINY_DECODER = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
                 "data.micro_batch_size=2", "trainer.global_batch_size=4", "trainer.max_steps=3",
@@ -73,3 +76,25 @@ def test_repro_schedule_trains_both_arms_and_compares_validation_loss(tiny_data,
     assert linear["mask_rate"][-1][1] < 0.3
     assert report["summary"][2]["value"] == pytest.approx(linear["final_val_loss"] - constant["final_val_loss"])
     assert (out / report["plot"]).read_bytes().startswith(PNG_MAGIC)
+
+
+class ScriptedDecoder(torch.nn.Module):
+    """Predicts, at every position, the token given by `next_token[current token]`."""
+
+    def __init__(self, next_token: dict[int, int], vocab: int = 16):
+        super().__init__()
+        self.table = torch.zeros(vocab, vocab)
+        for token, following in next_token.items():
+            self.table[token, following] = 1.0
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def test_an_answer_counts_only_when_every_token_is_the_greedy_continuation():
+    model = ScriptedDecoder({3: 7, 7: 8, 5: 9})
+    examples = [([1, 2, 3], [7, 8]),  # both answer tokens predicted: retrieved
+                ([1, 2, 3], [7, 9]),  # the second one wrong
+                ([1, 5], [7]),        # the only one wrong
+                ([4, 2, 5], [9])]     # right, in a batch padded to the longest row
+    assert probe.retrieved(model, examples, pad_id=0, batch_size=3).tolist() == [True, False, False, True]
