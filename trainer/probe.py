@@ -19,7 +19,7 @@ from masktrain.trainer.objectives import OBJECTIVES
 
 def encode(tokenizer: Tokenizer, example: ProbeExample) -> tuple[list[int], list[int]]:
     """(<s> + prompt ids, answer ids), checking the answer's tokens continue the prompt's unchanged."""
-    prompt, full = tokenizer.encode([example.prompt, example.prompt + example.answer])
+    prompt, full = (ids.tolist() for ids in tokenizer.encode([example.prompt, example.prompt + example.answer]))
     if full[:len(prompt)] != prompt or len(full) == len(prompt):
         raise ValueError(f"the tokenizer does not encode the answer {example.answer!r} as tokens of its own "
                          f"after the prompt ending {example.prompt[-20:]!r}")
