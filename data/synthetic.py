@@ -78,6 +78,9 @@ class ProbeExample:
     """The value as it follows the prompt: ` mel`."""
     position: int
     """Index of the queried pair in the context (0 = first)."""
+    choices: tuple[str, ...]
+    """Every value of the context as it would follow the prompt, the answer among them: answering any of them
+    shows copying from the context without binding the value to its key."""
 
 
 def context(task: RetrievalTask, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -112,7 +115,8 @@ def probe_examples(task: RetrievalTask, position: int, count: int, seed: int) ->
         rng = np.random.default_rng([seed, PROBE_STREAM, position, index])
         pairs = context(task, rng)
         key, value = pairs[position]
-        examples.append(ProbeExample(f"{pair_text(pairs)} ? {key}", f" {value}", position))
+        examples.append(ProbeExample(f"{pair_text(pairs)} ? {key}", f" {value}", position,
+                                     tuple(sorted({f" {v}" for _, v in pairs}))))
     return examples
 
 

@@ -104,7 +104,7 @@ def meap(overrides: list[str], out: Path, results: Path, task: RetrievalTask, do
          probe_examples: int) -> Path:
     from masktrain.data.prepare import prepare
     from masktrain.launcher.plots import retrieval_plot
-    from masktrain.trainer.probe import accuracy_by_position
+    from masktrain.trainer.probe import scores_by_position
 
     started = time.perf_counter()
     seed = load_config("repro-meap", overrides).run.seed
@@ -124,9 +124,12 @@ def meap(overrides: list[str], out: Path, results: Path, task: RetrievalTask, do
     arms = {}
     for arm in MEAP_ARMS:
         checkpoint, facts = train_arm("repro-meap", overrides, arm, out)
-        accuracy = accuracy_by_position(checkpoint, task, probe_examples, seed)
-        arms[arm.name] = {**facts, "accuracy_by_position": accuracy, "mean_accuracy": sum(accuracy) / len(accuracy)}
-        log(f"{arm.name}: retrieval accuracy by position {[round(100 * a) for a in accuracy]} %")
+        scores = scores_by_position(checkpoint, task, probe_examples, seed)
+        accuracy, copied = [s.retrieved for s in scores], [s.copied for s in scores]
+        arms[arm.name] = {**facts, "accuracy_by_position": accuracy, "mean_accuracy": sum(accuracy) / len(accuracy),
+                          "copied_by_position": copied, "mean_copied": sum(copied) / len(copied)}
+        log(f"{arm.name}: retrieval accuracy by position {[round(100 * a) for a in accuracy]} %, "
+            f"answered with some value of the context {[round(100 * c) for c in copied]} %")
 
     ntp, meap_arm = arms["ntp"], arms["meap"]
     # The middle half of the positions, where lost-in-the-middle shows.
@@ -143,6 +146,10 @@ def meap(overrides: list[str], out: Path, results: Path, task: RetrievalTask, do
          "target": "", "unit": "%"},
         {"metric": "retrieval accuracy, MEAP (all positions)", "value": 100 * meap_arm["mean_accuracy"],
          "target": "", "unit": "%"},
+        {"metric": "answered with some value of the context (copying, bound or not), NTP",
+         "value": 100 * ntp["mean_copied"], "target": "", "unit": "%"},
+        {"metric": "answered with some value of the context (copying, bound or not), MEAP",
+         "value": 100 * meap_arm["mean_copied"], "target": "", "unit": "%"},
         {"metric": "MEAP - NTP retrieval accuracy (all positions)",
          "value": 100 * (meap_arm["mean_accuracy"] - ntp["mean_accuracy"]), "target": "> 0", "unit": "points"},
         {"metric": "MEAP - NTP retrieval accuracy (middle half of positions)",

@@ -38,6 +38,8 @@ def test_retrieval_documents_and_probes():
         words = example.prompt.split(" ? ")[0].split(" ")
         key, value = words[8], words[9]
         assert example.prompt.endswith(f" ? {key}") and example.answer == f" {value}"
+        assert example.answer in example.choices
+        assert set(example.choices) == {f" {v}" for v in words[1::2]}
     with pytest.raises(ValueError, match="position must be within"):
         probe_examples(task, position=6, count=1, seed=7)
     with pytest.raises(ValueError, match="queries must be within"):
@@ -55,10 +57,13 @@ def test_repro_meap_trains_both_decoders_and_probes_retrieval(tmp_path):
     for name in ("ntp", "meap"):
         arm = report["arms"][name]
         assert arm["steps"] == 3 and arm["config_changes"] == [f"model.objective={name}"]
-        assert len(arm["accuracy_by_position"]) == 4 and all(0 <= a <= 1 for a in arm["accuracy_by_position"])
+        for key in ("accuracy_by_position", "copied_by_position"):
+            assert len(arm[key]) == 4 and all(0 <= a <= 1 for a in arm[key])
+        # A retrieved answer is a value of the context.
+        assert all(a <= c for a, c in zip(arm["accuracy_by_position"], arm["copied_by_position"]))
         assert (out / name / "checkpoints" / "step-00000003").is_dir()
-    assert [row["target"] for row in report["summary"]] == ["", "", "", "> 0", "> 0"]
-    assert report["summary"][3]["value"] == pytest.approx(
+    assert [row["target"] for row in report["summary"]] == ["", "", "", "", "", "> 0", "> 0"]
+    assert report["summary"][5]["value"] == pytest.approx(
         100 * (report["arms"]["meap"]["mean_accuracy"] - report["arms"]["ntp"]["mean_accuracy"]))
     assert (results / report["plot"]).read_bytes().startswith(PNG_MAGIC)
 
@@ -93,8 +98,11 @@ class ScriptedDecoder(torch.nn.Module):
 
 def test_an_answer_counts_only_when_every_token_is_the_greedy_continuation():
     model = ScriptedDecoder({3: 7, 7: 8, 5: 9})
-    examples = [([1, 2, 3], [7, 8]),  # both answer tokens predicted: retrieved
-                ([1, 2, 3], [7, 9]),  # the second one wrong
-                ([1, 5], [7]),        # the only one wrong
-                ([4, 2, 5], [9])]     # right, in a batch padded to the longest row
-    assert probe.retrieved(model, examples, pad_id=0, batch_size=3).tolist() == [True, False, False, True]
+    examples = [probe.Encoded([1, 2, 3], [7, 8], {7, 11}),  # both answer tokens predicted: retrieved
+                probe.Encoded([1, 2, 3], [7, 9], {7, 11}),  # the second one wrong, the first a context value
+                probe.Encoded([1, 5], [7], {7, 11}),        # wrong, and no value of the context
+                probe.Encoded([1, 5], [11], {9, 11}),       # wrong, but another value of the context
+                probe.Encoded([4, 2, 5], [9], {9})]         # right, in a batch padded to the longest row
+    assert probe.greedy_answers(model, examples, pad_id=0, batch_size=3) == [[7, 8], [7, 8], [9], [9], [9]]
+    scores = probe.score(model, examples, pad_id=0)
+    assert scores.retrieved == pytest.approx(2 / 5) and scores.copied == pytest.approx(4 / 5)
