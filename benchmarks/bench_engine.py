@@ -54,7 +54,7 @@ def join_group(rank: int, world_size: int, port: int, cfg: Config):
 def model_and_batches(cfg: Config, runtime, count: int):
     from masktrain.data import inputs
     from masktrain.data.tokenizer import Tokenizer
-    from masktrain.trainer.models import build_model
+    from masktrain.trainer.models import TokenIds, build_model
     from masktrain.trainer.objectives import OBJECTIVES
 
     tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
@@ -65,7 +65,7 @@ def model_and_batches(cfg: Config, runtime, count: int):
 
     def build():
         torch.manual_seed(cfg.run.seed)
-        return build_model(objective, cfg.model, cfg.data.seq_len, tokenizer)
+        return build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
 
     return build, batches
 

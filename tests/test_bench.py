@@ -3,7 +3,6 @@ in place of results, the `summary` convention checked, the README section replac
 
 from __future__ import annotations
 
-import ast
 import json
 import shutil
 from pathlib import Path
@@ -112,17 +111,15 @@ def test_readme_without_markers_gets_a_results_section(tmp_path):
     assert text.startswith("# Title\n\n## Results\n\n" + report.START) and "| x | m | 3.00 | >= 3 | yes |" in text
 
 
-def bench_files() -> list[Path]:
-    return sorted((ROOT / "benchmarks").glob("bench_*.py"))
-
-
-@pytest.mark.parametrize("path", bench_files(), ids=lambda p: p.stem)
-def test_shipped_benchmarks_follow_the_convention(path):
-    """Every benchmark has `main(quick=False)` and runs as a module, so the runner can drive it."""
-    tree = ast.parse(path.read_text())
-    mains = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "main"]
-    assert mains, f"{path.name}: no top-level main()"
-    args = mains[0].args
-    names = [a.arg for a in args.args + args.kwonlyargs]
-    assert "quick" in names, f"{path.name}: main() takes no `quick` argument"
-    assert "__main__" in path.read_text(), f"{path.name}: no `if __name__ == \"__main__\": main()`"
+def test_shipped_benchmarks_run_at_test_size_and_report_their_figures(tmp_path):
+    """Every benchmarks/bench_*.py runs under the runner in quick mode against the current package, so an
+    interface it measures cannot change under it unnoticed, and writes a summary the table can show."""
+    results = tmp_path / "results"
+    run = run_cli("bench", "--quick", "--results", str(results), timeout=900, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    names = sorted(path.stem.removeprefix("bench_") for path in (ROOT / "benchmarks").glob("bench_*.py"))
+    found = report.read_results(results)
+    assert sorted(result.name for result in found) == names
+    for result in found:
+        assert "error" not in result.data and not result.problems, (result.name, result.problems)
+        assert result.data["summary"] and result.data["run"]["quick"] is True
