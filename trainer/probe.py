@@ -30,19 +30,18 @@ class Encoded:
     """First token of each value of the context (the answer's among them)."""
 
 
-def continuation(tokenizer: Tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
-    """(prompt ids, answer ids), checking the answer's tokens continue the prompt's unchanged."""
-    prompt_ids, full = (ids.tolist() for ids in tokenizer.encode([prompt, prompt + answer]))
-    if full[:len(prompt_ids)] != prompt_ids or len(full) == len(prompt_ids):
-        raise ValueError(f"the tokenizer does not encode the answer {answer!r} as tokens of its own "
-                         f"after the prompt ending {prompt[-20:]!r}")
-    return prompt_ids, full[len(prompt_ids):]
-
-
 def encode(tokenizer: Tokenizer, example: ProbeExample) -> Encoded:
-    prompt, answer = continuation(tokenizer, example.prompt, example.answer)
-    starts = {continuation(tokenizer, example.prompt, choice)[1][0] for choice in example.choices}
-    return Encoded([tokenizer.bos_id] + prompt, answer, starts)
+    """The prompt and every choice after it, encoded in one call; each choice's tokens must continue the
+    prompt's unchanged, or the answer would not be a continuation the model can be scored on."""
+    prompt, *continued = (ids.tolist() for ids in tokenizer.encode(
+        [example.prompt, *(example.prompt + choice for choice in example.choices)]))
+    tails = {}
+    for choice, full in zip(example.choices, continued):
+        if full[:len(prompt)] != prompt or len(full) == len(prompt):
+            raise ValueError(f"the tokenizer does not encode {choice!r} as tokens of its own "
+                             f"after the prompt ending {example.prompt[-20:]!r}")
+        tails[choice] = full[len(prompt):]
+    return Encoded([tokenizer.bos_id] + prompt, tails[example.answer], {tail[0] for tail in tails.values()})
 
 
 def greedy_answers(model: torch.nn.Module, examples: list[Encoded], pad_id: int,
