@@ -126,6 +126,7 @@ def held_bytes(engine) -> dict[str, int]:
 
 def memory_rank(rank: int, port: int, out_dir: str) -> None:
     from masktrain.trainer import engine as eng
+    from masktrain.trainer.size import parameter_count
 
     runtime = join_group(rank, 2, port, config(2, MEMORY_MODEL))
     result = {}
@@ -137,7 +138,7 @@ def memory_rank(rank: int, port: int, out_dir: str) -> None:
         engine.backward(out["loss"])
         engine.step()  # the optimizer state exists from the first step on
         result[f"zero{stage}"] = held_bytes(engine)
-        result["parameter_count"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+        result["parameter_count"] = parameter_count(engine.module)
         del engine, out
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()

@@ -22,7 +22,10 @@ from masktrain.data.masking import Vocab
 MODEL_FILE = "spm.model"
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
                   "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+# Sentencepiece's own special ids come first, then the control symbols in order: [MASK] is id 6.
+RESERVED_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)
 CONTROL_SYMBOLS = ["[CLS]", "[SEP]", "[MASK]"]
+MASK_ID = len(RESERVED_IDS) + CONTROL_SYMBOLS.index(SPECIAL_TOKENS["mask"])
 MAX_PIECE_INPUT = 4000  # sentencepiece ignores training "sentences" longer than its max_sentence_length
 SPACE = "\u2581"
 # Byte-fallback pieces of whitespace other than the space (which sentencepiece marks with SPACE): tab, newline,
@@ -59,7 +62,7 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
-        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        **RESERVED_IDS,
         pad_piece=SPECIAL_TOKENS["pad"], unk_piece=SPECIAL_TOKENS["unk"],
         bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
         control_symbols=CONTROL_SYMBOLS,

@@ -143,7 +143,9 @@ def validate(cfg: Config) -> list[str]:
     positive(t.max_bad_steps, "trainer.max_bad_steps")
     non_negative(t.peak_tflops, "trainer.peak_tflops")
     if t.resume not in ("auto", "never"):
-        check((Path(t.resume) / "meta.json").is_file(), "trainer.resume",
+        from masktrain.trainer.checkpoint import is_complete
+
+        check(is_complete(Path(t.resume)), "trainer.resume",
               f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
     if t.deepspeed_config:
         check(Path(t.deepspeed_config).is_file(), "trainer.deepspeed_config",

@@ -60,8 +60,6 @@ class Checkpointer:
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (the zero-padded step sorts by name)."""
-        if not self.dir.is_dir():
-            return []
         return sorted(p for p in self.dir.glob("step-*") if not p.name.endswith(PARTIAL) and is_complete(p))
 
     def latest(self) -> Path | None:
@@ -102,7 +100,7 @@ class Checkpointer:
                 final.rename(stale)
                 shutil.rmtree(stale)
             staging.rename(final)
-            fsync_dir(self.dir)
+            fsync_path(self.dir)
             write_atomic(self.dir / LATEST, tag)
             self.prune()
         dist.barrier()
@@ -146,11 +144,11 @@ def write_atomic(path: Path, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make renames inside `path` durable: they live in the directory, not in the files."""
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a directory to make renames inside it durable (they live in the directory)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -162,8 +160,4 @@ def sync_tree(path: Path) -> None:
     """fsync every file so the rename that publishes the checkpoint never precedes its data on disk."""
     for file in path.rglob("*"):
         if file.is_file():
-            fd = os.open(file, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(file)

@@ -12,6 +12,7 @@ import torch
 from masktrain import configs
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import merge
+from masktrain.trainer.models import zero_stage
 
 
 @dataclass(frozen=True)
@@ -116,10 +117,11 @@ class FiniteAdamW(torch.optim.AdamW):
 def hands_gradients_to_optimizer(ds: dict) -> bool:
     """Whether DeepSpeed gives the torch optimizer the gradients as they are (ZeRO-0 without bf16/fp16)."""
     low_precision = ds.get("bf16", {}).get("enabled") or ds.get("fp16", {}).get("enabled")
-    return ds.get("zero_optimization", {}).get("stage", 0) == 0 and not low_precision
+    return zero_stage(ds) == 0 and not low_precision
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: str):
+def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: str, ds: dict | None = None):
+    """The DeepSpeed engine for `model`; `ds` is `deepspeed_config(cfg, dtype)` when the caller has it already."""
     import deepspeed
 
     if cfg.trainer.activation_checkpointing:
@@ -128,7 +130,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, runtime: Runtime, dtype: s
         for module in model.modules():
             if isinstance(module, PreTrainedModel):
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ds = deepspeed_config(cfg, dtype)
+    ds = dict(ds or deepspeed_config(cfg, dtype))
     groups = param_groups(model, cfg.optim.weight_decay)
     adamw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                  fused=runtime.device.type == "cuda")

@@ -15,7 +15,7 @@ import torch
 from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import config_from_dict
-from masktrain.trainer.checkpoint import saved_config
+from masktrain.trainer.checkpoint import is_complete, saved_config
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
@@ -33,7 +33,7 @@ def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torc
 def load_trained(checkpoint: str | Path):
     """(config, tokenizer, objective model with the checkpoint's weights) for a complete checkpoint folder."""
     checkpoint = Path(checkpoint)
-    if not (checkpoint / "meta.json").is_file():
+    if not is_complete(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a complete masktrain checkpoint (no meta.json)")
     cfg = config_from_dict(saved_config(checkpoint), str(checkpoint / "config.yaml"))
     tokenizer = Tokenizer(tokenizer_dir(cfg))

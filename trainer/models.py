@@ -157,6 +157,11 @@ BUILDERS: dict[str, Callable[[ModelConfig, int, TokenIds], nn.Module]] = {
 }
 
 
+def zero_stage(ds: dict) -> int:
+    """The ZeRO stage a DeepSpeed config asks for (0 when it has no zero_optimization section)."""
+    return ds.get("zero_optimization", {}).get("stage", 0)
+
+
 @contextmanager
 def partitioned(deepspeed_config: dict | None) -> Iterator[None]:
     """Models built in this context are ZeRO-3 partitioned from the start when `deepspeed_config` is stage 3.
@@ -164,8 +169,7 @@ def partitioned(deepspeed_config: dict | None) -> Iterator[None]:
     transformers' `_from_config` enters `deepspeed.zero.Init` while a `HfDeepSpeedConfig` is alive; the
     context removes it again so that nothing built later (exports, evaluation copies) is partitioned.
     """
-    stage = (deepspeed_config or {}).get("zero_optimization", {}).get("stage", 0)
-    if stage != 3:
+    if zero_stage(deepspeed_config or {}) != 3:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig

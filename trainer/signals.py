@@ -28,4 +28,3 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
-

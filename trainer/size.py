@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from masktrain.data.tokenizer import MASK_ID, RESERVED_IDS
 from masktrain.launcher.config import Config
 from masktrain.trainer.models import TokenIds, build_model
 
@@ -17,7 +18,8 @@ STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
 
 # The ids data/tokenizer.py gives its special tokens; used only when the tokenizer is not built yet, and they
 # do not change any parameter count beyond RoBERTa's position offset.
-UNBUILT_TOKENIZER_IDS = dict(pad_id=0, bos_id=2, eos_id=3, mask_id=6)
+UNBUILT_TOKENIZER_IDS = dict(pad_id=RESERVED_IDS["pad_id"], bos_id=RESERVED_IDS["bos_id"],
+                             eos_id=RESERVED_IDS["eos_id"], mask_id=MASK_ID)
 
 
 def parameter_count(module: nn.Module) -> int:

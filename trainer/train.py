@@ -147,11 +147,11 @@ def train(cfg: Config) -> None:
     objective = OBJECTIVES[cfg.model.objective]
     dtype = eng.precision(cfg, runtime)
     # Given the DeepSpeed config, ZeRO-3 builds the model partitioned: no rank ever holds all of it.
-    model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer),
-                        eng.deepspeed_config(cfg, dtype))
+    ds = eng.deepspeed_config(cfg, dtype)
+    model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer), ds)
     if is_main:
         print(f"[masktrain] model: {cfg.model.objective} on {cfg.model.arch}, {describe(model)}", flush=True)
-    engine = eng.build_engine(cfg, model, runtime, dtype)
+    engine = eng.build_engine(cfg, model, runtime, dtype, ds)
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
     val_skips = Skips(cfg.data.strict)
@@ -261,8 +261,10 @@ def train(cfg: Config) -> None:
             if validation is None:
                 validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
                                                    runtime.rank, runtime.world_size, val_skips)
+                # The validation set is read once, so what it skipped is fixed from here on.
+                val_skipped = count_metrics("val/skipped", gather_counts(dict(val_skips.counts)))
             results = evaluate(engine, *validation, runtime, objective.encoder)
-            results.update(count_metrics("val/skipped", gather_counts(dict(val_skips.counts))))
+            results.update(val_skipped)
             metrics.log(state.step, results)
             progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
