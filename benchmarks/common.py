@@ -33,23 +33,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from masktrain.launcher.machine import machine
+from masktrain.launcher.machine import stamp
 
 RESULTS = Path(__file__).parent / "results"
 RESULTS_ENV = "MASKTRAIN_BENCH_RESULTS"
 """The runner points this at another folder for quick runs, so they never overwrite the published results."""
-
-
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds per call, `repeats` times after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -74,6 +62,6 @@ def write_result(name: str, result: dict) -> Path:
     folder = results_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), **result}
+    payload = {"benchmark": name, **stamp(), **result}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

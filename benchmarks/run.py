@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from benchmarks import report
-from benchmarks.common import RESULTS, RESULTS_ENV, machine
+from benchmarks.common import RESULTS, RESULTS_ENV, stamp
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -73,8 +73,7 @@ def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path, tim
         problem = f"finished without writing {path.name}"
     run = {"quick": quick, "seconds": round(seconds, 1), "log": str(log)}
     if problem:
-        payload = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-                   "error": f"{problem} (log: {log.name})", "run": run}
+        payload = {"benchmark": name, **stamp(), "error": f"{problem} (log: {log.name})", "run": run}
     else:
         payload = {**json.loads(path.read_text()), "run": run}
     path.write_text(json.dumps(payload, indent=2) + "\n")

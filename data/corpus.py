@@ -26,6 +26,11 @@ class InputError(ValueError):
     """Bad input under --strict: names the file and the line or document."""
 
 
+class DataError(RuntimeError):
+    """Bad shard data under strict mode, or no readable data at all (raised by the reader and the loader; it
+    lives here, beside InputError, so the CLI can catch both without importing torch)."""
+
+
 @dataclass
 class CorpusStats:
     """What was read and what was skipped, by reason."""

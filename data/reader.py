@@ -28,13 +28,11 @@ import numpy as np
 from webdataset import gopen
 from webdataset.tariterators import base_plus_ext
 
+from masktrain.data.corpus import DataError
+
 TOKENS_KEY = "tokens.npy"
 # Errors that reading a shard can raise: tar structure, I/O and pipe exits, gzip streams.
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
-
-
-class DataError(RuntimeError):
-    """Bad data under strict mode, or no readable data at all."""
 
 
 class Skips:

@@ -11,8 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from masktrain.data.corpus import InputError
-from masktrain.data.reader import DataError
+from masktrain.data.corpus import DataError, InputError
 from masktrain.launcher.loading import ConfigError
 
 
@@ -132,6 +131,10 @@ def cmd_bench(args) -> int:
                            env={**os.environ, "PYTHONPATH": path})
 
 
+TASK_SIZES = {"pairs": "key-value pairs per context", "queries": "queries per training document",
+              "keys": "distinct key words", "values": "distinct value words"}
+
+
 def cmd_repro(args) -> int:
     from masktrain.data.synthetic import RetrievalTask
     from masktrain.launcher import repro
@@ -142,7 +145,9 @@ def cmd_repro(args) -> int:
         repro.schedule(args.overrides, out, results)
         return 0
     try:
-        task = RetrievalTask(pairs=args.pairs, queries=args.queries, keys=args.keys, values=args.values)
+        # Unset sizes keep RetrievalTask's defaults; building the parser does not import the task (numpy).
+        sizes = {key: getattr(args, key) for key in TASK_SIZES if getattr(args, key) is not None}
+        task = RetrievalTask(**sizes)
         for flag, value in (("--documents", args.documents), ("--probe-examples", args.probe_examples)):
             if value < 1:
                 raise ValueError(f"{flag} must be at least 1, got {value}")
@@ -291,9 +296,6 @@ def parser() -> argparse.ArgumentParser:
 
     repro = sub.add_parser("repro", help="toy-scale reproductions of the papers' claims, with a JSON report and a plot")
     experiments = repro.add_subparsers(dest="experiment", required=True)
-    from masktrain.data.synthetic import RetrievalTask
-
-    task = RetrievalTask()
     for name, text in (("meap", "NTP vs MEAP decoders: key-value retrieval accuracy by position of the key"),
                        ("schedule", "MLM with constant 15% vs linear 30%->15% masking: validation loss at 15%")):
         p = experiments.add_parser(name, help=text.replace("%", "%%"), description=text)
@@ -303,10 +305,8 @@ def parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_repro)
     meap = experiments.choices["meap"]
     meap.add_argument("--documents", type=int, default=20000, help="training documents to generate")
-    meap.add_argument("--pairs", type=int, default=task.pairs, help="key-value pairs per context")
-    meap.add_argument("--queries", type=int, default=task.queries, help="queries per training document")
-    meap.add_argument("--keys", type=int, default=task.keys, help="distinct key words")
-    meap.add_argument("--values", type=int, default=task.values, help="distinct value words")
+    for key, text in TASK_SIZES.items():
+        meap.add_argument(f"--{key}", type=int, help=f"{text} (default: the task's, see data/synthetic.py)")
     meap.add_argument("--probe-examples", type=int, default=100, help="probe contexts per position")
 
     slurm = sub.add_parser("slurm", help="SLURM jobs: render and submit the sbatch script").add_subparsers(

@@ -75,7 +75,7 @@ def launch_local(cfg: Config) -> int:
     check_resume_compatible(cfg)
     config_path = write_run_config(cfg)
     (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
-    cuda = cfg.launch.accelerator == "cuda" or (cfg.launch.accelerator == "auto" and cuda_available())
+    cuda = use_cuda(cfg)
     if cfg.launch.master_port:
         rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
     else:
@@ -94,7 +94,10 @@ def launch_local(cfg: Config) -> int:
     return outcome(cfg.output_dir, code)
 
 
-def cuda_available() -> bool:
+def use_cuda(cfg: Config) -> bool:
+    """Whether the ranks run on GPUs: launch.accelerator, or with `auto` whether this machine has one."""
+    if cfg.launch.accelerator != "auto":
+        return cfg.launch.accelerator == "cuda"
     import torch  # seconds to import: only when the config leaves the choice to the machine
 
     return torch.cuda.is_available()
@@ -103,10 +106,11 @@ def cuda_available() -> bool:
 def outcome(run_dir: str | Path, code: int) -> int:
     """The launcher's exit code from how the ranks said the run ended (torchrun's own code says little)."""
     status = read_status(run_dir)
-    if status.get("state") == "preempted":
+    state = status.get("state")
+    if state == "preempted":
         return REQUEUE_EXIT
-    if status.get("state") == "completed":
+    if state == "completed":
         return 0
-    if status.get("state") == "failed":
+    if state == "failed":
         print(f"masktrain: training failed at step {status['step']}: {status['reason']}", file=sys.stderr)
     return code or 1

@@ -203,3 +203,9 @@ def type_name(kind: Any) -> str:
     if origin is list:
         return f"a list of {type_name(typing.get_args(kind)[0])}"
     return {type(None): "null"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def read_run_config(path: str | Path) -> Config:
+    """The resolved config a launch wrote (`<run>/config.yaml`), as the ranks and the SLURM node read it."""
+    with open(path) as handle:
+        return config_from_dict(yaml.safe_load(handle), str(path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 
 
 def machine() -> dict:
@@ -15,3 +16,8 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def stamp() -> dict:
+    """When and on what: the header of every benchmark result and experiment report."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine()}

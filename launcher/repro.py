@@ -26,8 +26,9 @@ from pathlib import Path
 from masktrain.data.synthetic import RetrievalTask, training_documents, write_corpus
 from masktrain.launcher.launch import launch_local
 from masktrain.launcher.loading import dump_yaml, load_config
-from masktrain.launcher.machine import machine
+from masktrain.launcher.machine import stamp
 from masktrain.launcher.smoke import series
+from masktrain.trainer.checkpoint import Checkpointer, write_atomic
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,6 @@ def folder_name(arm: Arm) -> str:
 
 def train_arm(config: str, overrides: list[str], arm: Arm, out: Path) -> tuple[Path, dict]:
     """Train one arm from scratch in `out/<arm>`; returns (its final checkpoint, facts for the report)."""
-    from masktrain.trainer.checkpoint import Checkpointer
-
     run_dir = out / folder_name(arm)
     cfg = load_config(config, [*overrides, *arm.overrides, f"run.output_dir={run_dir}"])
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -74,12 +73,9 @@ def write_report(results: Path, name: str, report: dict, draw) -> Path:
     """`repro-<name>.json` plus the PNG `draw(path)` makes, in `results`."""
     results.mkdir(parents=True, exist_ok=True)
     plot = draw(results / f"repro-{name}.png")
-    payload = {"experiment": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-               **report, "plot": plot.name}
+    payload = {"experiment": name, **stamp(), **report, "plot": plot.name}
     path = results / f"repro-{name}.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
     log(f"report: {path}\n[repro] plot:   {plot}")
     for row in payload["summary"]:
         log(f"  {row['metric']}: {row['value']:.4g} {row['unit']}  (paper: {row['target'] or '-'})")
@@ -107,13 +103,13 @@ def meap(overrides: list[str], out: Path, results: Path, task: RetrievalTask, do
     from masktrain.trainer.probe import scores_by_position
 
     started = time.perf_counter()
-    seed = load_config("repro-meap", overrides).run.seed
-    data_dir = out / "data"
-    # Regenerated every time: the prepared-data check compares settings, not the corpus file's contents.
-    shutil.rmtree(data_dir, ignore_errors=True)
-    corpus = write_corpus(out / "corpus.jsonl", task, documents, seed)
+    data_dir, corpus = out / "data", out / "corpus.jsonl"
     overrides = [f"data.dir={data_dir}", f"data.prepare.inputs={json.dumps([str(corpus)])}", *overrides]
     cfg = load_config("repro-meap", overrides)
+    seed = cfg.run.seed
+    # Regenerated every time: the prepared-data check compares settings, not the corpus file's contents.
+    shutil.rmtree(data_dir, ignore_errors=True)
+    write_corpus(corpus, task, documents, seed)
     prepare(cfg, log=log)
     # One document per packed row: packing would put earlier documents, whose pairs bind the same keys to
     # other values, in front of a query. Every document has as many tokens as words, so rows of that length
@@ -171,7 +167,8 @@ def schedule(overrides: list[str], out: Path, results: Path) -> Path:
     from masktrain.launcher.plots import schedule_plot
 
     started = time.perf_counter()
-    prepare(load_config("repro-schedule", overrides), log=log)
+    cfg = load_config("repro-schedule", overrides)
+    prepare(cfg, log=log)
     arms = {}
     for arm in SCHEDULE_ARMS:
         _, facts = train_arm("repro-schedule", overrides, arm, out)
@@ -190,7 +187,7 @@ def schedule(overrides: list[str], out: Path, results: Path) -> Path:
         {"metric": "linear - constant validation loss", "value": linear["final_val_loss"] - constant["final_val_loss"],
          "target": "< 0", "unit": "nats"},
     ]
-    report = {"config": dump_yaml(load_config("repro-schedule", overrides)), "arms": arms, "summary": summary,
+    report = {"config": dump_yaml(cfg), "arms": arms, "summary": summary,
               "seconds": round(time.perf_counter() - started, 1)}
     title = f"MLM masking-rate schedules, {constant['steps']} steps, same seed and data"
     losses = {name: arm["val_loss"] for name, arm in arms.items()}

@@ -18,12 +18,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from masktrain import slurm as slurm_files
 from masktrain.launcher.config import Config
-from masktrain.launcher.launch import check_resume_compatible, rank_environment, torchrun_command
-from masktrain.launcher.loading import ConfigError, config_from_dict, dump_yaml, load_config
+from masktrain.launcher.launch import check_resume_compatible, rank_environment, torchrun_command, use_cuda
+from masktrain.launcher.loading import ConfigError, dump_yaml, load_config, read_run_config
 from masktrain.trainer.status import REQUEUE_EXIT, read_status
 
 TEMPLATE = Path(slurm_files.__file__).parent / "train.sbatch"
@@ -228,10 +227,7 @@ def node_command(cfg: Config, config_path: str, env: dict[str, str]) -> list[str
 
 def node(config_path: str) -> None:
     """Inside the job, once per node: become torchrun for this node's ranks (never returns)."""
-    from masktrain.trainer.engine import use_cuda
-
-    with open(config_path) as handle:
-        cfg = config_from_dict(yaml.safe_load(handle), config_path)
+    cfg = read_run_config(config_path)
     command = node_command(cfg, config_path, dict(os.environ))
     print(f"[masktrain-slurm] node {os.environ['SLURM_NODEID']} ({os.environ.get('SLURMD_NODENAME', '?')}): "
           f"{shlex.join(command)}", flush=True)

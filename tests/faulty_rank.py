@@ -14,10 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from masktrain.launcher.loading import config_from_dict
+from masktrain.launcher.loading import read_run_config
 from masktrain.trainer import train as train_module
 
 
@@ -50,7 +49,7 @@ class NonFiniteLoss(nn.Module):
 
 
 def main() -> None:
-    cfg = config_from_dict(yaml.safe_load(Path(sys.argv[1]).read_text()), sys.argv[1])
+    cfg = read_run_config(sys.argv[1])
     build = train_module.build_model
     train_module.build_model = lambda *args, **kwargs: NonFiniteLoss(build(*args, **kwargs), cfg.grad_accum)
     train_module.main(sys.argv[1:])

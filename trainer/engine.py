@@ -11,6 +11,7 @@ import torch
 
 from masktrain import configs
 from masktrain.launcher.config import Config
+from masktrain.launcher.launch import use_cuda
 from masktrain.launcher.loading import merge
 from masktrain.trainer.models import zero_stage
 
@@ -27,12 +28,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def use_cuda(cfg: Config) -> bool:
-    if cfg.launch.accelerator == "cuda":
-        return True
-    return cfg.launch.accelerator == "auto" and torch.cuda.is_available()
 
 
 def init_distributed(cfg: Config) -> Runtime:

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from masktrain.data import inputs
 from masktrain.data.loader import seed_int
@@ -28,7 +27,7 @@ from masktrain.data.reader import Skips
 from masktrain.data.schedules import rate_schedule
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.config import Config
-from masktrain.launcher.loading import config_from_dict, to_dict
+from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import Checkpointer, check_resumable
 from masktrain.trainer.lr import lr_at
@@ -295,8 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         raise SystemExit("usage: python -m masktrain.trainer.train RUN_DIR/config.yaml")
-    with open(argv[0]) as handle:
-        cfg = config_from_dict(yaml.safe_load(handle), argv[0])
+    cfg = read_run_config(argv[0])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed's ZeRO calls torch collectives that torch has renamed; the notice is not ours to act on.
     warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
