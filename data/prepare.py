@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
@@ -40,12 +41,22 @@ def skipped_text(stats: CorpusStats) -> str:
     return ", ".join(f"{n:,} {reason}" for reason, n in sorted(stats.skipped.items())) or "nothing"
 
 
+def recipe(p: PrepareConfig, seed: int) -> dict:
+    """What a prepared folder was built from, stored in its manifest: reuse needs an exact match."""
+    return {"prepare": asdict(p), "seed": seed}
+
+
+def input_documents(p: PrepareConfig, strict: bool) -> tuple[Iterator[str], CorpusStats]:
+    """The documents of `p.inputs` (at most p.max_docs), with the stats that count them as they are read."""
+    stats = CorpusStats()
+    return itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None), stats
+
+
 def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bool = False,
                     template: str | None = None, log=print) -> Tokenizer:
     """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files."""
     started = time.perf_counter()
-    stats = CorpusStats()
-    docs = itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None)
+    docs, stats = input_documents(p, strict)
     train_tokenizer(docs, out_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, seed,
                     worker_count(p.workers))
     tokenizer = Tokenizer(out_dir)
@@ -60,13 +71,12 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
     """Tokenize `p.inputs` into train/val shards under `out_dir` with a manifest; returns the manifest."""
     started = time.perf_counter()
     tokenizer = Tokenizer(tokenizer_path)
-    stats = CorpusStats()
-    docs = itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None)
+    docs, stats = input_documents(p, strict)
     # disable=None: a progress bar on a terminal, nothing in logs and pipes.
     with tqdm(docs, desc="tokenizing", unit=" docs", disable=None, mininterval=1.0) as progress:
         manifest = write_dataset(tokenize_stream(progress, tokenizer, worker_count(p.workers)), out_dir,
                                  len(tokenizer), p.shard_bytes, p.val_fraction, p.shuffle_buffer, seed)
-    manifest.update(recipe={"prepare": asdict(p), "seed": seed}, tokenizer=str(tokenizer_path),
+    manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path),
                     input_documents=stats.documents, input_skipped=dict(stats.skipped))
     write_manifest(out_dir, manifest)
     splits = manifest["splits"]
@@ -83,7 +93,7 @@ def prepare(cfg: Config, log=print) -> dict:
     root = Path(cfg.data.dir)
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)
-        if manifest.get("recipe") != {"prepare": asdict(p), "seed": cfg.run.seed}:
+        if manifest.get("recipe") != recipe(p, cfg.run.seed):
             raise SystemExit(f"{root}: prepared with other data.prepare settings; remove the folder or "
                              "choose another data.dir")
         log(f"data: reusing {root} ({manifest['splits']['train']['tokens']:,} train tokens)")

@@ -24,6 +24,7 @@ import numpy as np
 import webdataset as wds
 
 from masktrain.data.reader import TOKENS_KEY
+from masktrain.data.tables import write_json
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
@@ -152,9 +153,7 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
 
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
-    tmp = Path(root) / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(Path(root) / MANIFEST)
+    write_json(Path(root) / MANIFEST, manifest)
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -19,10 +19,14 @@ def save(path: str | Path, table: np.ndarray, record: dict) -> None:
     with open(tmp, "wb") as f:
         np.save(f, table)
     os.replace(tmp, path)
-    meta = path.with_name(path.name + ".json")
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, meta)
+    write_json(path.with_name(path.name + ".json"), record)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Indented JSON under a temporary name renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load(path: str | Path, what: str, command: str, key: str) -> np.ndarray:
