@@ -23,6 +23,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 
@@ -37,8 +38,6 @@ worker_tokenizer: Tokenizer | None = None
 
 def write_corpus(path: Path, documents_wanted: int) -> int:
     """JSON lines of ~2.5 KB documents (8 paragraphs of Python's documentation each); returns its bytes."""
-    from pydoc_data.topics import topics
-
     paragraphs = [p.strip() for text in topics.values() for p in text.split("\n\n") if len(p.strip()) > 40]
     rng = np.random.default_rng(0)
     with path.open("w") as out:
@@ -84,8 +83,6 @@ def main(quick: bool = False) -> dict:
         root = Path(tmp)
         corpus = root / "corpus.jsonl"
         size = write_corpus(corpus, 1_500 if quick else 8_000)
-        from pydoc_data.topics import topics
-
         train_tokenizer(topics.values(), root / "tok", vocab_size=4000, threads=cores)
         tokenizer = Tokenizer(root / "tok")
         texts = list(documents([str(corpus)]))

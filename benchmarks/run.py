@@ -48,8 +48,10 @@ def stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path, timeout: float) -> str | None:
-    """Run one benchmark; None when it wrote its result, else what went wrong (also written as its result)."""
+def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path,
+            timeout: float) -> tuple[str | None, float]:
+    """Run one benchmark: (None when it wrote its result, else what went wrong, also written as its result;
+    the seconds it took)."""
     path = results / f"{name}.json"
     path.unlink(missing_ok=True)
     log = logs / f"{name}.log"
@@ -77,7 +79,7 @@ def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path, tim
     else:
         payload = {**json.loads(path.read_text()), "run": run}
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    return problem
+    return problem, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {len(names)} benchmark(s) in {folder}{' (quick)' if args.quick else ''}: {', '.join(names)}",
               flush=True)
         for name in names:
-            started = time.perf_counter()
-            problem = run_one(folder, name, args.quick, results, logs, args.timeout)
-            took = time.perf_counter() - started
+            problem, took = run_one(folder, name, args.quick, results, logs, args.timeout)
             print(f"bench: {name}: {'FAILED, ' + problem if problem else 'ok'} ({took:.0f}s; log {logs / name}.log)",
                   flush=True)
             if problem:
