@@ -71,6 +71,24 @@ def test_mae_encoder_sees_visible_tokens_at_original_positions(tiny_data, arch, 
     assert head_in[0].shape[0] == targets == int(out["tokens"])
 
 
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_mae_decoder_computes_its_last_layer_only_where_it_predicts_and_gets_the_full_decoders_outputs(
+        tiny_data, arch):
+    _, _, model, _ = setup(tiny_data, "model.objective=mae_lm", f"model.arch={arch}", "model.decoder_layers=3")
+    model.eval()
+    slots = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(0))
+    where = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) < 0.4
+    feed_forward_rows = []
+    model.decoder.encoder.layer[-1].intermediate.register_forward_hook(
+        lambda _, args, out: feed_forward_rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        full = model.decoder(inputs_embeds=slots).last_hidden_state[where]
+        feed_forward_rows.clear()
+        decoded = model.decode(slots, where)
+    assert feed_forward_rows == [int(where.sum())]
+    torch.testing.assert_close(decoded, full)
+
+
 @pytest.mark.parametrize("objective,arch", [("mlm", "bert"), ("mlm", "roberta"), ("ntp", "llama"),
                                             ("meap", "llama")])
 def test_gathering_before_the_head_leaves_the_loss_unchanged(tiny_data, objective, arch):

@@ -49,10 +49,21 @@ class MaeLM(nn.Module):
         mask_token = torch.full((1, 1), self.mask_id, dtype=torch.long, device=removed.device)
         mask_embedding = self.decoder.get_input_embeddings()(mask_token).to(slots.dtype)
         slots = torch.where(removed.unsqueeze(-1), mask_embedding, slots)
-        decoded = self.decoder(inputs_embeds=slots).last_hidden_state
         where = labels != IGNORE
-        logits = getattr(self.hf, self.head_name)(decoded[where])
+        logits = getattr(self.hf, self.head_name)(self.decode(slots, where))
         return token_loss(logits, labels[where])
+
+    def decode(self, slots: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        """The decoder's outputs [N, H] at the `where` positions of `slots` [B, T, H], equal to running the whole
+        decoder and keeping those rows. The last layer's attention reads every position, but nothing downstream
+        reads its other rows, so its output projection and feed-forward (three quarters of its weight matmuls) run
+        only where a prediction is made: the reference computes them everywhere and discards the rest."""
+        *body, last = self.decoder.encoder.layer
+        hidden = self.decoder.embeddings(inputs_embeds=slots)
+        for layer in body:
+            hidden = layer(hidden)
+        context, _ = last.attention.self(hidden)
+        return last.feed_forward_chunk(last.attention.output(context[where], hidden[where]))
 
     def exported(self) -> nn.Module:
         return self.hf.base_model
