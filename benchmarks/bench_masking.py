@@ -15,7 +15,6 @@ what "per core" means. Wall-clock medians are kept in the JSON.
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import interleaved, write_result
+from benchmarks.common import medians, timings, write_result
 from masktrain.data import batches, collocations, importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.inputs import collocation_path, importance_path, shard_urls, tokenizer_dir
@@ -83,19 +82,9 @@ def hf_inputs(ids: torch.Tensor, vocab, tokenizer: Tokenizer) -> dict:
 
 
 def measure(fns: dict, repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """(median CPU seconds per call, median wall seconds per call), calls interleaved."""
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-
-    def recorded(name, fn):
-        def call():
-            start = time.thread_time()
-            fn()
-            cpu[name].append(time.thread_time() - start)
-        return call
-
-    wall = interleaved({name: recorded(name, fn) for name, fn in fns.items()}, repeats)
-    # The first entry of each list is interleaved's untimed warm-up call.
-    return {name: statistics.median(values[1:]) for name, values in cpu.items()}, wall
+    """(median CPU seconds of this thread per call, median wall seconds per call), calls interleaved."""
+    samples = timings(fns, repeats, cpu_clock=time.thread_time)
+    return medians(samples["cpu"]), medians(samples["wall"])
 
 
 def contenders(cfg, tokenizer: Tokenizer, data: list[torch.Tensor]) -> dict[str, callable]:

@@ -5,12 +5,18 @@
   shows where the decoder's cost lands.
 - MEAP vs NTP: the same Llama model; MEAP only masks inputs.
 
-A step is what the training loop does per micro-batch: the objective's batch function on packed rows
-(masking included, although training does it in loader workers), forward, backward, AdamW step, on one thread
-(the machine is shared). Steps of the variants alternate so drift hits all alike. Ratios use the median CPU
-time of the process per step: on this machine other processes take the cores for seconds at a time, which
-wall-clock time counts and CPU time does not (wall-clock medians are reported too). The untimed warm-up step of
-each variant runs under torch's FLOP counter, so every time ratio comes with the FLOP ratio it should track.
+What repeats for every micro-batch is timed apart from the optimizer: the objective's batch function on packed
+rows (masking included, although training does it in loader workers), forward and backward of one sequence;
+then the AdamW step. A training step is many micro-batches and one optimizer step, so the step-time ratios are
+for the bert-base preset's step on one 8-rank node (its global batch over its ranks: 256 sequences per rank,
+each rank stepping the whole optimizer, which ZeRO would split): 256 x forward-backward + AdamW. Timing the
+optimizer once per sequence instead would weigh it 256 times over and charge MAE-LM's decoder parameters as if
+they cost as much as its tokens. Forward-backward ratios alone are reported too.
+
+On one thread (the machine is shared), timed as benchmarks/common.py `timings` does (variants alternate, each
+timed call after an untimed one of its own). Ratios use median CPU time of the process: on this machine other processes take the cores for seconds at a time, which wall-clock time
+counts and CPU time does not (wall-clock medians are reported too). The untimed warm-up of each variant runs
+under torch's FLOP counter, so every time ratio comes with the FLOP ratio it should track.
 
 The full run uses the bert-base preset's shape (12 layers, hidden 768, 12 heads, FFN 3072, 512 tokens, 32k
 vocabulary) for every model; `--quick` a small one. Run: `.venv/bin/python -m benchmarks.bench_models`.
@@ -18,27 +24,27 @@ vocabulary) for every model; `--quick` a small one. Run: `.venv/bin/python -m be
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from dataclasses import replace
 from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import write_result
+from benchmarks.common import medians, timings, write_result
 from masktrain.data.batches import MaskSpec
 from masktrain.data.masking import Vocab
 from masktrain.launcher.config import OBJECTIVE_DEFAULTS, ModelConfig
+from masktrain.launcher.loading import load_config
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
 SPECIAL_IDS = 7  # masktrain's tokenizer puts its 7 special tokens first
 FULL = dict(model=ModelConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
-            vocab=32_000, seq_len=512, batch=1, repeats=5)
+            vocab=32_000, seq_len=512, batch=1, repeats=7)
 QUICK = dict(model=ModelConfig(hidden_size=128, num_layers=12, num_heads=2, intermediate_size=512),
              vocab=4_000, seq_len=128, batch=4, repeats=3)
+PRESET = "bert-base"  # whose training step the step-time ratios describe
 # name: (objective, masking rate, decoder layers)
 VARIANTS = {
     "mlm_15": ("mlm", 0.15, 0), "mae_lm_15": ("mae_lm", 0.15, 4),
@@ -64,7 +70,8 @@ def mask_spec(objective: str, vocab: int) -> MaskSpec:
                     mask_prob=masking.get("mask_prob", 0.8), random_prob=masking.get("random_prob", 0.1))
 
 
-def train_step(name: str, shape: dict, rows: torch.Tensor) -> Callable[[], None]:
+def training(name: str, shape: dict, rows: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward and backward of one micro-batch, the optimizer step) of a variant's model."""
     objective, rate, decoder_layers = VARIANTS[name]
     arch = "llama" if objective in ("ntp", "meap") else "bert"
     cfg = replace(shape["model"], objective=objective, arch=arch, decoder_layers=decoder_layers or 1)
@@ -74,12 +81,21 @@ def train_step(name: str, shape: dict, rows: torch.Tensor) -> Callable[[], None]
     spec, make_batch = mask_spec(objective, shape["vocab"]), OBJECTIVES[objective].batch
     gen = torch.Generator().manual_seed(1)
 
-    def step() -> None:
+    def forward_backward() -> None:
         model(**make_batch(rows, spec, rate, gen))["loss"].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    return step
+    def optimizer_step() -> None:
+        # Zeroed, not freed: timing calls the step twice in a row, and AdamW skips parameters without a gradient.
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=False)
+
+    return forward_backward, optimizer_step
+
+
+def sequences_per_step(preset: str) -> int:
+    """Sequences one rank runs forward and backward per optimizer step in `preset` on one node."""
+    cfg = load_config(preset)
+    return cfg.trainer.global_batch_size // cfg.launch.nproc_per_node
 
 
 def main(quick: bool = False) -> dict:
@@ -87,29 +103,34 @@ def main(quick: bool = False) -> dict:
     shape = QUICK if quick else FULL
     rows = torch.randint(SPECIAL_IDS, shape["vocab"], (shape["batch"], shape["seq_len"]),
                          generator=torch.Generator().manual_seed(0))
-    steps = {name: train_step(name, shape, rows) for name in VARIANTS}
+    per_step = sequences_per_step(PRESET) // shape["batch"]
+    parts = {name: training(name, shape, rows) for name in VARIANTS}
     flops = {}
-    for name, step in steps.items():
+    for name, (forward_backward, optimizer_step) in parts.items():
         with FlopCounterMode(display=False) as counter:
-            step()
+            forward_backward()
+        optimizer_step()
         flops[name] = counter.get_total_flops()
-    cpu: dict[str, list[float]] = {name: [] for name in steps}
-    wall: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(shape["repeats"]):
-        for name, step in steps.items():
-            start_cpu, start_wall = time.process_time(), time.perf_counter()
-            step()
-            cpu[name].append(time.process_time() - start_cpu)
-            wall[name].append(time.perf_counter() - start_wall)
-    median = {name: statistics.median(values) for name, values in cpu.items()}
-    median_wall = {name: statistics.median(values) for name, values in wall.items()}
+    fb = timings({name: fns[0] for name, fns in parts.items()}, shape["repeats"], warmup=0)
+    opt = timings({name: fns[1] for name, fns in parts.items()}, shape["repeats"], warmup=0)
+    cpu = {"forward_backward": fb["cpu"], "optimizer": opt["cpu"]}
+    median = {part: medians(times) for part, times in cpu.items()}
+    median_wall = {part: medians(times) for part, times in (("forward_backward", fb["wall"]),
+                                                            ("optimizer", opt["wall"]))}
+
+    def step(times: dict[str, dict[str, float]], name: str) -> float:
+        return per_step * times["forward_backward"][name] + times["optimizer"][name]
 
     summary, ratios = [], {}
     for variant, baseline, target, metric in RATIOS:
-        ratio = median[variant] / median[baseline]
-        ratios[f"{variant}_vs_{baseline}"] = {"cpu_time": round(ratio, 3),
-                                              "wall_time": round(median_wall[variant] / median_wall[baseline], 3),
-                                              "flops": round(flops[variant] / flops[baseline], 3)}
+        ratio = step(median, variant) / step(median, baseline)
+        ratios[f"{variant}_vs_{baseline}"] = {
+            "step_cpu_time": round(ratio, 3),
+            "step_wall_time": round(step(median_wall, variant) / step(median_wall, baseline), 3),
+            "forward_backward_cpu_time": round(median["forward_backward"][variant]
+                                               / median["forward_backward"][baseline], 3),
+            "optimizer_cpu_time": round(median["optimizer"][variant] / median["optimizer"][baseline], 3),
+            "forward_backward_flops": round(flops[variant] / flops[baseline], 3)}
         summary.append({"metric": metric, "value": round(ratio, 3), "unit": "x",
                         "target": f"<= {target}" if target else "(context)"})
     m = shape["model"]
@@ -118,14 +139,18 @@ def main(quick: bool = False) -> dict:
                   "intermediate_size": m.intermediate_size, "vocab_size": shape["vocab"],
                   "seq_len": shape["seq_len"], "micro_batch_size": shape["batch"], "repeats": shape["repeats"],
                   "torch_threads": torch.get_num_threads(), "quick": quick,
-                  "step": "batch function + forward + backward + AdamW, fp32, dropout on",
-                  "time": "median process CPU time per step"},
+                  "micro_batches_per_step": per_step, "step_of": f"{PRESET} on one node",
+                  "forward_backward": "batch function + forward + backward, fp32, dropout on",
+                  "step": "micro_batches_per_step x forward_backward + AdamW step",
+                  "time": "median process CPU time"},
         "summary": summary,
         "ratios": ratios,
-        "cpu_ms_per_step": {name: round(1000 * value, 1) for name, value in median.items()},
-        "wall_ms_per_step": {name: round(1000 * value, 1) for name, value in median_wall.items()},
-        "gflops_per_step": {name: round(value / 1e9, 2) for name, value in flops.items()},
-        "cpu_ms_runs": {name: [round(1000 * v, 1) for v in values] for name, values in cpu.items()},
+        "cpu_ms": {part: {name: round(1000 * v, 1) for name, v in times.items()} for part, times in median.items()},
+        "wall_ms": {part: {name: round(1000 * v, 1) for name, v in times.items()}
+                    for part, times in median_wall.items()},
+        "forward_backward_gflops": {name: round(value / 1e9, 2) for name, value in flops.items()},
+        "cpu_ms_runs": {part: {name: [round(1000 * v, 1) for v in values] for name, values in times.items()}
+                        for part, times in cpu.items()},
     }
     path = write_result("models", result)
     for row in summary:

@@ -40,18 +40,37 @@ RESULTS_ENV = "MASKTRAIN_BENCH_RESULTS"
 """The runner points this at another folder for quick runs, so they never overwrite the published results."""
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, alternating between them so drift hits all alike."""
+def timings(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+            cpu_clock: Callable[[], float] = time.process_time) -> dict[str, dict[str, list[float]]]:
+    """Seconds of `repeats` timed calls of each function, by wall clock and by `cpu_clock`:
+    {"wall": {name: [...]}, "cpu": {name: [...]}}.
+
+    Calls alternate between the functions so drift hits all alike, after `warmup` untimed calls of each. Every
+    timed call also follows an untimed call of the same function, so the allocator's state (glibc keeps freed
+    blocks and adapts its mmap threshold to recent sizes) is the function's own, not what the function before
+    it left: without that, a model's step time moved by up to 20% with its neighbour in the order.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, dict[str, list[float]]] = {"wall": {name: [] for name in fns}, "cpu": {name: [] for name in fns}}
     for _ in range(repeats):
         for name, fn in fns.items():
-            start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+            start_wall, start_cpu = time.perf_counter(), cpu_clock()
+            fn()
+            times["cpu"][name].append(cpu_clock() - start_cpu)
+            times["wall"][name].append(time.perf_counter() - start_wall)
+    return times
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall seconds per call of each function, timed as `timings` does."""
+    return medians(timings(fns, repeats, warmup)["wall"])
 
 
 def results_dir() -> Path:
