@@ -3,7 +3,9 @@
 - MAE-LM vs MLM at 15% and 40% masking: MAE-LM's encoder reads only the visible tokens, its decoder (4 layers,
   as the reference) reads all of them; MLM's encoder reads all. Also 40% with 2- and 1-layer decoders, which
   shows where the decoder's cost lands.
-- MEAP vs NTP: the same Llama model; MEAP only masks inputs.
+- MEAP vs NTP: the same Llama model; MEAP only masks inputs. Whole steps are timed, but their call-to-call
+  spread here (~15%) hides a 2% difference, so the target is checked where the difference lies: with the model's
+  work equal (the FLOP counter must say so), the batch functions are timed apart, many calls each.
 
 What repeats for every micro-batch is timed apart from the optimizer: the objective's batch function on packed
 rows (masking included, although training does it in loader workers), forward and backward of one sequence;
@@ -58,8 +60,10 @@ RATIOS = [
     ("mae_lm_40", "mlm_40", 0.70, "MAE-LM / MLM step time at 40% masking"),
     ("mae_lm_40_decoder2", "mlm_40", None, "MAE-LM (2-layer decoder) / MLM step time at 40% masking"),
     ("mae_lm_40_decoder1", "mlm_40", None, "MAE-LM (1-layer decoder) / MLM step time at 40% masking"),
-    ("meap", "ntp", 1.02, "MEAP / NTP step time"),
+    ("meap", "ntp", None, "MEAP / NTP step time, whole steps timed"),
 ]
+MEAP_TARGET = 1.02
+BATCH_REPEATS = 200  # batch functions take milliseconds: enough calls to resolve their difference
 
 
 def mask_spec(objective: str, vocab: int) -> MaskSpec:
@@ -70,8 +74,9 @@ def mask_spec(objective: str, vocab: int) -> MaskSpec:
                     mask_prob=masking.get("mask_prob", 0.8), random_prob=masking.get("random_prob", 0.1))
 
 
-def training(name: str, shape: dict, rows: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(forward and backward of one micro-batch, the optimizer step) of a variant's model."""
+def training(name: str, shape: dict, rows: torch.Tensor) -> tuple[Callable[[], object], ...]:
+    """(the batch function alone, forward and backward of one micro-batch with it, the optimizer step) of a
+    variant."""
     objective, rate, decoder_layers = VARIANTS[name]
     arch = "llama" if objective in ("ntp", "meap") else "bert"
     cfg = replace(shape["model"], objective=objective, arch=arch, decoder_layers=decoder_layers or 1)
@@ -81,15 +86,18 @@ def training(name: str, shape: dict, rows: torch.Tensor) -> tuple[Callable[[], N
     spec, make_batch = mask_spec(objective, shape["vocab"]), OBJECTIVES[objective].batch
     gen = torch.Generator().manual_seed(1)
 
+    def batch() -> dict[str, torch.Tensor]:
+        return make_batch(rows, spec, rate, gen)
+
     def forward_backward() -> None:
-        model(**make_batch(rows, spec, rate, gen))["loss"].backward()
+        model(**batch())["loss"].backward()
 
     def optimizer_step() -> None:
         # Zeroed, not freed: timing calls the step twice in a row, and AdamW skips parameters without a gradient.
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    return forward_backward, optimizer_step
+    return batch, forward_backward, optimizer_step
 
 
 def sequences_per_step(preset: str) -> int:
@@ -106,13 +114,13 @@ def main(quick: bool = False) -> dict:
     per_step = sequences_per_step(PRESET) // shape["batch"]
     parts = {name: training(name, shape, rows) for name in VARIANTS}
     flops = {}
-    for name, (forward_backward, optimizer_step) in parts.items():
+    for name, (_, forward_backward, optimizer_step) in parts.items():
         with FlopCounterMode(display=False) as counter:
             forward_backward()
         optimizer_step()
         flops[name] = counter.get_total_flops()
-    fb = timings({name: fns[0] for name, fns in parts.items()}, shape["repeats"], warmup=0)
-    opt = timings({name: fns[1] for name, fns in parts.items()}, shape["repeats"], warmup=0)
+    fb = timings({name: fns[1] for name, fns in parts.items()}, shape["repeats"], warmup=0)
+    opt = timings({name: fns[2] for name, fns in parts.items()}, shape["repeats"], warmup=0)
     cpu = {"forward_backward": fb["cpu"], "optimizer": opt["cpu"]}
     median = {part: medians(times) for part, times in cpu.items()}
     median_wall = {part: medians(times) for part, times in (("forward_backward", fb["wall"]),
@@ -133,6 +141,18 @@ def main(quick: bool = False) -> dict:
             "forward_backward_flops": round(flops[variant] / flops[baseline], 3)}
         summary.append({"metric": metric, "value": round(ratio, 3), "unit": "x",
                         "target": f"<= {target}" if target else "(context)"})
+    # MEAP and NTP run one model on one shape: only the batch function differs (the FLOP counter checks). A
+    # whole step varies by ~15% from call to call here, far more than the 2% the target is about, so the
+    # difference is measured where it lies, in the batch functions, and added to NTP's step.
+    if flops["meap"] != flops["ntp"]:
+        raise AssertionError(f"MEAP and NTP no longer do the same model work: {flops['meap']} vs {flops['ntp']} FLOPs")
+    batch_cpu = medians(timings({name: parts[name][0] for name in ("ntp", "meap")},
+                                BATCH_REPEATS // 10 if quick else BATCH_REPEATS)["cpu"])
+    meap_extra = per_step * (batch_cpu["meap"] - batch_cpu["ntp"])
+    meap_ratio = (step(median, "ntp") + meap_extra) / step(median, "ntp")
+    ratios["meap_vs_ntp"]["step_cpu_time_model_work_shared"] = round(meap_ratio, 4)
+    summary.append({"metric": "MEAP / NTP step time, same model work (equal FLOPs) + batch functions timed apart",
+                    "value": round(meap_ratio, 4), "unit": "x", "target": f"<= {MEAP_TARGET}"})
     m = shape["model"]
     result = {
         "setup": {"hidden_size": m.hidden_size, "num_layers": m.num_layers, "num_heads": m.num_heads,
@@ -148,6 +168,7 @@ def main(quick: bool = False) -> dict:
         "cpu_ms": {part: {name: round(1000 * v, 1) for name, v in times.items()} for part, times in median.items()},
         "wall_ms": {part: {name: round(1000 * v, 1) for name, v in times.items()}
                     for part, times in median_wall.items()},
+        "batch_function_cpu_ms": {name: round(1000 * v, 3) for name, v in batch_cpu.items()},
         "forward_backward_gflops": {name: round(value / 1e9, 2) for name, value in flops.items()},
         "cpu_ms_runs": {part: {name: [round(1000 * v, 1) for v in values] for name, values in times.items()}
                         for part, times in cpu.items()},
