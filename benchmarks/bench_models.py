@@ -16,9 +16,10 @@ optimizer once per sequence instead would weigh it 256 times over and charge MAE
 they cost as much as its tokens. Forward-backward ratios alone are reported too.
 
 On one thread (the machine is shared), timed as benchmarks/common.py `timings` does (variants alternate, each
-timed call after an untimed one of its own). Ratios use median CPU time of the process: on this machine other processes take the cores for seconds at a time, which wall-clock time
-counts and CPU time does not (wall-clock medians are reported too). The untimed warm-up of each variant runs
-under torch's FLOP counter, so every time ratio comes with the FLOP ratio it should track.
+timed call after an untimed one of its own). Ratios use median CPU time of the process: on this machine other
+processes take the cores for seconds at a time, which wall-clock time counts and CPU time does not (wall-clock
+medians are reported too). The untimed warm-up of each variant runs under torch's FLOP counter, so every time
+ratio comes with the FLOP ratio it should track.
 
 The full run uses the bert-base preset's shape (12 layers, hidden 768, 12 heads, FFN 3072, 512 tokens, 32k
 vocabulary) for every model; `--quick` a small one. Run: `.venv/bin/python -m benchmarks.bench_models`.
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -74,9 +75,17 @@ def mask_spec(objective: str, vocab: int) -> MaskSpec:
                     mask_prob=masking.get("mask_prob", 0.8), random_prob=masking.get("random_prob", 0.1))
 
 
-def training(name: str, shape: dict, rows: torch.Tensor) -> tuple[Callable[[], object], ...]:
-    """(the batch function alone, forward and backward of one micro-batch with it, the optimizer step) of a
-    variant."""
+class Training(NamedTuple):
+    """What a variant's training does, as calls to time."""
+    batch: Callable[[], dict[str, torch.Tensor]]
+    """The objective's batch function alone."""
+    forward_backward: Callable[[], None]
+    """Forward and backward of one micro-batch made by `batch`."""
+    optimizer: Callable[[], None]
+    """The AdamW step."""
+
+
+def training(name: str, shape: dict, rows: torch.Tensor) -> Training:
     objective, rate, decoder_layers = VARIANTS[name]
     arch = "llama" if objective in ("ntp", "meap") else "bert"
     cfg = replace(shape["model"], objective=objective, arch=arch, decoder_layers=decoder_layers or 1)
@@ -97,7 +106,7 @@ def training(name: str, shape: dict, rows: torch.Tensor) -> tuple[Callable[[], o
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    return batch, forward_backward, optimizer_step
+    return Training(batch, forward_backward, optimizer_step)
 
 
 def sequences_per_step(preset: str) -> int:
@@ -114,17 +123,16 @@ def main(quick: bool = False) -> dict:
     per_step = sequences_per_step(PRESET) // shape["batch"]
     parts = {name: training(name, shape, rows) for name in VARIANTS}
     flops = {}
-    for name, (_, forward_backward, optimizer_step) in parts.items():
+    for name, variant in parts.items():
         with FlopCounterMode(display=False) as counter:
-            forward_backward()
-        optimizer_step()
+            variant.forward_backward()
+        variant.optimizer()
         flops[name] = counter.get_total_flops()
-    fb = timings({name: fns[1] for name, fns in parts.items()}, shape["repeats"], warmup=0)
-    opt = timings({name: fns[2] for name, fns in parts.items()}, shape["repeats"], warmup=0)
-    cpu = {"forward_backward": fb["cpu"], "optimizer": opt["cpu"]}
-    median = {part: medians(times) for part, times in cpu.items()}
-    median_wall = {part: medians(times) for part, times in (("forward_backward", fb["wall"]),
-                                                            ("optimizer", opt["wall"]))}
+    timed = {part: timings({name: getattr(variant, part) for name, variant in parts.items()}, shape["repeats"],
+                           warmup=0)
+             for part in ("forward_backward", "optimizer")}
+    median = {part: medians(times["cpu"]) for part, times in timed.items()}
+    median_wall = {part: medians(times["wall"]) for part, times in timed.items()}
 
     def step(times: dict[str, dict[str, float]], name: str) -> float:
         return per_step * times["forward_backward"][name] + times["optimizer"][name]
@@ -146,7 +154,7 @@ def main(quick: bool = False) -> dict:
     # difference is measured where it lies, in the batch functions, and added to NTP's step.
     if flops["meap"] != flops["ntp"]:
         raise AssertionError(f"MEAP and NTP no longer do the same model work: {flops['meap']} vs {flops['ntp']} FLOPs")
-    batch_cpu = medians(timings({name: parts[name][0] for name in ("ntp", "meap")},
+    batch_cpu = medians(timings({name: parts[name].batch for name in ("ntp", "meap")},
                                 BATCH_REPEATS // 10 if quick else BATCH_REPEATS)["cpu"])
     meap_extra = per_step * (batch_cpu["meap"] - batch_cpu["ntp"])
     meap_ratio = (step(median, "ntp") + meap_extra) / step(median, "ntp")
@@ -170,8 +178,8 @@ def main(quick: bool = False) -> dict:
                     for part, times in median_wall.items()},
         "batch_function_cpu_ms": {name: round(1000 * v, 3) for name, v in batch_cpu.items()},
         "forward_backward_gflops": {name: round(value / 1e9, 2) for name, value in flops.items()},
-        "cpu_ms_runs": {part: {name: [round(1000 * v, 1) for v in values] for name, values in times.items()}
-                        for part, times in cpu.items()},
+        "cpu_ms_runs": {part: {name: [round(1000 * v, 1) for v in values] for name, values in times["cpu"].items()}
+                        for part, times in timed.items()},
     }
     path = write_result("models", result)
     for row in summary:
