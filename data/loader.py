@@ -216,11 +216,17 @@ class SlotDataset(IterableDataset):
             yield {"error": str(err)}
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore preemption signals. SLURM signals every process of a job; a worker that died of
-    it would crash its rank before the rank had saved its checkpoint. `Loader.close` stops them instead."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    it would crash its rank before the rank had saved its checkpoint. `Loader.close` stops them instead.
+    Workers start with these signals blocked (`Loader.start`): one that arrived before this ran has waited,
+    and ignoring it discards it."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def stop_workers(workers: list) -> None:
@@ -271,13 +277,19 @@ class Loader:
         dataset = SlotDataset(self.spec, self.units, self.states, rotate,
                               self.batcher if self.mask_in_workers else None)
         workers = self.spec.num_workers
-        iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                   prefetch_factor=self.prefetch if workers else None,
-                                   persistent_workers=False,
-                                   # A private generator: DataLoader otherwise draws worker seeds from the
-                                   # global RNG, which would shift dropout after every (re)start.
-                                   generator=torch.Generator(),
-                                   worker_init_fn=ignore_stop_signals))
+        # Workers inherit this blocked mask, so a preemption signal reaching one before its worker_init_fn
+        # waits instead of killing it. This process only defers its own signals until the workers exist.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                       prefetch_factor=self.prefetch if workers else None,
+                                       persistent_workers=False,
+                                       # A private generator: DataLoader otherwise draws worker seeds from the
+                                       # global RNG, which would shift dropout after every (re)start.
+                                       generator=torch.Generator(),
+                                       worker_init_fn=ignore_stop_signals))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if workers:
             # Multiprocessing's exit hook terminates, then joins, all children: workers ignoring SIGTERM would
             # be waited for forever. Its finalizers of priority >= 0 run first (in the main process and in

@@ -325,19 +325,22 @@ def test_no_readable_data_raises_instead_of_hanging(tmp_path, num_workers):
         next(loader)
 
 
-def test_loader_workers_outlive_preemption_signals_and_the_process_still_exits(tmp_path):
+@pytest.mark.parametrize("signalled", ["after the first batch", "as the workers start"])
+def test_loader_workers_outlive_preemption_signals_and_the_process_still_exits(tmp_path, signalled):
     """SLURM signals every process of a job: the loader's workers must outlive it (the rank checkpoints first),
-    and the process must still exit normally afterwards although its workers ignore SIGTERM."""
+    even when it comes before a worker has set up its signal handling, and the process must still exit normally
+    afterwards although its workers ignore SIGTERM."""
     import subprocess
     import sys
 
     urls = write_shards(tmp_path, [[30] * 40, [30] * 40])
+    first = "next(loader)" if signalled == "after the first batch" else "loader.iterator = loader.start()"
     script = f"""
 import os, signal, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_loader import Loader, plain_batcher, spec_for
 loader = Loader(spec_for({urls!r}, num_workers=2), plain_batcher())
-next(loader)
+{first}
 for worker in loader.iterator._workers:
     os.kill(worker.pid, signal.SIGTERM)
     os.kill(worker.pid, signal.SIGUSR1)
