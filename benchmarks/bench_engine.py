@@ -18,7 +18,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import sys
 import tempfile
 from dataclasses import asdict
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from benchmarks.common import interleaved, write_result
+from benchmarks.common import interleaved, rendezvous, write_result
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import load_config
 
@@ -43,11 +42,10 @@ def config(ranks: int, model: list[str], stage: int = 0) -> Config:
                                  f"trainer.zero_stage={stage}", "launch.accelerator=cpu"])
 
 
-def join_group(rank: int, world_size: int, port: int, cfg: Config):
+def join_group(rank: int, world_size: int, store: dict[str, str], cfg: Config):
     from masktrain.trainer import engine as eng
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))
+    os.environ.update(store, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
     return eng.init_distributed(cfg)
 
 
@@ -70,11 +68,11 @@ def model_and_batches(cfg: Config, runtime, count: int):
     return build, batches
 
 
-def step_times(quick: bool) -> dict:
+def step_times(quick: bool, store: dict[str, str]) -> dict:
     from masktrain.trainer import engine as eng
 
     cfg = config(1, TIMED_MODEL)
-    runtime = join_group(0, 1, free_port(), cfg)
+    runtime = join_group(0, 1, store, cfg)
     build, batches = model_and_batches(cfg, runtime, 8)
     engine = eng.build_engine(cfg, build(), runtime, "fp32")
     plain = build()
@@ -124,11 +122,11 @@ def held_bytes(engine) -> dict[str, int]:
             "total": storage_bytes(params + state)}
 
 
-def memory_rank(rank: int, port: int, out_dir: str) -> None:
+def memory_rank(rank: int, store: dict[str, str], out_dir: str) -> None:
     from masktrain.trainer import engine as eng
     from masktrain.trainer.size import parameter_count
 
-    runtime = join_group(rank, 2, port, config(2, MEMORY_MODEL))
+    runtime = join_group(rank, 2, store, config(2, MEMORY_MODEL))
     result = {}
     for stage in (0, 3):
         cfg = config(2, MEMORY_MODEL, stage)
@@ -145,18 +143,12 @@ def memory_rank(rank: int, port: int, out_dir: str) -> None:
 
 
 def memory() -> dict:
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(memory_rank, args=(free_port(), out_dir), nprocs=2, start_method="spawn")
+    with tempfile.TemporaryDirectory() as out_dir, rendezvous() as store:
+        mp.start_processes(memory_rank, args=(store, out_dir), nprocs=2, start_method="spawn")
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
     worst = {stage: max(r[stage]["total"] for r in ranks) for stage in ("zero0", "zero3")}
     return {"per_rank_bytes": ranks, "ratio": worst["zero3"] / worst["zero0"],
             "model": asdict(config(2, MEMORY_MODEL).model)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main(quick: bool = False) -> dict:
@@ -165,7 +157,8 @@ def main(quick: bool = False) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     prepare(config(1, TIMED_MODEL), log=lambda text: None)
-    timing = step_times(quick)
+    with rendezvous() as store:  # the group's store must outlive it: DeepSpeed forms subgroups through it
+        timing = step_times(quick, store)
     mem = memory()
     result = {
         "quick": quick,

@@ -26,12 +26,13 @@ missing or malformed summary is reported by the runner, naming the file and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from masktrain.launcher.machine import stamp
 
@@ -71,6 +72,17 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median wall seconds per call of each function, timed as `timings` does."""
     return medians(timings(fns, repeats, warmup)["wall"])
+
+
+@contextlib.contextmanager
+def rendezvous() -> Iterator[dict[str, str]]:
+    """The environment for ranks this process starts on this host: it hosts their TCP store, on a port the kernel
+    picks when the store binds, and every rank connects to it as a client, as under torchrun's agent. Picking a
+    free port and handing the number to rank 0 instead races with any process that binds it in between."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
 def results_dir() -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -69,13 +68,13 @@ def probe() -> dict:
 
 
 def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**rank_environment(load_config("smoke", []), cuda=False), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    child = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
-                           cwd=tmp_path)
+    from benchmarks.common import rendezvous  # here: the child runs this file as a script, outside the checkout
+
+    with rendezvous() as store:
+        env = {**rank_environment(load_config("smoke", []), cuda=False), **store, "RANK": "0", "LOCAL_RANK": "0",
+               "WORLD_SIZE": "1"}
+        child = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300,
+                               cwd=tmp_path)
     assert child.returncode == 0, child.stderr[-3000:]
     results = json.loads(child.stdout.strip().splitlines()[-1])
     for stage, r in results.items():
