@@ -46,7 +46,14 @@ def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     """Masked LM: corrupted inputs; labels hold the original token at selected positions only."""
     selected = spec.select(ids, rate, gen)
     inputs, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
-    return {"input_ids": inputs, "labels": labels}
+    return {"input_ids": inputs, "labels": labels, **padding_mask(ids, spec.vocab)}
+
+
+def padding_mask(ids: torch.Tensor, vocab: Vocab) -> dict[str, torch.Tensor]:
+    """For rows with padding (the last validation rows), `attention_mask` (bool[B, T]: real tokens), so that
+    encoders attend to real tokens only. Full rows (all training rows) get none and keep unmasked attention."""
+    real = ids != vocab.pad_id
+    return {} if bool(real.all()) else {"attention_mask": real}
 
 
 def meap_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -73,14 +80,15 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     `visible_pos`, `visible_mask`; padded to the longest row), `removed` (bool[B, T]: where the decoder puts
     the [MASK] embedding instead of an encoder output) and `labels` (the original token at every selected
     position). Selected tokens replaced by a random token or kept stay visible, as in 80/10/10; the reference
-    recipe (mask_prob 1.0) removes all of them.
+    recipe (mask_prob 1.0) removes all of them. Padding is neither: rows that have it also get the decoder's
+    `attention_mask` (see `padding_mask`).
     """
     selected = spec.select(ids, rate, gen)
     corrupted, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     removed = selected & (corrupted == spec.vocab.mask_id)
-    visible = ~removed
+    visible = ~removed & (ids != spec.vocab.pad_id)
     counts = visible.sum(dim=1, keepdim=True)
-    width = int(counts.max())
+    width = max(int(counts.max()), 1)  # an all-padding batch (ranks short of validation rows) still runs
     # Each visible token goes to slot "visible tokens before it" (a running count: no sort needed); removed
     # ones all go to one spare column past the end, dropped afterwards.
     slot = torch.where(visible, visible.cumsum(dim=1) - 1, width)
@@ -89,4 +97,4 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     visible_mask = torch.arange(width).unsqueeze(0) < counts
     visible_ids = corrupted.gather(1, visible_pos).masked_fill_(~visible_mask, spec.vocab.pad_id)
     return {"visible_ids": visible_ids, "visible_pos": visible_pos, "visible_mask": visible_mask,
-            "removed": removed, "labels": labels}
+            "removed": removed, "labels": labels, **padding_mask(ids, spec.vocab)}

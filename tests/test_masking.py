@@ -265,7 +265,7 @@ def test_meap_masks_inputs_only_and_labels_stay_the_original_tokens(share):
         assert not rows_alike.all()
 
 
-def test_mae_visible_set_is_exactly_the_complement_of_the_removed_set():
+def test_mae_visible_set_is_exactly_the_complement_of_the_removed_set_among_real_tokens():
     ids = packed_rows(rows=32, length=128)
     for mask_prob, random_prob in ((1.0, 0.0), (0.8, 0.1)):
         spec = MaskSpec(vocab=VOCAB, mask_prob=mask_prob, random_prob=random_prob)
@@ -278,12 +278,14 @@ def test_mae_visible_set_is_exactly_the_complement_of_the_removed_set():
         for r in range(ids.shape[0]):
             visible = batch["visible_pos"][r][batch["visible_mask"][r]]
             removed = batch["removed"][r].nonzero().flatten()
-            assert torch.equal(torch.sort(torch.cat([visible, removed])).values, torch.arange(ids.shape[1]))
+            real = torch.nonzero(ids[r] != PAD).flatten()
+            assert torch.equal(torch.sort(torch.cat([visible, removed])).values, real), "padding is neither"
             assert (visible.diff() > 0).all(), "visible tokens keep their order"
             shown = batch["visible_ids"][r][batch["visible_mask"][r]]
             assert torch.equal(shown[~selected[r, visible]], ids[r, visible][~selected[r, visible]])
             assert not (shown == MASK).any()
         assert (batch["visible_ids"][~batch["visible_mask"]] == PAD).all()
+        assert torch.equal(batch["attention_mask"], ids != PAD), "the decoder is told where the padding is"
 
 
 def test_pmi_masks_collocated_words_as_one_unit():

@@ -89,6 +89,31 @@ def test_mae_decoder_computes_its_last_layer_only_where_it_predicts_and_gets_the
     torch.testing.assert_close(decoded, full)
 
 
+@pytest.mark.parametrize("objective", ["mlm", "mae_lm"])
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_encoders_do_not_attend_to_padding(tiny_data, objective, arch):
+    """The same tokens and masks with 24 or 8 padding tokens after them give the same loss: the padded last
+    validation row is scored on its real tokens only. An all-padding batch runs and scores nothing."""
+    cfg, ids, model, _ = setup(tiny_data, f"model.objective={objective}", f"model.arch={arch}",
+                               "data.masking.rate=0.4")
+    tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+    rows = inputs.validation_set(cfg, lambda rows, *_: rows, True, tokenizer, 0, 1, Skips(False))[0][0][:2]
+    length = rows.shape[1]
+    padded = rows.clone()
+    padded[:, length - 24:] = ids.pad_id
+    spec = inputs.mask_spec(cfg, tokenizer)
+    long = OBJECTIVES[objective].batch(padded, spec, 0.4, torch.Generator().manual_seed(0))
+    assert long["attention_mask"].sum() == 2 * (length - 24)
+    # The same batch, cut 16 padding tokens shorter: per-position tensors lose their last 16 columns.
+    short = {k: v if k.startswith("visible_") else v[:, :length - 16] for k, v in long.items()}
+    model.eval()
+    # What ranks with fewer validation rows run meanwhile: all padding, nothing to score.
+    empty = OBJECTIVES[objective].batch(torch.full((1, length), ids.pad_id), spec, 0.4, torch.Generator())
+    with torch.no_grad():
+        torch.testing.assert_close(model(**short)["loss"], model(**long)["loss"], rtol=1e-5, atol=1e-6)
+        assert int(model(**empty)["tokens"]) == 0
+
+
 @pytest.mark.parametrize("objective,arch", [("mlm", "bert"), ("mlm", "roberta"), ("ntp", "llama"),
                                             ("meap", "llama")])
 def test_gathering_before_the_head_leaves_the_loss_unchanged(tiny_data, objective, arch):

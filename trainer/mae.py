@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
 from masktrain.data.batches import IGNORE
 from masktrain.trainer.models import token_loss
@@ -39,7 +40,9 @@ class MaeLM(nn.Module):
                                   position_ids=visible_pos + self.position_offset).last_hidden_state
 
     def forward(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
-                removed: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+                removed: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`attention_mask` (bool[B, T]) marks the real tokens of rows that have padding."""
         encoded = self.encode(visible_ids, visible_pos, visible_mask)
         batch, length = removed.shape
         rows = torch.arange(batch, device=removed.device).unsqueeze(1).expand_as(visible_pos)
@@ -50,19 +53,22 @@ class MaeLM(nn.Module):
         mask_embedding = self.decoder.get_input_embeddings()(mask_token).to(slots.dtype)
         slots = torch.where(removed.unsqueeze(-1), mask_embedding, slots)
         where = labels != IGNORE
-        logits = getattr(self.hf, self.head_name)(self.decode(slots, where))
+        logits = getattr(self.hf, self.head_name)(self.decode(slots, where, attention_mask))
         return token_loss(logits, labels[where])
 
-    def decode(self, slots: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    def decode(self, slots: torch.Tensor, where: torch.Tensor,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's outputs [N, H] at the `where` positions of `slots` [B, T, H], equal to running the whole
         decoder and keeping those rows. The last layer's attention reads every position, but nothing downstream
         reads its other rows, so its output projection and feed-forward (three quarters of its weight matmuls) run
         only where a prediction is made: the reference computes them everywhere and discards the rest."""
         *body, last = self.decoder.encoder.layer
         hidden = self.decoder.embeddings(inputs_embeds=slots)
+        mask = create_bidirectional_mask(config=self.decoder.config, inputs_embeds=hidden,
+                                         attention_mask=attention_mask)
         for layer in body:
-            hidden = layer(hidden)
-        context, _ = last.attention.self(hidden)
+            hidden = layer(hidden, attention_mask=mask)
+        context, _ = last.attention.self(hidden, attention_mask=mask)
         return last.feed_forward_chunk(last.attention.output(context[where], hidden[where]))
 
     def exported(self) -> nn.Module:
