@@ -21,7 +21,7 @@ import math
 import multiprocessing.util
 import signal
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -154,7 +154,8 @@ class SlotStream:
 @dataclass
 class Batcher:
     """Token rows -> model inputs for one objective. The rate comes from the step the batch belongs to and the
-    generator from (seed, rank, batch index), so the mask depends only on the batch, never on who computes it."""
+    generator from (seed, rank, batch index), so the mask depends only on the batch, never on who computes it.
+    Batch `first_index` belongs to optimizer step `first_step` (see `Loader.align`)."""
 
     make: Callable[..., dict[str, torch.Tensor]]
     spec: object
@@ -162,9 +163,11 @@ class Batcher:
     seed: int
     rank: int
     grad_accum: int
+    first_step: int = 0
+    first_index: int = 0
 
     def __call__(self, ids: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
-        rate = self.schedule(index // self.grad_accum)
+        rate = self.schedule(self.first_step + (index - self.first_index) // self.grad_accum)
         return self.make(ids, self.spec, rate, masking.generator(self.seed, self.rank, index))
 
 
@@ -297,6 +300,13 @@ class Loader:
             # orderly shutdown, when the iterator is released.
             multiprocessing.util.Finalize(iterator, stop_workers, args=(list(iterator._workers),), exitpriority=10)
         return iterator
+
+    def align(self, step: int) -> None:
+        """The next batch belongs to optimizer step `step`, which sets the masking rate from here on. After an
+        exact resume this changes nothing; after one that trainer.allow_config_change let restart the data
+        stream, or change grad_accum, the batch count no longer tells the step, and the schedule would jump."""
+        self.batcher = replace(self.batcher, first_step=step, first_index=self.consumed)
+        self.iterator = None  # workers hold a copy of the batcher
 
     def skipped(self) -> dict[str, int]:
         total: Counter = Counter()

@@ -11,6 +11,7 @@ import torch
 from conftest import run_cli
 from masktrain.data import collocations, importance, inputs
 from masktrain.data.batches import IGNORE
+from masktrain.data.masking import candidates
 from masktrain.data.reader import Skips
 from masktrain.data.shards import manifest_urls, write_dataset, write_manifest
 from masktrain.data.tokenizer import Tokenizer
@@ -71,6 +72,23 @@ def test_masks_resume_exactly_from_the_loader_state(tiny_data):
     resumed, _ = rank_loader(tiny_data, "data.num_workers=2", "data.masking.policy=span")
     resumed.load_state_dict(state)
     assert all(same(a, b) for a, b in zip(expected, [next(resumed) for _ in range(6)]))
+
+
+def test_the_rate_follows_the_step_the_loader_is_aligned_to(tiny_data):
+    """After a resume whose data stream restarted or whose grad_accum changed (trainer.allow_config_change), the
+    batch count no longer tells the optimizer step: the trainer aligns the loader, and the schedule goes on."""
+    loader, tokenizer = rank_loader(tiny_data, "data.num_workers=1")
+    vocab = tokenizer.vocab()
+
+    def realized(batch: dict) -> float:
+        return float((batch["labels"] != IGNORE).sum() / candidates(originals(batch), vocab).sum())
+
+    schedule = loader.batcher.schedule
+    assert [realized(next(loader)) for _ in range(2)] == pytest.approx([schedule(0)] * 2, abs=0.02)
+    loader.align(3)  # batch 2 now opens step 3; two batches per step (grad_accum 2)
+    rates = [realized(next(loader)) for _ in range(4)]
+    assert rates == pytest.approx([schedule(3), schedule(3), schedule(4), schedule(4)], abs=0.02)
+    assert schedule(3) - schedule(4) > 0.05
 
 
 def test_importance_table_from_the_cli_weights_the_selection(tiny_data, tmp_path):

@@ -171,6 +171,7 @@ def train(cfg: Config) -> None:
             print(f"[masktrain] resumed from {source} at step {state.step}", flush=True)
             if not_restored:
                 print(f"[masktrain] data stream and RNG restart from the beginning: {not_restored}", flush=True)
+    loader.align(state.step)
 
     metrics = Metrics(out_dir, is_main, state.step)
     skipped_seen, skipped_by_reason = 0.0, {}
