@@ -73,10 +73,11 @@ class MaskingConfig:
     random_prob: float = 0.1
     """Of the selected tokens, the fraction replaced by a random token (the rest are kept as they are)."""
     exact: bool = True
-    """Select round(rate * maskable) tokens per row: exactly (random, importance, span) or to within half a unit
-    (whole_word: a word, pmi: a word or collocation). False draws independently instead: each token (random,
-    importance) or unit (whole_word, pmi) with probability rate, or whole spans only, the last one kept when the
-    budget covers its middle (span)."""
+    """Select round(rate * maskable) tokens per row (as BERT counts): exactly (random, importance, span) or to
+    within one unit and exactly on average (whole_word: a word, pmi: a word or collocation). False draws
+    independently instead: each token (random, importance) or unit (whole_word, pmi) with probability rate, or
+    whole spans only, the last one kept or dropped so the count is right on average (span). Short rows: see
+    `masking.target_counts`."""
     span_mean: float = 3.8
     """Span policy: mean span length in tokens (a geometric distribution cut at span_max and solved for this
     mean; SpanBERT's p = 0.2 cut at 10 has mean 3.8)."""

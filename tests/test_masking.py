@@ -100,24 +100,30 @@ def test_take_lowest_matches_a_full_sort():
     assert torch.equal(take_lowest(scores, counts), expected)
 
 
-def test_take_in_order_fills_a_budget_in_score_order_to_within_half_a_unit():
+def test_take_in_order_fills_a_budget_in_score_order_and_exactly_on_average():
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(200, 60, generator=gen)
     sizes = torch.randint(0, 6, (200, 60), generator=gen)
     budget = torch.randint(0, 40, (200,), generator=gen)
-    taken = take_in_order(scores, sizes, budget)
+    taken = take_in_order(scores, sizes, budget, generator(3))
     for r in range(200):
         order = [i for i in scores[r].argsort().tolist() if sizes[r, i] > 0]
-        total, expected = 0, set()
+        chosen = set(taken[r].nonzero().flatten().tolist())
+        assert chosen == set(order[:len(chosen)]), "units go in score order"
+        end = 0
         for i in order:
-            if total + sizes[r, i] / 2 < budget[r]:
-                expected.add(i)
-                total += int(sizes[r, i])
-            else:
-                break
-        assert set(taken[r].nonzero().flatten().tolist()) == expected
-        # Within half the largest unit of the budget, unless every unit fits.
-        assert abs(total - budget[r]) <= sizes[r].max() / 2 or total == sizes[r].sum()
+            start, end = end, end + int(sizes[r, i])
+            if end <= budget[r]:
+                assert i in chosen, "a unit within the budget is taken"
+            elif start >= budget[r]:
+                assert i not in chosen, "a unit past the budget is not"
+
+    # One row drawn 20,000 times: its crossing unit goes in just often enough that the mean total is the budget.
+    sizes = torch.randint(1, 6, (1, 40), generator=gen).expand(20_000, -1)
+    scores = torch.rand(sizes.shape, generator=gen)
+    totals = (take_in_order(scores, sizes, torch.full((20_000,), 17), generator(4)) * sizes).sum(dim=1)
+    assert (totals - 17).abs().max() < 5
+    assert totals.double().mean().item() == pytest.approx(17, abs=0.06)
 
 
 def test_corrupt_splits_80_10_10_and_never_inserts_specials():
