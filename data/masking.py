@@ -93,9 +93,10 @@ def random_keys(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
 
 def draw(shape: tuple[int, ...], rate: float, gen: torch.Generator) -> torch.Tensor:
     """bool[shape]: each entry independently True with probability `rate` (quantized to 1/65536)."""
-    if rate >= 1.0:
+    threshold = round(rate * 2**16)
+    if threshold >= 2**16:  # past int16's range: every entry
         return torch.ones(shape, dtype=torch.bool)
-    return random_bits(math.prod(shape), torch.int16, gen).view(shape) < round(rate * 2**16) - 2**15
+    return random_bits(math.prod(shape), torch.int16, gen).view(shape) < threshold - 2**15
 
 
 def take_lowest(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,9 @@ SCHEDULES: dict[str, Callable[[float, int], float]] = {
 
 @dataclass(frozen=True)
 class RateSchedule:
-    """rate(step): `start` until `warmup` steps, then moves to `end` over `steps` steps, then holds `end`."""
+    """rate(step): `start` until `warmup` steps, then moves to `end` over `steps` steps, then holds `end`.
+    As with learning-rate schedules (and MosaicML's), `end` is reached at step warmup + steps, the step after a
+    run of that many steps: its last step trains one increment short of it."""
 
     name: str
     start: float

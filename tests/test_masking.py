@@ -9,7 +9,7 @@ import torch
 
 from masktrain.data import batches
 from masktrain.data.batches import IGNORE, MaskSpec
-from masktrain.data.masking import (POLICIES, PolicyOptions, Vocab, candidates, corrupt, generator, pair_keys,
+from masktrain.data.masking import (POLICIES, PolicyOptions, Vocab, candidates, corrupt, draw, generator, pair_keys,
                                     span_length_probs, take_in_order, take_lowest, target_counts, word_index,
                                     word_table)
 
@@ -163,12 +163,18 @@ def test_word_index_agrees_with_the_definition():
         assert len({int(index[r, w[0]]) for w in words}) == len(words)
 
 
-def test_whole_word_exact_count_is_within_half_a_word_of_the_target():
+def test_whole_word_exact_count_is_within_one_word_of_the_target():
     ids = packed_rows()
     cand = candidates(ids, VOCAB)
     selected = POLICIES["whole_word"](ids, VOCAB, 0.15, generator(9), PolicyOptions())
-    longest = max(len(w) for row in words_of(ids[:4], VOCAB) for w in row)
-    assert ((selected.sum(dim=1) - target_counts(cand, 0.15)).abs() <= longest / 2 + 1).all()
+    longest = max(len(w) for row in words_of(ids, VOCAB) for w in row)
+    assert ((selected.sum(dim=1) - target_counts(cand, 0.15)).abs() <= longest).all()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.15, 0.5, 1 - 2**-18, 1.0])
+def test_independent_draws_have_the_rate_up_to_its_last_bit(rate):
+    drawn = draw((200_000,), rate, generator(5)).double().mean().item()
+    assert drawn == pytest.approx(rate, abs=0.004)
 
 
 @pytest.mark.parametrize("mean, longest", [(3.8, 10), (2.0, 5), (6.0, 8)])
