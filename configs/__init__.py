@@ -12,9 +12,11 @@ def names() -> list[str]:
 
 
 def find(name: str) -> Path | None:
-    """The shipped config called `name` (with or without .yaml), or None."""
-    stem = Path(name).name.removesuffix(".yaml")
-    path = HERE / f"{stem}.yaml"
+    """The shipped config called `name` (with or without .yaml), or None. Only a bare name: a path that does
+    not exist ("exp/smoke.yaml") is an error, never quietly a shipped config of the same file name."""
+    if Path(name).name != name:
+        return None
+    path = HERE / f"{name.removesuffix('.yaml')}.yaml"
     return path if path.is_file() else None
 
 

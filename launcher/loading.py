@@ -47,14 +47,17 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(str(path), ["`base:` files include each other in a cycle"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["the top level must be a mapping of sections"])
     bases = raw.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(base, str) for base in bases):
+        raise ConfigError(str(path), [f"base: expected a config name or path, or a list of them; got {bases!r}"])
     merged: dict = {}
-    for base in [bases] if isinstance(bases, str) else bases:
+    for base in bases:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
             base_path = resolve_path(base)
@@ -106,6 +109,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     override_tree, problems = parse_overrides(overrides or [])
     merge(raw, override_tree)
     objective = raw.get("model", {}).get("objective", "mlm") if isinstance(raw.get("model"), dict) else "mlm"
+    objective = objective if isinstance(objective, str) else "mlm"  # a wrong type is reported by `build`
     layered = merge(objective_defaults(objective, raw), raw)
     cfg = build(Config, layered, "", problems)
     # Fields with a type error keep their defaults, so validating anyway reports every problem at once.
@@ -161,7 +165,7 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
 
 
 def unknown_key_message(dotted: str, key: str, prefix: str, valid: list[str], cls: type) -> str:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
     hint = f"; did you mean {prefix}{close[0]}?" if close else ""
     section = prefix.rstrip(".") or "the top level"
     return f"{dotted}: unknown key in {section}{hint} (valid: {', '.join(valid)})"

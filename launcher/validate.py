@@ -6,6 +6,7 @@ Problems are collected, not raised one by one, so a user fixes everything in one
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from masktrain.launcher.config import Config
@@ -32,10 +33,10 @@ def validate(cfg: Config) -> list[str]:
         return value in valid
 
     def positive(value, key: str) -> None:
-        check(value > 0, key, f"must be > 0, got {value!r}")
+        check(0 < value < math.inf, key, f"must be a finite number > 0, got {value!r}")
 
     def non_negative(value, key: str) -> None:
-        check(value >= 0, key, f"must be >= 0, got {value!r}")
+        check(0 <= value < math.inf, key, f"must be a finite number >= 0, got {value!r}")
 
     def fraction(value, key: str) -> None:
         check(value is None or 0.0 <= value <= 1.0, key, f"must be within [0, 1], got {value!r}")

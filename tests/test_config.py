@@ -74,6 +74,27 @@ def test_missing_config_file_lists_shipped_ones():
         load_config("no-such-config")
 
 
+def test_a_path_that_does_not_exist_is_never_read_as_the_shipped_config_of_that_name(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(str(tmp_path / "exp" / "smoke.yaml"))
+    assert load_config("smoke.yaml").run.name == load_config("smoke").run.name
+
+
+@pytest.mark.parametrize("text, problem", [
+    (b"base: 3\n", "base: expected a config name or path, or a list of them; got 3"),
+    (b"1: 2\n", "1: unknown key in the top level"),
+    (b"\xff\xfe: 1\n", "not valid YAML: 'utf-8' codec can't decode"),
+    (b"model:\n  objective: [1]\n", "model.objective: expected str, got list [1]"),
+    (b"optim:\n  lr: .inf\n", "optim.lr: must be a finite number > 0, got inf"),
+])
+def test_malformed_files_are_config_errors_naming_the_file(tmp_path, text, problem):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(b"base: smoke\n" + text if b"base" not in text else text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(path) in str(err.value) and problem in str(err.value)
+
+
 def test_bad_override_syntax():
     _, problems = parse_overrides(["trainer.max_steps"])
     assert problems == ["override 'trainer.max_steps' is not of the form section.key=value"]
