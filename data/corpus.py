@@ -13,6 +13,7 @@ import glob
 import gzip
 import json
 import sysconfig
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats)
                 yield from jsonl_documents(handle, path, text_field, strict, stats)
             else:
                 yield from paragraph_documents(handle, path, strict, stats)
-    except (OSError, EOFError) as err:  # truncated .gz, unreadable file
+    except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
         stats.skip("unreadable file", f"{path}: {err}", strict)
 
 
@@ -124,6 +125,9 @@ def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
             continue
         except json.JSONDecodeError as err:
             stats.skip("invalid JSON", f"{path}:{number}: {err.msg}", strict)
+            continue
+        except (ValueError, RecursionError) as err:  # numbers past int's digit limit, nesting past the stack
+            stats.skip("invalid JSON", f"{path}:{number}: {err}", strict)
             continue
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):

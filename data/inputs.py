@@ -12,9 +12,9 @@ from masktrain.data import collocations, importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
 from masktrain.data.masking import PolicyOptions, generator
-from masktrain.data.reader import Skips
+from masktrain.data.reader import DataError, Skips, expand_urls
 from masktrain.data.schedules import rate_schedule
-from masktrain.data.shards import manifest_urls
+from masktrain.data.shards import manifest_urls, read_manifest
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.data.validation import validation_batches
 from masktrain.launcher.config import Config
@@ -27,6 +27,42 @@ def tokenizer_dir(cfg: Config) -> Path:
 def shard_urls(cfg: Config, split: str) -> list[str]:
     urls = cfg.data.train_shards if split == "train" else cfg.data.val_shards
     return urls or manifest_urls(cfg.data.dir, split)
+
+
+def check_ready(cfg: Config) -> None:
+    """Raise DataError naming what is missing or mismatched (tokenizer, shards, the masking policy's table) and
+    how to make it: run by launchers before any rank starts, where it is one message instead of a traceback per
+    rank."""
+    problems = []
+    try:
+        tokenizer = Tokenizer(tokenizer_dir(cfg))
+    except (OSError, RuntimeError) as err:  # RuntimeError: sentencepiece could not parse the model file
+        raise DataError(f"tokenizer: {err}") from None
+    for split in ("train", "val"):
+        try:
+            urls = expand_urls(shard_urls(cfg, split))
+        except (OSError, ValueError, KeyError, DataError) as err:
+            problems.append(f"{split} shards: {err}")
+            continue
+        absent = [url for url in urls if not url.startswith("pipe:") and "://" not in url and not Path(url).exists()]
+        if split == "train" and not urls:
+            problems.append("no train shards (data.train_shards, or the manifest in data.dir)")
+        if absent:
+            problems.append(f"{split} shards missing: {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
+    if not cfg.data.train_shards:
+        try:
+            built_for = read_manifest(cfg.data.dir).get("vocab_size")
+        except (OSError, DataError):
+            built_for = None  # reported above
+        if built_for not in (None, len(tokenizer)):
+            problems.append(f"the shards in {cfg.data.dir} were written with a {built_for}-id tokenizer, "
+                            f"{tokenizer.dir} has {len(tokenizer)} ids: the ids would mean other tokens")
+    try:
+        mask_spec(cfg, tokenizer)
+    except (OSError, ValueError) as err:
+        problems.append(str(err))
+    if problems:
+        raise DataError("the run's data is not ready:\n" + "\n".join(f"  - {p}" for p in problems))
 
 
 def packing(cfg: Config, tokenizer: Tokenizer, encoder: bool) -> Packing:

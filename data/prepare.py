@@ -16,7 +16,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from masktrain.data.corpus import CorpusStats, documents
+from masktrain.data.corpus import CorpusStats, InputError, documents
 from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset, write_manifest
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
@@ -52,13 +52,23 @@ def input_documents(p: PrepareConfig, strict: bool) -> tuple[Iterator[str], Corp
     return itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None), stats
 
 
+def no_documents(p: PrepareConfig, stats: CorpusStats) -> InputError:
+    return InputError(f"{', '.join(p.inputs)}: no documents to train on (read {stats.documents:,}, skipped "
+                      f"{skipped_text(stats)})")
+
+
 def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bool = False,
                     template: str | None = None, log=print) -> Tokenizer:
     """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files."""
     started = time.perf_counter()
     docs, stats = input_documents(p, strict)
-    train_tokenizer(docs, out_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, seed,
-                    worker_count(p.workers))
+    try:
+        train_tokenizer(docs, out_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, seed,
+                        worker_count(p.workers))
+    except RuntimeError:  # sentencepiece's own message says nothing of where the text came from
+        if stats.documents == 0:
+            raise no_documents(p, stats) from None
+        raise
     tokenizer = Tokenizer(out_dir)
     tokenizer.save_hf(out_dir, template)
     log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {stats.documents:,} documents "
@@ -76,6 +86,8 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
     with tqdm(docs, desc="tokenizing", unit=" docs", disable=None, mininterval=1.0) as progress:
         manifest = write_dataset(tokenize_stream(progress, tokenizer, worker_count(p.workers)), out_dir,
                                  len(tokenizer), p.shard_bytes, p.val_fraction, p.shuffle_buffer, seed)
+    if manifest["splits"]["train"]["documents"] == 0:  # before the manifest: a later prepare would reuse it
+        raise no_documents(p, stats)
     manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path),
                     input_documents=stats.documents, input_skipped=dict(stats.skipped))
     write_manifest(out_dir, manifest)

@@ -185,7 +185,9 @@ def read_unit(unit: Unit, skip: Callable[..., None], vocab_size: int = 0) -> Ite
         if len(tokens) == 0:
             skip("empty document", member)
             continue
-        if vocab_size and int(tokens.max()) >= vocab_size:
-            skip("bad sample", f"{member}: token id {int(tokens.max())} outside the vocabulary ({vocab_size})")
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or (vocab_size and high >= vocab_size):
+            skip("bad sample", f"{member}: token id {low if low < 0 else high} outside the vocabulary "
+                               f"({vocab_size or 'ids must be >= 0'})")
             continue
         yield tokens

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
-from masktrain.data.reader import TOKENS_KEY
+from masktrain.data.reader import TOKENS_KEY, DataError
 from masktrain.data.tables import write_json
 
 MANIFEST = "manifest.json"
@@ -160,7 +160,13 @@ def read_manifest(root: str | Path) -> dict:
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no manifest; run `masktrain data prepare` or set data.train_shards")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable manifest ({err}); run `masktrain data prepare` again") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise DataError(f"{path}: not a masktrain manifest (no `splits` mapping)")
+    return manifest
 
 
 def manifest_urls(root: str | Path, split: str) -> list[str]:

@@ -91,10 +91,11 @@ class Tokenizer:
 
     def __init__(self, path: str | Path):
         path = Path(path)
-        self.dir = path if path.is_dir() else path.parent
+        self.dir = path.parent if path.is_file() else path  # the folder, or its model file
         model_file = self.dir / MODEL_FILE
         if not model_file.is_file():
-            raise FileNotFoundError(f"{model_file}: no sentencepiece model (run `masktrain data tokenizer`)")
+            raise FileNotFoundError(f"{model_file}: no sentencepiece model (`masktrain data prepare CONFIG` builds "
+                                    "it, or set data.tokenizer)")
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         ids = {name: self.sp.piece_to_id(piece) for name, piece in SPECIAL_TOKENS.items()}
         for name, piece in SPECIAL_TOKENS.items():

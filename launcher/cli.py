@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 2
-    except (InputError, DataError) as err:  # --strict: the message names the file and line or member
+    # Bad data (the message names the file and line or member) or a missing input (its path says it).
+    except (InputError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 1
     sys.exit(code)

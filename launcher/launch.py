@@ -72,7 +72,10 @@ def torchrun_command(cfg: Config, config_path: Path, rendezvous: list[str]) -> l
 
 def launch_local(cfg: Config) -> int:
     """Run the training job on this machine; returns 0, REQUEUE_EXIT or the failure code."""
+    from masktrain.data.inputs import check_ready  # imports torch: only for a launch
+
     check_resume_compatible(cfg)
+    check_ready(cfg)
     config_path = write_run_config(cfg)
     (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
     cuda = use_cuda(cfg)

@@ -227,8 +227,11 @@ def node_command(cfg: Config, config_path: str, env: dict[str, str]) -> list[str
 
 def node(config_path: str) -> None:
     """Inside the job, once per node: become torchrun for this node's ranks (never returns)."""
+    from masktrain.data.inputs import check_ready
+
     cfg = read_run_config(config_path)
     command = node_command(cfg, config_path, dict(os.environ))
+    check_ready(cfg)
     print(f"[masktrain-slurm] node {os.environ['SLURM_NODEID']} ({os.environ.get('SLURMD_NODENAME', '?')}): "
           f"{shlex.join(command)}", flush=True)
     os.execve(command[0], command, rank_environment(cfg, use_cuda(cfg)))

@@ -137,3 +137,36 @@ def test_bad_input_is_counted_and_strict_fails_naming_file_and_line(tokenizer, t
     assert f"masktrain: {bad_text}:3: invalid UTF-8" in capsys.readouterr().err
     assert shards(str(bad_json), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict2"), "--strict") == 1
     assert f"masktrain: {bad_json}:2: empty document" in capsys.readouterr().err
+
+
+def test_a_corpus_without_documents_is_an_error_naming_it(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["data", "tokenizer", str(empty), "--out", str(tmp_path / "tok")])
+    assert exit_.value.code == 1
+    assert f"{empty}: no documents to train on" in capsys.readouterr().err
+
+
+def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatched(tiny_data, tmp_path):
+    """One message naming the path and the fix, no rank tracebacks, nothing written to the run folder."""
+    from conftest import run_cli
+
+    data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
+    cases = {
+        "no data": ([f"data.dir={tmp_path / 'none'}"], f"{tmp_path / 'none' / 'tokenizer' / 'spm.model'}: no "
+                                                        "sentencepiece model"),
+        "no table": ([*tiny_data, "data.masking.policy=importance"], f"{data / 'idf.npy'}: no importance table"),
+    }
+    mismatched = tmp_path / "mismatched"
+    subprocess.run(["cp", "-r", str(data), str(mismatched)], check=True)
+    manifest = json.loads((mismatched / "manifest.json").read_text())
+    manifest["vocab_size"] += 1
+    (mismatched / "manifest.json").write_text(json.dumps(manifest))
+    cases["other tokenizer"] = ([*tiny_data, f"data.dir={mismatched}", f"data.tokenizer={data / 'tokenizer'}"],
+                                f"written with a {manifest['vocab_size']}-id tokenizer")
+    for name, (overrides, message) in cases.items():
+        run = tmp_path / name.replace(" ", "-")
+        result = run_cli("train", "smoke", *overrides, f"run.output_dir={run}")
+        assert result.returncode == 1 and message in result.stderr, (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and not run.exists(), name

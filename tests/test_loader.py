@@ -259,6 +259,7 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
     sample("garbled_member", b"\x93NUMPY garbage" * 8, "bad sample", "000111")
     sample("empty_document", np_bytes(np.zeros(0, np.uint16)), "empty document", "000112")
     sample("id_outside_vocab", np_bytes(np.full(3, VOCAB + 5, np.uint16)), "bad sample", "000113")
+    sample("negative_id", np_bytes(np.array([FIRST_ID, -3, FIRST_ID], np.int32)), "bad sample", "000114")
     shards["failing_pipe"] = (f"pipe:cat {root / 'missing.tar'} 2>/dev/null", "unreadable shard", "at the start")
     return shards
 
@@ -270,7 +271,7 @@ def np_bytes(array: np.ndarray) -> bytes:
 
 
 SURVIVORS = {"cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
-             "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110]}
+             "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110]}
 
 
 def test_each_kind_of_bad_data_is_skipped_and_counted(tmp_path):

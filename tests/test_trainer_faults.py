@@ -98,3 +98,18 @@ def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data,
     assert tb["train/bad_steps"][-1] == (9, 4.0)
     assert tb["train/skipped/bad_sample"][-1] == (9, counts["train/skipped/bad_sample"])
     assert 3 not in dict(tb["train/loss"])  # non-finite values stay out of TensorBoard
+
+
+def test_bad_data_under_strict_ends_the_run_as_failed_with_the_member_named(tiny_data, tmp_path):
+    from conftest import run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(next(o.split("=", 1)[1] for o in tiny_data if o.startswith("data.dir=")), data)
+    spoil_shards(data)
+    run = tmp_path / "run"
+    result = run_cli("train", "smoke", *tiny_data, f"data.dir={data}", f"run.output_dir={run}", "data.strict=true",
+                     "trainer.max_steps=4", "trainer.checkpoint_every=0", "trainer.progress_bar=false")
+    status = json.loads((run / "status.json").read_text())
+    assert result.returncode == 1 and status["state"] == "failed" and status["step"] == 0, status
+    assert "aaa-bad-sample.tokens.npy" in status["reason"]
+    assert f"masktrain: training failed at step 0: {status['reason'].splitlines()[0]}" in result.stderr

@@ -18,7 +18,7 @@ REQUEUE_EXIT = 75
 
 def write_status(run_dir: str | Path, state: str, step: int, reason: str | None = None) -> None:
     path = Path(run_dir) / STATUS
-    tmp = path.with_name(STATUS + ".tmp")
+    tmp = path.with_name(f"{STATUS}.{os.getpid()}.tmp")  # ranks failing together each write their own
     status = {"state": state, "step": step, "pid": os.getpid(), **({"reason": reason} if reason else {})}
     tmp.write_text(json.dumps(status) + "\n")
     os.replace(tmp, path)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from masktrain.data import inputs
 from masktrain.data.loader import seed_int
-from masktrain.data.reader import Skips
+from masktrain.data.reader import DataError, Skips
 from masktrain.data.schedules import rate_schedule
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.config import Config
@@ -126,9 +126,11 @@ def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime, enc
     engine.train()
     dist.all_reduce(sums)
     loss_sum, tokens, correct = sums.tolist()
-    loss = loss_sum / max(tokens, 1)
+    if tokens == 0:  # no validation data (or none left after skipping bad data): no loss to report, not 0
+        return {"val/tokens": 0.0}
+    loss = loss_sum / tokens
     if encoder:
-        return {"val/loss": loss, "val/accuracy": correct / max(tokens, 1), "val/tokens": tokens}
+        return {"val/loss": loss, "val/accuracy": correct / tokens, "val/tokens": tokens}
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": tokens}
 
 
@@ -193,89 +195,97 @@ def train(cfg: Config) -> None:
                 "objective": cfg.model.objective}
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta)
 
-    while state.step < cfg.trainer.max_steps:
-        lr = lr_at(state.step, cfg.optim, cfg.trainer.max_steps)
-        eng.set_lr(engine, lr)
-        started = time.perf_counter()
-        waited = 0.0
-        # Summed on the device and read once per step: a host sync per micro-batch would stall GPUs.
-        stats = torch.zeros(5, dtype=torch.float64, device=runtime.device)
-        for micro in range(cfg.grad_accum):
-            before = time.perf_counter()
-            batch = to_device(next(loader), runtime.device)
-            waited += time.perf_counter() - before
-            out = engine(**batch)
-            engine.backward(out["loss"])
-            stats[:3] += torch.stack([out["loss_sum"], out["tokens"], ~torch.isfinite(out["loss"].detach())]).double()
-            if micro < cfg.grad_accum - 1:
-                engine.step()
-        # One collective agrees on the loss, bad steps, skipped data and stop requests before the update.
-        wants_stop = stop.requested or (cfg.trainer.stop_after_steps > 0
-                                        and state.step + 1 - launch_start >= cfg.trainer.stop_after_steps)
-        stats[3], stats[4] = sum(loader.skipped().values()), float(wants_stop)
-        dist.all_reduce(stats)
-        loss_sum, targets, nonfinite, skipped_data, stops = stats.tolist()
-        # DeepSpeed skips the update when the gradient norm is not finite (see engine.FiniteAdamW for ZeRO-0).
-        engine.step()
-        bad = nonfinite > 0 or not engine.was_step_applied()
-        if skipped_data != skipped_seen:  # the all-reduced total moved, so every rank takes this branch
-            skipped_seen, skipped_by_reason = skipped_data, gather_counts(loader.skipped())
+    try:
+        while state.step < cfg.trainer.max_steps:
+            lr = lr_at(state.step, cfg.optim, cfg.trainer.max_steps)
+            eng.set_lr(engine, lr)
+            started = time.perf_counter()
+            waited = 0.0
+            # Summed on the device and read once per step: a host sync per micro-batch would stall GPUs.
+            stats = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+            for micro in range(cfg.grad_accum):
+                before = time.perf_counter()
+                batch = to_device(next(loader), runtime.device)
+                waited += time.perf_counter() - before
+                out = engine(**batch)
+                engine.backward(out["loss"])
+                finite = torch.isfinite(out["loss"].detach())
+                stats[:3] += torch.stack([out["loss_sum"], out["tokens"], ~finite]).double()
+                if micro < cfg.grad_accum - 1:
+                    engine.step()
+            # One collective agrees on the loss, bad steps, skipped data and stop requests before the update.
+            wants_stop = stop.requested or (cfg.trainer.stop_after_steps > 0
+                                            and state.step + 1 - launch_start >= cfg.trainer.stop_after_steps)
+            stats[3], stats[4] = sum(loader.skipped().values()), float(wants_stop)
+            dist.all_reduce(stats)
+            loss_sum, targets, nonfinite, skipped_data, stops = stats.tolist()
+            # DeepSpeed skips the update when the gradient norm is not finite (see engine.FiniteAdamW for ZeRO-0).
+            engine.step()
+            bad = nonfinite > 0 or not engine.was_step_applied()
+            if skipped_data != skipped_seen:  # the all-reduced total moved, so every rank takes this branch
+                skipped_seen, skipped_by_reason = skipped_data, gather_counts(loader.skipped())
 
-        state.step += 1
-        state.tokens += tokens_per_step
-        state.bad_steps += int(bad)
-        state.bad_in_row = state.bad_in_row + 1 if bad else 0
+            state.step += 1
+            state.tokens += tokens_per_step
+            state.bad_steps += int(bad)
+            state.bad_in_row = state.bad_in_row + 1 if bad else 0
 
-        elapsed = time.perf_counter() - started
-        loss = loss_sum / max(targets, 1.0)
-        first_of_launch = state.step == launch_start + 1
-        aborting = state.bad_in_row >= cfg.trainer.max_bad_steps
-        if (state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps
-                or bad or aborting):
-            throughput = tokens_per_step / elapsed
-            values = {"train/loss": loss, "train/lr": lr, "train/mask_rate": mask_rate(state.step - 1),
-                      "train/grad_norm": engine.get_global_grad_norm(),
-                      "train/tokens_per_s": throughput, "train/data_wait": waited / elapsed,
-                      "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
-                      "train/tokens_seen": state.tokens,
-                      "train/mfu": flops * throughput / (peak * runtime.world_size) if peak else None,
-                      **count_metrics("train/skipped", skipped_by_reason)}
-            metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
-            progress.update(state.step, loss, values)
-        if bad:
-            progress.message(f"step {state.step}: skipped (non-finite loss or gradient), "
-                             f"{state.bad_in_row} in a row, {state.bad_steps} in total")
-        if aborting:
-            # Every rank gets here at the same step (the decision is all-reduced), so none waits in a
-            # collective. No checkpoint: the last one before the bad steps is what to resume from.
-            ended = "failed"
-            reason = (f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (steps "
-                      f"{state.step - state.bad_in_row + 1}-{state.step}); lower optim.lr or check the data, then "
-                      f"resume from the last checkpoint. trainer.max_bad_steps={cfg.trainer.max_bad_steps} sets "
-                      f"how many in a row are tolerated")
-            progress.message(f"aborting: {reason}")
-            break
+            elapsed = time.perf_counter() - started
+            loss = loss_sum / max(targets, 1.0)
+            first_of_launch = state.step == launch_start + 1
+            aborting = state.bad_in_row >= cfg.trainer.max_bad_steps
+            if (state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps
+                    or bad or aborting):
+                throughput = tokens_per_step / elapsed
+                values = {"train/loss": loss, "train/lr": lr, "train/mask_rate": mask_rate(state.step - 1),
+                          "train/grad_norm": engine.get_global_grad_norm(),
+                          "train/tokens_per_s": throughput, "train/data_wait": waited / elapsed,
+                          "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
+                          "train/tokens_seen": state.tokens,
+                          "train/mfu": flops * throughput / (peak * runtime.world_size) if peak else None,
+                          **count_metrics("train/skipped", skipped_by_reason)}
+                metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
+                progress.update(state.step, loss, values)
+            if bad:
+                progress.message(f"step {state.step}: skipped (non-finite loss or gradient), "
+                                 f"{state.bad_in_row} in a row, {state.bad_steps} in total")
+            if aborting:
+                # Every rank gets here at the same step (the decision is all-reduced), so none waits in a
+                # collective. No checkpoint: the last one before the bad steps is what to resume from.
+                ended = "failed"
+                reason = (f"{state.bad_in_row} steps in a row had a non-finite loss or gradient (steps "
+                          f"{state.step - state.bad_in_row + 1}-{state.step}); lower optim.lr or check the data, then "
+                          f"resume from the last checkpoint. trainer.max_bad_steps={cfg.trainer.max_bad_steps} sets "
+                          f"how many in a row are tolerated")
+                progress.message(f"aborting: {reason}")
+                break
 
-        final = state.step == cfg.trainer.max_steps
-        if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
-            if validation is None:
-                validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
-                                                   runtime.rank, runtime.world_size, val_skips)
-                # The validation set is read once, so what it skipped is fixed from here on.
-                val_skipped = count_metrics("val/skipped", gather_counts(dict(val_skips.counts)))
-            results = evaluate(engine, *validation, runtime, objective.encoder)
-            results.update(val_skipped)
-            metrics.log(state.step, results)
-            progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+            final = state.step == cfg.trainer.max_steps
+            if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
+                if validation is None:
+                    validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
+                                                       runtime.rank, runtime.world_size, val_skips)
+                    # The validation set is read once, so what it skipped is fixed from here on.
+                    val_skipped = count_metrics("val/skipped", gather_counts(dict(val_skips.counts)))
+                results = evaluate(engine, *validation, runtime, objective.encoder)
+                results.update(val_skipped)
+                metrics.log(state.step, results)
+                progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
-        leaving = stops > 0 and not final
-        if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
-            path = save()
-            progress.message(f"step {state.step}: checkpoint {path}")
-        if leaving:
-            ended, reason = "preempted", stop.signal_name or "stop_after_steps"
-            progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
-            break
+            leaving = stops > 0 and not final
+            if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
+                path = save()
+                progress.message(f"step {state.step}: checkpoint {path}")
+            if leaving:
+                ended, reason = "preempted", stop.signal_name or "stop_after_steps"
+                progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
+                break
+    except DataError as err:
+        # Bad data under data.strict, or none readable at all. The other ranks wait in a collective, so this one
+        # cannot end the run in order; the launcher prints the reason from status.json once, rather than this
+        # rank's traceback among torchrun's.
+        write_status(out_dir, "failed", state.step, str(err))
+        raise SystemExit(1) from None
 
     if is_main:
         write_status(out_dir, ended, state.step, reason)
