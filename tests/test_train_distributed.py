@@ -209,6 +209,13 @@ def test_zero3_sigterm_and_sigusr1_checkpoint_requeue_and_resume_exactly(tiny_da
     replayed = losses(run)
     assert {s: replayed[s] for s in before} == before, f"SIGTERM at step {sigterm_at}, resumed at {resumed_at}"
 
+    # A requeue runs the same command, trainer.resume included: it goes on from this line's own latest save.
+    latest = ckpt.latest()
+    requeued = run_cli("train", *args, f"trainer.resume={earlier}", "trainer.stop_after_steps=1")
+    assert requeued.returncode == 75, requeued.stderr[-3000:]
+    assert f"resumed from {latest} at step {int(latest.name.split('-')[1])}" in requeued.stdout
+    replayed = losses(run)
+
     third = run_cli("train", *args, check=True)
     assert "resumed from" in third.stdout
     after = losses(run)

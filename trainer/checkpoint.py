@@ -124,6 +124,10 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
+def read_meta(path: Path) -> dict:
+    return json.loads((path / "meta.json").read_text())
+
+
 def saved_config(path: Path) -> dict:
     return yaml.safe_load((path / "config.yaml").read_text())
 

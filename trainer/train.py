@@ -29,7 +29,7 @@ from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.trainer import engine as eng
-from masktrain.trainer.checkpoint import Checkpointer, check_resumable
+from masktrain.trainer.checkpoint import Checkpointer, check_resumable, read_meta
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Metrics
 from masktrain.trainer.models import TokenIds, build_model
@@ -88,12 +88,21 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
     return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
 
 
-def resume_path(cfg: Config, ckpt: Checkpointer) -> Path | None:
+def resume_point(cfg: Config, ckpt: Checkpointer) -> tuple[Path | None, str | None]:
+    """(the checkpoint to resume from, where its line of checkpoints began: the explicit trainer.resume it
+    started from, which every later save inherits)."""
     if cfg.trainer.resume == "never":
-        return None
+        return None, None
+    latest = ckpt.latest()
+    inherited = read_meta(latest).get("resumed_from") if latest is not None else None
     if cfg.trainer.resume == "auto":
-        return ckpt.latest()
-    return Path(cfg.trainer.resume)  # validated: a complete checkpoint
+        return latest, inherited
+    explicit = str(Path(cfg.trainer.resume).resolve())  # validated: a complete checkpoint
+    # A requeued or relaunched job carries the same trainer.resume. Once this run has saved since it started
+    # from there, its own latest checkpoint is where it goes on; starting over from `explicit` would loop.
+    if inherited == explicit:
+        return latest, explicit
+    return Path(cfg.trainer.resume), explicit
 
 
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
@@ -163,7 +172,7 @@ def train(cfg: Config) -> None:
     ckpt.clean_partial()
     dist.barrier()
     state = TrainState()
-    source = resume_path(cfg, ckpt)
+    source, origin = resume_point(cfg, ckpt)
     if source is not None:
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
         client = ckpt.load(engine, source)
@@ -192,7 +201,7 @@ def train(cfg: Config) -> None:
         dist.all_gather_object(ranks, {"data": loader.state_dict(), "rng": rng_state()})
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
-                "objective": cfg.model.objective}
+                "objective": cfg.model.objective, "resumed_from": origin}
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta)
 
     try:
