@@ -24,15 +24,13 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 
 
 def check_resume_compatible(cfg: Config) -> None:
-    """Fail before spawning anything when the run folder's checkpoint was made with a different config."""
-    from masktrain.trainer.checkpoint import Checkpointer, check_resumable
+    """Fail before spawning anything when the checkpoint the ranks will resume from was made with a different
+    config."""
+    from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
 
-    if cfg.trainer.resume == "never":
-        return
-    auto = cfg.trainer.resume == "auto"
-    latest = Checkpointer(cfg.output_dir, 1, False).latest() if auto else Path(cfg.trainer.resume)
-    if latest is not None and (latest / "config.yaml").is_file():
-        check_resumable(latest, to_dict(cfg), cfg.trainer.allow_config_change)
+    source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
+    if source is not None and (source / "config.yaml").is_file():
+        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
 
 
 def write_run_config(cfg: Config) -> Path:

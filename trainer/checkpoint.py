@@ -128,6 +128,23 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def resume_point(resume: str, ckpt: Checkpointer) -> tuple[Path | None, str | None]:
+    """For trainer.resume `resume`: (the checkpoint to resume from, where its line of checkpoints began: the
+    explicit trainer.resume it started from, which every later save inherits)."""
+    if resume == "never":
+        return None, None
+    latest = ckpt.latest()
+    inherited = read_meta(latest).get("resumed_from") if latest is not None else None
+    if resume == "auto":
+        return latest, inherited
+    explicit = str(Path(resume).resolve())  # validated: a complete checkpoint
+    # A requeued or relaunched job carries the same trainer.resume. Once this run has saved since it started
+    # from there, its own latest checkpoint is where it goes on; starting over from `explicit` would loop.
+    if inherited == explicit:
+        return latest, explicit
+    return Path(resume), explicit
+
+
 def saved_config(path: Path) -> dict:
     return yaml.safe_load((path / "config.yaml").read_text())
 

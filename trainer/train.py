@@ -29,7 +29,7 @@ from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.trainer import engine as eng
-from masktrain.trainer.checkpoint import Checkpointer, check_resumable, read_meta
+from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Metrics
 from masktrain.trainer.models import TokenIds, build_model
@@ -86,23 +86,6 @@ def gather_counts(counts: dict[str, int]) -> dict[str, int]:
 
 def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
     return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
-
-
-def resume_point(cfg: Config, ckpt: Checkpointer) -> tuple[Path | None, str | None]:
-    """(the checkpoint to resume from, where its line of checkpoints began: the explicit trainer.resume it
-    started from, which every later save inherits)."""
-    if cfg.trainer.resume == "never":
-        return None, None
-    latest = ckpt.latest()
-    inherited = read_meta(latest).get("resumed_from") if latest is not None else None
-    if cfg.trainer.resume == "auto":
-        return latest, inherited
-    explicit = str(Path(cfg.trainer.resume).resolve())  # validated: a complete checkpoint
-    # A requeued or relaunched job carries the same trainer.resume. Once this run has saved since it started
-    # from there, its own latest checkpoint is where it goes on; starting over from `explicit` would loop.
-    if inherited == explicit:
-        return latest, explicit
-    return Path(cfg.trainer.resume), explicit
 
 
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
@@ -172,7 +155,7 @@ def train(cfg: Config) -> None:
     ckpt.clean_partial()
     dist.barrier()
     state = TrainState()
-    source, origin = resume_point(cfg, ckpt)
+    source, origin = resume_point(cfg.trainer.resume, ckpt)
     if source is not None:
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
         client = ckpt.load(engine, source)
