@@ -46,13 +46,13 @@ def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     """Masked LM: corrupted inputs; labels hold the original token at selected positions only."""
     selected = spec.select(ids, rate, gen)
     inputs, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
-    return {"input_ids": inputs, "labels": labels, **padding_mask(ids, spec.vocab)}
+    return {"input_ids": inputs, "labels": labels, **padding_mask(ids != spec.vocab.pad_id)}
 
 
-def padding_mask(ids: torch.Tensor, vocab: Vocab) -> dict[str, torch.Tensor]:
-    """For rows with padding (the last validation rows), `attention_mask` (bool[B, T]: real tokens), so that
-    encoders attend to real tokens only. Full rows (all training rows) get none and keep unmasked attention."""
-    real = ids != vocab.pad_id
+def padding_mask(real: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For rows with padding (the last validation rows), `attention_mask` (`real`, bool[B, T]: the real tokens),
+    so that encoders attend to real tokens only. Full rows (all training rows) get none and keep unmasked
+    attention."""
     return {} if bool(real.all()) else {"attention_mask": real}
 
 
@@ -86,7 +86,8 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     selected = spec.select(ids, rate, gen)
     corrupted, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
     removed = selected & (corrupted == spec.vocab.mask_id)
-    visible = ~removed & (ids != spec.vocab.pad_id)
+    real = ids != spec.vocab.pad_id
+    visible = ~removed & real
     counts = visible.sum(dim=1, keepdim=True)
     width = max(int(counts.max()), 1)  # an all-padding batch (ranks short of validation rows) still runs
     # Each visible token goes to slot "visible tokens before it" (a running count: no sort needed); removed
@@ -97,4 +98,4 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     visible_mask = torch.arange(width).unsqueeze(0) < counts
     visible_ids = corrupted.gather(1, visible_pos).masked_fill_(~visible_mask, spec.vocab.pad_id)
     return {"visible_ids": visible_ids, "visible_pos": visible_pos, "visible_mask": visible_mask,
-            "removed": removed, "labels": labels, **padding_mask(ids, spec.vocab)}
+            "removed": removed, "labels": labels, **padding_mask(real)}
