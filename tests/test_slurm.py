@@ -138,6 +138,19 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     assert "not requeued by this script" in "".join(lines), "".join(lines)
     assert not (stubs / "requeued").exists()
 
+    # A USR1 that comes while the ranks fail does not make the failure a preemption: no requeue.
+    for state, requeued in (("failed", False), ("running", True)):
+        signalled = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True,
+                                     env={**env, "STUB_STATE": state})
+        lines = []
+        for line in signalled.stdout:
+            lines.append(line)
+            if line.startswith("SRUN "):
+                signalled.send_signal(signal.SIGUSR1)
+        code = signalled.wait(timeout=60)
+        assert (code == 0) == requeued and ("requeued job 123456" in "".join(lines)) == requeued, "".join(lines)
+        assert (stubs / "requeued").exists() == requeued
+
     # A chained job that finds the run complete starts nothing.
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))
     done = run_script(script, stubs, nodes=1)
