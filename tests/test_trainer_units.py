@@ -68,6 +68,11 @@ def test_resume_check_ignores_keys_that_do_not_change_the_run():
     assert config_changes(saved, same) == []
     changed = to_dict(load_config("smoke", ["optim.lr=0.1", "trainer.zero_stage=3"]))
     assert config_changes(saved, changed) == ["optim.lr: 0.002 -> 0.1", "trainer.zero_stage: 2 -> 3"]
+    # The same ranks on other nodes compute the same run; other ranks do not.
+    four_by_eight = to_dict(load_config("smoke", ["launch.nnodes=4", "launch.nproc_per_node=8", "trainer.global_batch_size=256"]))
+    eight_by_four = to_dict(load_config("smoke", ["launch.nnodes=8", "launch.nproc_per_node=4", "trainer.global_batch_size=256"]))
+    assert config_changes(four_by_eight, eight_by_four) == []
+    assert config_changes(four_by_eight, saved) == ["launch.world_size: 32 -> 2", "trainer.global_batch_size: 256 -> 16"]
 
 
 def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_json(tmp_path):

@@ -45,9 +45,18 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def comparable(config: dict) -> dict[str, object]:
+    """The flattened config, with the job's shape reduced to its world size: ranks and their data and RNG
+    state are restored by global rank, so 4 nodes x 8 ranks resume exactly as 8 x 4."""
+    flat = flatten(config)
+    nodes, per_node = flat.pop("launch.nnodes", None), flat.pop("launch.nproc_per_node", None)
+    flat["launch.world_size"] = nodes * per_node if nodes is not None and per_node is not None else None
+    return flat
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
     """Keys (outside RESUME_SAFE and data.prepare) whose value differs, as 'key: old -> new'."""
-    old, new = flatten(saved), flatten(current)
+    old, new = comparable(saved), comparable(current)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and key not in RESUME_SAFE and not key.startswith("data.prepare.")]
 
