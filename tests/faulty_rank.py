@@ -1,15 +1,18 @@
-"""A training rank for tests: the production loop and model, with the loss made NaN on chosen steps.
+"""A training rank for tests: the production loop and model, with faults injected and the files it syncs noted.
 
-Run under torchrun in place of `-m masktrain.trainer.train`. The fault comes from the environment:
+Run under torchrun in place of `-m masktrain.trainer.train`. The faults come from the environment:
   FAULT_NAN_RANK, FAULT_NAN_STEPS  that rank's loss is NaN on these (1-based, comma-separated) steps
   FAULT_NAN_FROM                   every rank's loss is NaN from this step on
-  FAULT_LOG                        folder for rank<r>.jsonl: a weight checksum at the start of every step
+  FAULT_SIGNAL_IN_SAVE             RANK:STEP, that rank gets SIGUSR1 while it saves the checkpoint of STEP
+  FAULT_LOG                        folder for rank<r>.jsonl: a weight checksum at the start of every step, and
+                                   fsync-rank<r>.txt: every path that rank fsyncs
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from masktrain.launcher.loading import read_run_config
+from masktrain.trainer import checkpoint
 from masktrain.trainer import train as train_module
 
 
@@ -48,10 +52,34 @@ class NonFiniteLoss(nn.Module):
         return out
 
 
+def signal_during_save(save):
+    rank, step = map(int, os.environ.get("FAULT_SIGNAL_IN_SAVE", "-1:-1").split(":"))
+
+    def saving(self, engine, at: int, *args, **kwargs):
+        if at == step and int(os.environ["RANK"]) == rank:
+            signal.raise_signal(signal.SIGUSR1)
+        return save(self, engine, at, *args, **kwargs)
+
+    return saving
+
+
+def noting_fsyncs(fsync):
+    log = Path(os.environ["FAULT_LOG"]) / f"fsync-rank{os.environ['RANK']}.txt"
+
+    def noted(path):
+        fsync(path)
+        with open(log, "a") as handle:
+            handle.write(f"{Path(path).resolve()}\n")
+
+    return noted
+
+
 def main() -> None:
     cfg = read_run_config(sys.argv[1])
     build = train_module.build_model
     train_module.build_model = lambda *args, **kwargs: NonFiniteLoss(build(*args, **kwargs), cfg.grad_accum)
+    checkpoint.Checkpointer.save = signal_during_save(checkpoint.Checkpointer.save)
+    checkpoint.fsync_path = noting_fsyncs(checkpoint.fsync_path)
     train_module.main(sys.argv[1:])
 
 

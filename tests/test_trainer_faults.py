@@ -1,10 +1,12 @@
-"""Bad steps and bad data in a 2-rank run: a NaN loss on one rank skips the step on both and is counted, too
-many in a row abort with a message; skipped data is counted per reason. Both reach TensorBoard."""
+"""Bad steps, bad data and badly timed signals in a 2-rank run: a NaN loss on one rank skips the step on both
+and is counted, too many in a row abort with a message; skipped data is counted per reason (both reach
+TensorBoard); a stop signal during a checkpoint leaves from that checkpoint."""
 
 from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -113,3 +115,41 @@ def test_bad_data_under_strict_ends_the_run_as_failed_with_the_member_named(tiny
     assert result.returncode == 1 and status["state"] == "failed" and status["step"] == 0, status
     assert "aaa-bad-sample.tokens.npy" in status["reason"]
     assert f"masktrain: training failed at step 0: {status['reason'].splitlines()[0]}" in result.stderr
+
+
+def run_faulty_ranks(cfg, env: dict[str, str]) -> subprocess.CompletedProcess:
+    config_path = write_run_config(cfg)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(FAULTY_RANK), str(config_path)], env={**rank_environment(cfg, cuda=False), **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_stop_signal_during_a_checkpoint_leaves_from_it_and_each_file_is_synced_once_by_its_writer(
+        tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [*tiny_data, f"run.output_dir={run}", "trainer.zero_stage=2", "trainer.max_steps=8",
+                                "trainer.log_every=1", "trainer.checkpoint_every=2", "trainer.progress_bar=false"])
+    ranks = run_faulty_ranks(cfg, {"FAULT_LOG": str(tmp_path), "FAULT_SIGNAL_IN_SAVE": "1:4"})
+    log = ranks.stdout[-3000:] + ranks.stderr[-3000:]
+    assert outcome(run, ranks.returncode) == 75, log
+
+    # Rank 1 was signalled while saving step 4: both ranks leave from that checkpoint, with no fifth step and
+    # no second save.
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "state": "preempted", "step": 4, "reason": "a signal to another rank"}, status
+    assert re.findall(r"step (\d+): checkpoint ", ranks.stdout) == ["2", "4"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4
+    assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
+
+    # Each file of a checkpoint is fsynced once: DeepSpeed's state files by the rank that wrote them, the rest
+    # (scripts, config, meta) and the folders by rank 0.
+    synced = {r: (tmp_path / f"fsync-rank{r}.txt").read_text().splitlines() for r in (0, 1)}
+    folder = (run / "checkpoints" / "step-00000004").resolve()
+    staged = f"{folder}.partial"
+    files = {p.name for p in folder.iterdir() if p.is_file()}
+    by_rank = {r: [Path(p).name for p in synced[r] if p.startswith(staged + "/")] for r in (0, 1)}
+    assert sorted(by_rank[0] + by_rank[1]) == sorted(files - {"config.yaml", "meta.json"}), by_rank
+    assert by_rank[1] == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in by_rank[0]
+    assert staged in synced[0] and staged not in synced[1]

@@ -61,6 +61,30 @@ def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkp
                                                           "step-00000040"]
 
 
+def test_after_a_rollback_the_new_line_is_kept_and_resumed_from_not_the_higher_steps_it_abandoned(tmp_path):
+    ckpt = Checkpointer(tmp_path, keep_last=3, is_main=True)
+
+    def publish(step: int) -> None:
+        staging = ckpt.dir / f"{tag_for(step)}.partial"
+        staging.mkdir(parents=True)
+        (staging / "state.pt").write_bytes(b"weights")
+        ckpt.publish(staging, step, {"run": {}}, {"tokens": step})
+
+    for step in (10, 20, 30):
+        publish(step)
+    # Restarted from an archived step-5 checkpoint: its saves go on at 5, 15, 20 ...
+    publish(5)
+    assert [p.name for p in ckpt.complete()] == ["step-00000020", "step-00000030", "step-00000005"]
+    (ckpt.dir / "latest").unlink()  # a crash before `latest` moved: still the new line, not step 30
+    assert ckpt.latest().name == "step-00000005"
+    publish(15)
+    publish(20)  # after the abandoned line's step 20 was pruned
+    assert [p.name for p in ckpt.complete()] == ["step-00000005", "step-00000015", "step-00000020"]
+    assert [json.loads((p / "meta.json").read_text())["serial"] for p in ckpt.complete()] == [4, 5, 6]
+    assert ckpt.latest().name == "step-00000020" and (ckpt.latest() / "state.pt").is_file()
+    assert not list(ckpt.dir.glob("*.partial"))
+
+
 def test_resume_check_ignores_keys_that_do_not_change_the_run():
     saved = to_dict(load_config("smoke", []))
     same = to_dict(load_config("smoke", ["trainer.checkpoint_every=7", "trainer.keep_last=9", "run.name=other",

@@ -2,17 +2,23 @@
 
 Layout: `<run>/checkpoints/step-00000040/` (DeepSpeed's files, the resolved config.yaml and meta.json) and
 `<run>/checkpoints/latest` (the tag of the newest complete one). A save goes to `step-N.partial` on every
-rank; every rank flushes its files to disk, and only after all ranks finished does rank 0 rename the folder
-and then replace `latest` in one `os.replace`. A crash mid-save therefore leaves the previous checkpoint as
-`latest` and a `.partial` folder that the next start removes.
+rank; every rank flushes the files it wrote to disk, and only after all ranks finished does rank 0 rename the
+folder and then replace `latest` in one `os.replace`. A crash mid-save therefore leaves the previous checkpoint
+as `latest` and a `.partial` folder that the next start removes.
+
+"Newest" means last published, not highest step: after a rollback (trainer.resume from an older checkpoint)
+the new line's saves are the ones kept and resumed from, while the abandoned line's later steps are pruned
+first. meta.json's `serial` counts publications in this folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -68,12 +74,13 @@ class Checkpointer:
         self.is_main = is_main
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints, oldest first (the zero-padded step sorts by name)."""
-        return sorted(p for p in self.dir.glob("step-*") if not p.name.endswith(PARTIAL) and is_complete(p))
+        """Complete checkpoints in the order they were published, oldest first."""
+        found = [p for p in self.dir.glob("step-*") if not p.name.endswith(PARTIAL) and is_complete(p)]
+        return sorted(found, key=lambda p: (read_meta(p).get("serial", 0), p.name))
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names or, when a crash came between publishing a checkpoint and pointing
-        `latest` at it (or `latest` was removed), the newest complete one; None when there is none."""
+        `latest` at it (or `latest` was removed), the last published one; None when there is none."""
         pointer = self.dir / LATEST
         if pointer.is_file():
             path = self.dir / pointer.read_text().strip()
@@ -93,27 +100,42 @@ class Checkpointer:
         import torch.distributed as dist
 
         tag = tag_for(step)
-        final, staging = self.dir / tag, self.dir / (tag + PARTIAL)
-        engine.save_checkpoint(str(self.dir), tag=staging.name, client_state={CLIENT_KEY: client_state},
-                               save_latest=False)
-        # Each rank flushes what it wrote: on a shared file system one node's fsync says nothing of another's.
-        sync_tree(staging)
-        dist.barrier()
+        staging = self.dir / (tag + PARTIAL)
+        with recording_writes(engine) as written:
+            engine.save_checkpoint(str(self.dir), tag=staging.name, client_state={CLIENT_KEY: client_state},
+                                   save_latest=False)
+        # Each rank flushes what it wrote: on a shared file system one node's fsync says nothing of another's,
+        # and a rank fsyncing every rank's files would cost ranks x files round trips per save.
+        for file in written:
+            fsync_path(file)
+        writers: list[list[Path] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(writers, written)  # returns once every rank's files are on disk
         if self.is_main:
-            write_atomic(staging / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-            write_atomic(staging / "meta.json", json.dumps({"tag": tag, "step": step, **meta}, indent=2))
-            if final.exists():
-                # A run resumed from an older checkpoint passes this step again: the new state replaces the
-                # old one. Renamed as a partial first, so a crash here leaves nothing that looks complete.
-                stale = self.dir / (tag + ".replaced" + PARTIAL)
-                final.rename(stale)
-                shutil.rmtree(stale)
-            staging.rename(final)
-            fsync_path(self.dir)
-            write_atomic(self.dir / LATEST, tag)
-            self.prune()
+            # What DeepSpeed writes outside its checkpoint engine (the zero_to_fp32.py scripts) rank 0 wrote.
+            sync_tree(staging, done={file for files in writers for file in files})
+            self.publish(staging, step, config, meta)
         dist.barrier()
-        return final
+        return self.dir / tag
+
+    def publish(self, staging: Path, step: int, config: dict, meta: dict) -> None:
+        """Rank 0, once the files in `staging` are on disk: complete it, make it `step-N` and `latest`, prune."""
+        tag = tag_for(step)
+        final = self.dir / tag
+        published = self.complete()
+        serial = read_meta(published[-1]).get("serial", 0) + 1 if published else 1
+        write_atomic(staging / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_atomic(staging / "meta.json",
+                     json.dumps({"tag": tag, "step": step, "serial": serial, **meta}, indent=2))
+        if final.exists():
+            # A run resumed from an older checkpoint passes this step again: the new state replaces the
+            # old one. Renamed as a partial first, so a crash here leaves nothing that looks complete.
+            stale = self.dir / (tag + ".replaced" + PARTIAL)
+            final.rename(stale)
+            shutil.rmtree(stale)
+        staging.rename(final)
+        fsync_path(self.dir)
+        write_atomic(self.dir / LATEST, tag)
+        self.prune()
 
     def prune(self) -> None:
         for old in self.complete()[:-self.keep_last]:
@@ -186,8 +208,30 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def sync_tree(path: Path) -> None:
-    """fsync every file so the rename that publishes the checkpoint never precedes its data on disk."""
-    for file in path.rglob("*"):
-        if file.is_file():
+def sync_tree(path: Path, done: set[Path]) -> None:
+    """fsync the files under `path` not in `done`, then every folder (their entries are the files' names), so
+    the rename that publishes a checkpoint never precedes its contents on disk."""
+    entries = sorted(path.rglob("*"))
+    for file in entries:
+        if file.is_file() and file.resolve() not in done:
             fsync_path(file)
+    for folder in [*(e for e in entries if e.is_dir()), path]:
+        fsync_path(folder)
+
+
+@contextlib.contextmanager
+def recording_writes(engine) -> Iterator[list[Path]]:
+    """The files DeepSpeed writes through `engine`'s checkpoint engine (every state file) on this rank."""
+    checkpoint_engine = engine.checkpoint_engine
+    save = checkpoint_engine.save
+    written: list[Path] = []
+
+    def recorded(state_dict, path):
+        save(state_dict, path)
+        written.append(Path(path).resolve())
+
+    checkpoint_engine.save = recorded
+    try:
+        yield written
+    finally:
+        del checkpoint_engine.save  # the class's own method again

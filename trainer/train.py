@@ -268,8 +268,14 @@ def train(cfg: Config) -> None:
             if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
                 path = save()
                 progress.message(f"step {state.step}: checkpoint {path}")
+                if not (final or leaving):
+                    # A large model's save takes minutes. A stop asked for meanwhile leaves from this checkpoint
+                    # now, rather than after one more step and a second save the grace time may not cover.
+                    (stops,) = all_reduce([float(stop.requested)], runtime.device)
+                    leaving = stops > 0
             if leaving:
-                ended, reason = "preempted", stop.signal_name or "stop_after_steps"
+                ended = "preempted"
+                reason = stop.signal_name or ("stop_after_steps" if wants_stop else "a signal to another rank")
                 progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
                 break
     except DataError as err:
