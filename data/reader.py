@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import braceexpand
 import numpy as np
 from webdataset import gopen
-from webdataset.tariterators import base_plus_ext
+from webdataset.tariterators import base_plus_ext, meta_prefix, meta_suffix
 
 from masktrain.data.corpus import DataError
 
@@ -131,16 +131,23 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
 
 
 def samples(url: str, skip: Callable[..., None], count: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {suffix: bytes}) for consecutive members sharing a key, as webdataset groups them."""
+    """(key, {suffix: bytes}) for consecutive members sharing a key, as webdataset groups them. webdataset
+    drops a member with no extension without a word and fails the shard on a repeated one; here both are
+    skipped as bad samples, the repeat after its first copy. `__name__` members are webdataset's metadata."""
     key, sample = None, {}
     for name, data in members(url, skip, count):
         prefix, suffix = base_plus_ext(name)
         if prefix is None:
+            if not (name.startswith(meta_prefix) and name.endswith(meta_suffix) and "/" not in name):
+                skip("bad sample", f"{url}: member {name} has no extension, so it belongs to no sample", count)
             continue
         if prefix != key and sample:
             yield key, sample
             sample = {}
         key = prefix
+        if suffix in sample:
+            skip("bad sample", f"{url}: member {name} repeats the one before it; the first is kept", count)
+            continue
         sample[suffix] = data
     if sample:
         yield key, sample

@@ -260,6 +260,21 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
     sample("empty_document", np_bytes(np.zeros(0, np.uint16)), "empty document", "000112")
     sample("id_outside_vocab", np_bytes(np.full(3, VOCAB + 5, np.uint16)), "bad sample", "000113")
     sample("negative_id", np_bytes(np.array([FIRST_ID, -3, FIRST_ID], np.int32)), "bad sample", "000114")
+
+    def raw(name: str, members: list[tuple[str, int]], member: str) -> None:
+        """A shard written member by member: (name, document number) each."""
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as archive:
+            for member_name, number in [("__info__", 0), ("000110.tokens.npy", 110), *members]:
+                payload = np_bytes(np.full(4, FIRST_ID + number, np.uint16))
+                info = tarfile.TarInfo(member_name)
+                info.size = len(payload)
+                archive.addfile(info, io.BytesIO(payload))
+        (root / f"{name}.tar").write_bytes(buffer.getvalue())
+        shards[name] = (str(root / f"{name}.tar"), "bad sample", f"member {member}")
+
+    raw("repeated_member", [("000115.tokens.npy", 115), ("000115.tokens.npy", 116)], "000115.tokens.npy repeats")
+    raw("no_extension", [("000117", 117)], "000117 has no extension")
     shards["failing_pipe"] = (f"pipe:cat {root / 'missing.tar'} 2>/dev/null", "unreadable shard", "at the start")
     return shards
 
@@ -271,7 +286,8 @@ def np_bytes(array: np.ndarray) -> bytes:
 
 
 SURVIVORS = {"cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
-             "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110]}
+             "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110],
+             "repeated_member": [110, 115], "no_extension": [110]}
 
 
 def test_each_kind_of_bad_data_is_skipped_and_counted(tmp_path):
