@@ -51,16 +51,16 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     for item in inputs:
         if item == BUILTIN:
             files.append(item)
+        elif Path(item).is_dir():  # before globbing: "[" is legal in a file name
+            files.extend(directory_files(item))
+        elif Path(item).is_file():
+            files.append(item)
         elif any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise InputError(f"{item}: the pattern matches no file")
             for match in matches:
                 files.extend(directory_files(match) if Path(match).is_dir() else [match])
-        elif Path(item).is_dir():
-            files.extend(directory_files(item))
-        elif Path(item).is_file():
-            files.append(item)
         else:
             raise InputError(f"{item}: no such file or directory")
     return files
@@ -132,6 +132,11 @@ def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             stats.skip("missing text field", f"{path}:{number}: no string field {text_field!r}", strict)
+            continue
+        try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no UTF-8 text holds
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            stats.skip("invalid UTF-8", f"{path}:{number}: a lone surrogate escape", strict)
             continue
         yield f"{path}:{number}", text
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from masktrain.data.corpus import documents, expand_inputs
 from masktrain.data.prepare import build_tokenizer
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
@@ -124,19 +125,27 @@ def test_bad_input_is_counted_and_strict_fails_naming_file_and_line(tokenizer, t
     bad_text.write_bytes(b"a fine paragraph of text\n\ncaf\xe9 in latin-1, not UTF-8\n\nanother fine one\n")
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_bytes(b'{"text": "a fine document"}\n{"text": "   "}\nnot json at all\n{"other": "x"}\n'
-                         b'{"text": "\xff\xfe"}\n')
+                         b'{"text": "\xff\xfe"}\n{"text": "a lone surrogate \\ud800 escape"}\n')
     out = tmp_path / "out"
     assert shards(str(bad_text), str(bad_json), "--tokenizer", str(tokenizer), "--out", str(out)) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["input_documents"] == 3
-    assert manifest["input_skipped"] == {"invalid UTF-8": 2, "empty document": 1, "invalid JSON": 1,
+    assert manifest["input_skipped"] == {"invalid UTF-8": 3, "empty document": 1, "invalid JSON": 1,
                                          "missing text field": 1}
-    assert "skipped 1 empty document, 1 invalid JSON, 2 invalid UTF-8, 1 missing text field" in capsys.readouterr().out
+    assert "skipped 1 empty document, 1 invalid JSON, 3 invalid UTF-8, 1 missing text field" in capsys.readouterr().out
 
     assert shards(str(bad_text), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict"), "--strict") == 1
     assert f"masktrain: {bad_text}:3: invalid UTF-8" in capsys.readouterr().err
     assert shards(str(bad_json), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict2"), "--strict") == 1
     assert f"masktrain: {bad_json}:2: empty document" in capsys.readouterr().err
+
+
+def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
+    named = tmp_path / "notes [draft].txt"
+    named.write_text("the only document\n")
+    assert expand_inputs([str(named)]) == [str(named)]
+    assert list(documents([str(named)])) == ["the only document"]
+    assert expand_inputs([str(tmp_path / "*.txt")]) == [str(named)]
 
 
 def test_a_corpus_without_documents_is_an_error_naming_it(tmp_path, capsys):
