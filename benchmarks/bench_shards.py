@@ -83,7 +83,7 @@ def main(quick: bool = False) -> dict:
         root = Path(tmp)
         corpus = root / "corpus.jsonl"
         size = write_corpus(corpus, 1_500 if quick else 8_000)
-        train_tokenizer(topics.values(), root / "tok", vocab_size=4000, threads=cores)
+        train_tokenizer(topics.values(), root / "tok", vocab_size=4000)
         tokenizer = Tokenizer(root / "tok")
         texts = list(documents([str(corpus)]))
         with multiprocessing.get_context("fork").Pool(cores, start_worker, (str(root / "tok"),)) as pool:

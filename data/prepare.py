@@ -19,7 +19,7 @@ from tqdm import tqdm
 from masktrain.data.corpus import CorpusStats, InputError, documents
 from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset, write_manifest
-from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, train_tokenizer
+from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
 from masktrain.launcher.config import Config, PrepareConfig
 from masktrain.launcher.loading import config_from_dict
 
@@ -62,17 +62,15 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
     """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files."""
     started = time.perf_counter()
     docs, stats = input_documents(p, strict)
-    try:
-        train_tokenizer(docs, out_dir, p.vocab_size, p.tokenizer_type, p.tokenizer_sample_docs, seed,
-                        worker_count(p.workers))
-    except RuntimeError:  # sentencepiece's own message says nothing of where the text came from
-        if stats.documents == 0:
-            raise no_documents(p, stats) from None
-        raise
+    sample = sample_documents(docs, p.tokenizer_sample_docs, seed)
+    if not sample:  # sentencepiece's own message would say nothing of where the text came from
+        raise no_documents(p, stats)
+    train_tokenizer(sample, out_dir, p.vocab_size, p.tokenizer_type, seed)
     tokenizer = Tokenizer(out_dir)
     tokenizer.save_hf(out_dir, template)
-    log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {stats.documents:,} documents "
-        f"in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) -> {out_dir}")
+    log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {len(sample):,} of "
+        f"{stats.documents:,} documents in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) "
+        f"-> {out_dir}")
     return tokenizer
 
 

@@ -9,6 +9,7 @@ round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that enc
 from __future__ import annotations
 
 import io
+import random
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -37,11 +38,30 @@ WHITESPACE_BYTES = {f"<0x{b:02X}>" for b in (0x09, 0x0A, 0x0B, 0x0C, 0x0D)}
 SCORE_GRID = 64
 
 
-def training_lines(docs: Iterable[str], max_docs: int) -> Iterator[str]:
-    """Lines of the first `max_docs` documents; long lines are cut so sentencepiece does not drop them."""
+# Sentencepiece splits its training work among its threads and sums the parts in float: each thread count gives
+# another tokenizer. A fixed count, not the machine's cores, makes a recipe give the same tokenizer everywhere.
+TRAINING_THREADS = 16
+
+
+def sample_documents(docs: Iterable[str], k: int, seed: int) -> list[str]:
+    """A uniform sample of `k` documents from all of `docs`, seeded, in input order when there are at most k.
+
+    Reservoir sampling: reads every document once and holds k, so a corpus given as many files (sorted by
+    name) gives the tokenizer all of them, not just the first files.
+    """
+    rng = random.Random(seed)
+    sample: list[str] = []
     for index, doc in enumerate(docs):
-        if index >= max_docs:
-            return
+        if index < k:
+            sample.append(doc)
+        elif (slot := rng.randrange(index + 1)) < k:
+            sample[slot] = doc
+    return sample
+
+
+def training_lines(docs: Iterable[str]) -> Iterator[str]:
+    """Lines of `docs`; long lines are cut so sentencepiece does not drop them."""
+    for doc in docs:
         for line in doc.splitlines():
             line = line.strip()
             while line:
@@ -50,15 +70,14 @@ def training_lines(docs: Iterable[str], max_docs: int) -> Iterator[str]:
 
 
 def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 8000,
-                    model_type: str = "unigram", max_docs: int = 200_000, seed: int = 0,
-                    threads: int = 1) -> Path:
+                    model_type: str = "unigram", seed: int = 0) -> Path:
     """Train on `docs` and write `<out_dir>/spm.model`; returns out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=training_lines(docs, max_docs),
+        sentence_iterator=training_lines(docs),
         model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
@@ -73,7 +92,7 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
         character_coverage=0.9995,
         hard_vocab_limit=False,
         max_sentence_length=MAX_PIECE_INPUT * 4,
-        num_threads=threads,
+        num_threads=TRAINING_THREADS,
         minloglevel=2,
     )
     proto = sentencepiece_model_pb2.ModelProto()

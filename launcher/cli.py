@@ -274,7 +274,7 @@ def parser() -> argparse.ArgumentParser:
     p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer (+ Hugging Face files) on text")
     add_data_args(p, ("vocab_size", int, "vocabulary size, special tokens included"),
                   ("tokenizer_type", str, "unigram or bpe"),
-                  ("tokenizer_sample_docs", int, "train on at most this many documents"))
+                  ("tokenizer_sample_docs", int, "train on a sample of this many documents"))
     p.add_argument("--template", choices=("encoder", "decoder"),
                    help="Hugging Face files add [CLS]/[SEP] (encoder) or <s> (decoder) around text")
     p.set_defaults(func=cmd_data_tokenizer)

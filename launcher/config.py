@@ -34,13 +34,15 @@ class PrepareConfig:
     tokenizer_type: str = "unigram"
     """Sentencepiece model type: unigram or bpe."""
     tokenizer_sample_docs: int = 200_000
-    """At most this many documents are sampled to train the tokenizer."""
+    """The tokenizer trains on a uniform sample of this many documents, drawn (seeded by run.seed) from all of
+    the inputs: prepare reads the whole corpus once for it."""
     shard_bytes: int = 64 * 2**20
     """Target size of one shard in bytes (the last shard of each split is smaller)."""
     val_fraction: float = 0.02
     """Fraction of documents held out for validation (chosen by a hash of the document, not its order)."""
     workers: int = 0
-    """Tokenizer threads (sentencepiece's own, for tokenizer training and encoding); 0: one per available core."""
+    """Threads that encode documents into shards; 0: one per available core. The shards are the same whatever
+    the count (tokenizer training always uses a fixed count, so it also gives the same tokenizer everywhere)."""
     shuffle_buffer: int = 100_000
     """Documents held back and written in a random order seeded by run.seed, so each shard mixes the input's
     files and sources (the loader shuffles within a shard only); 0 keeps input order."""

@@ -66,3 +66,39 @@ def test_bad_settings_are_refused_naming_the_key(corpus, tmp_path):
     assert "data.prepare.vocab_size: must be at least 64, got 10" in result.stderr
     assert "data.prepare.tokenizer_type: unknown value 'wordpiece'; valid: bpe, unigram" in result.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_the_same_recipe_gives_the_same_tokenizer_whatever_the_thread_count(corpus, tmp_path):
+    models = []
+    for workers in ("1", "2"):
+        out = tmp_path / workers
+        run_cli("data", "tokenizer", str(corpus), "--out", str(out), "--vocab-size", "600", "--workers", workers,
+                check=True)
+        models.append((out / "spm.model").read_bytes())
+    assert models[0] == models[1]
+
+
+def test_the_tokenizer_sample_is_drawn_from_every_input_not_the_first_files(tmp_path):
+    from masktrain.data.prepare import build_tokenizer
+    from masktrain.launcher.config import PrepareConfig
+
+    (tmp_path / "a.txt").write_text("\n\n".join(f"plain words of document {i} in the first file" for i in range(400)))
+    (tmp_path / "b.txt").write_text("\n\n".join(f"zyzzyva quixotry zyzzyva {i}" for i in range(400)))
+    settings = PrepareConfig(inputs=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], vocab_size=400,
+                             tokenizer_sample_docs=200)
+    logged = []
+    tokenizer = build_tokenizer(settings, tmp_path / "tok", seed=0, log=logged.append)
+    assert "on 200 of 800 documents" in logged[0]
+    # Characters only the second file holds are pieces, not byte fallbacks.
+    assert all(tokenizer.sp.piece_to_id(char) != tokenizer.unk_id for char in "zyvqx")
+
+
+def test_a_sample_is_uniform_seeded_and_keeps_input_order_when_it_holds_everything():
+    from masktrain.data.tokenizer import sample_documents
+
+    docs = [f"a{i}" for i in range(1000)] + [f"b{i}" for i in range(1000)]
+    sample = sample_documents(iter(docs), 400, seed=1)
+    assert len(sample) == len(set(sample)) == 400 and set(sample) <= set(docs)
+    assert 160 < sum(d.startswith("b") for d in sample) < 240
+    assert sample == sample_documents(docs, 400, seed=1) != sample_documents(docs, 400, seed=2)
+    assert sample_documents(docs[:300], 400, seed=1) == docs[:300]
