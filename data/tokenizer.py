@@ -9,6 +9,7 @@ round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that enc
 from __future__ import annotations
 
 import io
+import json
 import random
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -19,6 +20,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 
 from masktrain.data.masking import Vocab
+from masktrain.data.tables import write_json
 
 MODEL_FILE = "spm.model"
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
@@ -189,6 +191,10 @@ class Tokenizer:
         """Write the Hugging Face files (tokenizer.json, tokenizer_config.json) and the sentencepiece model."""
         out_dir = Path(out_dir)
         self.hf_tokenizer(template).save_pretrained(str(out_dir))
+        # transformers 5 names its fast tokenizer "TokenizersBackend", a class transformers 4 does not know;
+        # both load the same tokenizer.json under the name 4 uses.
+        config_file = out_dir / "tokenizer_config.json"
+        write_json(config_file, {**json.loads(config_file.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"})
         if (self.dir / MODEL_FILE).resolve() != (out_dir / MODEL_FILE).resolve():
             (out_dir / MODEL_FILE).write_bytes((self.dir / MODEL_FILE).read_bytes())
         return out_dir

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,8 @@ def test_autotokenizer_loads_the_folder_and_encodes_exactly_like_sentencepiece(c
     run_cli("data", "tokenizer", str(corpus), "--out", str(out), "--vocab-size", "600", "--tokenizer-type", kind,
             "--seed", "3", check=True)
     assert {"spm.model", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    # The class name transformers 4 knows too (5 writes "TokenizersBackend", which 4 cannot load).
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
 
     sp, hf = Tokenizer(out), AutoTokenizer.from_pretrained(str(out))
     assert len(hf) == len(sp) <= 600
