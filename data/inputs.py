@@ -51,18 +51,30 @@ def check_ready(cfg: Config) -> None:
             problems.append(f"{split} shards missing: {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
     if not cfg.data.train_shards:
         try:
-            built_for = read_manifest(cfg.data.dir).get("vocab_size")
+            manifest = read_manifest(cfg.data.dir)
         except (OSError, DataError):
-            built_for = None  # reported above
-        if built_for not in (None, len(tokenizer)):
-            problems.append(f"the shards in {cfg.data.dir} were written with a {built_for}-id tokenizer, "
-                            f"{tokenizer.dir} has {len(tokenizer)} ids: the ids would mean other tokens")
+            manifest = {}  # reported above
+        if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
+            problems.append(mismatch)
     try:
         mask_spec(cfg, tokenizer)
     except (OSError, ValueError) as err:
         problems.append(str(err))
     if problems:
         raise DataError("the run's data is not ready:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def other_tokenizer(manifest: dict, tokenizer: Tokenizer, data_dir: str | Path) -> str | None:
+    """Why the shards of `manifest` were not written with `tokenizer`, or None when they were (or it can't tell:
+    manifests before the fingerprint record only the vocabulary size)."""
+    size, fingerprint = manifest.get("vocab_size"), manifest.get("tokenizer_sha256")
+    if size not in (None, len(tokenizer)):
+        return (f"the shards in {data_dir} were written with a {size}-id tokenizer, {tokenizer.dir} has "
+                f"{len(tokenizer)} ids: the ids would mean other tokens")
+    if fingerprint not in (None, tokenizer.fingerprint()):
+        return (f"the shards in {data_dir} were written with another tokenizer than {tokenizer.dir} (sha256 "
+                f"{fingerprint[:12]}, not {tokenizer.fingerprint()[:12]}): the ids would mean other tokens")
+    return None
 
 
 def packing(cfg: Config, tokenizer: Tokenizer, encoder: bool) -> Packing:

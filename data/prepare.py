@@ -17,8 +17,9 @@ from typing import Iterator
 from tqdm import tqdm
 
 from masktrain.data.corpus import CorpusStats, InputError, documents
-from masktrain.data.inputs import tokenizer_dir
+from masktrain.data.inputs import other_tokenizer, tokenizer_dir
 from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset, write_manifest
+from masktrain.data.tables import read_json, write_json
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
 from masktrain.launcher.config import Config, PrepareConfig
 from masktrain.launcher.loading import config_from_dict
@@ -41,9 +42,18 @@ def skipped_text(stats: CorpusStats) -> str:
     return ", ".join(f"{n:,} {reason}" for reason, n in sorted(stats.skipped.items())) or "nothing"
 
 
+TOKENIZER_RECIPE = "recipe.json"
+TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokenizer_type", "tokenizer_sample_docs")
+
+
 def recipe(p: PrepareConfig, seed: int) -> dict:
     """What a prepared folder was built from, stored in its manifest: reuse needs an exact match."""
     return {"prepare": asdict(p), "seed": seed}
+
+
+def tokenizer_recipe(p: PrepareConfig, seed: int) -> dict:
+    """The part of `recipe` a tokenizer depends on, stored beside it."""
+    return {"prepare": {key: getattr(p, key) for key in TOKENIZER_SETTINGS}, "seed": seed}
 
 
 def input_documents(p: PrepareConfig, strict: bool) -> tuple[Iterator[str], CorpusStats]:
@@ -68,6 +78,7 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
     train_tokenizer(sample, out_dir, p.vocab_size, p.tokenizer_type, seed)
     tokenizer = Tokenizer(out_dir)
     tokenizer.save_hf(out_dir, template)
+    write_json(Path(out_dir) / TOKENIZER_RECIPE, tokenizer_recipe(p, seed))
     log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {len(sample):,} of "
         f"{stats.documents:,} documents in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) "
         f"-> {out_dir}")
@@ -86,7 +97,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
                                  len(tokenizer), p.shard_bytes, p.val_fraction, p.shuffle_buffer, seed)
     if manifest["splits"]["train"]["documents"] == 0:  # before the manifest: a later prepare would reuse it
         raise no_documents(p, stats)
-    manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path),
+    manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path), tokenizer_sha256=tokenizer.fingerprint(),
                     input_documents=stats.documents, input_skipped=dict(stats.skipped))
     write_manifest(out_dir, manifest)
     splits = manifest["splits"]
@@ -101,14 +112,29 @@ def prepare(cfg: Config, log=print) -> dict:
     """Build what is missing (tokenizer, shards) for a run config and return the manifest."""
     p = cfg.data.prepare
     root = Path(cfg.data.dir)
+    tok_dir = tokenizer_dir(cfg)
+    has_tokenizer = (tok_dir / MODEL_FILE).is_file()
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)
         if manifest.get("recipe") != recipe(p, cfg.run.seed):
             raise SystemExit(f"{root}: prepared with other data.prepare settings; remove the folder or "
                              "choose another data.dir")
+        if not has_tokenizer:
+            raise SystemExit(f"{tok_dir / MODEL_FILE}: missing, and the shards in {root} were written with it; "
+                             f"restore it, or remove {root} to prepare again")
+        if mismatch := other_tokenizer(manifest, Tokenizer(tok_dir), root):
+            raise SystemExit(mismatch)
         log(f"data: reusing {root} ({manifest['splits']['train']['tokens']:,} train tokens)")
         return manifest
-    tok_dir = tokenizer_dir(cfg)
-    if not (tok_dir / MODEL_FILE).is_file():
+    if not has_tokenizer:
         build_tokenizer(p, tok_dir, cfg.run.seed, cfg.data.strict, log=log)
+    elif not cfg.data.tokenizer:  # prepare's own tokenizer, left by a prepare that did not finish
+        made_for = read_json(tok_dir / TOKENIZER_RECIPE)
+        if made_for not in (None, tokenizer_recipe(p, cfg.run.seed)):
+            raise SystemExit(f"{tok_dir}: a tokenizer trained with other data.prepare settings "
+                             f"({', '.join(TOKENIZER_SETTINGS)} or run.seed); remove it, or set data.tokenizer "
+                             "to use it as it is")
+        log(f"data: reusing the tokenizer in {tok_dir}")
+    else:
+        log(f"data: using the tokenizer in {tok_dir} (data.tokenizer)")
     return build_shards(p, tok_dir, root, cfg.run.seed, cfg.data.strict, log=log)

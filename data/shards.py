@@ -130,6 +130,11 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
     """Write (text, token ids) pairs into `root/{train,val}/shard-*.tar`; returns the manifest, which the
     caller completes and writes with `write_manifest` once the input's own counts are known."""
     root = Path(root)
+    # Until it is whole again the folder has no manifest, so a write that dies is never reused; and no shard of
+    # an earlier, larger write stays behind for a glob in data.train_shards to pick up.
+    (root / MANIFEST).unlink(missing_ok=True)
+    for old in itertools.chain.from_iterable((root / split).glob("shard-*.tar") for split in SPLITS):
+        old.unlink()
     dtype = token_dtype(vocab_size)
     writers = {split: SplitWriter(root, split, shard_bytes, shuffle_buffer, seed + index)
                for index, split in enumerate(SPLITS)}

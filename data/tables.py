@@ -29,6 +29,14 @@ def write_json(path: Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def read_json(path: Path) -> dict | None:
+    """The record at `path`, or None when there is none or it is unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def load(path: str | Path, what: str, command: str, key: str) -> np.ndarray:
     """The array at `path`; a missing or unreadable file names the `command` that builds it and the config
     `key` that points elsewhere."""

@@ -8,6 +8,7 @@ round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that enc
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -127,6 +128,10 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return self.sp.get_piece_size()
+
+    def fingerprint(self) -> str:
+        """sha256 of the model file: shards record it, since two tokenizers of one size map ids differently."""
+        return hashlib.sha256((self.dir / MODEL_FILE).read_bytes()).hexdigest()
 
     def encode(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
         """int32 id arrays, encoded on `threads` threads; arrays skip building a Python int per token."""

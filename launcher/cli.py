@@ -100,7 +100,7 @@ def add_data_args(parser: argparse.ArgumentParser, *flags: tuple[str, type, str]
     parser.add_argument("--out", required=True, help="output folder")
     for name, kind, text in (("text_field", str, "field holding the text in JSON lines"),
                              ("max_docs", int, "stop after this many input documents (0: all)"),
-                             ("workers", int, "sentencepiece threads (0: one per core)"), *flags):
+                             ("workers", int, "threads that encode documents (0: one per core)"), *flags):
         parser.add_argument("--" + name.replace("_", "-"), dest=f"prepare.{name}", type=kind,
                             metavar=name.split("_")[-1].upper(), help=f"{text} (data.prepare.{name})")
     parser.add_argument("--seed", type=int, help="random seed (run.seed)")

@@ -179,3 +179,66 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
         result = run_cli("train", "smoke", *overrides, f"run.output_dir={run}")
         assert result.returncode == 1 and message in result.stderr, (name, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and not run.exists(), name
+
+
+def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_path):
+    from masktrain.data.inputs import check_ready
+    from masktrain.data.prepare import prepare
+    from masktrain.data.reader import DataError
+    from masktrain.launcher.loading import load_config
+    from sentencepiece import sentencepiece_model_pb2
+
+    root, logged = tmp_path / "data", []
+    settings = ["data.prepare.max_docs=300", "data.prepare.vocab_size=400", f"data.dir={root}"]
+    config = lambda *extra: load_config("smoke", [*settings, *extra])  # noqa: E731
+    tok = root / "tokenizer"
+    manifest = prepare(config(), log=logged.append)
+    assert manifest["tokenizer_sha256"] == Tokenizer(tok).fingerprint()
+    prepare(config(), log=logged.append)
+    assert logged[-1].startswith(f"data: reusing {root}")
+
+    # A prepare that died after the tokenizer: its tokenizer is reused only for the settings it was made with.
+    (root / "manifest.json").unlink()
+    with pytest.raises(SystemExit, match=f"{tok}: a tokenizer trained with other data.prepare settings"):
+        prepare(config("data.prepare.vocab_size=500"))
+    prepare(config("data.prepare.shard_bytes=100000"), log=logged.append)
+    assert f"data: reusing the tokenizer in {tok}" in logged
+    prepare(config("data.prepare.vocab_size=500", f"data.dir={tmp_path / 'other'}", f"data.tokenizer={tok}"),
+            log=logged.append)
+    assert f"data: using the tokenizer in {tok} (data.tokenizer)" in logged
+
+    # Another tokenizer of the same size maps ids to other pieces: both prepare and the pre-launch check refuse.
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((tok / "spm.model").read_bytes())
+    proto.pieces[300].score -= 1
+    original = (tok / "spm.model").read_bytes()
+    (tok / "spm.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(SystemExit, match="were written with another tokenizer than"):
+        prepare(config("data.prepare.shard_bytes=100000"))
+    with pytest.raises(DataError, match="were written with another tokenizer than"):
+        check_ready(config("data.prepare.shard_bytes=100000"))
+    (tok / "spm.model").unlink()
+    with pytest.raises(SystemExit, match=f"{tok / 'spm.model'}: missing, and the shards in {root} were written"):
+        prepare(config("data.prepare.shard_bytes=100000"))
+    (tok / "spm.model").write_bytes(original)
+    check_ready(config("data.prepare.shard_bytes=100000"))
+
+
+def test_rewriting_shards_leaves_no_manifest_until_done_and_no_shard_of_the_earlier_write(inputs, tokenizer,
+                                                                                         tmp_path):
+    out = tmp_path / "out"
+    many = build(inputs, tokenizer, out)
+    few = build(inputs, tokenizer, out, "--shard-bytes", "1000000")
+    assert len(many["splits"]["train"]["shards"]) > len(few["splits"]["train"]["shards"]) == 1
+    for split in ("train", "val"):
+        assert sorted(p.name for p in (out / split).iterdir()) == [
+            Path(s["path"]).name for s in few["splits"][split]["shards"]]
+
+    def broken():
+        yield from [("a document", np.arange(5))] * 3
+        raise KeyboardInterrupt
+
+    from masktrain.data.shards import write_dataset
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(broken(), out, 1000, 4096, 0.0)
+    assert not (out / "manifest.json").exists()
