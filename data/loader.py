@@ -17,6 +17,7 @@ restart hands each worker its slot's state and rotates slots so the round-robin 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import multiprocessing.util
 import signal
@@ -60,6 +61,14 @@ def units_for(urls: list[str], n_slots: int) -> list[Unit]:
         raise DataError("no shards to read")
     parts = math.ceil(n_slots / len(urls))
     return [Unit(url, part, parts) for url in urls for part in range(parts)]
+
+
+def shard_signature(urls: list[str]) -> str:
+    """The shard list a position belongs to: its count and a hash of the shard names in order. A position is
+    an index into the list, so another list (data added, prepared again) would resume somewhere else. Only
+    names count, so shards copied to another folder (node-local disk) still resume exactly."""
+    names = "\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls)
+    return f"{len(urls)} shards, sha256 {hashlib.sha256(names.encode()).hexdigest()[:16]}"
 
 
 def seed_int(*key: int) -> int:
@@ -246,7 +255,9 @@ class Loader:
     def __init__(self, spec: LoaderSpec, batcher: Batcher, mask_in_workers: bool = True, prefetch: int = 2):
         self.spec, self.batcher = spec, batcher
         self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
-        self.units = units_for(expand_urls(spec.urls), spec.world_size * spec.slots_per_rank)
+        urls = expand_urls(spec.urls)
+        self.units = units_for(urls, spec.world_size * spec.slots_per_rank)
+        self.shards = shard_signature(urls)
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
@@ -316,12 +327,14 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
-                "num_workers": self.spec.num_workers, "consumed": self.consumed,
+                "num_workers": self.spec.num_workers, "shards": self.shards, "consumed": self.consumed,
                 "slots": [asdict(s) for s in self.states]}
 
     def load_state_dict(self, state: dict) -> None:
         expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
                     "num_workers": self.spec.num_workers}
+        if "shards" in state:  # states saved before it was recorded resume as they always did
+            expected["shards"] = self.shards
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())

@@ -7,6 +7,7 @@ can be taken apart again and each document recognised.
 from __future__ import annotations
 
 import copy
+import shutil
 import io
 import random
 import tarfile
@@ -208,6 +209,22 @@ def test_a_shard_cut_short_before_a_restart_is_counted_and_packing_restarts_clea
     assert starts[0] == 0
     for begin, end in zip(starts[:-1], starts[1:]):
         assert rows[end - 1] == END and len(set(rows[begin + 1:end - 1])) == 1 and end - begin == 7
+
+
+def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_lie(tmp_path):
+    urls = write_shards(tmp_path / "a", [[5] * 6, [9] * 4, [3] * 8])
+    expected, states = take(Loader(spec_for(urls), plain_batcher()), 8)
+    moved = [shutil.copy(url, tmp_path) for url in urls]  # the same shards, copied to node-local disk
+    resumed = Loader(spec_for(moved), plain_batcher())
+    resumed.load_state_dict(states[3])
+    assert_same_batches(take(resumed, 4)[0], expected[4:8], "resumed from the copies")
+
+    grown = write_shards(tmp_path / "b", [[5] * 6, [9] * 4, [3] * 8, [4] * 5])  # data added, prepared again
+    with pytest.raises(ValueError, match="cannot resume the data position exactly: shards was 3 shards, sha256 "
+                                         "[0-9a-f]+ now 4 shards"):
+        Loader(spec_for(grown), plain_batcher()).load_state_dict(states[3])
+    older = {k: v for k, v in states[3].items() if k != "shards"}  # saved before the list was recorded
+    Loader(spec_for(moved), plain_batcher()).load_state_dict(older)
 
 
 def test_brace_patterns_and_pipe_commands_read_the_same_batches(tmp_path):

@@ -153,3 +153,27 @@ def test_a_stop_signal_during_a_checkpoint_leaves_from_it_and_each_file_is_synce
     assert by_rank[1] == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in by_rank[0]
     assert staged in synced[0] and staged not in synced[1]
+
+
+def test_a_resume_onto_another_shard_list_ends_the_run_as_failed_naming_it(tiny_data, tmp_path):
+    """Prepared again in place (data added): the saved position indexes a list that is gone. Each rank fails
+    alike, before any step, with the reason in status.json, which the launcher prints."""
+    from conftest import run_cli
+
+    data = tmp_path / "data"
+    shutil.copytree(next(o.split("=", 1)[1] for o in tiny_data if o.startswith("data.dir=")), data)
+    run = tmp_path / "run"
+    args = ["smoke", *tiny_data, f"data.dir={data}", f"run.output_dir={run}", "trainer.max_steps=4",
+            "trainer.checkpoint_every=2", "trainer.progress_bar=false"]
+    assert run_cli("train", *args, "trainer.stop_after_steps=2").returncode == 75
+    manifest = json.loads((data / "manifest.json").read_text())
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) > 1
+    manifest["splits"]["train"]["shards"] = shards[:-1]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+    result = run_cli("train", *args)
+    status = json.loads((run / "status.json").read_text())
+    assert result.returncode == 1 and status["state"] == "failed" and status["step"] == 2, status
+    assert f"cannot resume the data position exactly: shards was {len(shards)} shards" in status["reason"]
+    assert f"masktrain: training failed at step 2: {status['reason'].splitlines()[0]}" in result.stderr

@@ -16,6 +16,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -88,6 +89,13 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
     return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
 
 
+def failed(out_dir: Path, step: int, err: Exception) -> NoReturn:
+    """End this rank with the reason in status.json, which the launcher prints once, rather than this rank's
+    traceback among torchrun's."""
+    write_status(out_dir, "failed", step, str(err))
+    raise SystemExit(1) from None
+
+
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
     """Put this rank's data position and RNG state back. Returns why they were not restored, which only
     trainer.allow_config_change permits (otherwise the config check stops such a resume earlier)."""
@@ -98,8 +106,8 @@ def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool
     try:
         loader.load_state_dict(mine["data"])
     except ValueError as err:
-        if not allowed:
-            raise
+        if not allowed:  # every rank fails alike, so the run ends in order, as for bad data
+            raise DataError(str(err)) from None
         return str(err)
     set_rng_state(mine["rng"])
     return None
@@ -160,7 +168,10 @@ def train(cfg: Config) -> None:
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
         client = ckpt.load(engine, source)
         state = TrainState(**client["state"])
-        not_restored = restore_rank_state(client, loader, runtime, cfg.trainer.allow_config_change)
+        try:
+            not_restored = restore_rank_state(client, loader, runtime, cfg.trainer.allow_config_change)
+        except DataError as err:
+            failed(out_dir, state.step, err)
         if is_main:
             print(f"[masktrain] resumed from {source} at step {state.step}", flush=True)
             if not_restored:
@@ -280,10 +291,8 @@ def train(cfg: Config) -> None:
                 break
     except DataError as err:
         # Bad data under data.strict, or none readable at all. The other ranks wait in a collective, so this one
-        # cannot end the run in order; the launcher prints the reason from status.json once, rather than this
-        # rank's traceback among torchrun's.
-        write_status(out_dir, "failed", state.step, str(err))
-        raise SystemExit(1) from None
+        # cannot end the run in order.
+        failed(out_dir, state.step, err)
 
     if is_main:
         write_status(out_dir, ended, state.step, reason)
