@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -29,6 +30,38 @@ class ConfigError(ValueError):
         super().__init__(f"invalid configuration ({source}):\n{lines}")
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML 1.2's core schema for plain scalars, not PyYAML's 1.1: `1e-4` is a float; `on`, `no`, dates and
+    `0312` (no octal) stay as written."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag.rsplit(":", 1)[-1] not in
+            ("bool", "int", "float", "timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10))
+
+
+class OverrideText(str):
+    """An override's value as typed, with its YAML reading: a str field takes the text (run.name=0312 stays
+    0312), any other field the reading."""
+
+    def __new__(cls, text: str, parsed: Any):
+        self = super().__new__(cls, text)
+        self.parsed = parsed
+        return self
+
+    def __getnewargs__(self):
+        return str(self), self.parsed
+
+
 def resolve_path(name_or_path: str) -> Path:
     """A config file path, or the name of a config shipped in configs/ ("smoke", "bert-base.yaml")."""
     path = Path(name_or_path)
@@ -47,7 +80,7 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     if path in _seen:
         raise ConfigError(str(path), ["`base:` files include each other in a cycle"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
     if not isinstance(raw, dict):
@@ -85,7 +118,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
             problems.append(f"override {item!r} is not of the form section.key=value")
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = OverrideText(text, yaml.load(text, Loader=ConfigLoader) if text.strip() else "")
         except yaml.YAMLError:
             value = text
         node = tree
@@ -160,7 +193,9 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             if ok:
                 kwargs[key] = converted
             else:
-                problems.append(f"{dotted}: expected {type_name(kind)}, got {type(value).__name__} {value!r}")
+                shown = value.parsed if isinstance(value, OverrideText) else value
+                hint = "; quote it to keep it as written" if kind is str and isinstance(shown, (int, float)) else ""
+                problems.append(f"{dotted}: expected {type_name(kind)}, got {type(shown).__name__} {shown!r}{hint}")
     return cls(**kwargs)
 
 
@@ -173,6 +208,8 @@ def unknown_key_message(dotted: str, key: str, prefix: str, valid: list[str], cl
 
 def coerce(value: Any, kind: Any) -> tuple[bool, Any]:
     """(True, value as `kind`) when `value` is acceptable for the annotation `kind`."""
+    if isinstance(value, OverrideText):
+        return coerce(str(value) if kind is str else value.parsed, kind)
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(kind):
@@ -184,6 +221,8 @@ def coerce(value: Any, kind: Any) -> tuple[bool, Any]:
         return value is None, None
     if origin is list:
         (item_kind,) = typing.get_args(kind)
+        if isinstance(value, str):  # one item: data.train_shards=shard-{000000..000127}.tar
+            value = [value]
         if not isinstance(value, list):
             return False, None
         items = [coerce(v, item_kind) for v in value]

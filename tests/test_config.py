@@ -116,3 +116,21 @@ def test_train_with_bad_config_fails_before_spawning_anything(tmp_path):
     assert "data.masking.rate: must be within [0, 1], got 2" in result.stderr
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - started < 60
+
+
+def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path):
+    cfg = load_config("smoke", ["optim.lr=1e-4", "run.name=0312", "run.seed=0012", "data.dir=2024-01-01",
+                                "run.output_dir=on", "data.train_shards=data/shard-{000000..000127}.tar"])
+    assert cfg.optim.lr == 1e-4 and cfg.run.seed == 12
+    assert (cfg.run.name, cfg.data.dir, cfg.run.output_dir) == ("0312", "2024-01-01", "on")
+    assert cfg.data.train_shards == ["data/shard-{000000..000127}.tar"]
+    path = tmp_path / "run.yaml"
+    path.write_text("base: smoke\noptim:\n  lr: 3e-4\n  weight_decay: 1E-2\ntrainer:\n  progress_bar: no\n"
+                    "run:\n  name: 0312\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert sorted(err.value.problems) == ["run.name: expected str, got int 312; quote it to keep it as written",
+                                          "trainer.progress_bar: expected bool, got str 'no'"]
+    path.write_text("base: smoke\noptim:\n  lr: 3e-4\n  weight_decay: 1E-2\nrun:\n  name: '0312'\n")
+    cfg = load_config(path)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.run.name) == (3e-4, 1e-2, "0312")
