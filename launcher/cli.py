@@ -187,6 +187,7 @@ def cmd_slurm_render(args) -> int:
         if args.out:
             print(f"wrote {slurm.write_script(cfg, text, args.out)}", file=sys.stderr)
         else:
+            slurm.log_pattern(cfg).parent.mkdir(parents=True, exist_ok=True)  # SLURM opens the log before the script
             print(text, end="")
         return 0
 

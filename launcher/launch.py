@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from masktrain.launcher.config import Config
-from masktrain.launcher.loading import to_dict
+from masktrain.launcher.loading import ConfigError, to_dict
 
 from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status
 
@@ -72,6 +72,10 @@ def launch_local(cfg: Config) -> int:
     """Run the training job on this machine; returns 0, REQUEUE_EXIT or the failure code."""
     from masktrain.data.inputs import check_ready  # imports torch: only for a launch
 
+    if cfg.launch.nnodes != 1:  # torchrun here starts this machine's ranks only; the others would never come
+        raise ConfigError("masktrain train", [f"launch.nnodes: `masktrain train` runs on this machine only, got "
+                                     f"{cfg.launch.nnodes} nodes; submit multi-node runs with `masktrain slurm "
+                                     "submit` (its --nodes sets launch.nnodes)"])
     check_resume_compatible(cfg)
     check_ready(cfg)
     config_path = write_run_config(cfg)

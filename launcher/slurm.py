@@ -186,7 +186,10 @@ def sbatch(args: list[str]) -> str:
 
 def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
     """Render, write and submit `spec.chain` jobs; returns their ids in order."""
+    from masktrain.data.inputs import check_ready  # imports torch: only for a submission
+
     check_resume_compatible(cfg)
+    check_ready(cfg)  # here, not after the queue wait
     script = write_script(cfg, render(cfg, spec))
     ids: list[str] = []
     for index in range(spec.chain):
@@ -194,7 +197,16 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
         if index < spec.chain - 1:
             # The script hands a preempted run to the next job instead of requeueing itself.
             args.append("--export=ALL,MASKTRAIN_CHAINED=1")
-        ids.append(sbatch([*args, str(script)]))
+        try:
+            ids.append(sbatch([*args, str(script)]))
+        except SlurmError as err:
+            if not ids:
+                raise
+            # A chained job with no successor would hand its preempted run to nobody: cancel what went in.
+            cancelled = subprocess.run(["scancel", *ids], capture_output=True, text=True).returncode == 0
+            raise SlurmError(f"{err}\njobs {', '.join(ids)} of the chain were already submitted: "
+                             + ("cancelled them" if cancelled else f"cancelling them failed; run scancel "
+                                f"{' '.join(ids)}")) from None
         after = f", starts after job {ids[-2]} ends" if len(ids) > 1 else ""
         log(f"submitted job {ids[-1]} ({index + 1} of {spec.chain}{after})")
     name = spec.job_name or cfg.run.name

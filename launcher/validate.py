@@ -6,6 +6,7 @@ Problems are collected, not raised one by one, so a user fixes everything in one
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,17 @@ from masktrain.launcher.config import Config
 
 ENCODER_ARCHS = ("bert", "roberta")
 DECODER_ARCHS = ("llama",)
+
+
+def json_object_error(path: str) -> str | None:
+    """Why `path` is not a JSON object file, or None when it is (DeepSpeed reads it only inside the ranks)."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "file not found"
+    except (OSError, ValueError) as err:
+        return f"not valid JSON ({err})"
+    return None if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
 
 
 def validate(cfg: Config) -> list[str]:
@@ -149,8 +161,8 @@ def validate(cfg: Config) -> list[str]:
         check(is_complete(Path(t.resume)), "trainer.resume",
               f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
     if t.deepspeed_config:
-        check(Path(t.deepspeed_config).is_file(), "trainer.deepspeed_config",
-              f"file not found: {t.deepspeed_config}")
+        check(json_object_error(t.deepspeed_config) is None, "trainer.deepspeed_config",
+              f"{t.deepspeed_config}: {json_object_error(t.deepspeed_config)}")
 
     # launch and the batch arithmetic that ties data, trainer and launch together
     la = cfg.launch

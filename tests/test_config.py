@@ -117,6 +117,23 @@ def test_train_with_bad_config_fails_before_spawning_anything(tmp_path):
     assert not (tmp_path / "run").exists()
     assert time.monotonic() - started < 60
 
+    # Valid for a SLURM job, but `train` starts this machine's ranks only: the rest would never join.
+    result = run_cli("train", "smoke", f"run.output_dir={tmp_path / 'run'}", "launch.nnodes=2",
+                     "trainer.global_batch_size=32")
+    assert result.returncode == 2 and "launch.nnodes: `masktrain train` runs on this machine only" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, problem", [("{\"zero_optimization\": {\"stage\": 2},}", "not valid JSON (Expecting"),
+                                           ("[1, 2]", "expected a JSON object, got list")])
+def test_a_deepspeed_json_that_does_not_parse_is_refused_naming_it(tmp_path, text, problem):
+    path = tmp_path / "ds.json"
+    path.write_text(text)
+    (found,) = problems_of(f"trainer.deepspeed_config={path}")
+    assert found.startswith(f"trainer.deepspeed_config: {path}: {problem}")
+    (found,) = problems_of(f"trainer.deepspeed_config={tmp_path / 'none.json'}")
+    assert found == f"trainer.deepspeed_config: {tmp_path / 'none.json'}: file not found"
+
 
 def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path):
     cfg = load_config("smoke", ["optim.lr=1e-4", "run.name=0312", "run.seed=0012", "data.dir=2024-01-01",

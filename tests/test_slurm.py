@@ -157,10 +157,10 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     assert done.returncode == 0 and "already complete" in done.stdout and "SRUN" not in done.stdout
 
 
-def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs):
+def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs, tiny_data):
     run = tmp_path / "run"
-    result = run_cli("slurm", "submit", "smoke", f"run.output_dir={run}", "--nodes=2", "--gpus-per-node=1",
-                     *JOB_ARGS, "--chain=3", env=job_env(stubs=stubs), check=True)
+    result = run_cli("slurm", "submit", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=2",
+                     "--gpus-per-node=1", *JOB_ARGS, "--chain=3", env=job_env(stubs=stubs), check=True)
     script = run / "slurm" / "job.sbatch"
     calls = (stubs / "sbatch-calls").read_text().splitlines()
     assert calls == [f"--parsable --export=ALL,MASKTRAIN_CHAINED=1 {script}",
@@ -169,6 +169,29 @@ def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs):
     for job in (101, 102, 103):
         assert f"{run}/slurm/smoke-{job}.out" in result.stdout
     assert "submitted job 103 (3 of 3, starts after job 102 ends)" in result.stdout
+
+
+def test_a_chain_that_fails_part_way_cancels_the_jobs_it_submitted(tmp_path, stubs, tiny_data):
+    write_stub(stubs, "sbatch", '''echo "$*" >>"$(dirname "$0")/sbatch-calls"
+n=$(wc -l <"$(dirname "$0")/sbatch-calls")
+((n < 3)) || { echo "sbatch: error: QOSMaxSubmitJobPerUserLimit" >&2; exit 1; }
+echo $((100 + n))
+''')
+    write_stub(stubs, "scancel", 'echo "$*" >>"$(dirname "$0")/scancel-calls"\n')
+    result = run_cli("slurm", "submit", "smoke", *tiny_data, f"run.output_dir={tmp_path / 'run'}", "--nodes=2",
+                     "--gpus-per-node=1", *JOB_ARGS, "--chain=3", env=job_env(stubs=stubs))
+    assert result.returncode == 1, result.stderr
+    assert "QOSMaxSubmitJobPerUserLimit" in result.stderr
+    assert "jobs 101, 102 of the chain were already submitted: cancelled them" in result.stderr
+    assert (stubs / "scancel-calls").read_text() == "101 102\n"
+
+
+def test_a_rendered_script_can_be_submitted_as_it_is(tmp_path, stubs):
+    run = tmp_path / "run"
+    result = run_cli("slurm", "render", "smoke", f"run.output_dir={run}", "--nodes=2", "--gpus-per-node=1",
+                     *JOB_ARGS, env=job_env(stubs=stubs), check=True)
+    output = next(line.split("=", 1)[1] for line in result.stdout.splitlines() if line.startswith("#SBATCH --output="))
+    assert Path(output).parent.is_dir()  # SLURM opens the log before the script runs: it cannot make it
 
 
 def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
@@ -180,6 +203,10 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
     result = run_cli("slurm", "submit", "smoke", "--nodes=2", "--gpus-per-node=1", "--time=1:00",
                      "--partition=local", "--signal-grace=120", env=job_env(stubs=stubs))
     assert result.returncode == 2 and "--signal-grace" in result.stderr
+    # Data that is not there fails here, not on the nodes after the queue wait.
+    result = run_cli("slurm", "submit", "smoke", f"data.dir={tmp_path / 'none'}", "--nodes=2", "--gpus-per-node=1",
+                     *JOB_ARGS, env=job_env(stubs=stubs))
+    assert result.returncode == 1 and f"{tmp_path / 'none' / 'tokenizer' / 'spm.model'}: no " in result.stderr
     assert not (stubs / "sbatch-calls").exists()
     with pytest.raises(Exception, match="--time"):
         job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=1, time="soon", partition="local"))
