@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 2
     # Bad data (the message names the file and line or member) or a missing input (its path says it).
-    except (InputError, DataError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as err:
+    except (InputError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 1
     sys.exit(code)

@@ -10,13 +10,18 @@ the ZeRO-3 runs check that the model was built partitioned and that DeepSpeed's 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from conftest import run_cli
+from sentencepiece import sentencepiece_model_pb2
 from test_models import TINY_MODEL
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
@@ -98,6 +103,33 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
         torch.testing.assert_close(exported(**encoded).logits, trained.hf(**encoded).logits, rtol=1e-5, atol=1e-5)
     loss = val_loss(cfg, tokenizer, lambda b: target_loss(exported(input_ids=b["input_ids"]).logits, b["labels"]))
     assert loss == pytest.approx(logged_val_loss(run), rel=1e-5)
+
+    # Readable by the group as the umask allows (safetensors alone would write 0600); an existing folder is
+    # never written into.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = run_cli("export", str(checkpoint), str(out))
+    assert again.returncode == 1 and f"{out}: exists and is not an empty folder" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(".export.tmp")] == []
+
+    # A checkpoint exports only with the tokenizer it was trained with, not whatever its data.dir holds now.
+    other_tokenizer = tmp_path / "other-tokenizer"
+    shutil.copytree(tokenizer.dir, other_tokenizer)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((other_tokenizer / "spm.model").read_bytes())
+    proto.pieces[100].score -= 1
+    (other_tokenizer / "spm.model").write_bytes(proto.SerializeToString())
+    copied = tmp_path / "copied" / checkpoint.name
+    shutil.copytree(checkpoint, copied)
+    config = yaml.safe_load((copied / "config.yaml").read_text())
+    config["data"]["tokenizer"] = str(other_tokenizer)
+    (copied / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = run_cli("export", str(copied), str(tmp_path / "swapped"))
+    assert refused.returncode == 1 and f"{other_tokenizer}: not the tokenizer {copied} was trained with" in refused.stderr
+    assert not (tmp_path / "swapped").exists()
 
 
 def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):

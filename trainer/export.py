@@ -8,20 +8,24 @@ full module state in one file.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 from masktrain.data.inputs import tokenizer_dir
+from masktrain.data.reader import DataError
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import config_from_dict
-from masktrain.trainer.checkpoint import is_complete, saved_config
+from masktrain.trainer.checkpoint import is_complete, read_meta, saved_config
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
 
-def consolidated_state_dict(checkpoint: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    if zero_stage == 0:
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights. The checkpoint's own files tell how it was saved (a DeepSpeed JSON can set another
+    stage than trainer.zero_stage): ZeRO 1-3 leave one zero_pp_rank_* file per rank."""
+    if not any(checkpoint.glob("zero_pp_rank_*")):
         states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return states["module"]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -37,8 +41,12 @@ def load_trained(checkpoint: str | Path):
         raise FileNotFoundError(f"{checkpoint}: not a complete masktrain checkpoint (no meta.json)")
     cfg = config_from_dict(saved_config(checkpoint), str(checkpoint / "config.yaml"))
     tokenizer = Tokenizer(tokenizer_dir(cfg))
+    trained_with = read_meta(checkpoint).get("tokenizer_sha256")
+    if trained_with not in (None, tokenizer.fingerprint()):
+        raise DataError(f"{tokenizer.dir}: not the tokenizer {checkpoint} was trained with (sha256 "
+                        f"{tokenizer.fingerprint()[:12]}, not {trained_with[:12]}); restore that one to export")
     model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
-    model.load_state_dict(consolidated_state_dict(checkpoint, cfg.trainer.zero_stage))
+    model.load_state_dict(consolidated_state_dict(checkpoint))
     return cfg, tokenizer, model.eval()
 
 
@@ -58,11 +66,29 @@ def model_card(cfg, model, checkpoint: Path) -> str:
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write the checkpoint's exported model (safetensors), its tokenizer and a model card to `out_dir`."""
-    cfg, tokenizer, model = load_trained(checkpoint)
+    """Write the checkpoint's exported model (safetensors), its tokenizer and a model card to `out_dir`, a new
+    folder: it appears whole or not at all."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.exported().save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_hf(out_dir, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder")
-    (out_dir / "README.md").write_text(model_card(cfg, model, Path(checkpoint)))
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir}: exists and is not an empty folder; export writes a new one")
+    cfg, tokenizer, model = load_trained(checkpoint)
+    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.exported().save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_hf(staging, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder")
+        (staging / "README.md").write_text(model_card(cfg, model, Path(checkpoint)))
+        # safetensors writes its file 0600; colleagues on a shared file system read the rest with the umask.
+        mode = 0o666 & ~current_umask()
+        for path in staging.iterdir():
+            path.chmod(mode)
+        os.replace(staging, out_dir)  # an empty out_dir is replaced
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

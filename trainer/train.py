@@ -195,7 +195,8 @@ def train(cfg: Config) -> None:
         dist.all_gather_object(ranks, {"data": loader.state_dict(), "rng": rng_state()})
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
-                "objective": cfg.model.objective, "resumed_from": origin}
+                "objective": cfg.model.objective, "resumed_from": origin,
+                "tokenizer_sha256": tokenizer.fingerprint()}
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta)
 
     try:
