@@ -25,8 +25,12 @@ def tokenizer_dir(cfg: Config) -> Path:
 
 
 def shard_urls(cfg: Config, split: str) -> list[str]:
+    """A split's shards: the config's list, else the manifest's. Training shards given without validation
+    shards mean no validation, not data.dir's."""
     urls = cfg.data.train_shards if split == "train" else cfg.data.val_shards
-    return urls or manifest_urls(cfg.data.dir, split)
+    if urls or (split == "val" and cfg.data.train_shards):
+        return urls
+    return manifest_urls(cfg.data.dir, split)
 
 
 def check_ready(cfg: Config) -> None:

@@ -111,7 +111,7 @@ class DataConfig:
     train_shards: list[str] = field(default_factory=list)
     """Shard URLs: paths, brace patterns (shard-{000000..000127}.tar) or `pipe:` commands. Empty: manifest."""
     val_shards: list[str] = field(default_factory=list)
-    """Validation shard URLs; empty: from the manifest in `dir`."""
+    """Validation shard URLs; empty: from the manifest in `dir`, or no validation when train_shards is set."""
     seq_len: int = 128
     """Tokens per packed sequence."""
     micro_batch_size: int = 8

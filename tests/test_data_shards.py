@@ -242,3 +242,17 @@ def test_rewriting_shards_leaves_no_manifest_until_done_and_no_shard_of_the_earl
     with pytest.raises(KeyboardInterrupt):
         write_dataset(broken(), out, 1000, 4096, 0.0)
     assert not (out / "manifest.json").exists()
+
+
+def test_training_shards_given_without_validation_shards_mean_no_validation(tiny_data, tmp_path):
+    from masktrain.data.inputs import check_ready, shard_urls
+    from masktrain.launcher.loading import load_config
+
+    data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
+    overrides = [f"data.dir={tmp_path / 'no-manifest-here'}", f"data.tokenizer={data / 'tokenizer'}",
+                 f"data.train_shards={data / 'train' / 'shard-000000.tar'}"]
+    cfg = load_config("smoke", overrides)
+    check_ready(cfg)
+    assert shard_urls(cfg, "train") == [str(data / "train" / "shard-000000.tar")] and shard_urls(cfg, "val") == []
+    cfg = load_config("smoke", [*overrides, f"data.val_shards={data / 'val' / 'shard-000000.tar'}"])
+    assert shard_urls(cfg, "val") == [str(data / "val" / "shard-000000.tar")]
