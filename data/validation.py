@@ -7,6 +7,7 @@ the same number of forward passes (ZeRO-3 gathers parameters collectively).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import numpy as np
@@ -30,9 +31,16 @@ def validation_batches(urls: list[str], rank: int, world_size: int, micro_batch_
                        pad_id: int, make: Callable[[torch.Tensor, int], dict[str, torch.Tensor]],
                        skip: Callable[..., None], limit: int = 0,
                        vocab_size: int = 0) -> list[dict[str, torch.Tensor]]:
-    """This rank's validation batches (at most `limit` if > 0); `make(rows, index)` masks them."""
-    stream = [np.concatenate(([packing.start_id], doc, [packing.end_id]))
-              for doc in rank_documents(urls, rank, world_size, skip, vocab_size)]
+    """This rank's validation batches (at most `limit` if > 0); `make(rows, index)` masks them. With a limit,
+    reading stops once the limited batches are full: a large validation split is not read whole by every
+    rank for a few batches."""
+    needed = limit * micro_batch_size * packing.seq_len if limit else math.inf
+    stream, read = [], 0
+    for doc in rank_documents(urls, rank, world_size, skip, vocab_size):
+        if read >= needed:
+            break
+        stream.append(np.concatenate(([packing.start_id], doc, [packing.end_id])))
+        read += len(stream[-1])
     tokens = np.concatenate(stream) if stream else np.empty(0, dtype=np.int64)
     rows_needed = -(-len(tokens) // packing.seq_len)
     rows = np.full((rows_needed, packing.seq_len), pad_id, dtype=np.int64)

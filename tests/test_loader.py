@@ -7,9 +7,9 @@ can be taken apart again and each document recognised.
 from __future__ import annotations
 
 import copy
-import shutil
 import io
 import random
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -383,3 +383,18 @@ print(len([next(loader) for _ in range(6)]))
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "6"
+
+
+def test_limited_validation_stops_reading_once_its_batches_are_full(tmp_path):
+    from masktrain.data.validation import validation_batches
+
+    urls = write_shards(tmp_path, [[6] * 8, [6] * 8])  # each document packs into one row of 8
+    Path(urls[1]).write_bytes(b"not a tar archive")  # strict reading fails here, if it ever gets here
+    pack, make = Packing(8, START, END), lambda rows, index: {"input_ids": rows}
+    limited = validation_batches(urls, 0, 1, 2, pack, 0, make, Skips(True), limit=2)
+    whole = validation_batches(urls[:1], 0, 1, 2, pack, 0, make, Skips(True))
+    assert len(limited) == 2 and len(whole) == 4
+    for got, expected in zip(limited, whole):
+        assert torch.equal(got["input_ids"], expected["input_ids"])
+    with pytest.raises(DataError):
+        validation_batches(urls, 0, 1, 2, pack, 0, make, Skips(True))
