@@ -119,7 +119,7 @@ class Tokenizer:
             raise FileNotFoundError(f"{model_file}: no sentencepiece model (`masktrain data prepare CONFIG` builds "
                                     "it, or set data.tokenizer)")
         self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
-        self.sha256 = hashlib.sha256(model_file.read_bytes()).hexdigest()
+        self.model_bytes = model_file.read_bytes()
         ids = {name: self.sp.piece_to_id(piece) for name, piece in SPECIAL_TOKENS.items()}
         for name, piece in SPECIAL_TOKENS.items():
             if self.sp.id_to_piece(ids[name]) != piece:
@@ -131,9 +131,9 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def fingerprint(self) -> str:
-        """sha256 of the model file as loaded: shards and checkpoints record it, since two tokenizers of one
-        size map ids differently."""
-        return self.sha256
+        """sha256 of the model file as loaded: shards record it, since two tokenizers of one size map ids
+        differently."""
+        return hashlib.sha256(self.model_bytes).hexdigest()
 
     def encode(self, texts: list[str], threads: int = 1) -> list[np.ndarray]:
         """int32 id arrays, encoded on `threads` threads; arrays skip building a Python int per token."""

@@ -1,6 +1,7 @@
 """Atomic checkpoints around DeepSpeed's save/load.
 
-Layout: `<run>/checkpoints/step-00000040/` (DeepSpeed's files, the resolved config.yaml and meta.json) and
+Layout: `<run>/checkpoints/step-00000040/` (DeepSpeed's files, the resolved config.yaml, the run's tokenizer
+model in tokenizer/, and meta.json) and
 `<run>/checkpoints/latest` (the tag of the newest complete one). A save goes to `step-N.partial` on every
 rank; every rank flushes the files it wrote to disk, and only after all ranks finished does rank 0 rename the
 folder and then replace `latest` in one `os.replace`. A crash mid-save therefore leaves the previous checkpoint
@@ -95,8 +96,10 @@ class Checkpointer:
             for stale in self.dir.glob(f"*{PARTIAL}"):
                 shutil.rmtree(stale, ignore_errors=True)
 
-    def save(self, engine, step: int, client_state: dict, config: dict, meta: dict) -> Path:
-        """Collective: every rank calls it with the same step; returns the published checkpoint."""
+    def save(self, engine, step: int, client_state: dict, config: dict, meta: dict,
+             files: dict[str, bytes] | None = None) -> Path:
+        """Collective: every rank calls it with the same step; returns the published checkpoint. `files` are
+        small files rank 0 adds (relative path: content)."""
         import torch.distributed as dist
 
         tag = tag_for(step)
@@ -113,16 +116,20 @@ class Checkpointer:
         if self.is_main:
             # What DeepSpeed writes outside its checkpoint engine (the zero_to_fp32.py scripts) rank 0 wrote.
             sync_tree(staging, done={file for files in writers for file in files})
-            self.publish(staging, step, config, meta)
+            self.publish(staging, step, config, meta, files)
         dist.barrier()
         return self.dir / tag
 
-    def publish(self, staging: Path, step: int, config: dict, meta: dict) -> None:
+    def publish(self, staging: Path, step: int, config: dict, meta: dict,
+                files: dict[str, bytes] | None = None) -> None:
         """Rank 0, once the files in `staging` are on disk: complete it, make it `step-N` and `latest`, prune."""
         tag = tag_for(step)
         final = self.dir / tag
         published = self.complete()
         serial = read_meta(published[-1]).get("serial", 0) + 1 if published else 1
+        for name, content in (files or {}).items():
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(staging / name, content)
         write_atomic(staging / "config.yaml", yaml.safe_dump(config, sort_keys=False))
         write_atomic(staging / "meta.json",
                      json.dumps({"tag": tag, "step": step, "serial": serial, **meta}, indent=2))
@@ -189,10 +196,10 @@ def check_resumable(path: Path, config: dict, allowed: bool) -> None:
                          + "\nrestore them, use a new run.output_dir, or set trainer.allow_config_change=true")
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
+    with open(tmp, "wb") as handle:
+        handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from masktrain.data.inputs import tokenizer_dir
-from masktrain.data.reader import DataError
-from masktrain.data.tokenizer import Tokenizer
+from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.loading import config_from_dict
-from masktrain.trainer.checkpoint import is_complete, read_meta, saved_config
+from masktrain.trainer.checkpoint import is_complete, saved_config
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
@@ -40,11 +39,8 @@ def load_trained(checkpoint: str | Path):
     if not is_complete(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a complete masktrain checkpoint (no meta.json)")
     cfg = config_from_dict(saved_config(checkpoint), str(checkpoint / "config.yaml"))
-    tokenizer = Tokenizer(tokenizer_dir(cfg))
-    trained_with = read_meta(checkpoint).get("tokenizer_sha256")
-    if trained_with not in (None, tokenizer.fingerprint()):
-        raise DataError(f"{tokenizer.dir}: not the tokenizer {checkpoint} was trained with (sha256 "
-                        f"{tokenizer.fingerprint()[:12]}, not {trained_with[:12]}); restore that one to export")
+    embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
+    tokenizer = Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(cfg))
     model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
     model.load_state_dict(consolidated_state_dict(checkpoint))
     return cfg, tokenizer, model.eval()

@@ -26,7 +26,7 @@ from masktrain.data import inputs
 from masktrain.data.loader import seed_int
 from masktrain.data.reader import DataError, Skips
 from masktrain.data.schedules import rate_schedule
-from masktrain.data.tokenizer import Tokenizer
+from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.trainer import engine as eng
@@ -195,9 +195,10 @@ def train(cfg: Config) -> None:
         dist.all_gather_object(ranks, {"data": loader.state_dict(), "rng": rng_state()})
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
-                "objective": cfg.model.objective, "resumed_from": origin,
-                "tokenizer_sha256": tokenizer.fingerprint()}
-        return ckpt.save(engine, state.step, client, to_dict(cfg), meta)
+                "objective": cfg.model.objective, "resumed_from": origin}
+        # The tokenizer travels with the weights: export needs no data folder, and cannot pick up another one.
+        return ckpt.save(engine, state.step, client, to_dict(cfg), meta,
+                         files={f"tokenizer/{MODEL_FILE}": tokenizer.model_bytes})
 
     try:
         while state.step < cfg.trainer.max_steps:
