@@ -54,13 +54,19 @@ def probe() -> dict:
             engine.step()
             return engine.was_step_applied(), float(engine.get_global_grad_norm())
 
-        step(1.0)  # creates the optimizer state
+        # The first step creates the optimizer state: AdamW's first moment is then (1 - beta1) x the gradient
+        # it applied, which shows whether that gradient was clipped.
+        _, first_norm = step(1000.0)
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        beta1 = inner.param_groups[0]["betas"][0]
+        moment = torch.sqrt(sum(state["exp_avg"].double().pow(2).sum() for state in inner.state.values()))
         before = snapshot(engine)
         nan_applied, nan_norm = step(float("nan"))
         unchanged = same(before, snapshot(engine))
         good_applied, good_norm = step(1000.0)
         after = snapshot(engine)
-        results[stage] = {"nan_applied": nan_applied, "nan_norm_finite": bool(torch.isfinite(torch.tensor(nan_norm))),
+        results[stage] = {"first_norm": first_norm, "applied_norm": float(moment) / (1 - beta1),
+                          "nan_applied": nan_applied, "nan_norm_finite": bool(torch.isfinite(torch.tensor(nan_norm))),
                           "unchanged": unchanged, "good_applied": good_applied, "good_norm": good_norm,
                           "changed": not same(before, after),
                           "finite": all(bool(torch.isfinite(t).all()) for t in after)}
@@ -82,6 +88,7 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
         assert not r["nan_norm_finite"], f"ZeRO-{stage}: {r}"
         assert r["good_applied"] and r["changed"] and r["finite"], f"ZeRO-{stage}: {r}"
         assert r["good_norm"] > 0.5, f"ZeRO-{stage} reports the norm after clipping: {r}"
+        assert r["first_norm"] > 0.5 and r["applied_norm"] == pytest.approx(0.5, rel=1e-3), f"ZeRO-{stage} did not clip to 0.5: {r}"
     norms = [r["good_norm"] for r in results.values()]
     assert max(norms) == pytest.approx(min(norms), rel=1e-4), f"stages disagree on the gradient norm: {norms}"
 

@@ -153,3 +153,17 @@ def test_an_explicit_resume_must_name_a_complete_checkpoint(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config("smoke", [f"trainer.resume={tmp_path / 'step-00000004'}"])
     assert err.value.problems[0].startswith("trainer.resume: must be auto, never or a complete checkpoint folder")
+
+
+def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
+    """torch.cuda.is_bf16_supported() counts emulation by default: it says yes on V100/T4 (sm 7.x)."""
+    import torch
+
+    from masktrain.trainer.engine import Runtime, precision
+
+    cfg = load_config("smoke", [])
+    gpu = Runtime(0, 0, 1, torch.device("cuda", 0))
+    for native in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
+        assert precision(cfg, gpu) == ("bf16" if native else "fp32")
+    assert precision(cfg, Runtime(0, 0, 1, torch.device("cpu"))) == "fp32"

@@ -49,7 +49,9 @@ def init_distributed(cfg: Config) -> Runtime:
 def precision(cfg: Config, runtime: Runtime) -> str:
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision
-    if runtime.device.type == "cuda" and torch.cuda.is_bf16_supported():
+    # Not is_bf16_supported() alone: by default it counts emulation, which says yes on V100 and T4 (sm 7.x),
+    # where bf16 runs many times slower than fp32.
+    if runtime.device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return "bf16"
     return "fp32"
 
@@ -97,15 +99,15 @@ class FiniteAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         # The gradients are reduced already: every rank computes the same norm and makes the same decision.
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros(())
         self._global_grad_norm = norm.item()
         self.overflow = not math.isfinite(self._global_grad_norm)
         if self.overflow:
             return None
         if self.max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm)  # takes parameters, scales .grad
         return super().step(closure)
 
 
