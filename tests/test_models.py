@@ -209,3 +209,32 @@ def test_model_info_counts_without_building(capsys):
 def test_mae_lm_refuses_a_corruption_that_removes_nothing():
     with pytest.raises(ConfigError, match="data.masking.mask_prob: mae_lm removes"):
         load_config("mae-lm-base", ["data.masking.mask_prob=0"])
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mae_lm", "meap", "ntp"])
+def test_flops_per_token_is_what_torch_counts_for_a_training_step(tiny_data, objective):
+    """The MFU numerator: heads run at the targets only and MAE-LM's encoder on the visible tokens, so 6 x params
+    would overstate encoders by 20-40%. Eager attention, whose matmuls torch's counter sees."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, _, model, batches = setup(tiny_data, f"model.objective={objective}", "data.masking.rate=0.4",
+                                   "model.dropout=0")
+    for module in model.modules():
+        if hasattr(module, "set_attn_implementation"):
+            module.set_attn_implementation("eager")
+    batch = batches[0]
+    with FlopCounterMode(display=False) as counter:
+        model(**batch)["loss"].backward()
+    tokens = batch["labels"].numel()
+    share = float((batch["labels"] != -100).float().mean())
+    assert share == pytest.approx(0.4 if objective in ("mlm", "mae_lm") else 1.0, abs=0.02)
+    assert model.flops_per_token(share, cfg.data.seq_len) == pytest.approx(counter.get_total_flops() / tokens,
+                                                                           rel=0.02)
+
+
+def test_peak_flops_match_the_longest_gpu_name_in_the_table():
+    from masktrain.trainer.progress import peak_tflops
+
+    assert peak_tflops("NVIDIA L40S") == 362 and peak_tflops("NVIDIA L40") == 181 and peak_tflops("NVIDIA L4") == 121
+    assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert peak_tflops("NVIDIA GeForce RTX 4090") == 0

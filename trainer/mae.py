@@ -14,7 +14,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from masktrain.data.batches import IGNORE
-from masktrain.trainer.models import token_loss
+from masktrain.trainer.models import attention_flops, body_flops, token_loss, weights
 
 
 class MaeLM(nn.Module):
@@ -70,6 +70,19 @@ class MaeLM(nn.Module):
             hidden = layer(hidden, attention_mask=mask)
         context, _ = last.attention.self(hidden, attention_mask=mask)
         return last.feed_forward_chunk(last.attention.output(context[where], hidden[where]))
+
+    def flops_per_token(self, rate: float, seq_len: int) -> float:
+        """Training FLOPs per input token when a `rate` share is masked: the encoder runs on the visible tokens
+        (attending to visible ones), the decoder on every position, except the last layer's projections after
+        attention and the head, which run at the masked ones (see `decode`)."""
+        visible = 1.0 - rate
+        encoder = self.hf.base_model
+        *body, last = self.decoder.encoder.layer
+        everywhere = sum(weights(layer) for layer in body) + weights(last.attention.self)
+        at_targets = weights(last) - weights(last.attention.self) + weights(getattr(self.hf, self.head_name))
+        return (visible * body_flops(encoder, encoder.embeddings, visible * seq_len) + 6.0 * everywhere
+                + attention_flops(len(self.decoder.encoder.layer), encoder.config.hidden_size, seq_len)
+                + 6.0 * at_targets * rate)
 
     def exported(self) -> nn.Module:
         return self.hf.base_model

@@ -12,6 +12,7 @@ the whole model.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -47,6 +48,26 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.T
             "correct": (logits.detach().argmax(-1) == targets).sum()}
 
 
+def weights(module: nn.Module) -> int:
+    """Entries of the weight matrices of `module` (what multiplies; biases and norms only add or scale), counted
+    whole where ZeRO-3 has partitioned them."""
+    return sum(math.prod(getattr(p, "ds_shape", p.shape)) for p in module.parameters()
+               if len(getattr(p, "ds_shape", p.shape)) >= 2)
+
+
+def attention_flops(layers: int, hidden: int, length: float) -> float:
+    """Training FLOPs per token of the attention scores and their weighted sum over `length` keys (PaLM, app. B)."""
+    return 12.0 * layers * hidden * length
+
+
+def body_flops(base_model: nn.Module, embeddings: nn.Module, length: float) -> float:
+    """Training FLOPs per token of a transformer stack: 6 per weight it multiplies (forward 2, backward 4) plus
+    attention. Embedding tables are looked up, not multiplied."""
+    config = base_model.config
+    return (6.0 * (weights(base_model) - weights(embeddings))
+            + attention_flops(config.num_hidden_layers, config.hidden_size, length))
+
+
 class MaskedLM(nn.Module):
     """BERT/RoBERTa masked LM: loss only at selected positions."""
 
@@ -63,6 +84,12 @@ class MaskedLM(nn.Module):
         where = labels != IGNORE
         logits = getattr(self.hf, self.head_name)(hidden[where])
         return token_loss(logits, labels[where])
+
+    def flops_per_token(self, rate: float, seq_len: int) -> float:
+        """Training FLOPs per input token when a `rate` share of positions carries a target: the head runs there
+        only."""
+        base = self.hf.base_model
+        return body_flops(base, base.embeddings, seq_len) + 6.0 * weights(getattr(self.hf, self.head_name)) * rate
 
     def exported(self) -> nn.Module:
         return self.hf
@@ -84,6 +111,11 @@ class CausalLM(nn.Module):
         where = targets != IGNORE
         logits = self.hf.lm_head(hidden[:, :-1][where])
         return token_loss(logits, targets[where])
+
+    def flops_per_token(self, rate: float, seq_len: int) -> float:
+        """Training FLOPs per input token; every position predicts, whatever share MEAP masks (`rate`)."""
+        model = self.hf.model
+        return body_flops(model, model.embed_tokens, seq_len) + 6.0 * weights(self.hf.lm_head)
 
     def exported(self) -> nn.Module:
         return self.hf

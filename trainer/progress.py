@@ -1,4 +1,5 @@
-"""Rank 0's console output (a progress bar on a terminal, plain lines in batch logs) and the MFU estimate."""
+"""Rank 0's console output (a progress bar on a terminal, plain lines in batch logs) and the devices' peak
+FLOP/s for the MFU estimate."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import torch
 
 from masktrain.launcher.config import Config
 
-# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "V100": 125.0}
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity), matched in GPU names longest first so
+# that "L4" does not take the L40S, nor "H100" the H100 PCIe.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0,
+               "L40": 181.0, "L4": 121.0, "V100": 125.0}
 
 
-def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention scores (PaLM, app. B)."""
-    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    attention = 12 * cfg.model.num_layers * cfg.model.hidden_size * cfg.data.seq_len
-    return 6.0 * params + attention
+def peak_tflops(device_name: str) -> float:
+    """The table's peak for a GPU name; 0 when it is not in the table."""
+    return next((PEAK_TFLOPS[key] for key in sorted(PEAK_TFLOPS, key=len, reverse=True) if key in device_name), 0.0)
 
 
 def peak_flops(cfg: Config, runtime) -> float:
@@ -24,10 +25,7 @@ def peak_flops(cfg: Config, runtime) -> float:
     if cfg.trainer.peak_tflops:
         return cfg.trainer.peak_tflops * 1e12
     if runtime.device.type == "cuda":
-        name = torch.cuda.get_device_name(runtime.device)
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
+        return peak_tflops(torch.cuda.get_device_name(runtime.device)) * 1e12
     return 0.0
 
 

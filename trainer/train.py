@@ -35,7 +35,7 @@ from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Metrics
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
-from masktrain.trainer.progress import Progress, flops_per_token, peak_flops
+from masktrain.trainer.progress import Progress, peak_flops
 from masktrain.trainer.signals import StopRequest
 from masktrain.trainer.size import describe
 from masktrain.trainer.status import write_status
@@ -182,7 +182,6 @@ def train(cfg: Config) -> None:
     skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
-    flops = flops_per_token(engine.module, cfg)
     peak = peak_flops(cfg, runtime)
     progress = Progress(is_main, cfg.trainer.progress_bar, state.step, cfg.trainer.max_steps)
     launch_start = state.step
@@ -247,7 +246,9 @@ def train(cfg: Config) -> None:
                           "train/tokens_per_s": throughput, "train/data_wait": waited / elapsed,
                           "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
                           "train/tokens_seen": state.tokens,
-                          "train/mfu": flops * throughput / (peak * runtime.world_size) if peak else None,
+                          # The FLOPs of what ran: heads (and MAE-LM's encoder) depend on the share of targets.
+                          "train/mfu": engine.module.flops_per_token(targets / tokens_per_step, cfg.data.seq_len)
+                          * throughput / (peak * runtime.world_size) if peak else None,
                           **count_metrics("train/skipped", skipped_by_reason)}
                 metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
                 progress.update(state.step, loss, values)
