@@ -130,8 +130,9 @@ def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: 
     """(this rank's validation batches, an all-padding batch for ranks that run out first)."""
     spec = mask_spec(cfg, tokenizer)
     rate = eval_rate(cfg)
-    # Fixed seeds independent of the step: every evaluation of a run sees the same masks.
-    make = lambda rows, index: make_batch(rows, spec, rate, generator(cfg.run.seed, rank, index, -1))  # noqa: E731
+    # Seeded by the global batch alone (rank -1 is no training rank's): every evaluation of a run, at any world
+    # size, sees the same masks.
+    make = lambda rows, index: make_batch(rows, spec, rate, generator(cfg.run.seed, -1, index))  # noqa: E731
 
     pack = packing(cfg, tokenizer, encoder)
     batches = validation_batches(shard_urls(cfg, "val"), rank, world_size, cfg.data.micro_batch_size, pack,

@@ -1,14 +1,16 @@
-"""The validation set: every validation document exactly once, split across ranks by document index.
+"""The validation set: every validation document exactly once, the same batches and masks at any world size.
 
-Unlike training, validation is finite and unshuffled; rows are packed the same way and the last one is
-padded. Ranks may end up with different batch counts: the trainer pads with empty batches so every rank runs
-the same number of forward passes (ZeRO-3 gathers parameters collectively).
+Unlike training, validation is finite and unshuffled. The split is packed into rows and cut into batches as
+one rank alone would; batch g goes to rank g % world_size and is masked by a seed of g alone. So the batches,
+their masks and the loss over them do not depend on how many ranks share them (curves of runs on other node
+counts, or of a run resumed on another, compare), only on seq_len and micro_batch_size. Ranks may end up with
+different batch counts: the trainer pads with empty batches so every rank runs the same number of forward
+passes (ZeRO-3 gathers parameters collectively).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,38 +19,42 @@ from masktrain.data.loader import Packing
 from masktrain.data.reader import Unit, expand_urls, read_unit
 
 
-def rank_documents(urls: list[str], rank: int, world_size: int, skip: Callable[..., None],
-                   vocab_size: int = 0) -> Iterator[np.ndarray]:
-    index = 0
+def documents(urls: list[str], packing: Packing, skip: Callable[..., None], vocab_size: int) -> Iterator[np.ndarray]:
+    """Every validation document with its boundary tokens, in order."""
     for url in expand_urls(urls):
         for doc in read_unit(Unit(url), skip, vocab_size):
-            if index % world_size == rank:
-                yield doc
-            index += 1
+            yield np.concatenate(([packing.start_id], doc, [packing.end_id]))
+
+
+def chunks(docs: Iterable[np.ndarray], size: int) -> Iterator[np.ndarray]:
+    """The concatenated documents in pieces of `size` tokens; the last piece may be shorter."""
+    held: list[np.ndarray] = []
+    count = 0
+    for doc in docs:
+        held.append(doc)
+        count += len(doc)
+        if count >= size:
+            joined = np.concatenate(held)
+            whole = len(joined) // size * size
+            yield from joined[:whole].reshape(-1, size)
+            held, count = [joined[whole:]], len(joined) - whole
+    if count:
+        yield np.concatenate(held)
 
 
 def validation_batches(urls: list[str], rank: int, world_size: int, micro_batch_size: int, packing: Packing,
                        pad_id: int, make: Callable[[torch.Tensor, int], dict[str, torch.Tensor]],
                        skip: Callable[..., None], limit: int = 0,
                        vocab_size: int = 0) -> list[dict[str, torch.Tensor]]:
-    """This rank's validation batches (at most `limit` if > 0); `make(rows, index)` masks them. With a limit,
-    reading stops once the limited batches are full: a large validation split is not read whole by every
-    rank for a few batches."""
-    needed = limit * micro_batch_size * packing.seq_len if limit else math.inf
-    stream, read = [], 0
-    for doc in rank_documents(urls, rank, world_size, skip, vocab_size):
-        if read >= needed:
-            break
-        stream.append(np.concatenate(([packing.start_id], doc, [packing.end_id])))
-        read += len(stream[-1])
-    tokens = np.concatenate(stream) if stream else np.empty(0, dtype=np.int64)
-    rows_needed = -(-len(tokens) // packing.seq_len)
-    rows = np.full((rows_needed, packing.seq_len), pad_id, dtype=np.int64)
-    rows.reshape(-1)[:len(tokens)] = tokens
+    """This rank's validation batches, of at most `limit` batches in all (0: the whole split); `make(rows, g)`
+    masks global batch g. Reading stops once the limited batches are full."""
     batches = []
-    for index, start in enumerate(range(0, rows_needed, micro_batch_size)):
+    for index, tokens in enumerate(chunks(documents(urls, packing, skip, vocab_size),
+                                          micro_batch_size * packing.seq_len)):
         if limit and index >= limit:
             break
-        chunk = torch.from_numpy(rows[start:start + micro_batch_size])
-        batches.append(make(chunk, index))
+        if index % world_size == rank:
+            rows = np.full((-(-len(tokens) // packing.seq_len), packing.seq_len), pad_id, dtype=np.int64)
+            rows.reshape(-1)[:len(tokens)] = tokens
+            batches.append(make(torch.from_numpy(rows), index))
     return batches

@@ -191,7 +191,8 @@ class TrainerConfig:
     eval_every: int = 0
     """Evaluate every N steps on the validation shards (0: only at the end)."""
     eval_batches: int = 0
-    """Batches per rank per evaluation (0: the whole validation split)."""
+    """Validation batches per evaluation, shared by all ranks (0: the whole validation split): the same
+    batches, with the same masks, at any world size."""
     log_every: int = 1
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped and counted)."""

@@ -398,3 +398,29 @@ def test_limited_validation_stops_reading_once_its_batches_are_full(tmp_path):
         assert torch.equal(got["input_ids"], expected["input_ids"])
     with pytest.raises(DataError):
         validation_batches(urls, 0, 1, 2, pack, 0, make, Skips(True))
+
+
+def test_validation_batches_and_masks_are_the_same_at_any_world_size(tiny_data):
+    """Curves from runs on other node counts, or a run resumed on another, compare: rank r of n holds global
+    batches r, r + n, ... with the masks one rank alone would draw."""
+    from masktrain.data import inputs
+    from masktrain.data.tokenizer import Tokenizer
+    from masktrain.launcher.loading import load_config
+    from masktrain.trainer.objectives import OBJECTIVES
+
+    cfg = load_config("smoke", [*tiny_data, "trainer.eval_batches=5"])
+    tokenizer, objective = Tokenizer(inputs.tokenizer_dir(cfg)), OBJECTIVES["mlm"]
+
+    def shares(world_size: int) -> list[list[dict]]:
+        return [inputs.validation_set(cfg, objective.batch, True, tokenizer, rank, world_size, Skips(False))[0]
+                for rank in range(world_size)]
+
+    (alone,) = shares(1)
+    assert len(alone) == 5
+    for world_size in (2, 3):
+        ranks = shares(world_size)
+        assert [len(r) for r in ranks] == [len(alone[rank::world_size]) for rank in range(world_size)]
+        for rank, batches in enumerate(ranks):
+            for got, expected in zip(batches, alone[rank::world_size]):
+                assert got.keys() == expected.keys()
+                assert all(torch.equal(got[key], expected[key]) for key in got), (world_size, rank)

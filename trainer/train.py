@@ -271,8 +271,9 @@ def train(cfg: Config) -> None:
                 if validation is None:
                     validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
                                                        runtime.rank, runtime.world_size, val_skips)
-                    # The validation set is read once, so what it skipped is fixed from here on.
-                    val_skipped = count_metrics("val/skipped", gather_counts(dict(val_skips.counts)))
+                    # The validation set is read once, whole by every rank, so what it skipped is fixed from here
+                    # on and the same on every rank.
+                    val_skipped = count_metrics("val/skipped", dict(val_skips.counts))
                 results = evaluate(engine, *validation, runtime, objective.encoder)
                 results.update(val_skipped)
                 metrics.log(state.step, results)
