@@ -47,8 +47,17 @@ TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokeniz
 
 
 def recipe(p: PrepareConfig, seed: int) -> dict:
-    """What a prepared folder was built from, stored in its manifest: reuse needs an exact match."""
+    """What a prepared folder was built from, stored in its manifest: reuse needs the same (`recipe_changes`)."""
     return {"prepare": asdict(p), "seed": seed}
+
+
+def recipe_changes(built: dict, wanted: dict) -> str:
+    """The settings that differ between two recipes, as 'key: built -> wanted'; not the thread count, which
+    changes nothing in what is built."""
+    old = {**{f"data.prepare.{k}": v for k, v in built.get("prepare", {}).items()}, "run.seed": built.get("seed")}
+    new = {**{f"data.prepare.{k}": v for k, v in wanted["prepare"].items()}, "run.seed": wanted["seed"]}
+    return ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+                     if old.get(key) != new.get(key) and key != "data.prepare.workers")
 
 
 def tokenizer_recipe(p: PrepareConfig, seed: int) -> dict:
@@ -116,9 +125,9 @@ def prepare(cfg: Config, log=print) -> dict:
     has_tokenizer = (tok_dir / MODEL_FILE).is_file()
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)
-        if manifest.get("recipe") != recipe(p, cfg.run.seed):
-            raise SystemExit(f"{root}: prepared with other data.prepare settings; remove the folder or "
-                             "choose another data.dir")
+        if changes := recipe_changes(manifest.get("recipe") or {}, recipe(p, cfg.run.seed)):
+            raise SystemExit(f"{root}: prepared with other data.prepare settings ({changes}); remove the folder "
+                             "or choose another data.dir")
         if not has_tokenizer:
             raise SystemExit(f"{tok_dir / MODEL_FILE}: missing, and the shards in {root} were written with it; "
                              f"restore it, or remove {root} to prepare again")

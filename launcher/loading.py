@@ -208,9 +208,11 @@ def unknown_key_message(dotted: str, key: str, prefix: str, valid: list[str], cl
 
 def coerce(value: Any, kind: Any) -> tuple[bool, Any]:
     """(True, value as `kind`) when `value` is acceptable for the annotation `kind`."""
-    if isinstance(value, OverrideText):
-        return coerce(str(value) if kind is str else value.parsed, kind)
     origin = typing.get_origin(kind)
+    if isinstance(value, OverrideText):
+        if kind is str or (origin is list and typing.get_args(kind) == (str,) and not isinstance(value.parsed, list)):
+            return coerce(str(value), kind)  # a directory named 2024 stays "2024"
+        return coerce(value.parsed, kind)
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(kind):
             ok, converted = coerce(value, option)
@@ -221,7 +223,7 @@ def coerce(value: Any, kind: Any) -> tuple[bool, Any]:
         return value is None, None
     if origin is list:
         (item_kind,) = typing.get_args(kind)
-        if isinstance(value, str):  # one item: data.train_shards=shard-{000000..000127}.tar
+        if not isinstance(value, (list, dict)):  # one item: data.train_shards=shard-{000000..000127}.tar
             value = [value]
         if not isinstance(value, list):
             return False, None

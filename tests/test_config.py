@@ -141,6 +141,8 @@ def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path)
     assert cfg.optim.lr == 1e-4 and cfg.run.seed == 12
     assert (cfg.run.name, cfg.data.dir, cfg.run.output_dir) == ("0312", "2024-01-01", "on")
     assert cfg.data.train_shards == ["data/shard-{000000..000127}.tar"]
+    cfg = load_config("smoke", ["data.prepare.inputs=2024", "optim.betas=[0.9, 0.95]"])
+    assert cfg.data.prepare.inputs == ["2024"] and cfg.optim.betas == [0.9, 0.95]
     path = tmp_path / "run.yaml"
     path.write_text("base: smoke\noptim:\n  lr: 3e-4\n  weight_decay: 1E-2\ntrainer:\n  progress_bar: no\n"
                     "run:\n  name: 0312\n")

@@ -194,8 +194,10 @@ def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_pat
     tok = root / "tokenizer"
     manifest = prepare(config(), log=logged.append)
     assert manifest["tokenizer_sha256"] == Tokenizer(tok).fingerprint()
-    prepare(config(), log=logged.append)
+    prepare(config("data.prepare.workers=1"), log=logged.append)  # threads change nothing that was built
     assert logged[-1].startswith(f"data: reusing {root}")
+    with pytest.raises(SystemExit, match=r"other data.prepare settings \(data.prepare.val_fraction: 0.02 -> 0.1\)"):
+        prepare(config("data.prepare.val_fraction=0.1"))
 
     # A prepare that died after the tokenizer: its tokenizer is reused only for the settings it was made with.
     (root / "manifest.json").unlink()
