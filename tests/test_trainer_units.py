@@ -96,7 +96,8 @@ def test_resume_check_ignores_keys_that_do_not_change_the_run():
     four_by_eight = to_dict(load_config("smoke", ["launch.nnodes=4", "launch.nproc_per_node=8", "trainer.global_batch_size=256"]))
     eight_by_four = to_dict(load_config("smoke", ["launch.nnodes=8", "launch.nproc_per_node=4", "trainer.global_batch_size=256"]))
     assert config_changes(four_by_eight, eight_by_four) == []
-    assert config_changes(four_by_eight, saved) == ["launch.world_size: 32 -> 2", "trainer.global_batch_size: 256 -> 16"]
+    assert config_changes(four_by_eight, saved) == ["ranks (launch.nnodes x launch.nproc_per_node): 32 -> 2",
+                                                     "trainer.global_batch_size: 256 -> 16"]
 
 
 def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_json(tmp_path):
@@ -167,3 +168,22 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypat
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation or native)
         assert precision(cfg, gpu) == ("bf16" if native else "fp32")
     assert precision(cfg, Runtime(0, 0, 1, torch.device("cpu"))) == "fp32"
+
+
+def test_a_zero_checkpoint_resumes_only_on_the_ranks_it_is_split_over_even_when_changes_are_allowed(tmp_path):
+    """DeepSpeed cannot load ZeRO 1-3 optimizer partitions on another count: refused before any rank starts,
+    rather than a traceback per rank after `allow_config_change` was suggested."""
+    import yaml
+
+    from masktrain.trainer.checkpoint import check_resumable
+
+    saved = to_dict(load_config("smoke", []))  # 2 ranks
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    one_rank = to_dict(load_config("smoke", ["launch.nproc_per_node=1"]))
+    check_resumable(tmp_path, one_rank, allowed=True)  # ZeRO-0: the full state is in one file
+    for rank in range(2):
+        (tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+    with pytest.raises(SystemExit, match=f"cannot resume from {tmp_path} on 1 ranks: its ZeRO optimizer state is "
+                                         "split over 2 ranks"):
+        check_resumable(tmp_path, one_rank, allowed=True)
+    check_resumable(tmp_path, to_dict(load_config("smoke", ["launch.nnodes=2", "launch.nproc_per_node=1"])), False)

@@ -57,8 +57,11 @@ def comparable(config: dict) -> dict[str, object]:
     state are restored by global rank, so 4 nodes x 8 ranks resume exactly as 8 x 4."""
     flat = flatten(config)
     nodes, per_node = flat.pop("launch.nnodes", None), flat.pop("launch.nproc_per_node", None)
-    flat["launch.world_size"] = nodes * per_node if nodes is not None and per_node is not None else None
+    flat[WORLD_SIZE] = nodes * per_node if nodes is not None and per_node is not None else None
     return flat
+
+
+WORLD_SIZE = "ranks (launch.nnodes x launch.nproc_per_node)"
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -187,8 +190,19 @@ def saved_config(path: Path) -> dict:
     return yaml.safe_load((path / "config.yaml").read_text())
 
 
+def partitioned_over(path: Path) -> int:
+    """The ranks a ZeRO 1-3 checkpoint's optimizer state is split over (one file each); 0 for ZeRO-0."""
+    return len(list(path.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+
+
 def check_resumable(path: Path, config: dict, allowed: bool) -> None:
-    """Refuse to resume from `path` with a config that would change what the run computes."""
+    """Refuse to resume from `path` with a config that would change what the run computes, and, whatever is
+    allowed, on another number of ranks than a ZeRO checkpoint is split over: DeepSpeed cannot load that."""
+    ranks, now = partitioned_over(path), comparable(config)[WORLD_SIZE]
+    if ranks and ranks != now:
+        raise SystemExit(f"cannot resume from {path} on {now} ranks: its ZeRO optimizer state is split over {ranks} "
+                         f"ranks, and DeepSpeed loads it only on {ranks} (any launch.nnodes x launch.nproc_per_node "
+                         f"= {ranks}), even with trainer.allow_config_change")
     changes = config_changes(saved_config(path), config)
     if changes and not allowed:
         raise SystemExit(f"cannot resume from {path}: the config differs in keys that change the run:\n  "
