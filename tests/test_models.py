@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from masktrain import configs
 from masktrain.data import inputs
 from masktrain.data.reader import Skips
 from masktrain.data.tokenizer import Tokenizer
@@ -204,6 +205,9 @@ def test_model_info_counts_without_building(capsys):
     printed = capsys.readouterr().out
     assert "decoder 4 layers" in printed and "exported BertModel 110.0M" in printed
     assert "ZeRO-3 over 8 ranks" in model_info(load_config("ntp-1b"))
+    # The stage the run uses: a DeepSpeed JSON of the user's overrides trainer.zero_stage.
+    zero3 = "trainer.deepspeed_config=" + str(configs.deepspeed_preset(3))
+    assert "ZeRO-3 over 2 ranks" in model_info(load_config("smoke", ["trainer.zero_stage=2", zero3]))
 
 
 def test_mae_lm_refuses_a_corruption_that_removes_nothing():

@@ -9,7 +9,8 @@ from torch import nn
 
 from masktrain.data.tokenizer import MASK_ID, RESERVED_IDS
 from masktrain.launcher.config import Config
-from masktrain.trainer.models import TokenIds, build_model
+from masktrain.trainer.engine import deepspeed_config
+from masktrain.trainer.models import TokenIds, build_model, zero_stage
 
 # Bytes per parameter of the training state, split by what ZeRO partitions (Rajbhandari et al., ZeRO, sec. 3):
 # (weights, gradients, optimizer state). Mixed precision keeps bf16 weights and gradients plus an fp32 master
@@ -96,11 +97,13 @@ def model_info(cfg: Config) -> str:
     if m.objective == "mae_lm":
         shape += f", decoder {m.decoder_layers} layers"
     precision = "fp32" if cfg.trainer.precision == "fp32" or cfg.launch.accelerator == "cpu" else "bf16"
-    per_rank = state_bytes_per_rank(parameter_count(model), precision, cfg.trainer.zero_stage, cfg.world_size)
+    # The stage the run will use: a trainer.deepspeed_config JSON may set another than trainer.zero_stage.
+    stage = zero_stage(deepspeed_config(cfg, precision))
+    per_rank = state_bytes_per_rank(parameter_count(model), precision, stage, cfg.world_size)
     return "\n".join([
         f"objective:  {m.objective} on {m.arch} ({shape}), sequence length {cfg.data.seq_len}",
         f"vocabulary: {ids.size} from {source}",
         f"parameters: {describe(model)}{exported_size(model)}",
         f"training state per rank: {per_rank / 2**30:.2f} GiB ({precision} weights/gradients/AdamW under "
-        f"ZeRO-{cfg.trainer.zero_stage} over {cfg.world_size} ranks; activations not included)",
+        f"ZeRO-{stage} over {cfg.world_size} ranks; activations not included)",
     ])
