@@ -3,7 +3,8 @@ tables masking uses.
 
 The special tokens take the lowest ids (pad 0, unk 1, bos 2, eos 3, [CLS] 4, [SEP] 5, [MASK] 6) as control
 symbols, so encoding text never produces them. Normalization is the identity and whitespace is kept, so text
-round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that encodes identically.
+round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that encodes identically (but for text
+that begins with a space, see `hf_tokenizer`).
 """
 
 from __future__ import annotations
@@ -154,13 +155,15 @@ class Tokenizer:
         """The same tokenizer as a `transformers` fast tokenizer.
 
         `template` adds special tokens the way the model was trained: "encoder" wraps text as [CLS] ... [SEP],
-        "decoder" prefixes <s>; None adds nothing. Text encodes exactly as sentencepiece encodes it, with one
-        exception: like every Hugging Face tokenizer it recognises special-token strings ("[MASK]") written in
-        text, and it then encodes the text after one as if it began the input (with a leading "\u2581").
-        (`split_special_tokens=True` does not turn that recognition off in transformers 5.)
+        "decoder" prefixes <s>; None adds nothing. Text encodes exactly as sentencepiece encodes it, except text
+        that begins with a space: sentencepiece adds its "\u2581" prefix even there, and this tokenizer does not
+        (Hugging Face's Metaspace cannot). That is the price of "[MASK]" written in text (fill-mask) encoding as
+        training made it, in place of a word: "the [MASK] of" is \u2581the [MASK] \u2581of, not
+        \u2581the \u2581 [MASK] \u2581 \u2581of, which a prefix added to every piece of text between special
+        tokens gave.
         """
         from tokenizers import Tokenizer as Backend
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
         from transformers.tokenization_utils_base import generate_merges
 
@@ -177,9 +180,9 @@ class Tokenizer:
                       for i in range(len(self))]
             model = models.Unigram(pieces, unk_id=self.unk_id, byte_fallback=True)
         backend = Backend(model)
-        # Sentencepiece always adds the dummy prefix and splits before every space.
-        backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
-        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never", split=True)
+        # Sentencepiece adds the dummy prefix and splits before every space; "first": only where the input begins,
+        # not after a special token.
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True)
         backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
                                              decoders.Fuse(), decoders.Strip(" ", 1, 0)])
         cls, sep, bos = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["bos"]
@@ -190,9 +193,12 @@ class Tokenizer:
         elif template == "decoder":
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, self.bos_id)])
-        return PreTrainedTokenizerFast(
-            tokenizer_object=backend, **{f"{name}_token": piece for name, piece in SPECIAL_TOKENS.items()},
-            model_max_length=int(1e30), clean_up_tokenization_spaces=False)
+        special = {f"{name}_token": piece for name, piece in SPECIAL_TOKENS.items()}
+        # [MASK] takes the space before it, as the word it stands for would have.
+        special["mask_token"] = AddedToken(SPECIAL_TOKENS["mask"], lstrip=True, rstrip=False, normalized=False,
+                                           special=True)
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **special, model_max_length=int(1e30),
+                                       clean_up_tokenization_spaces=False)
 
     def save_hf(self, out_dir: str | Path, template: str | None = None) -> Path:
         """Write the Hugging Face files (tokenizer.json, tokenizer_config.json) and the sentencepiece model."""
