@@ -143,13 +143,13 @@ def test_a_stop_signal_during_a_checkpoint_leaves_from_it_and_each_file_is_synce
     assert (run / "checkpoints" / "latest").read_text() == "step-00000004"
 
     # Each file of a checkpoint is fsynced once: DeepSpeed's state files by the rank that wrote them, the rest
-    # (scripts, config, meta) and the folders by rank 0.
+    # (scripts, config, meta, the tokenizer in its folder) and the folders by rank 0.
     synced = {r: (tmp_path / f"fsync-rank{r}.txt").read_text().splitlines() for r in (0, 1)}
     folder = (run / "checkpoints" / "step-00000004").resolve()
     staged = f"{folder}.partial"
     files = {p.name for p in folder.iterdir() if p.is_file()}
     by_rank = {r: [Path(p).name for p in synced[r] if p.startswith(staged + "/")] for r in (0, 1)}
-    assert sorted(by_rank[0] + by_rank[1]) == sorted(files - {"config.yaml", "meta.json"}), by_rank
+    assert sorted(by_rank[0] + by_rank[1]) == sorted(files - {"config.yaml", "meta.json"} | {"tokenizer"}), by_rank
     assert by_rank[1] == ["zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in by_rank[0]
     assert staged in synced[0] and staged not in synced[1]
