@@ -36,6 +36,9 @@ class NonFiniteLoss(nn.Module):
         self.nan_from = int(os.environ.get("FAULT_NAN_FROM", 0)) or None
         self.log = Path(os.environ["FAULT_LOG"]) / f"rank{self.rank}.jsonl"
 
+    def targets(self, batch):
+        return self.inner.targets(batch)
+
     def forward(self, **batch):
         out = self.inner(**batch)
         if not self.training:

@@ -1,6 +1,7 @@
 """The DeepSpeed engine the trainer builds, at every ZeRO stage (one rank, gloo, CPU, in a child process so the
 process group does not outlive the test): a step whose gradients are not finite leaves weights and optimizer
-state untouched and is reported through `was_step_applied()`; a good step after it applies and is clipped."""
+state untouched and is reported through `was_step_applied()`; a good step after it applies and is clipped; and the
+trainer's micro-steps hand the optimizer the mean gradient over every target of the step."""
 
 from __future__ import annotations
 
@@ -33,14 +34,13 @@ def same(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def probe() -> dict:
+def probe(runtime) -> dict:
     import torch
 
     from masktrain.trainer import engine as eng
 
     cfg = load_config("smoke", ["launch.nproc_per_node=1", "trainer.global_batch_size=8", "launch.accelerator=cpu",
                                 "optim.grad_clip=0.5"])
-    runtime = eng.init_distributed(cfg)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     results = {}
     for stage in (0, 1, 2, 3):
@@ -73,6 +73,55 @@ def probe() -> dict:
     return results
 
 
+def applied_gradient_error(runtime) -> float:
+    """How far the gradient the optimizer receives from the trainer's micro-steps is from the mean over every
+    target of the step, for two micro-batches of 1 and 7 targets (relative)."""
+    import torch
+
+    from masktrain.data.batches import IGNORE
+    from masktrain.trainer import engine as eng
+    from masktrain.trainer.models import token_loss
+    from masktrain.trainer.train import micro_steps
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 5)
+
+        @staticmethod
+        def targets(batch):
+            return (batch["labels"] != IGNORE).sum()
+
+        def forward(self, x, labels):
+            where = labels != IGNORE
+            return token_loss(self.head(x[where]), labels[where])
+
+    cfg = load_config("smoke", ["launch.nproc_per_node=1", "trainer.global_batch_size=2", "data.micro_batch_size=1",
+                                "launch.accelerator=cpu", "trainer.zero_stage=0", "optim.grad_clip=0"])
+    torch.manual_seed(0)
+    model = Toy()
+    expected = Toy()
+    expected.load_state_dict(model.state_dict())
+    engine = eng.build_engine(cfg, model, runtime, "fp32")
+    applied = {}
+    step = engine.optimizer.step
+
+    def spy(closure=None):
+        applied["grad"] = engine.optimizer.param_groups[0]["params"][0].grad.clone()
+        return step(closure)
+
+    engine.optimizer.step = spy
+    x = torch.randn(2, 1, 8, 4, generator=torch.Generator().manual_seed(1))
+    labels = torch.full((2, 1, 8), IGNORE)
+    labels[0, 0, :1], labels[1, 0, :7] = 1, 2
+    micro_steps(engine, [{"x": x[m], "labels": labels[m]} for m in range(2)], runtime)
+    engine.step()
+    where = labels != IGNORE
+    torch.nn.functional.cross_entropy(expected.head(x[where]), labels[where]).backward()
+    reference = expected.head.weight.grad
+    return float((applied["grad"] - reference).norm() / reference.norm())
+
+
 def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
     from benchmarks.common import rendezvous  # here: the child runs this file as a script, outside the checkout
 
@@ -83,6 +132,8 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
                                cwd=tmp_path)
     assert child.returncode == 0, child.stderr[-3000:]
     results = json.loads(child.stdout.strip().splitlines()[-1])
+    # A step's gradient is the mean over all its targets; a mean of micro-batch means is 1.19 off here.
+    assert results.pop("applied_gradient_error") < 1e-6
     for stage, r in results.items():
         assert r["nan_applied"] is False and r["unchanged"], f"ZeRO-{stage} applied a NaN step: {r}"
         assert not r["nan_norm_finite"], f"ZeRO-{stage}: {r}"
@@ -95,4 +146,7 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
 
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    print(json.dumps(probe()))
+    from masktrain.trainer.engine import init_distributed
+
+    runtime = init_distributed(load_config("smoke", ["launch.nproc_per_node=1", "launch.accelerator=cpu"]))
+    print(json.dumps({**probe(runtime), "applied_gradient_error": applied_gradient_error(runtime)}))

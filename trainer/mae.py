@@ -14,7 +14,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from masktrain.data.batches import IGNORE
-from masktrain.trainer.models import attention_flops, body_flops, token_loss, weights
+from masktrain.trainer.models import MaskedLM, attention_flops, body_flops, token_loss, weights
 
 
 class MaeLM(nn.Module):
@@ -70,6 +70,8 @@ class MaeLM(nn.Module):
             hidden = layer(hidden, attention_mask=mask)
         context, _ = last.attention.self(hidden, attention_mask=mask)
         return last.feed_forward_chunk(last.attention.output(context[where], hidden[where]))
+
+    targets = staticmethod(MaskedLM.targets)  # labels only at the removed positions
 
     def flops_per_token(self, rate: float, seq_len: int) -> float:
         """Training FLOPs per input token when a `rate` share is masked: the encoder runs on the visible tokens

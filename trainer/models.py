@@ -41,10 +41,11 @@ class TokenIds:
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Mean cross-entropy over the given targets, plus the sums evaluation aggregates across ranks."""
+    """Cross-entropy over the given targets: summed (what training scales and backpropagates) and their mean,
+    plus the counts evaluation aggregates across ranks."""
     loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     count = torch.tensor(targets.numel(), device=logits.device)
-    return {"loss": loss_sum / count.clamp(min=1), "loss_sum": loss_sum.detach(), "tokens": count,
+    return {"loss": loss_sum / count.clamp(min=1), "loss_sum": loss_sum, "tokens": count,
             "correct": (logits.detach().argmax(-1) == targets).sum()}
 
 
@@ -85,6 +86,11 @@ class MaskedLM(nn.Module):
         logits = getattr(self.hf, self.head_name)(hidden[where])
         return token_loss(logits, labels[where])
 
+    @staticmethod
+    def targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many targets `batch` holds (known before the forward)."""
+        return (batch["labels"] != IGNORE).sum()
+
     def flops_per_token(self, rate: float, seq_len: int) -> float:
         """Training FLOPs per input token when a `rate` share of positions carries a target: the head runs there
         only."""
@@ -111,6 +117,11 @@ class CausalLM(nn.Module):
         where = targets != IGNORE
         logits = self.hf.lm_head(hidden[:, :-1][where])
         return token_loss(logits, targets[where])
+
+    @staticmethod
+    def targets(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """How many targets `batch` holds (known before the forward): each position's next token."""
+        return (batch["labels"][:, 1:] != IGNORE).sum()
 
     def flops_per_token(self, rate: float, seq_len: int) -> float:
         """Training FLOPs per input token; every position predicts, whatever share MEAP masks (`rate`)."""

@@ -113,6 +113,27 @@ def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool
     return None
 
 
+def micro_steps(engine, batches: list[dict], runtime: eng.Runtime) -> torch.Tensor:
+    """Forward and backward of one optimizer step's micro-batches; returns this rank's [loss sum, targets,
+    non-finite micro-batches].
+
+    Each micro-batch's loss is its sum over its targets, scaled so that the gradient DeepSpeed applies (which
+    divides by grad_accum and averages over ranks) is the mean over every target of the step. A mean per
+    micro-batch would weigh one with a single target as much as one with a hundred."""
+    targets = sum(engine.module.targets(batch) for batch in batches).double()
+    dist.all_reduce(targets)
+    scale = (runtime.world_size * len(batches) / targets.clamp(min=1)).float()
+    stats = torch.zeros(3, dtype=torch.float64, device=runtime.device)
+    for micro, batch in enumerate(batches):
+        out = engine(**batch)
+        engine.backward(out["loss_sum"] * scale)
+        loss_sum = out["loss_sum"].detach()
+        stats += torch.stack([loss_sum, out["tokens"], ~torch.isfinite(loss_sum)]).double()
+        if micro < len(batches) - 1:
+            engine.step()
+    return stats
+
+
 def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime, encoder: bool) -> dict[str, float]:
     """Masked-token loss and accuracy (encoders) or loss and perplexity (decoders) over the validation split;
     every rank runs the same number of forwards."""
@@ -204,19 +225,11 @@ def train(cfg: Config) -> None:
             lr = lr_at(state.step, cfg.optim, cfg.trainer.max_steps)
             eng.set_lr(engine, lr)
             started = time.perf_counter()
-            waited = 0.0
+            batches = [to_device(next(loader), runtime.device) for _ in range(cfg.grad_accum)]
+            waited = time.perf_counter() - started
             # Summed on the device and read once per step: a host sync per micro-batch would stall GPUs.
             stats = torch.zeros(5, dtype=torch.float64, device=runtime.device)
-            for micro in range(cfg.grad_accum):
-                before = time.perf_counter()
-                batch = to_device(next(loader), runtime.device)
-                waited += time.perf_counter() - before
-                out = engine(**batch)
-                engine.backward(out["loss"])
-                finite = torch.isfinite(out["loss"].detach())
-                stats[:3] += torch.stack([out["loss_sum"], out["tokens"], ~finite]).double()
-                if micro < cfg.grad_accum - 1:
-                    engine.step()
+            stats[:3] = micro_steps(engine, batches, runtime)
             # One collective agrees on the loss, bad steps, skipped data and stop requests before the update.
             wants_stop = stop.requested or (cfg.trainer.stop_after_steps > 0
                                             and state.step + 1 - launch_start >= cfg.trainer.stop_after_steps)
