@@ -181,9 +181,28 @@ def test_a_zero_checkpoint_resumes_only_on_the_ranks_it_is_split_over_even_when_
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     one_rank = to_dict(load_config("smoke", ["launch.nproc_per_node=1"]))
     check_resumable(tmp_path, one_rank, allowed=True)  # ZeRO-0: the full state is in one file
-    for rank in range(2):
-        (tmp_path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
-    with pytest.raises(SystemExit, match=f"cannot resume from {tmp_path} on 1 ranks: its ZeRO optimizer state is "
-                                         "split over 2 ranks"):
-        check_resumable(tmp_path, one_rank, allowed=True)
+    for prefix in ("", "bf16_"):  # DeepSpeed names them so in bf16
+        for rank in range(2):
+            (tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+        with pytest.raises(SystemExit, match=f"cannot resume from {tmp_path} on 1 ranks: its ZeRO optimizer state "
+                                             "is split over 2 ranks"):
+            check_resumable(tmp_path, one_rank, allowed=True)
+        for rank in range(2):
+            (tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").unlink()
     check_resumable(tmp_path, to_dict(load_config("smoke", ["launch.nnodes=2", "launch.nproc_per_node=1"])), False)
+
+
+def test_export_consolidates_a_bf16_zero_checkpoint_from_its_partitions(tmp_path, monkeypatch):
+    """DeepSpeed names bf16 ZeRO partitions bf16_zero_pp_rank_*: they are consolidated, not mistaken for ZeRO-0
+    (whose model file would hold no weights under ZeRO-3)."""
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    from masktrain.trainer.export import consolidated_state_dict
+
+    checkpoint = tmp_path / "step-00000004"
+    checkpoint.mkdir()
+    (checkpoint / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").touch()
+    calls = []
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint",
+                        lambda folder, tag: calls.append((folder, tag)) or {"w": 1})
+    assert consolidated_state_dict(checkpoint) == {"w": 1} and calls == [(str(tmp_path), "step-00000004")]

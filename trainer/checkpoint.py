@@ -191,8 +191,9 @@ def saved_config(path: Path) -> dict:
 
 
 def partitioned_over(path: Path) -> int:
-    """The ranks a ZeRO 1-3 checkpoint's optimizer state is split over (one file each); 0 for ZeRO-0."""
-    return len(list(path.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    """The ranks a ZeRO 1-3 checkpoint's optimizer state is split over (one file each, named with a bf16_ prefix
+    in bf16); 0 for ZeRO-0."""
+    return len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
 
 
 def check_resumable(path: Path, config: dict, allowed: bool) -> None:

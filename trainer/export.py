@@ -16,15 +16,16 @@ import torch
 from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.loading import config_from_dict
-from masktrain.trainer.checkpoint import is_complete, saved_config
+from masktrain.trainer.checkpoint import is_complete, partitioned_over, saved_config
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights. The checkpoint's own files tell how it was saved (a DeepSpeed JSON can set another
-    stage than trainer.zero_stage): ZeRO 1-3 leave one zero_pp_rank_* file per rank."""
-    if not any(checkpoint.glob("zero_pp_rank_*")):
+    stage than trainer.zero_stage): ZeRO 1-3 leave one zero_pp_rank_* file per rank (bf16_zero_pp_rank_* in
+    bf16)."""
+    if not partitioned_over(checkpoint):
         states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return states["module"]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
