@@ -48,7 +48,10 @@ def check_ready(cfg: Config) -> None:
         except (OSError, ValueError, KeyError, DataError) as err:
             problems.append(f"{split} shards: {err}")
             continue
-        absent = [url for url in urls if not url.startswith("pipe:") and "://" not in url and not Path(url).exists()]
+        if "" in urls:  # Path("") is the working folder, which exists
+            problems.append(f"{split} shards: an empty URL in the list")
+        absent = [url for url in urls if url and not url.startswith("pipe:") and "://" not in url
+                  and not Path(url).exists()]
         if split == "train" and not urls:
             problems.append("no train shards (data.train_shards, or the manifest in data.dir)")
         if absent:

@@ -41,17 +41,20 @@ ConfigLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                    list("tTfF"))
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int",
+                                   re.compile(r"^(?:[-+]?[0-9]+(?:_[0-9]+)*|0x[0-9a-fA-F]+|0o[0-7]+)$"),
+                                   list("-+0123456789"))
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
-ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10))
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(
+    loader.construct_scalar(node), 0 if loader.construct_scalar(node)[:2] in ("0x", "0o") else 10))
 
 
 class OverrideText(str):
-    """An override's value as typed, with its YAML reading: a str field takes the text (run.name=0312 stays
-    0312), any other field the reading."""
+    """An override that YAML reads as a number or true/false, as typed: a text field takes the text
+    (run.name=0312 stays 0312), any other field the reading."""
 
     def __new__(cls, text: str, parsed: Any):
         self = super().__new__(cls, text)
@@ -118,9 +121,11 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
             problems.append(f"override {item!r} is not of the form section.key=value")
             continue
         try:
-            value = OverrideText(text, yaml.load(text, Loader=ConfigLoader) if text.strip() else "")
+            value = yaml.load(text, Loader=ConfigLoader) if text.strip() else ""
         except yaml.YAMLError:
             value = text
+        if isinstance(value, (bool, int, float)):  # text, quoted text, lists, mappings and null as YAML reads them
+            value = OverrideText(text, value)
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -223,6 +228,8 @@ def coerce(value: Any, kind: Any) -> tuple[bool, Any]:
         return value is None, None
     if origin is list:
         (item_kind,) = typing.get_args(kind)
+        if value == "":  # data.train_shards= empties the list
+            value = []
         if not isinstance(value, (list, dict)):  # one item: data.train_shards=shard-{000000..000127}.tar
             value = [value]
         if not isinstance(value, list):
