@@ -113,6 +113,10 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     assert again.returncode == 1 and f"{out}: exists and is not an empty folder" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".export.tmp")] == []
+    here = tmp_path / "empty-working-folder"
+    here.mkdir()
+    run_cli("export", str(checkpoint), ".", cwd=here, check=True)
+    assert {p.name: p.read_bytes() for p in here.iterdir()} == before
 
     # The checkpoint carries its tokenizer: it exports the same without the data folder, even after the data
     # folder's tokenizer was replaced or its config points elsewhere (a relative data.dir, another machine).

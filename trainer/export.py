@@ -64,8 +64,8 @@ def model_card(cfg, model, checkpoint: Path) -> str:
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write the checkpoint's exported model (safetensors), its tokenizer and a model card to `out_dir`, a new
-    folder: it appears whole or not at all."""
-    out_dir = Path(out_dir)
+    folder, which appears whole or not at all, or an empty one."""
+    out_dir = Path(out_dir).resolve()  # "." has no name to stage beside
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder; export writes a new one")
     cfg, tokenizer, model = load_trained(checkpoint)
@@ -79,7 +79,11 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         mode = 0o666 & ~current_umask()
         for path in staging.iterdir():
             path.chmod(mode)
-        os.replace(staging, out_dir)  # an empty out_dir is replaced
+        if out_dir.is_dir():  # empty, maybe a shell's working folder: filled, not replaced
+            for path in staging.iterdir():
+                os.replace(path, out_dir / path.name)
+        else:
+            os.replace(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
