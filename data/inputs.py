@@ -3,6 +3,7 @@ validation batches of one rank."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +32,14 @@ def shard_urls(cfg: Config, split: str) -> list[str]:
     if urls or (split == "val" and cfg.data.train_shards):
         return urls
     return manifest_urls(cfg.data.dir, split)
+
+
+def shard_contents(cfg: Config, split: str) -> str:
+    """The manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards come from
+    it: two corpora prepared alike name their shards alike."""
+    if cfg.data.train_shards:
+        return ""
+    return json.dumps(read_manifest(cfg.data.dir)["splits"][split]["shards"], sort_keys=True)
 
 
 def check_ready(cfg: Config) -> None:
@@ -117,7 +126,8 @@ def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: To
     spec = LoaderSpec(urls=shard_urls(cfg, "train"), rank=rank, world_size=world_size,
                       num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                       micro_batch_size=cfg.data.micro_batch_size, shuffle_block=cfg.data.shuffle_block,
-                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer))
+                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer),
+                      contents=shard_contents(cfg, "train"))
     batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
                       cfg.run.seed, rank, cfg.grad_accum)
     return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)

@@ -63,12 +63,13 @@ def units_for(urls: list[str], n_slots: int) -> list[Unit]:
     return [Unit(url, part, parts) for url in urls for part in range(parts)]
 
 
-def shard_signature(urls: list[str]) -> str:
-    """The shard list a position belongs to: its count and a hash of the shard names in order. A position is
-    an index into the list, so another list (data added, prepared again) would resume somewhere else. Only
-    names count, so shards copied to another folder (node-local disk) still resume exactly."""
+def shard_signature(urls: list[str], contents: str = "") -> str:
+    """The shard list a position belongs to: its count and a hash of the shard names in order and of what they
+    hold (`LoaderSpec.contents`). A position is an index into the list, so another list (data added, prepared
+    again) would resume somewhere else. Not the folders, so shards copied to another one (node-local disk)
+    still resume exactly."""
     names = "\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls)
-    return f"{len(urls)} shards, sha256 {hashlib.sha256(names.encode()).hexdigest()[:16]}"
+    return f"{len(urls)} shards, sha256 {hashlib.sha256((names + contents).encode()).hexdigest()[:16]}"
 
 
 def seed_int(*key: int) -> int:
@@ -195,6 +196,9 @@ class LoaderSpec:
     strict: bool = False
     vocab_size: int = 0
     """Token ids must be below this (a corrupt shard's garbage ids would crash the embedding); 0: unchecked."""
+    contents: str = ""
+    """What the shards hold beyond their names, when known (the manifest's counts per shard): a data position
+    resumes only on the same."""
 
     @property
     def slots_per_rank(self) -> int:
@@ -257,7 +261,7 @@ class Loader:
         self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
         urls = expand_urls(spec.urls)
         self.units = units_for(urls, spec.world_size * spec.slots_per_rank)
-        self.shards = shard_signature(urls)
+        self.shards = shard_signature(urls, spec.contents)
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None

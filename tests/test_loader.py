@@ -424,3 +424,29 @@ def test_validation_batches_and_masks_are_the_same_at_any_world_size(tiny_data):
             for got, expected in zip(batches, alone[rank::world_size]):
                 assert got.keys() == expected.keys()
                 assert all(torch.equal(got[key], expected[key]) for key in got), (world_size, rank)
+
+
+def test_a_data_folder_prepared_again_from_other_text_is_another_shard_list(tiny_data, tmp_path):
+    """Prepare names shards alike whatever they hold; the manifest's counts tell them apart. A copy of the same
+    folder elsewhere is the same list."""
+    import json
+
+    from masktrain.data import inputs
+    from masktrain.data.tokenizer import Tokenizer
+    from masktrain.launcher.loading import load_config
+    from masktrain.trainer.objectives import OBJECTIVES
+
+    data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
+    copy_, other = tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(data, copy_)
+    shutil.copytree(data, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][0]["documents"] += 1
+    (other / "manifest.json").write_text(json.dumps(manifest))
+
+    def signature(folder: Path) -> str:
+        cfg = load_config("smoke", [*tiny_data, f"data.dir={folder}"])
+        loader = inputs.train_loader(cfg, OBJECTIVES["mlm"].batch, True, Tokenizer(inputs.tokenizer_dir(cfg)), 0, 1)
+        return loader.state_dict()["shards"]
+
+    assert signature(data) == signature(copy_) != signature(other)
