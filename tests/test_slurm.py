@@ -50,8 +50,9 @@ def stubs(tmp_path) -> Path:
     "requeue "*) echo "$2" >>"$(dirname "$0")/requeued" ;;
 esac
 ''')
-    write_stub(folder, "srun", '''echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
-[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
+    # The status goes down before the SRUN line: a test that signals on seeing the line finds it written.
+    write_stub(folder, "srun", '''[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
+echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 sleep "${STUB_SLEEP:-0}"
 ''')
     write_stub(folder, "sbatch", '''echo "$*" >>"$(dirname "$0")/sbatch-calls"
