@@ -42,7 +42,7 @@ ConfigLoader.yaml_implicit_resolvers = {
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                    list("tTfF"))
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:int",
-                                   re.compile(r"^(?:[-+]?[0-9]+(?:_[0-9]+)*|0x[0-9a-fA-F]+|0o[0-7]+)$"),
+                                   re.compile(r"^(?:[-+]?[0-9]+|0x[0-9a-fA-F]+|0o[0-7]+)$"),
                                    list("-+0123456789"))
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -120,12 +120,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
         if not sep or not key.strip():
             problems.append(f"override {item!r} is not of the form section.key=value")
             continue
-        try:
-            value = yaml.load(text, Loader=ConfigLoader) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        if isinstance(value, (bool, int, float)):  # text, quoted text, lists, mappings and null as YAML reads them
-            value = OverrideText(text, value)
+        value = override_value(text)
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -134,8 +129,28 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
                 problems.append(f"override {item!r} sets a key beneath a value")
                 break
         else:
-            node[parts[-1]] = value
+            merge(node, {parts[-1]: value})  # a.b={c: 1} after a.b.d=2 keeps d
     return tree, problems
+
+
+def override_value(text: str) -> Any:
+    """An override's value. YAML reads `{...}` mappings, `[...]` lists, quoted text, null and numbers/booleans
+    (which keep their typed text for text fields); anything else is the text as typed, so `run.name=ablation #3`
+    or a `pipe:` command with ': ' in it is not cut at a YAML comment or read as a mapping."""
+    stripped = text.strip()
+    try:
+        value = yaml.load(stripped, Loader=ConfigLoader) if stripped else ""
+    except yaml.YAMLError:
+        return stripped
+    if isinstance(value, (bool, int, float)):
+        return OverrideText(stripped, value)
+    if value is None and stripped in ("null", "Null", "NULL", "~"):
+        return None
+    if (isinstance(value, dict) and stripped.startswith("{")) or (isinstance(value, list) and stripped.startswith("[")):
+        return value
+    if isinstance(value, str) and stripped[:1] in ("'", '"'):
+        return value
+    return stripped
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

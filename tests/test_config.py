@@ -143,13 +143,17 @@ def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path)
     assert cfg.data.train_shards == ["data/shard-{000000..000127}.tar"]
     cfg = load_config("smoke", ["data.prepare.inputs=2024", "optim.betas=[0.9, 0.95]"])
     assert cfg.data.prepare.inputs == ["2024"] and cfg.optim.betas == [0.9, 0.95]
-    # Quotes force text and are not kept; a mapping overrides a section; hex, octal and 1_000 are integers;
-    # an empty list override empties the list; null is no list.
-    cfg = load_config("smoke", ["run.name='my run'", "data.masking={rate: 0.3}", "trainer.max_steps=1_000",
+    # Quotes force text and are not kept; a mapping overrides a section (merged with dotted overrides of it);
+    # hex and octal are integers; an empty list override empties the list; null is no list; other text is
+    # taken as typed, '#' and ': ' included.
+    cfg = load_config("smoke", ["run.name='my run'", "data.masking.rate=0.2", "data.masking={schedule: linear}",
                                 "run.seed=0x10", "trainer.eval_every=0o10", "data.train_shards="])
-    assert (cfg.run.name, cfg.data.masking.rate, cfg.trainer.max_steps) == ("my run", 0.3, 1000)
+    assert (cfg.run.name, cfg.data.masking.rate, cfg.data.masking.schedule) == ("my run", 0.2, "linear")
     assert (cfg.run.seed, cfg.trainer.eval_every, cfg.data.train_shards) == (16, 8, [])
     assert problems_of("data.train_shards=null") == ["data.train_shards: expected a list of str, got NoneType None"]
+    pipe = "pipe:curl -H 'Authorization: Bearer t' https://h/s-{000..003}.tar # public"
+    cfg = load_config("smoke", ["run.name=ablation #3", "run.output_dir=exp: lr sweep", f"data.train_shards={pipe}"])
+    assert (cfg.run.name, cfg.run.output_dir, cfg.data.train_shards) == ("ablation #3", "exp: lr sweep", [pipe])
     path = tmp_path / "run.yaml"
     path.write_text("base: smoke\noptim:\n  lr: 3e-4\n  weight_decay: 1E-2\ntrainer:\n  progress_bar: no\n"
                     "run:\n  name: 0312\n")
