@@ -63,13 +63,12 @@ def units_for(urls: list[str], n_slots: int) -> list[Unit]:
     return [Unit(url, part, parts) for url in urls for part in range(parts)]
 
 
-def shard_signature(urls: list[str], contents: str = "") -> str:
-    """The shard list a position belongs to: its count and a hash of the shard names in order and of what they
-    hold (`LoaderSpec.contents`). A position is an index into the list, so another list (data added, prepared
-    again) would resume somewhere else. Not the folders, so shards copied to another one (node-local disk)
-    still resume exactly."""
+def shard_signature(urls: list[str]) -> str:
+    """The shard list a position belongs to: its count and a hash of the shard names in order. A position is
+    an index into the list, so another list (data added, prepared again) would resume somewhere else. Not the
+    folders, so shards copied to another one (node-local disk) still resume exactly."""
     names = "\n".join(url.rstrip("/").rsplit("/", 1)[-1] for url in urls)
-    return f"{len(urls)} shards, sha256 {hashlib.sha256((names + contents).encode()).hexdigest()[:16]}"
+    return f"{len(urls)} shards, sha256 {hashlib.sha256(names.encode()).hexdigest()[:16]}"
 
 
 def seed_int(*key: int) -> int:
@@ -261,7 +260,8 @@ class Loader:
         self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
         urls = expand_urls(spec.urls)
         self.units = units_for(urls, spec.world_size * spec.slots_per_rank)
-        self.shards = shard_signature(urls, spec.contents)
+        self.shards = shard_signature(urls)
+        self.contents = hashlib.sha256(spec.contents.encode()).hexdigest()[:16]
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
@@ -331,14 +331,15 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
-                "num_workers": self.spec.num_workers, "shards": self.shards, "consumed": self.consumed,
+                "num_workers": self.spec.num_workers, "shards": self.shards, "contents": self.contents,
+                "consumed": self.consumed,
                 "slots": [asdict(s) for s in self.states]}
 
     def load_state_dict(self, state: dict) -> None:
         expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
                     "num_workers": self.spec.num_workers}
-        if "shards" in state:  # states saved before it was recorded resume as they always did
-            expected["shards"] = self.shards
+        # States saved before these were recorded resume as they always did.
+        expected.update({key: getattr(self, key) for key in ("shards", "contents") if key in state})
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
