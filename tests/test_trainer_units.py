@@ -196,6 +196,7 @@ def test_export_consolidates_a_bf16_zero_checkpoint_from_its_partitions(tmp_path
     """DeepSpeed names bf16 ZeRO partitions bf16_zero_pp_rank_*: they are consolidated, not mistaken for ZeRO-0
     (whose model file would hold no weights under ZeRO-3)."""
     import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+    import torch
 
     from masktrain.trainer.export import consolidated_state_dict
 
@@ -206,3 +207,12 @@ def test_export_consolidates_a_bf16_zero_checkpoint_from_its_partitions(tmp_path
     monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint",
                         lambda folder, tag: calls.append((folder, tag)) or {"w": 1})
     assert consolidated_state_dict(checkpoint) == {"w": 1} and calls == [(str(tmp_path), "step-00000004")]
+
+    # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1, fp32 gradient accumulation) names its partitions alike but
+    # records no stage: zero_to_fp32 refuses it, and the module file holds the whole model.
+    def refuse(folder, tag):
+        raise ValueError(f"{folder}/{tag}/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt is not a zero checkpoint")
+
+    monkeypatch.setattr(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint", refuse)
+    torch.save({"module": {"w": torch.ones(2)}}, checkpoint / "mp_rank_00_model_states.pt")
+    assert torch.equal(consolidated_state_dict(checkpoint)["w"], torch.ones(2))

@@ -25,13 +25,19 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The fp32 weights. The checkpoint's own files tell how it was saved (a DeepSpeed JSON can set another
     stage than trainer.zero_stage): ZeRO 1-3 leave one zero_pp_rank_* file per rank (bf16_zero_pp_rank_* in
     bf16)."""
-    if not partitioned_over(checkpoint):
-        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return states["module"]
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if partitioned_over(checkpoint):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        try:
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        except ValueError as err:
+            # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation) partitions like ZeRO but
+            # records no stage, which zero_to_fp32 refuses; its module file holds the whole model.
+            if not str(err).endswith("is not a zero checkpoint"):
+                raise
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return states["module"]
 
 
 def load_trained(checkpoint: str | Path):
@@ -69,7 +75,11 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder; export writes a new one")
     cfg, tokenizer, model = load_trained(checkpoint)
-    staging = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    # Staged on the same file system: beside a new folder, or inside an existing empty one (a mount point, a
+    # volume whose parent is not ours), whose files then move up.
+    filling = out_dir.is_dir()
+    staging = (out_dir / f".export.tmp-{os.getpid()}" if filling
+               else out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}"))
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.exported().save_pretrained(staging, safe_serialization=True)
@@ -79,7 +89,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         mode = 0o666 & ~current_umask()
         for path in staging.iterdir():
             path.chmod(mode)
-        if out_dir.is_dir():  # empty, maybe a shell's working folder: filled, not replaced
+        if filling:  # maybe a shell's working folder: filled, not replaced
             for path in staging.iterdir():
                 os.replace(path, out_dir / path.name)
         else:
