@@ -205,8 +205,8 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
                      "--partition=local", "--signal-grace=120", env=job_env(stubs=stubs))
     assert result.returncode == 2 and "--signal-grace" in result.stderr
     # Data that is not there fails here, not on the nodes after the queue wait.
-    result = run_cli("slurm", "submit", "smoke", f"data.dir={tmp_path / 'none'}", "--nodes=2", "--gpus-per-node=1",
-                     *JOB_ARGS, env=job_env(stubs=stubs))
+    result = run_cli("slurm", "submit", "smoke", f"data.dir={tmp_path / 'none'}", f"run.output_dir={tmp_path / 'r'}",
+                     "--nodes=2", "--gpus-per-node=1", *JOB_ARGS, env=job_env(stubs=stubs))
     assert result.returncode == 1 and f"{tmp_path / 'none' / 'tokenizer' / 'spm.model'}: no " in result.stderr
     assert not (stubs / "sbatch-calls").exists()
     with pytest.raises(Exception, match="--time"):
