@@ -83,13 +83,13 @@ def check_ready(cfg: Config) -> None:
 def other_tokenizer(manifest: dict, tokenizer: Tokenizer, data_dir: str | Path) -> str | None:
     """Why the shards of `manifest` were not written with `tokenizer`, or None when they were (or it can't tell:
     manifests before the fingerprint record only the vocabulary size)."""
-    size, fingerprint = manifest.get("vocab_size"), manifest.get("tokenizer_sha256")
+    size, fingerprint, actual = manifest.get("vocab_size"), manifest.get("tokenizer_sha256"), tokenizer.fingerprint()
     if size not in (None, len(tokenizer)):
         return (f"the shards in {data_dir} were written with a {size}-id tokenizer, {tokenizer.dir} has "
                 f"{len(tokenizer)} ids: the ids would mean other tokens")
-    if fingerprint not in (None, tokenizer.fingerprint()):
+    if fingerprint not in (None, actual):
         return (f"the shards in {data_dir} were written with another tokenizer than {tokenizer.dir} (sha256 "
-                f"{fingerprint[:12]}, not {tokenizer.fingerprint()[:12]}): the ids would mean other tokens")
+                f"{fingerprint[:12]}, not {actual[:12]}): the ids would mean other tokens")
     return None
 
 

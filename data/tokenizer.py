@@ -209,5 +209,5 @@ class Tokenizer:
         config_file = out_dir / "tokenizer_config.json"
         write_json(config_file, {**json.loads(config_file.read_text()), "tokenizer_class": "PreTrainedTokenizerFast"})
         if (self.dir / MODEL_FILE).resolve() != (out_dir / MODEL_FILE).resolve():
-            (out_dir / MODEL_FILE).write_bytes((self.dir / MODEL_FILE).read_bytes())
+            (out_dir / MODEL_FILE).write_bytes(self.model_bytes)
         return out_dir

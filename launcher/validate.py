@@ -161,8 +161,8 @@ def validate(cfg: Config) -> list[str]:
         check(is_complete(Path(t.resume)), "trainer.resume",
               f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
     if t.deepspeed_config:
-        check(json_object_error(t.deepspeed_config) is None, "trainer.deepspeed_config",
-              f"{t.deepspeed_config}: {json_object_error(t.deepspeed_config)}")
+        error = json_object_error(t.deepspeed_config)
+        check(error is None, "trainer.deepspeed_config", f"{t.deepspeed_config}: {error}")
 
     # launch and the batch arithmetic that ties data, trainer and launch together
     la = cfg.launch
