@@ -3,6 +3,7 @@ validation batches of one rank."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable
@@ -35,11 +36,12 @@ def shard_urls(cfg: Config, split: str) -> list[str]:
 
 
 def shard_contents(cfg: Config, split: str) -> str:
-    """The manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards come from
-    it: two corpora prepared alike name their shards alike."""
+    """A digest of the manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards
+    come from it, else "": two corpora prepared alike name their shards alike."""
     if cfg.data.train_shards:
         return ""
-    return json.dumps(read_manifest(cfg.data.dir)["splits"][split]["shards"], sort_keys=True)
+    record = json.dumps(read_manifest(cfg.data.dir)["splits"][split]["shards"], sort_keys=True)
+    return hashlib.sha256(record.encode()).hexdigest()[:16]
 
 
 def check_ready(cfg: Config) -> None:

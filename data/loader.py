@@ -196,8 +196,8 @@ class LoaderSpec:
     vocab_size: int = 0
     """Token ids must be below this (a corrupt shard's garbage ids would crash the embedding); 0: unchecked."""
     contents: str = ""
-    """What the shards hold beyond their names, when known (the manifest's counts per shard): a data position
-    resumes only on the same."""
+    """A digest of what the shards hold beyond their names, when known (the manifest's counts per shard): a
+    data position resumes only on the same."""
 
     @property
     def slots_per_rank(self) -> int:
@@ -261,7 +261,6 @@ class Loader:
         urls = expand_urls(spec.urls)
         self.units = units_for(urls, spec.world_size * spec.slots_per_rank)
         self.shards = shard_signature(urls)
-        self.contents = hashlib.sha256(spec.contents.encode()).hexdigest()[:16]
         self.states = [SlotState() for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
@@ -331,7 +330,7 @@ class Loader:
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
-                "num_workers": self.spec.num_workers, "shards": self.shards, "contents": self.contents,
+                "num_workers": self.spec.num_workers, "shards": self.shards, "contents": self.spec.contents,
                 "consumed": self.consumed,
                 "slots": [asdict(s) for s in self.states]}
 
@@ -339,7 +338,8 @@ class Loader:
         expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
                     "num_workers": self.spec.num_workers}
         # States saved before these were recorded resume as they always did.
-        expected.update({key: getattr(self, key) for key in ("shards", "contents") if key in state})
+        expected.update({key: value for key, value in (("shards", self.shards), ("contents", self.spec.contents))
+                         if key in state})
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
