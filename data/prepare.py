@@ -139,10 +139,9 @@ def prepare(cfg: Config, log=print) -> dict:
         build_tokenizer(p, tok_dir, cfg.run.seed, cfg.data.strict, log=log)
     elif not cfg.data.tokenizer:  # prepare's own tokenizer, left by a prepare that did not finish
         made_for = read_json(tok_dir / TOKENIZER_RECIPE)
-        if made_for not in (None, tokenizer_recipe(p, cfg.run.seed)):
-            raise SystemExit(f"{tok_dir}: a tokenizer trained with other data.prepare settings "
-                             f"({', '.join(TOKENIZER_SETTINGS)} or run.seed); remove it, or set data.tokenizer "
-                             "to use it as it is")
+        if made_for is not None and (changes := recipe_changes(made_for, tokenizer_recipe(p, cfg.run.seed))):
+            raise SystemExit(f"{tok_dir}: a tokenizer trained with other data.prepare settings ({changes}); remove "
+                             "it, or set data.tokenizer to use it as it is")
         log(f"data: reusing the tokenizer in {tok_dir}")
     else:
         log(f"data: using the tokenizer in {tok_dir} (data.tokenizer)")
