@@ -26,6 +26,9 @@ IGNORE = -100
 KEY_BITS = 30
 NEVER = 2**31 - 1
 """An int32 key above every random key: marks entries that must not be taken."""
+LATE = 2.0**120
+"""A race time no positive importance weight reaches in practice (only weights below 1e-35 do), finite in float32
+even when tripled."""
 
 
 @dataclass(frozen=True)
@@ -365,8 +368,11 @@ def select_importance(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.G
     if not opts.exact:
         mean = weight.sum(dim=1, keepdim=True) / cand.sum(dim=1, keepdim=True).clamp(min=1)
         return cand & (uniform < rate * weight / mean.clamp(min=1e-12))
-    # 1 - uniform lies in (0, 1]: its log is finite. Weight 0 scores +inf: chosen only once nothing else is left.
-    scores = -torch.log1p(-uniform) / weight
+    # 1 - uniform lies in (0, 1]: its log is finite. Weight-0 candidates race last, yet ahead of the +inf of
+    # non-candidates (a tie there would let topk pick a special) and in random order among themselves: their
+    # times lie in [2 LATE, 3 LATE), above every positive weight's time, which is capped at LATE.
+    times = (-torch.log1p(-uniform) / weight).clamp_(max=LATE)
+    scores = torch.where(weight > 0, times, LATE * (2 + uniform))
     return take_lowest(scores.masked_fill_(~cand, INF), target_counts(cand, rate))
 
 

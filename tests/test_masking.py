@@ -227,6 +227,28 @@ def test_importance_selects_in_proportion_to_weight():
     assert abs(flat[heavy[ids]].float().mean() / flat[~heavy[ids]].float().mean() - 1) < 0.1
 
 
+def test_zero_weight_tokens_are_taken_last_and_specials_never():
+    ids = packed_rows(rows=16, length=64)
+    cand = candidates(ids, VOCAB)
+    weights = torch.ones(SIZE)
+    zero = torch.arange(SIZE) >= SIZE // 2
+    weights[zero] = 0.0
+    positive = cand & ~zero[ids]
+    for rate in (0.1, 0.8, 1.0):
+        selected = POLICIES["importance"](ids, VOCAB, rate, generator(1), PolicyOptions(importance=weights))
+        counts = target_counts(cand, rate)
+        assert torch.equal(selected.sum(dim=1), counts), rate
+        assert not (selected & ~cand).any(), rate
+        # A zero-weight token only once every positive-weight one of its row is taken.
+        taken_zero = (selected & ~positive).sum(dim=1)
+        assert torch.equal(taken_zero, (counts - positive.sum(dim=1)).clamp(min=0)), rate
+    # Among themselves, zero-weight tokens are drawn at random, not by position.
+    only_zero = torch.where(cand, SIZE - 1 - torch.arange(64) % 100, ids)
+    picks = [POLICIES["importance"](only_zero, VOCAB, 0.1, generator(seed), PolicyOptions(importance=weights))
+             for seed in range(2)]
+    assert not torch.equal(*picks)
+
+
 def test_importance_without_a_table_says_how_to_build_one():
     with pytest.raises(ValueError, match="masktrain data importance"):
         POLICIES["importance"](packed_rows(2, 16), VOCAB, 0.15, generator(0), PolicyOptions())
