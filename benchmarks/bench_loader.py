@@ -119,7 +119,7 @@ def main(quick: bool = False) -> dict:
              median["reader"] / median["webdataset_reader"], "target": "", "unit": "x"},
         ],
     }
-    path = write_result("loader", result)
+    path = write_result("loader", result, quick)
     print(f"packed {median['packed']:,.0f} tokens/s, masked MLM {median['mlm']:,.0f} tokens/s (1 worker); "
           f"reader {median['reader']:,.0f} docs/s vs webdataset {median['webdataset_reader']:,.0f} docs/s -> {path}")
     return result

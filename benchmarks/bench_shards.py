@@ -109,7 +109,7 @@ def main(quick: bool = False) -> dict:
              "value": median["inline_1_thread"] / median["pipelined_sp_threads"], "target": "", "unit": "x"},
         ],
     }
-    path = write_result("shards", result)
+    path = write_result("shards", result, quick)
     print(", ".join(f"{name} {mb:.1f} MB/s" for name, mb in result["mb_per_s"].items()) + f" ({cores} cores) -> {path}")
     return result
 

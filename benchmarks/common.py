@@ -2,9 +2,10 @@
 
 Each benchmark is `benchmarks/bench_<name>.py` with a `main(quick: bool = False) -> dict` that measures what
 it compares side by side in one process (this machine is shared and noisy: ratios measured together are
-what count), returns its result and writes it with `write_result`. `quick=True` must finish in seconds (tests
-run it); a plain `python -m benchmarks.bench_<name>` runs the full measurement. `make bench` (benchmarks/run.py)
-runs every bench_*.py in its own process and rebuilds the README's results table from the JSON files.
+what count), returns its result and writes it with `write_result`, which records `quick`. `quick=True` must
+finish in seconds (tests run it); a plain `python -m benchmarks.bench_<name>` runs the full measurement.
+`make bench` (benchmarks/run.py) runs every bench_*.py in its own process and rebuilds the README's results
+table from the JSON files.
 
 The headline figures go in the result as `"summary"`, a list of entries the README table shows one row each:
 
@@ -37,8 +38,9 @@ from typing import Callable, Iterator
 from masktrain.launcher.machine import stamp
 
 RESULTS = Path(__file__).parent / "results"
+QUICK_RESULTS = Path(__file__).parent / "out" / "quick"
 RESULTS_ENV = "MASKTRAIN_BENCH_RESULTS"
-"""The runner points this at another folder for quick runs, so they never overwrite the published results."""
+"""The runner's choice of results folder, passed to the benchmark processes it starts."""
 
 
 def timings(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
@@ -85,14 +87,17 @@ def rendezvous() -> Iterator[dict[str, str]]:
     yield {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True"}
 
 
-def results_dir() -> Path:
-    return Path(os.environ.get(RESULTS_ENV) or RESULTS)
+def results_dir(quick: bool) -> Path:
+    """The runner's folder, else the published one for full runs and out/quick for quick ones: a quick run
+    started by hand (`python -m benchmarks.bench_engine --quick`) never replaces a published figure."""
+    chosen = os.environ.get(RESULTS_ENV)
+    return Path(chosen) if chosen else QUICK_RESULTS if quick else RESULTS
 
 
-def write_result(name: str, result: dict) -> Path:
-    folder = results_dir()
+def write_result(name: str, result: dict, quick: bool) -> Path:
+    folder = results_dir(quick)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
-    payload = {"benchmark": name, **stamp(), **result}
+    payload = {"benchmark": name, **stamp(), "quick": quick, **result}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

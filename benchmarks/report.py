@@ -129,6 +129,18 @@ def table(results: list[Result], first_column: str) -> list[str]:
     return lines
 
 
+def commits(results: list[Result]) -> str:
+    """", code at <commit>" (several when the files came from different runs; "+ changes" when the tree
+    differed from the commit): a figure older than the code it describes shows as such."""
+    seen = []
+    for result in results:
+        code = result.data.get("code")
+        label = f"{code['commit'][:10]}{' + changes' if code.get('dirty') else ''}" if code else "unknown"
+        if label not in seen:
+            seen.append(label)
+    return f", code at {', '.join(seen)}" if seen else ""
+
+
 def provenance(results: list[Result]) -> list[str]:
     """When and where the figures were measured: one line per distinct machine."""
     machines: dict[str, list[Result]] = {}
@@ -138,10 +150,10 @@ def provenance(results: list[Result]) -> list[str]:
     for text, group in machines.items():
         dates = sorted(r.data.get("date", "?")[:10] for r in group)
         when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
-        quick = [r.name for r in group if r.data.get("run", {}).get("quick")]
+        quick = [r.name for r in group if r.data.get("quick") or r.data.get("run", {}).get("quick")]
         note = f" Quick mode (not comparable): {', '.join(quick)}." if quick else ""
         names = f" ({', '.join(r.name for r in group)})" if len(machines) > 1 else ""
-        lines.append(f"Measured {when} on {text}{names}.{note}")
+        lines.append(f"Measured {when} on {text}{names}{commits(group)}.{note}")
     return lines
 
 

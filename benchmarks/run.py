@@ -73,7 +73,7 @@ def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path,
     seconds = time.perf_counter() - started
     if problem is None and not path.is_file():
         problem = f"finished without writing {path.name}"
-    run = {"quick": quick, "seconds": round(seconds, 1), "log": str(log)}
+    run = {"quick": quick, "seconds": round(seconds, 1), "log": str(log), "command": sys.argv}
     if problem:
         payload = {"benchmark": name, **stamp(), "error": f"{problem} (log: {log.name})", "run": run}
     else:

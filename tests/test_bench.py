@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from benchmarks import report
+from benchmarks import common, report
+from masktrain.launcher.machine import code_version
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,7 +24,7 @@ def main(quick: bool = False) -> dict:
         {"metric": "fast / slow time", "value": 0.25, "target": "< 1", "unit": "x"},
         {"metric": "tokens/s", "value": 181234.5, "target": ">= 200000", "unit": "tokens/s"},
         {"metric": "peak memory", "value": 12.5, "target": "", "unit": "MiB"}]}
-    write_result("good", result)
+    write_result("good", result, quick)
     return result
 '''
 BROKEN = '''
@@ -37,7 +39,7 @@ MALFORMED = '''
 from benchmarks.common import write_result
 
 def main(quick: bool = False) -> dict:
-    return write_result("malformed", {"summary": [
+    return write_result("malformed", quick=quick, result={"summary": [
         {"metric": "ratio", "value": "fast", "target": "=> 2", "unit": "x"},
         {"metric": "ok", "value": 2.0, "target": "> 1", "unit": "x"},
         {"metric": "remark", "value": 3.0, "target": "(context)", "unit": "x"}]})
@@ -67,7 +69,8 @@ def test_runner_runs_each_benchmark_and_rebuilds_the_readme(fake_checkout):
     assert "bench: 4 benchmark(s)" in run.stdout and "helper" not in run.stdout
 
     good = json.loads((results / "good.json").read_text())
-    assert good["quick_seen"] is True and good["run"]["quick"] is True
+    assert good["quick_seen"] is True and good["quick"] is True and good["run"]["quick"] is True
+    assert len(good["code"]["commit"]) == 40  # the masktrain checkout whose code was measured
     assert good["machine"]["cores"] >= 1 and good["machine"]["torch"]
     broken = json.loads((results / "broken.json").read_text())
     assert broken["error"].startswith("exited with code 1")
@@ -123,3 +126,58 @@ def test_shipped_benchmarks_run_at_test_size_and_report_their_figures(tmp_path):
     for result in found:
         assert "error" not in result.data and not result.problems, (result.name, result.problems)
         assert result.data["summary"] and result.data["run"]["quick"] is True
+
+
+def test_readme_table_is_the_one_the_published_results_make():
+    """A result file changed without `masktrain bench --table-only`, or a README edited by hand, shows here."""
+    results = ROOT / "benchmarks" / "results"
+    text = (ROOT / "README.md").read_text()
+    shown = text[text.index(report.START):text.index(report.END) + len(report.END)]
+    assert shown == report.section(report.read_results(results), results, ROOT).strip()
+
+
+def test_targets_are_checked_on_unrounded_values():
+    assert report.met(0.7, "<= 0.7") == "yes" and report.met(0.7004, "<= 0.7") == "**no**"
+    assert report.met(4.996, ">= 5") == "**no**" and report.met(5, ">= 5") == "yes"
+
+
+def test_a_quick_run_started_by_hand_never_replaces_published_results(monkeypatch, tmp_path):
+    monkeypatch.delenv(common.RESULTS_ENV, raising=False)
+    assert common.results_dir(quick=True) == common.QUICK_RESULTS != common.RESULTS
+    assert common.results_dir(quick=False) == common.RESULTS
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    assert common.results_dir(quick=True) == common.results_dir(quick=False) == tmp_path
+
+
+def test_provenance_names_the_measured_commit_and_local_changes():
+    machine = {"cores": 2, "cpu": "cpu", "torch": "t"}
+    clean = report.Result("a", {"date": "2026-11-29", "machine": machine, "code": {"commit": "a" * 40, "dirty": False}})
+    dirty = report.Result("b", {"date": "2026-11-29", "machine": machine, "code": {"commit": "b" * 40, "dirty": True}})
+    line, = report.provenance([clean, dirty])
+    assert f"code at {'a' * 10}, {'b' * 10} + changes." in line
+    older = report.Result("c", {"date": "2026-11-29", "machine": machine})
+    assert "code at unknown" in report.provenance([older])[0]
+
+
+def test_code_version_reads_the_commit_and_whether_tracked_files_changed(tmp_path):
+    assert code_version(tmp_path) is None
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "f").write_text("1")
+    subprocess.run([*git, "add", "f"], check=True)
+    subprocess.run([*git, "commit", "-qm", "c"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert code_version(tmp_path) == {"commit": head, "dirty": False}
+    (tmp_path / "untracked").write_text("x")
+    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "f").write_text("2")
+    assert code_version(tmp_path) == {"commit": head, "dirty": True}
+
+
+def test_the_engine_benchmark_refuses_to_time_two_different_steps():
+    from benchmarks.bench_engine import SAME_STEP_CHECKED, early_gap
+
+    drifting = [1e-8] * SAME_STEP_CHECKED + [0.3]  # late drift is the dynamics amplifying rounding
+    assert early_gap(drifting) == 1e-8
+    with pytest.raises(SystemExit, match="steps differ"):
+        early_gap([0.0, 1e-2] + drifting)
