@@ -36,7 +36,9 @@ class RateSchedule:
     def __call__(self, step: int) -> float:
         progress = min(max(step - self.warmup, 0) / self.steps, 1.0)
         weight = SCHEDULES[self.name](progress, self.plateaus)
-        return self.start + (self.end - self.start) * weight
+        # Blending (rather than start + (end - start) * weight) lands on `end` exactly at weight 1: 0.4 -> 0.1
+        # ended at 0.09999999999999998, which rounds 15 candidates to 1 masked token instead of 2.
+        return self.start * (1.0 - weight) + self.end * weight
 
     @property
     def final(self) -> float:

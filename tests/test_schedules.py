@@ -31,6 +31,16 @@ def test_linear_moves_from_start_to_end_then_holds():
     assert schedule.final == pytest.approx(0.15)
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine", "step"])
+def test_schedules_start_and_end_on_their_values_exactly(name):
+    """Exactly, not approximately: the rate sets round(rate * n) masked tokens, and 0.1 - 2e-17 rounds 15
+    candidates to 1 token where 0.1 rounds them to 2."""
+    for start, end in ((0.4, 0.1), (0.3, 0.15), (0.15, 0.3), (0.5, 0.05)):
+        schedule = RateSchedule(name, start, end, steps=100, warmup=7)
+        assert schedule(0) == schedule(7) == start
+        assert schedule(107) == schedule(10_000) == schedule.final == end
+
+
 def test_cosine_is_symmetric_and_monotone():
     schedule = RateSchedule("cosine", 0.4, 0.1, steps=200)
     values = [schedule(step) for step in range(201)]
@@ -113,8 +123,10 @@ def test_realized_rate_follows_the_schedule_step_by_step(policy):
 def test_the_rate_is_a_pure_function_of_the_step():
     """What makes a resumed run use exactly the rate it would have used: no state besides the step."""
     masking = MaskingConfig(schedule="cosine", rate=0.3, final_rate=0.15, warmup_steps=3)
-    first = [rate_schedule(masking, 50)(step) for step in range(60)]
-    again = [rate_schedule(MaskingConfig(**vars(masking)), 50)(step) for step in reversed(range(60))]
-    assert first == list(reversed(again))
+    schedule = rate_schedule(masking, 50)
+    first = [schedule(step) for step in range(60)]
+    # The same object asked again in another order, and a fresh one: state kept between calls would show.
+    assert [schedule(step) for step in reversed(range(60))] == first[::-1]
+    assert [rate_schedule(MaskingConfig(**vars(masking)), 50)(step) for step in range(60)] == first
     assert all(math.isfinite(v) and 0.15 <= v <= 0.3 for v in first)
     assert torch.tensor(first[3:54]).diff().le(0).all()
