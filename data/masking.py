@@ -298,8 +298,8 @@ def select_pmi(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generato
 def select_span(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generator,
                 opts: PolicyOptions) -> torch.Tensor:
     """Contiguous spans with geometric lengths (mean `span_mean`, at most `span_max`), as in SpanBERT, drawn
-    until round(rate * n) tokens are covered; exact cuts the last span to fit, otherwise the last span is kept
-    whole or dropped so that the count is right on average (`goes_in`).
+    until rate * n tokens are covered; exact cuts the last span to fit round(rate * n), otherwise the last span
+    is kept whole or dropped so that the count is rate * n on average (`goes_in`), with no rounding offset.
 
     Spans are laid out over the row's candidates only (specials and padding are skipped, never covered),
     uniformly at random and never touching, so every span stays a separate run of its drawn length. A span
@@ -307,9 +307,9 @@ def select_span(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generat
     """
     cand = candidates(ids, vocab)
     n = cand.sum(dim=1)
-    budget = target_counts(cand, rate)
+    budget = target_counts(cand, rate) if opts.exact else n.double() * rate
     rows = ids.shape[0]
-    most = int(budget.max()) if rows else 0
+    most = math.ceil(budget.max()) if rows else 0
     if most == 0:
         return torch.zeros(ids.shape, dtype=torch.bool)
 
