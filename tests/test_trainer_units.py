@@ -116,6 +116,39 @@ def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_
                     {"step": 3, "train/loss": 0.5, "train/grad_norm": None}]
 
 
+def scalar_events(tb_dir) -> list[tuple[str, int, float]]:
+    """Every scalar in the event files as stored, read without TensorBoard's purge logic (its default data
+    server has none)."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    return sorted((value.tag, event.step, round(float(make_ndarray(value.tensor)) if value.HasField("tensor")
+                                                else value.simple_value, 6))
+                  for path in tb_dir.glob("*tfevents*") for event in EventFileLoader(str(path)).Load()
+                  for value in event.summary.value)
+
+
+def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tmp_path):
+    first = Metrics(tmp_path, True, 0)
+    for step in (1, 2, 3, 4):
+        first.log(step, {"train/loss": 1.0 / step})
+    first.log(4, {"val/loss": 9.0})  # after the checkpoint at 2: the resumed run may never log it again
+    first.close()
+    with open(next((tmp_path / "tb").glob("*tfevents*")), "ab") as handle:
+        handle.write(b"\x10\x00\x00")  # killed mid-record
+    resumed = Metrics(tmp_path, True, 2)
+    resumed.log(3, {"train/loss": 0.5})
+    resumed.close()
+    assert scalar_events(tmp_path / "tb") == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
+
+    # A kill during a merge leaves copies of what was merged: a later resume keeps one of each.
+    merged = sorted((tmp_path / "tb").glob("*tfevents*"))[0]
+    (tmp_path / "tb" / (merged.name + ".copy")).write_bytes(merged.read_bytes())
+    Metrics(tmp_path, True, 3).close()
+    assert scalar_events(tmp_path / "tb") == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
+    assert len(list((tmp_path / "tb").glob("*tfevents*"))) == 2  # the merged file and the last launch's, empty
+
+
 def test_deepspeed_json_is_the_stage_preset_plus_the_run_plus_the_users_overrides(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))

@@ -1,6 +1,7 @@
 """Rank 0's logs: TensorBoard scalars and a JSON-lines file with the same values.
 
-On resume both are cut back to the resumed step, so a preempted and resumed run reads as one clean curve.
+On resume both are cut back to the resumed step, so a preempted and resumed run reads as one clean curve in
+any reader (see `truncate_events`).
 Non-finite values (the loss of a skipped step) are left out of TensorBoard and written as null, which keeps
 the file strict JSON.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 
@@ -23,9 +25,8 @@ class Metrics:
         from torch.utils.tensorboard import SummaryWriter
 
         self.truncate_jsonl(resume_step)
-        # purge_step drops events a killed run wrote after the checkpoint we resume from (or, with no
-        # checkpoint yet, all of them).
-        self.writer = SummaryWriter(str(self.tb_dir), purge_step=resume_step + 1)
+        truncate_events(self.tb_dir, resume_step)
+        self.writer = SummaryWriter(str(self.tb_dir))
 
     def truncate_jsonl(self, resume_step: int) -> None:
         if not self.jsonl.is_file():
@@ -52,6 +53,44 @@ class Metrics:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+def truncate_events(tb_dir: Path, resume_step: int) -> None:
+    """Drops from the event files what earlier launches logged after `resume_step` (the checkpoint resumed
+    from; 0 without one).
+
+    SummaryWriter's purge_step only writes a marker: TensorBoard's Python loader honours it, its default data
+    server (tensorboard-data-server) does not, and kept showing a val/loss point of the abandoned launch until
+    the resumed run happened to log that tag at the same step. The kept events go into the oldest file, so
+    they sort before the resumed launch's; exact copies, which a kill during an earlier merge leaves, are
+    dropped, and so are old purge markers (nothing is left for them to purge)."""
+    files = sorted(tb_dir.glob("*tfevents*"))  # names start with the creation time in seconds
+    if not files:
+        return
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.compat.proto.event_pb2 import SessionLog
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    header, kept, seen = None, [], set()
+    for path in files:
+        for event in EventFileLoader(str(path)).Load():
+            if event.HasField("file_version"):
+                header = header or event.SerializeToString()
+            elif event.step <= resume_step and event.session_log.status != SessionLog.START:
+                record = event.SerializeToString()
+                if record not in seen:
+                    seen.add(record)
+                    kept.append(record)
+    tmp = tb_dir / "merge.tmp"  # TensorBoard reads only names with "tfevents" in them
+    with open(tmp, "wb") as handle:
+        writer = RecordWriter(handle)
+        for record in [header, *kept] if header else kept:
+            writer.write(record)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, files[0])
+    for path in files[1:]:
+        path.unlink()
 
 
 def parses(line: str) -> bool:
