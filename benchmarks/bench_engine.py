@@ -124,25 +124,9 @@ def step_times(quick: bool, store: dict[str, str]) -> dict:
                                   "max": max(gaps)}, "threads": torch.get_num_threads()}
 
 
-def storage_bytes(tensors) -> int:
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
-def held_bytes(engine) -> dict[str, int]:
-    """Parameters as the module holds them (ZeRO-3: its partition in ds_tensor, plus parameters it keeps whole),
-    the master weights the torch optimizer steps on, and that optimizer's state."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
-    params = [t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None)) if t is not None]
-    params += [p for group in inner.param_groups for p in group["params"]]
-    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {"parameters": storage_bytes(params), "optimizer_state": storage_bytes(state),
-            "total": storage_bytes(params + state)}
-
-
 def memory_rank(rank: int, store: dict[str, str], out_dir: str) -> None:
     from masktrain.trainer import engine as eng
-    from masktrain.trainer.size import parameter_count
+    from masktrain.trainer.size import held_bytes, parameter_count
 
     runtime = join_group(rank, 2, store, config(2, MEMORY_MODEL))
     result = {}

@@ -1,7 +1,8 @@
 """The DeepSpeed engine the trainer builds, at every ZeRO stage (one rank, gloo, CPU, in a child process so the
 process group does not outlive the test): a step whose gradients are not finite leaves weights and optimizer
 state untouched and is reported through `was_step_applied()`; a good step after it applies and is clipped; and the
-trainer's micro-steps hand the optimizer the mean gradient over every target of the step."""
+trainer's micro-steps hand the optimizer the mean gradient over every target of the step; and the weights and
+optimizer state each stage holds are what `masktrain model info` predicts."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def probe(runtime) -> dict:
     import torch
 
     from masktrain.trainer import engine as eng
+    from masktrain.trainer.size import held_bytes, parameter_count, state_bytes
 
     cfg = load_config("smoke", ["launch.nproc_per_node=1", "trainer.global_batch_size=8", "launch.accelerator=cpu",
                                 "optim.grad_clip=0.5"])
@@ -57,6 +59,8 @@ def probe(runtime) -> dict:
         # The first step creates the optimizer state: AdamW's first moment is then (1 - beta1) x the gradient
         # it applied, which shows whether that gradient was clipped.
         _, first_norm = step(1000.0)
+        weights, _, optimizer = state_bytes("fp32", stage)
+        held = held_bytes(engine)["total"] / ((weights + optimizer) * parameter_count(engine.module))
         inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
         beta1 = inner.param_groups[0]["betas"][0]
         moment = torch.sqrt(sum(state["exp_avg"].double().pow(2).sum() for state in inner.state.values()))
@@ -69,7 +73,7 @@ def probe(runtime) -> dict:
                           "nan_applied": nan_applied, "nan_norm_finite": bool(torch.isfinite(torch.tensor(nan_norm))),
                           "unchanged": unchanged, "good_applied": good_applied, "good_norm": good_norm,
                           "changed": not same(before, after),
-                          "finite": all(bool(torch.isfinite(t).all()) for t in after)}
+                          "finite": all(bool(torch.isfinite(t).all()) for t in after), "held_vs_predicted": held}
     return results
 
 
@@ -140,6 +144,8 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
         assert r["good_applied"] and r["changed"] and r["finite"], f"ZeRO-{stage}: {r}"
         assert r["good_norm"] > 0.5, f"ZeRO-{stage} reports the norm after clipping: {r}"
         assert r["first_norm"] > 0.5 and r["applied_norm"] == pytest.approx(0.5, rel=1e-3), f"ZeRO-{stage} did not clip to 0.5: {r}"
+        # What `masktrain model info` predicts for weights and optimizer state is what the engine holds.
+        assert r["held_vs_predicted"] == pytest.approx(1.0, abs=0.02), f"ZeRO-{stage}: {r}"
     norms = [r["good_norm"] for r in results.values()]
     assert max(norms) == pytest.approx(min(norms), rel=1e-4), f"stages disagree on the gradient norm: {norms}"
 

@@ -5,6 +5,7 @@ storage), so even a billion-parameter preset is counted in seconds with no memor
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from masktrain.data.tokenizer import MASK_ID, RESERVED_IDS
@@ -12,10 +13,16 @@ from masktrain.launcher.config import Config
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.models import TokenIds, build_model, zero_stage
 
-# Bytes per parameter of the training state, split by what ZeRO partitions (Rajbhandari et al., ZeRO, sec. 3):
-# (weights, gradients, optimizer state). Mixed precision keeps bf16 weights and gradients plus an fp32 master
-# copy and two AdamW moments; fp32 training keeps fp32 weights and gradients plus the two moments.
-STATE_BYTES = {"bf16": (2, 2, 12), "fp32": (4, 4, 8)}
+
+def state_bytes(precision: str, zero_stage: int) -> tuple[int, int, int]:
+    """Bytes per parameter of the training state, split by what ZeRO partitions (Rajbhandari et al., ZeRO,
+    sec. 3): (weights, gradients, optimizer state). Mixed precision keeps bf16 weights and gradients plus an
+    fp32 master copy and two AdamW moments. fp32 training keeps fp32 weights and gradients and the two moments,
+    and under ZeRO-1/2 a master copy as well: DeepSpeed clones its fp32 partition from the fp32 weights
+    (stage_1_and_2.py, single_partition_of_fp32_groups), where ZeRO-3 steps the weights' own partition."""
+    if precision == "bf16":
+        return 2, 2, 12
+    return 4, 4, 12 if zero_stage in (1, 2) else 8
 
 # The ids data/tokenizer.py gives its special tokens; used only when the tokenizer is not built yet, and they
 # do not change any parameter count beyond RoBERTa's position offset.
@@ -65,8 +72,26 @@ def state_bytes_per_rank(params: int, precision: str, zero_stage: int, world_siz
     def share(nbytes: int, partitioned_from_stage: int) -> float:
         return nbytes / world_size if zero_stage >= partitioned_from_stage else nbytes
 
-    weights, grads, optim = STATE_BYTES[precision]
+    weights, grads, optim = state_bytes(precision, zero_stage)
     return params * (share(weights, 3) + share(grads, 2) + share(optim, 1))
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views of one buffer count once)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def held_bytes(engine) -> dict[str, int]:
+    """What a DeepSpeed engine holds on this rank, measured: parameters as the module holds them (ZeRO-3: its
+    partition in ds_tensor, plus parameters it keeps whole), the master weights the torch optimizer steps on,
+    and that optimizer's state. `state_bytes_per_rank` predicts these plus gradients."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    params = [t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None)) if t is not None]
+    params += [p for group in inner.param_groups for p in group["params"]]
+    state = [v for s in inner.state.values() for v in s.values() if torch.is_tensor(v)]
+    return {"parameters": storage_bytes(params), "optimizer_state": storage_bytes(state),
+            "total": storage_bytes(params + state)}
 
 
 def token_ids(cfg: Config) -> tuple[TokenIds, str]:
@@ -83,8 +108,6 @@ def token_ids(cfg: Config) -> tuple[TokenIds, str]:
 
 def model_info(cfg: Config) -> str:
     """What `masktrain model info` prints: the model's size and the training state it needs per rank."""
-    import torch
-
     from masktrain.trainer.objectives import OBJECTIVES
 
     ids, source = token_ids(cfg)
