@@ -236,9 +236,19 @@ def test_flops_per_token_is_what_torch_counts_for_a_training_step(tiny_data, obj
                                                                            rel=0.02)
 
 
-def test_peak_flops_match_the_longest_gpu_name_in_the_table():
-    from masktrain.trainer.progress import peak_tflops
+def test_peak_flops_match_the_longest_gpu_name_and_the_training_precision(monkeypatch):
+    from types import SimpleNamespace
 
-    assert peak_tflops("NVIDIA L40S") == 362 and peak_tflops("NVIDIA L40") == 181 and peak_tflops("NVIDIA L4") == 121
-    assert peak_tflops("NVIDIA H100 PCIe") == 756 and peak_tflops("NVIDIA H100 80GB HBM3") == 989
-    assert peak_tflops("NVIDIA GeForce RTX 4090") == 0
+    from masktrain.trainer.progress import peak_flops, peak_tflops
+
+    assert peak_tflops("NVIDIA L40S", "bf16") == 362 and peak_tflops("NVIDIA L40", "bf16") == 181
+    assert peak_tflops("NVIDIA L4", "bf16") == 121 and peak_tflops("NVIDIA H100 PCIe", "bf16") == 756
+    assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835 and peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989
+    assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == 0
+    # fp32 (what precision=auto picks on a V100) is measured against the fp32 units, not the tensor cores.
+    assert peak_tflops("Tesla V100-SXM2-32GB", "fp32") == 15.7 and peak_tflops("Tesla V100-SXM2-32GB", "bf16") == 0
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    runtime, cfg = SimpleNamespace(device=torch.device("cuda", 0)), load_config("smoke")
+    assert peak_flops(cfg, runtime, "fp32") == pytest.approx(66.9e12) and peak_flops(cfg, runtime, "bf16") == 989e12
+    cfg.trainer.peak_tflops = 100.0
+    assert peak_flops(cfg, runtime, "fp32") == 100e12

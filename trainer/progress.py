@@ -9,23 +9,28 @@ import torch
 
 from masktrain.launcher.config import Config
 
-# Dense bf16 peak TFLOP/s per device (vendor datasheets, no sparsity), matched in GPU names longest first so
-# that "L4" does not take the L40S, nor "H100" the H100 PCIe.
-PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0,
-               "L40": 181.0, "L4": 121.0, "V100": 125.0}
+# Dense peak TFLOP/s per device (vendor datasheets, no sparsity) as (bf16 tensor cores, fp32): fp32 training
+# runs its matmuls on the fp32 units, since torch leaves TF32 off for them by default. V100 has no bf16
+# units (0: no estimate). Matched in GPU names longest first, so that "L4" does not take the L40S, nor "H100"
+# the H100 PCIe.
+PEAK_TFLOPS = {"H100 PCIe": (756.0, 51.2), "H100 NVL": (835.0, 60.0), "H100": (989.0, 66.9), "H200": (989.0, 66.9),
+               "A100": (312.0, 19.5), "A10G": (125.0, 31.2), "L40S": (362.0, 91.6), "L40": (181.0, 90.5),
+               "L4": (121.0, 30.3), "V100": (0.0, 15.7)}
 
 
-def peak_tflops(device_name: str) -> float:
-    """The table's peak for a GPU name; 0 when it is not in the table."""
-    return next((PEAK_TFLOPS[key] for key in sorted(PEAK_TFLOPS, key=len, reverse=True) if key in device_name), 0.0)
+def peak_tflops(device_name: str, precision: str) -> float:
+    """The table's peak for a GPU name at the training precision (bf16 or fp32); 0 when not in the table."""
+    key = next((key for key in sorted(PEAK_TFLOPS, key=len, reverse=True) if key in device_name), None)
+    return PEAK_TFLOPS[key][precision == "fp32"] if key else 0.0
 
 
-def peak_flops(cfg: Config, runtime) -> float:
-    """Per-device peak FLOP/s, from the config or the GPU's name; 0 (no MFU) when unknown, as on CPU."""
+def peak_flops(cfg: Config, runtime, precision: str) -> float:
+    """Per-device peak FLOP/s, from the config or the GPU's name and the precision the run trains in; 0 (no
+    MFU) when unknown, as on CPU."""
     if cfg.trainer.peak_tflops:
         return cfg.trainer.peak_tflops * 1e12
     if runtime.device.type == "cuda":
-        return peak_tflops(torch.cuda.get_device_name(runtime.device)) * 1e12
+        return peak_tflops(torch.cuda.get_device_name(runtime.device), precision) * 1e12
     return 0.0
 
 

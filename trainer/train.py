@@ -203,7 +203,7 @@ def train(cfg: Config) -> None:
     skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
-    peak = peak_flops(cfg, runtime)
+    peak = peak_flops(cfg, runtime, dtype)
     progress = Progress(is_main, cfg.trainer.progress_bar, state.step, cfg.trainer.max_steps)
     launch_start = state.step
     ended, reason = "completed", None
