@@ -15,7 +15,7 @@ from masktrain.launcher.loading import ConfigError, load_config, to_dict
 from masktrain.trainer.checkpoint import Checkpointer, config_changes, tag_for
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
-from masktrain.trainer.metrics import Metrics
+from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.status import REQUEUE_EXIT, write_status
 
 
@@ -114,6 +114,20 @@ def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows == [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5},
                     {"step": 3, "train/loss": 0.5, "train/grad_norm": None}]
+
+
+def test_a_logged_point_covers_every_step_of_its_interval():
+    interval = Interval()
+    interval.add(loss_sum=30.0, targets=10.0, tokens=100, seconds=1.0, waited=0.1)
+    interval.add(loss_sum=math.nan, targets=10.0, tokens=100, seconds=1.0, waited=0.1)  # a skipped step
+    interval.add(loss_sum=10.0, targets=30.0, tokens=100, seconds=2.0, waited=0.6)
+    # Per target over the steps with a finite loss (40 / 40), not the mean of step means ((3 + 1/3) / 2).
+    assert interval.loss == 1.0
+    assert interval.tokens_per_s == 300 / 4.0 and interval.waited / interval.seconds == 0.2
+    assert interval.targets / interval.tokens == 50 / 300  # what ran, skipped step included, for MFU
+    only_bad = Interval()
+    only_bad.add(loss_sum=math.inf, targets=5.0, tokens=100, seconds=1.0, waited=0.0)
+    assert math.isnan(only_bad.loss)
 
 
 def scalar_events(tb_dir) -> list[tuple[str, int, float]]:

@@ -1,9 +1,8 @@
 """Rank 0's logs: TensorBoard scalars and a JSON-lines file with the same values.
 
 On resume both are cut back to the resumed step, so a preempted and resumed run reads as one clean curve in
-any reader (see `truncate_events`).
-Non-finite values (the loss of a skipped step) are left out of TensorBoard and written as null, which keeps
-the file strict JSON.
+any reader (see `truncate_events`). Non-finite values (the loss of an interval whose steps were all skipped)
+are left out of TensorBoard and written as null, which keeps the file strict JSON.
 """
 
 from __future__ import annotations
@@ -11,7 +10,44 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+
+@dataclass
+class Interval:
+    """The steps since the last logged one, summed, so that a logged point describes every step of its
+    interval rather than one step in `log_every`: a single step's loss is a noisy sample, and one step's
+    throughput misses the slow ones between."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    loss_targets: float = 0.0
+    """Targets of the steps with a finite loss: a skipped step's NaN would hide the rest of the interval."""
+    targets: float = 0.0
+    tokens: int = 0
+    seconds: float = 0.0
+    """Time in training steps (loading their batches included); evaluation and checkpoints are not counted."""
+    waited: float = 0.0
+
+    def add(self, loss_sum: float, targets: float, tokens: int, seconds: float, waited: float) -> None:
+        self.steps += 1
+        if math.isfinite(loss_sum):
+            self.loss_sum += loss_sum
+            self.loss_targets += targets
+        self.targets += targets
+        self.tokens += tokens
+        self.seconds += seconds
+        self.waited += waited
+
+    @property
+    def loss(self) -> float:
+        """Mean loss per target over the interval's steps with a finite loss; NaN when none had one."""
+        return self.loss_sum / self.loss_targets if self.loss_targets else math.nan
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds
 
 
 class Metrics:

@@ -32,7 +32,7 @@ from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
 from masktrain.trainer.lr import lr_at
-from masktrain.trainer.metrics import Metrics
+from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 from masktrain.trainer.progress import Progress, peak_flops
@@ -200,6 +200,7 @@ def train(cfg: Config) -> None:
     loader.align(state.step)
 
     metrics = Metrics(out_dir, is_main, state.step)
+    interval = Interval()
     skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
@@ -247,24 +248,26 @@ def train(cfg: Config) -> None:
             state.bad_steps += int(bad)
             state.bad_in_row = state.bad_in_row + 1 if bad else 0
 
-            elapsed = time.perf_counter() - started
-            loss = loss_sum / max(targets, 1.0)
+            interval.add(loss_sum, targets, tokens_per_step, time.perf_counter() - started, waited)
             first_of_launch = state.step == launch_start + 1
             aborting = state.bad_in_row >= cfg.trainer.max_bad_steps
             if (state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps
                     or bad or aborting):
-                throughput = tokens_per_step / elapsed
-                values = {"train/loss": loss, "train/lr": lr, "train/mask_rate": mask_rate(state.step - 1),
+                # Loss, throughput, data wait and MFU cover the steps since the last log; the rest is this step's.
+                throughput = interval.tokens_per_s
+                values = {"train/loss": interval.loss, "train/lr": lr, "train/mask_rate": mask_rate(state.step - 1),
                           "train/grad_norm": engine.get_global_grad_norm(),
-                          "train/tokens_per_s": throughput, "train/data_wait": waited / elapsed,
+                          "train/tokens_per_s": throughput, "train/data_wait": interval.waited / interval.seconds,
                           "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
                           "train/tokens_seen": state.tokens,
                           # The FLOPs of what ran: heads (and MAE-LM's encoder) depend on the share of targets.
-                          "train/mfu": engine.module.flops_per_token(targets / tokens_per_step, cfg.data.seq_len)
+                          "train/mfu": engine.module.flops_per_token(interval.targets / interval.tokens,
+                                                                     cfg.data.seq_len)
                           * throughput / (peak * runtime.world_size) if peak else None,
                           **count_metrics("train/skipped", skipped_by_reason)}
                 metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
-                progress.update(state.step, loss, values)
+                progress.update(state.step, interval.loss, values)
+                interval = Interval()
             if bad:
                 progress.message(f"step {state.step}: skipped (non-finite loss or gradient), "
                                  f"{state.bad_in_row} in a row, {state.bad_steps} in total")
