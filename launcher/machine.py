@@ -34,14 +34,20 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+# What a measurement writes, and so changes while it runs: not a change to the code it measures.
+OUTPUTS = ("benchmarks/results", "README.md")
+
+
 def code_version(checkout: Path = CHECKOUT) -> dict | None:
-    """The commit the measured code came from and whether tracked files differed from it; None outside a git
-    checkout (an installed wheel)."""
+    """The commit the measured code came from and whether tracked files other than the results differed from
+    it; None outside a git checkout (an installed wheel)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      *(f":(exclude){path}" for path in OUTPUTS))
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.CalledProcessError):
         return None
 

@@ -170,6 +170,9 @@ def test_code_version_reads_the_commit_and_whether_tracked_files_changed(tmp_pat
     assert code_version(tmp_path) == {"commit": head, "dirty": False}
     (tmp_path / "untracked").write_text("x")
     assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "README.md").write_text("table")  # results a benchmark run rewrites are no code change
+    subprocess.run([*git, "add", "README.md"], check=True)
+    assert code_version(tmp_path)["dirty"] is False
     (tmp_path / "f").write_text("2")
     assert code_version(tmp_path) == {"commit": head, "dirty": True}
 
