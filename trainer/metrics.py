@@ -20,7 +20,6 @@ class Interval:
     interval rather than one step in `log_every`: a single step's loss is a noisy sample, and one step's
     throughput misses the slow ones between."""
 
-    steps: int = 0
     loss_sum: float = 0.0
     loss_targets: float = 0.0
     """Targets of the steps with a finite loss: a skipped step's NaN would hide the rest of the interval."""
@@ -31,7 +30,6 @@ class Interval:
     waited: float = 0.0
 
     def add(self, loss_sum: float, targets: float, tokens: int, seconds: float, waited: float) -> None:
-        self.steps += 1
         if math.isfinite(loss_sum):
             self.loss_sum += loss_sum
             self.loss_targets += targets
