@@ -163,6 +163,16 @@ def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tm
     assert len(list((tmp_path / "tb").glob("*tfevents*"))) == 2  # the merged file and the last launch's, empty
 
 
+def test_flush_puts_every_logged_event_on_disk_before_close(tmp_path):
+    """What the trainer calls after each checkpoint: a node lost later must not take the steps the resume keeps."""
+    metrics = Metrics(tmp_path, True, 0)
+    metrics.log(1, {"train/loss": 2.0})
+    metrics.flush()
+    assert scalar_events(tmp_path / "tb") == [("train/loss", 1, 2.0)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 2.0}
+    metrics.close()
+
+
 def test_deepspeed_json_is_the_stage_preset_plus_the_run_plus_the_users_overrides(tmp_path):
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))

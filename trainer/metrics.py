@@ -83,6 +83,16 @@ class Metrics:
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
 
+    def flush(self) -> None:
+        """Writes out the events SummaryWriter still holds and syncs both logs to disk."""
+        if self.writer is None:
+            return
+        self.writer.flush()
+        for path in [*self.tb_dir.glob("*tfevents*"), self.jsonl]:
+            if path.is_file():
+                with open(path, "rb+") as handle:
+                    os.fsync(handle.fileno())
+
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
