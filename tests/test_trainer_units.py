@@ -130,37 +130,45 @@ def test_a_logged_point_covers_every_step_of_its_interval():
     assert math.isnan(only_bad.loss)
 
 
-def scalar_events(tb_dir) -> list[tuple[str, int, float]]:
-    """Every scalar in the event files as stored, read without TensorBoard's purge logic (its default data
-    server has none)."""
+def scalar_events(tb_dir, files=None) -> list[tuple[str, int, float]]:
+    """Every scalar in the event files (default: all in `tb_dir`) as stored, read without TensorBoard's purge
+    logic (its default data server has none)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.util.tensor_util import make_ndarray
 
     return sorted((value.tag, event.step, round(float(make_ndarray(value.tensor)) if value.HasField("tensor")
                                                 else value.simple_value, 6))
-                  for path in tb_dir.glob("*tfevents*") for event in EventFileLoader(str(path)).Load()
+                  for path in (files or tb_dir.glob("*tfevents*")) for event in EventFileLoader(str(path)).Load()
                   for value in event.summary.value)
 
 
 def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tmp_path):
+    tb = tmp_path / "tb"
     first = Metrics(tmp_path, True, 0)
     for step in (1, 2, 3, 4):
         first.log(step, {"train/loss": 1.0 / step})
     first.log(4, {"val/loss": 9.0})  # after the checkpoint at 2: the resumed run may never log it again
     first.close()
-    with open(next((tmp_path / "tb").glob("*tfevents*")), "ab") as handle:
+    with open(next(tb.glob("*tfevents*")), "ab") as handle:
         handle.write(b"\x10\x00\x00")  # killed mid-record
+    foreign = tb / "events.out.tfevents.1.other-tool"
+    foreign.write_bytes(next(tb.glob("*tfevents*")).read_bytes())
     resumed = Metrics(tmp_path, True, 2)
     resumed.log(3, {"train/loss": 0.5})
     resumed.close()
-    assert scalar_events(tmp_path / "tb") == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
+    ours = sorted(tb.glob("*tfevents*.masktrain"))
+    assert scalar_events(tb, ours) == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
+    assert scalar_events(tb, [foreign])[-1] == ("val/loss", 4, 9.0)  # another tool's file is not ours to cut
 
-    # A kill during a merge leaves copies of what was merged: a later resume keeps one of each.
-    merged = sorted((tmp_path / "tb").glob("*tfevents*"))[0]
-    (tmp_path / "tb" / (merged.name + ".copy")).write_bytes(merged.read_bytes())
+    # A later resume reads only the files written since: the first launch's is indexed as ending at step 2.
+    assert json.loads((tb / "event-files.json").read_text()) == {ours[0].name: 2}
+    before = ours[0].stat().st_mtime_ns
     Metrics(tmp_path, True, 3).close()
-    assert scalar_events(tmp_path / "tb") == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
-    assert len(list((tmp_path / "tb").glob("*tfevents*"))) == 2  # the merged file and the last launch's, empty
+    assert ours[0].stat().st_mtime_ns == before
+    assert scalar_events(tb, ours) == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
+    # Rolling back to an earlier checkpoint reads them all again.
+    Metrics(tmp_path, True, 1).close()
+    assert scalar_events(tb, sorted(tb.glob("*tfevents*.masktrain"))) == [("train/loss", 1, 1.0)]
 
 
 def test_flush_puts_every_logged_event_on_disk_before_close(tmp_path):

@@ -211,8 +211,10 @@ def check_resumable(path: Path, config: dict, allowed: bool) -> None:
                          + "\nrestore them, use a new run.output_dir, or set trainer.allow_config_change=true")
 
 
-def write_atomic(path: Path, content: str | bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, content: str | bytes, tmp_name: str = "") -> None:
+    """Replaces `path` whole or not at all, durably; the content goes first to `tmp_name` beside it (default:
+    the name + ".tmp")."""
+    tmp = path.with_name(tmp_name or path.name + ".tmp")
     with open(tmp, "wb") as handle:
         handle.write(content.encode() if isinstance(content, str) else content)
         handle.flush()

@@ -7,11 +7,18 @@ are left out of TensorBoard and written as null, which keeps the file strict JSO
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from masktrain.trainer.checkpoint import fsync_path, write_atomic
+
+EVENTS_SUFFIX = ".masktrain"
+"""Ends the names of the event files this trainer writes: the only ones a resume rewrites."""
+EVENTS_INDEX = "event-files.json"
+"""In the TensorBoard folder: for each event file already read, the last step it holds."""
 
 
 @dataclass
@@ -60,7 +67,7 @@ class Metrics:
 
         self.truncate_jsonl(resume_step)
         truncate_events(self.tb_dir, resume_step)
-        self.writer = SummaryWriter(str(self.tb_dir))
+        self.writer = SummaryWriter(str(self.tb_dir), filename_suffix=EVENTS_SUFFIX)
 
     def truncate_jsonl(self, resume_step: int) -> None:
         if not self.jsonl.is_file():
@@ -69,9 +76,7 @@ class Metrics:
         if lines and not parses(lines[-1]):
             lines.pop()  # a kill in the middle of a write: that step comes after any checkpoint
         kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
-        tmp = self.jsonl.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.jsonl)
+        write_atomic(self.jsonl, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -88,10 +93,9 @@ class Metrics:
         if self.writer is None:
             return
         self.writer.flush()
-        for path in [*self.tb_dir.glob("*tfevents*"), self.jsonl]:
+        for path in [*self.tb_dir.glob(f"*tfevents*{EVENTS_SUFFIX}"), self.jsonl]:
             if path.is_file():
-                with open(path, "rb+") as handle:
-                    os.fsync(handle.fileno())
+                fsync_path(path)
 
     def close(self) -> None:
         if self.writer is not None:
@@ -100,41 +104,41 @@ class Metrics:
 
 
 def truncate_events(tb_dir: Path, resume_step: int) -> None:
-    """Drops from the event files what earlier launches logged after `resume_step` (the checkpoint resumed
-    from; 0 without one).
+    """Drops from this trainer's event files what earlier launches logged after `resume_step` (the checkpoint
+    resumed from; 0 without one).
 
     SummaryWriter's purge_step only writes a marker: TensorBoard's Python loader honours it, its default data
     server (tensorboard-data-server) does not, and kept showing a val/loss point of the abandoned launch until
-    the resumed run happened to log that tag at the same step. The kept events go into the oldest file, so
-    they sort before the resumed launch's; exact copies, which a kill during an earlier merge leaves, are
-    dropped, and so are old purge markers (nothing is left for them to purge)."""
-    files = sorted(tb_dir.glob("*tfevents*"))  # names start with the creation time in seconds
-    if not files:
-        return
+    the resumed run happened to log that tag at the same step. Each file is rewritten in place, so files keep
+    their order; old purge markers go too, nothing being left for them to purge. A TensorBoard already
+    serving the run shows the change once it reloads the files.
+
+    Files of other tools are left alone, and so are files the index says end at or before `resume_step`:
+    launches write a file each and never reopen it, so a resume reads what came since the last one, not the
+    whole history."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.compat.proto.event_pb2 import SessionLog
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    header, kept, seen = None, [], set()
+    index_path = tb_dir / EVENTS_INDEX
+    ends = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    files = sorted(tb_dir.glob(f"*tfevents*{EVENTS_SUFFIX}"))
     for path in files:
-        for event in EventFileLoader(str(path)).Load():
-            if event.HasField("file_version"):
-                header = header or event.SerializeToString()
-            elif event.step <= resume_step and event.session_log.status != SessionLog.START:
-                record = event.SerializeToString()
-                if record not in seen:
-                    seen.add(record)
-                    kept.append(record)
-    tmp = tb_dir / "merge.tmp"  # TensorBoard reads only names with "tfevents" in them
-    with open(tmp, "wb") as handle:
-        writer = RecordWriter(handle)
-        for record in [header, *kept] if header else kept:
-            writer.write(record)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, files[0])
-    for path in files[1:]:
-        path.unlink()
+        if ends.get(path.name, math.inf) <= resume_step:
+            continue
+        events = list(EventFileLoader(str(path)).Load())
+        kept = [event for event in events if event.HasField("file_version")
+                or (event.step <= resume_step and event.session_log.status != SessionLog.START)]
+        if len(kept) < len(events):
+            content = io.BytesIO()
+            writer = RecordWriter(content)
+            for event in kept:
+                writer.write(event.SerializeToString())
+            write_atomic(path, content.getvalue(), tmp_name="rewrite.tmp")  # TensorBoard reads "*tfevents*"
+        ends[path.name] = max((event.step for event in kept), default=0)
+    ends = {path.name: ends[path.name] for path in files}
+    if ends:
+        write_atomic(index_path, json.dumps(ends))
 
 
 def parses(line: str) -> bool:

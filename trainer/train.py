@@ -297,9 +297,9 @@ def train(cfg: Config) -> None:
 
             leaving = stops > 0 and not final
             if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
-                path = save()
-                # A resume keeps the logs up to this checkpoint: on disk with it, they survive losing the node.
+                # A resume keeps the logs up to this checkpoint: on disk before it, they survive losing the node.
                 metrics.flush()
+                path = save()
                 progress.message(f"step {state.step}: checkpoint {path}")
                 if not (final or leaving):
                     # A large model's save takes minutes. A stop asked for meanwhile leaves from this checkpoint
