@@ -36,9 +36,9 @@ class RateSchedule:
     def __call__(self, step: int) -> float:
         progress = min(max(step - self.warmup, 0) / self.steps, 1.0)
         weight = SCHEDULES[self.name](progress, self.plateaus)
-        # Blending (rather than start + (end - start) * weight) lands on `end` exactly at weight 1: 0.4 -> 0.1
-        # ended at 0.09999999999999998, which rounds 15 candidates to 1 masked token instead of 2.
-        return self.start * (1.0 - weight) + self.end * weight
+        # Exactly `end` at the end: start + (end - start) * 1 gave 0.09999999999999998 for 0.4 -> 0.1, which
+        # rounds 15 candidates to 1 masked token instead of 2. (Blending the ends instead breaks equal ends.)
+        return self.end if weight >= 1.0 else self.start + (self.end - self.start) * weight
 
     @property
     def final(self) -> float:

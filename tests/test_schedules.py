@@ -39,6 +39,8 @@ def test_schedules_start_and_end_on_their_values_exactly(name):
         schedule = RateSchedule(name, start, end, steps=100, warmup=7)
         assert schedule(0) == schedule(7) == start
         assert schedule(107) == schedule(10_000) == schedule.final == end
+    # Equal ends (final_rate left unset): the rate never moves, by a bit either way.
+    assert {RateSchedule(name, 0.15, 0.15, steps=1000)(step) for step in range(1002)} == {0.15}
 
 
 def test_cosine_is_symmetric_and_monotone():
