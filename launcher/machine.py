@@ -56,4 +56,4 @@ def stamp() -> dict:
     """When, on what, from which code and by which command: the header of every benchmark result and experiment
     report, so a figure can be traced to what produced it and told stale when the code has moved on."""
     return {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(), "code": code_version(),
-            "command": sys.argv}
+            "command": sys.orig_argv}

@@ -136,7 +136,7 @@ def test_readme_table_is_the_one_the_published_results_make():
     assert shown == report.section(report.read_results(results), results, ROOT).strip()
 
 
-def test_targets_are_checked_on_unrounded_values():
+def test_targets_compare_inclusively_and_to_the_last_digit():
     assert report.met(0.7, "<= 0.7") == "yes" and report.met(0.7004, "<= 0.7") == "**no**"
     assert report.met(4.996, ">= 5") == "**no**" and report.met(5, ">= 5") == "yes"
 
@@ -182,5 +182,6 @@ def test_the_engine_benchmark_refuses_to_time_two_different_steps():
 
     drifting = [1e-8] * SAME_STEP_CHECKED + [0.3]  # late drift is the dynamics amplifying rounding
     assert early_gap(drifting) == 1e-8
-    with pytest.raises(SystemExit, match="steps differ"):
-        early_gap([0.0, 1e-2] + drifting)
+    for different in ([0.0, 1e-2] + drifting, [0.0, float("nan")] + drifting, []):
+        with pytest.raises(SystemExit, match="steps differ"):
+            early_gap(different)

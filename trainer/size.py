@@ -19,7 +19,8 @@ def state_bytes(precision: str, zero_stage: int) -> tuple[int, int, int]:
     sec. 3): (weights, gradients, optimizer state). Mixed precision keeps bf16 weights and gradients plus an
     fp32 master copy and two AdamW moments. fp32 training keeps fp32 weights and gradients and the two moments,
     and under ZeRO-1/2 a master copy as well: DeepSpeed clones its fp32 partition from the fp32 weights
-    (stage_1_and_2.py, single_partition_of_fp32_groups), where ZeRO-3 steps the weights' own partition."""
+    (stage_1_and_2.py, single_partition_of_fp32_groups), where ZeRO-3 steps the weights' own partition
+    (unless the optimizer is offloaded, which this estimate does not cover)."""
     if precision == "bf16":
         return 2, 2, 12
     return 4, 4, 12 if zero_stage in (1, 2) else 8
