@@ -11,12 +11,13 @@ import torch
 from conftest import run_cli
 from masktrain.data import collocations, importance, inputs
 from masktrain.data.batches import IGNORE
-from masktrain.data.masking import candidates
+from masktrain.data.masking import candidates, word_index
 from masktrain.data.reader import Skips
 from masktrain.data.shards import manifest_urls, write_dataset, write_manifest
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import load_config
 from masktrain.trainer.objectives import OBJECTIVES
+from test_masking import runs_of
 
 BATCHES = 10
 # Two ranks of 4 rows, grad_accum 2: the rate moves every 2 batches, from 40% down to 10% over 4 steps.
@@ -55,6 +56,18 @@ def test_mask_is_the_same_in_workers_or_main_process_with_any_number_of_workers(
                 assert same(batch, loader.batcher(originals(batch), index)), (workers, in_workers, index)
                 assert not special[originals(batch)][batch["labels"] != IGNORE].any()
             got[workers, in_workers] = batches
+    # And the masks are the configured policy's, not some other policy's applied alike everywhere.
+    vocab = tokenizer.vocab()
+    selected = torch.cat([b["labels"] != IGNORE for b in got[0, True]])
+    ids = torch.cat([originals(b) for b in got[0, True]])
+    if policy == "span":
+        assert runs_of(selected).float().mean() > 2.5  # spans of mean 3.8; independent tokens at 40%: 1.7
+    else:
+        words = word_index(ids, vocab, candidates(ids, vocab))
+        for row in range(len(ids)):
+            for word in words[row].unique():
+                assert selected[row][words[row] == word].unique().numel() == 1, (row, int(word))
+        assert (selected & ~vocab.word_start[ids]).any()  # words of several pieces were among those taken
     for workers in (0, 2):
         assert all(same(a, b) for a, b in zip(got[workers, True], got[workers, False]))
     # The masking rate follows the schedule through the loader: 40%, 32.5%, ... by step (= index // 2).
@@ -173,6 +186,7 @@ def test_pmi_policy_through_the_loader_with_collocations_of_the_tiny_corpus(tiny
         batch = next(loader)
         assert same(batch, loader.batcher(originals(batch), index))
         assert not special[originals(batch)][batch["labels"] != IGNORE].any()
+    assert loader.batcher.spec.policy == "pmi" and loader.batcher.spec.options.collocations is not None
 
 
 def test_real_tokenizer_marks_every_special_token_unmaskable(tiny_data):
