@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import yaml
@@ -108,14 +107,12 @@ def test_config_show_prints_the_resolved_config():
 
 
 def test_train_with_bad_config_fails_before_spawning_anything(tmp_path):
-    started = time.monotonic()
     result = run_cli("train", "smoke", f"run.output_dir={tmp_path / 'run'}", "trainer.max_step=3",
                      "data.masking.rate=2")
     assert result.returncode == 2
     assert "trainer.max_step: unknown key in trainer; did you mean trainer.max_steps?" in result.stderr
     assert "data.masking.rate: must be within [0, 1], got 2" in result.stderr
     assert not (tmp_path / "run").exists()
-    assert time.monotonic() - started < 60
 
     # Valid for a SLURM job, but `train` starts this machine's ranks only: the rest would never join.
     result = run_cli("train", "smoke", f"run.output_dir={tmp_path / 'run'}", "launch.nnodes=2",

@@ -40,7 +40,8 @@ def write_stub(folder: Path, name: str, body: str) -> None:
 @pytest.fixture
 def stubs(tmp_path) -> Path:
     """Stand-ins for the SLURM commands, for running a job script outside a cluster. srun prints what it was
-    asked to start, leaves STUB_STATE behind as the ranks' status if set, and lasts STUB_SLEEP s; scontrol
+    asked to start, leaves STUB_STATE behind as the ranks' status if set, lasts STUB_SLEEP s and notes a
+    SIGUSR1 it gets (in got-usr1); scontrol
     answers for nodes gpu07-gpu10 and logs requeues; sbatch logs its arguments and hands out ids 101, 102..."""
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -51,7 +52,8 @@ def stubs(tmp_path) -> Path:
 esac
 ''')
     # The status goes down before the SRUN line: a test that signals on seeing the line finds it written.
-    write_stub(folder, "srun", '''[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
+    write_stub(folder, "srun", '''trap 'touch "$(dirname "$0")/got-usr1"' USR1
+[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
 echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 sleep "${STUB_SLEEP:-0}"
 ''')
@@ -151,6 +153,9 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
         code = signalled.wait(timeout=60)
         assert (code == 0) == requeued and ("requeued job 123456" in "".join(lines)) == requeued, "".join(lines)
         assert (stubs / "requeued").exists() == requeued
+        # Either way the ranks got the signal, which is what makes them checkpoint.
+        assert (stubs / "got-usr1").exists() and "got SIGUSR1: passing it to the ranks" in "".join(lines)
+        (stubs / "got-usr1").unlink()
 
     # A chained job that finds the run complete starts nothing.
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))
@@ -193,6 +198,15 @@ def test_a_rendered_script_can_be_submitted_as_it_is(tmp_path, stubs):
                      *JOB_ARGS, env=job_env(stubs=stubs), check=True)
     output = next(line.split("=", 1)[1] for line in result.stdout.splitlines() if line.startswith("#SBATCH --output="))
     assert Path(output).parent.is_dir()  # SLURM opens the log before the script runs: it cannot make it
+    # Only the script reaches stdout (messages go to stderr): `... render ... > job.sbatch` gives the same file
+    # as --out, and bash reads it.
+    script = tmp_path / "job.sbatch"
+    run_cli("slurm", "render", "smoke", f"run.output_dir={run}", "--nodes=2", "--gpus-per-node=1", *JOB_ARGS,
+            f"--out={script}", env=job_env(stubs=stubs), check=True)
+    assert result.stdout == script.read_text() and result.stdout.startswith("#!/bin/bash")
+    piped = tmp_path / "piped.sbatch"
+    piped.write_text(result.stdout)
+    assert subprocess.run(["bash", "-n", str(piped)], capture_output=True).returncode == 0
 
 
 def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
