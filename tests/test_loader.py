@@ -224,7 +224,9 @@ def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_l
                                          "[0-9a-f]+ now 4 shards"):
         Loader(spec_for(grown), plain_batcher()).load_state_dict(states[3])
     older = {k: v for k, v in states[3].items() if k != "shards"}  # saved before the list was recorded
-    Loader(spec_for(moved), plain_batcher()).load_state_dict(older)
+    old_style = Loader(spec_for(moved), plain_batcher())
+    old_style.load_state_dict(older)
+    assert_same_batches(take(old_style, 4)[0], expected[4:8], "resumed from a state without the shard list")
 
 
 def test_brace_patterns_and_pipe_commands_read_the_same_batches(tmp_path):
@@ -452,4 +454,6 @@ def test_a_data_folder_prepared_again_from_other_text_is_another_shard_list(tiny
     loader(copy_).load_state_dict(state)
     with pytest.raises(ValueError, match="cannot resume the data position exactly: contents was"):
         loader(other).load_state_dict(state)
-    loader(other).load_state_dict({k: v for k, v in state.items() if k != "contents"})  # saved before it was kept
+    old_style = loader(other)
+    old_style.load_state_dict({k: v for k, v in state.items() if k != "contents"})  # saved before it was kept
+    assert torch.equal(next(old_style)["input_ids"], next(loader(other))["input_ids"])  # at the saved position

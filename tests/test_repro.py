@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from conftest import run_cli
 from masktrain.data.synthetic import RetrievalTask, probe_examples, training_documents
@@ -62,6 +63,12 @@ def test_repro_meap_trains_both_decoders_and_probes_retrieval(tmp_path):
         # A retrieved answer is a value of the context.
         assert all(a <= c for a, c in zip(arm["accuracy_by_position"], arm["copied_by_position"]))
         assert (out / name / "checkpoints" / "step-00000003").is_dir()
+        # What the arm really trained, as its run folder records it.
+        assert yaml.safe_load((out / name / "config.yaml").read_text())["model"]["objective"] == name
+    # The arms see different inputs from the same seed, data and weights: their losses part.
+    curves = [[r["train/loss"] for r in map(json.loads, (out / name / "metrics.jsonl").read_text().splitlines())
+               if "train/loss" in r] for name in ("ntp", "meap")]
+    assert len(curves[0]) == len(curves[1]) >= 2 and curves[0] != curves[1]
     assert [row["target"] for row in report["summary"]] == ["", "", "", "", "", "> 0", "> 0"]
     assert report["summary"][5]["value"] == pytest.approx(
         100 * (report["arms"]["meap"]["mean_accuracy"] - report["arms"]["ntp"]["mean_accuracy"]))
