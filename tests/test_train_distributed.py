@@ -232,3 +232,20 @@ def test_zero3_sigterm_and_sigusr1_checkpoint_requeue_and_resume_exactly(tiny_da
     assert "cannot resume from" in refused.stderr and "model.hidden_size: 128 -> 64" in refused.stderr
     assert "trainer.max_steps: 12 -> 14" in refused.stderr and "allow_config_change" in refused.stderr
     assert "DeepSpeed" not in refused.stdout + refused.stderr
+
+
+def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tmp_path):
+    """ZeRO-0 holds whole weights and optimizer state on every rank, so its checkpoint loads on any number of
+    ranks; the data position does not (it is per rank), so such a move must be asked for."""
+    run = tmp_path / "run"
+    args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.zero_stage=0", "trainer.max_steps=6",
+            "trainer.log_every=1", "trainer.checkpoint_every=3"]
+    assert run_cli("train", *args, "trainer.stop_after_steps=3").returncode == 75
+    one_rank = [*args, "launch.nproc_per_node=1"]
+    refused = run_cli("train", *one_rank)
+    assert refused.returncode != 0 and "ranks (launch.nnodes x launch.nproc_per_node): 2 -> 1" in refused.stderr
+    moved = run_cli("train", *one_rank, "trainer.allow_config_change=true", check=True)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000003'} at step 3" in moved.stdout
+    assert "data stream and RNG restart from the beginning: the checkpoint has 2 ranks, this run 1" in moved.stdout
+    assert sorted(losses(run)) == list(range(1, 7))
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
