@@ -88,8 +88,11 @@ def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data,
 
     rows = {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
     assert sorted(rows) == [1, 3, 4, 7, 8, 9]  # every 4th, the first, and every bad step
-    assert rows[3]["train/loss"] is None and rows[3]["train/bad_steps"] == 1
+    # A logged loss covers the steps since the last log that had a finite loss: step 3's row holds step 2's,
+    # step 7's those of steps 5 and 6; steps 8 and 9 are alone in their intervals and have none.
+    assert rows[3]["train/loss"] > 0 and rows[3]["train/bad_steps"] == 1
     assert rows[4]["train/loss"] > 0 and rows[4]["train/bad_steps"] == 1
+    assert rows[7]["train/loss"] > 0 and rows[8]["train/loss"] is None and rows[9]["train/loss"] is None
     assert rows[9]["train/bad_steps"] == 4
     counts = {k: v for k, v in rows[9].items() if k.startswith("train/skipped/")}
     assert set(counts) == {"train/skipped/bad_sample", "train/skipped/empty_document"}, rows[9]
@@ -99,7 +102,7 @@ def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data,
     tb = scalars(run / "tb")
     assert tb["train/bad_steps"][-1] == (9, 4.0)
     assert tb["train/skipped/bad_sample"][-1] == (9, counts["train/skipped/bad_sample"])
-    assert 3 not in dict(tb["train/loss"])  # non-finite values stay out of TensorBoard
+    assert sorted(dict(tb["train/loss"])) == [1, 3, 4, 7]  # non-finite values (8, 9) stay out of TensorBoard
 
 
 def test_bad_data_under_strict_ends_the_run_as_failed_with_the_member_named(tiny_data, tmp_path):
