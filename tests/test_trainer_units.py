@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -138,11 +139,15 @@ def scalar_events(tb_dir, files=None) -> list[tuple[str, int, float]]:
 
     return sorted((value.tag, event.step, round(float(make_ndarray(value.tensor)) if value.HasField("tensor")
                                                 else value.simple_value, 6))
-                  for path in (files or tb_dir.glob("*tfevents*")) for event in EventFileLoader(str(path)).Load()
+                  for path in (tb_dir.glob("*tfevents*") if files is None else files)
+                  for event in EventFileLoader(str(path)).Load()
                   for value in event.summary.value)
 
 
-def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tmp_path):
+def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    original = EventFileLoader.__init__
     tb = tmp_path / "tb"
     first = Metrics(tmp_path, True, 0)
     for step in (1, 2, 3, 4):
@@ -160,19 +165,32 @@ def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tm
     assert scalar_events(tb, ours) == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
     assert scalar_events(tb, [foreign])[-1] == ("val/loss", 4, 9.0)  # another tool's file is not ours to cut
 
+    # The torn record is gone too, not just skipped by readers.
+    records = [event.SerializeToString() for event in EventFileLoader(str(ours[0])).Load()]
+    assert ours[0].stat().st_size == sum(12 + len(record) + 4 for record in records)  # TFRecord framing
+
     # A later resume reads only the files written since: the first launch's is indexed as ending at step 2.
     assert json.loads((tb / "event-files.json").read_text()) == {ours[0].name: 2}
-    before = ours[0].stat().st_mtime_ns
+    read = []
+    monkeypatch.setattr(EventFileLoader, "__init__", lambda self, path, *a, **k: (read.append(Path(path).name),
+                                                                                    original(self, path, *a, **k))[1])
     Metrics(tmp_path, True, 3).close()
-    assert ours[0].stat().st_mtime_ns == before
+    assert read == [ours[1].name]
     assert scalar_events(tb, ours) == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
-    # Rolling back to an earlier checkpoint reads them all again.
+    # Rolling back to an earlier checkpoint reads them all again, and so does a start with an unreadable index.
+    read.clear()
     Metrics(tmp_path, True, 1).close()
+    assert read[:2] == [ours[0].name, ours[1].name]
     assert scalar_events(tb, sorted(tb.glob("*tfevents*.masktrain"))) == [("train/loss", 1, 1.0)]
+    for broken in ("", "[]", "{"):
+        (tb / "event-files.json").write_text(broken)
+        read.clear()
+        Metrics(tmp_path, True, 1).close()
+        assert ours[0].name in read
 
 
 def test_flush_puts_every_logged_event_on_disk_before_close(tmp_path):
-    """What the trainer calls after each checkpoint: a node lost later must not take the steps the resume keeps."""
+    """What the trainer calls before each checkpoint: a node lost later must not take the steps the resume keeps."""
     metrics = Metrics(tmp_path, True, 0)
     metrics.log(1, {"train/loss": 2.0})
     metrics.flush()

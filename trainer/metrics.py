@@ -113,32 +113,41 @@ def truncate_events(tb_dir: Path, resume_step: int) -> None:
     their order; old purge markers go too, nothing being left for them to purge. A TensorBoard already
     serving the run shows the change once it reloads the files.
 
-    Files of other tools are left alone, and so are files the index says end at or before `resume_step`:
-    launches write a file each and never reopen it, so a resume reads what came since the last one, not the
-    whole history."""
+    Files of other tools are left alone (and so are event files of runs from before masktrain named its own
+    `*.masktrain`), and so are files the index says end at or before `resume_step`: launches write a file each
+    and never reopen it, so a resume reads what came since the last one, not the whole history."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
     from tensorboard.compat.proto.event_pb2 import SessionLog
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    index_path = tb_dir / EVENTS_INDEX
-    ends = json.loads(index_path.read_text()) if index_path.is_file() else {}
+    ends = read_index(tb_dir / EVENTS_INDEX)
     files = sorted(tb_dir.glob(f"*tfevents*{EVENTS_SUFFIX}"))
     for path in files:
         if ends.get(path.name, math.inf) <= resume_step:
             continue
-        events = list(EventFileLoader(str(path)).Load())
-        kept = [event for event in events if event.HasField("file_version")
+        kept = [event for event in EventFileLoader(str(path)).Load() if event.HasField("file_version")
                 or (event.step <= resume_step and event.session_log.status != SessionLog.START)]
-        if len(kept) < len(events):
-            content = io.BytesIO()
-            writer = RecordWriter(content)
-            for event in kept:
-                writer.write(event.SerializeToString())
+        content = io.BytesIO()
+        writer = RecordWriter(content)
+        for event in kept:
+            writer.write(event.SerializeToString())
+        # Shorter also when only a torn last record (a kill mid-write) goes: the reader skips it, silently.
+        if len(content.getvalue()) != path.stat().st_size:
             write_atomic(path, content.getvalue(), tmp_name="rewrite.tmp")  # TensorBoard reads "*tfevents*"
         ends[path.name] = max((event.step for event in kept), default=0)
     ends = {path.name: ends[path.name] for path in files}
     if ends:
-        write_atomic(index_path, json.dumps(ends))
+        write_atomic(tb_dir / EVENTS_INDEX, json.dumps(ends))
+
+
+def read_index(path: Path) -> dict[str, int]:
+    """The index of event files read before; empty (every file is read again) when missing or unreadable: it
+    only saves work, and a start-up that fails on it would need someone to delete it."""
+    try:
+        ends = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return ends if isinstance(ends, dict) else {}
 
 
 def parses(line: str) -> bool:
