@@ -110,14 +110,12 @@ def truncate_events(tb_dir: Path, resume_step: int) -> None:
     SummaryWriter's purge_step only writes a marker: TensorBoard's Python loader honours it, its default data
     server (tensorboard-data-server) does not, and kept showing a val/loss point of the abandoned launch until
     the resumed run happened to log that tag at the same step. Each file is rewritten in place, so files keep
-    their order; old purge markers go too, nothing being left for them to purge. A TensorBoard already
-    serving the run shows the change once it reloads the files.
+    their order. A TensorBoard already serving the run shows the change once it reloads the files.
 
     Files of other tools are left alone (and so are event files of runs from before masktrain named its own
     `*.masktrain`), and so are files the index says end at or before `resume_step`: launches write a file each
     and never reopen it, so a resume reads what came since the last one, not the whole history."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.compat.proto.event_pb2 import SessionLog
     from tensorboard.summary.writer.record_writer import RecordWriter
 
     ends = read_index(tb_dir / EVENTS_INDEX)
@@ -125,8 +123,8 @@ def truncate_events(tb_dir: Path, resume_step: int) -> None:
     for path in files:
         if ends.get(path.name, math.inf) <= resume_step:
             continue
-        kept = [event for event in EventFileLoader(str(path)).Load() if event.HasField("file_version")
-                or (event.step <= resume_step and event.session_log.status != SessionLog.START)]
+        kept = [event for event in EventFileLoader(str(path)).Load()
+                if event.HasField("file_version") or event.step <= resume_step]
         content = io.BytesIO()
         writer = RecordWriter(content)
         for event in kept:
