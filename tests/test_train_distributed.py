@@ -249,3 +249,19 @@ def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tm
     assert "data stream and RNG restart from the beginning: the checkpoint has 2 ranks, this run 1" in moved.stdout
     assert sorted(losses(run)) == list(range(1, 7))
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_data, tmp_path):
+    """The trainer feeds every step to the logged interval: with log_every=3, step 3's loss is the mean of
+    steps 2 and 3 (step 1 is logged on its own, as every launch's first step). NTP on packed rows gives every
+    step the same number of targets, so the mean per target is the plain mean of the step losses."""
+    args = ["smoke", *tiny_data, "model.objective=ntp", "trainer.max_steps=6", "trainer.checkpoint_every=0",
+            "trainer.eval_every=0"]
+    every, third = tmp_path / "every", tmp_path / "third"
+    run_cli("train", *args, f"run.output_dir={every}", "trainer.log_every=1", check=True)
+    run_cli("train", *args, f"run.output_dir={third}", "trainer.log_every=3", check=True)
+    step, interval = losses(every), losses(third)
+    assert sorted(interval) == [1, 3, 6]
+    assert interval[1] == step[1]
+    assert interval[3] == pytest.approx((step[2] + step[3]) / 2, rel=1e-6)
+    assert interval[6] == pytest.approx((step[4] + step[5] + step[6]) / 3, rel=1e-6)
