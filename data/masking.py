@@ -259,8 +259,11 @@ def word_hashes(ids: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     starts = torch.ones(ids.shape, dtype=torch.bool)
     starts[:, 1:] = words[:, 1:] != words[:, :-1]
-    first = torch.cummax(torch.where(starts, positions, 0), dim=1).values
-    pieces = ids * lookup(piece_powers(ids.shape[1]), positions - first)
+    offsets = positions - torch.cummax(torch.where(starts, positions, 0), dim=1).values
+    # Powers up to the longest word only, rounded up to a power of two so a few sizes serve every call: the
+    # row's length would be a shard's tokens (tens of millions) in `masktrain data collocations`.
+    longest = int(offsets.max()) + 1 if offsets.numel() else 1
+    pieces = ids * lookup(piece_powers(1 << (longest - 1).bit_length()), offsets)
     return torch.zeros(ids.shape, dtype=torch.int64).scatter_add_(1, words, pieces)
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from masktrain.data import batches
+from masktrain.data import batches, masking
 from masktrain.data.batches import IGNORE, MaskSpec
 from masktrain.data.masking import (POLICIES, PolicyOptions, Vocab, candidates, corrupt, draw, generator, pair_keys,
                                     span_length_probs, take_in_order, take_lowest, target_counts, word_index,
@@ -369,6 +369,23 @@ def test_word_hashes_identify_a_word_by_its_pieces_wherever_it_is():
     first, second = hashes[0, words[0, 1]], hashes[0, words[0, 4]]
     assert first != second and hashes[0, words[0, 7]] == first
     assert hashes[1, words[1, 7]] == first and hashes[1, words[1, 1]] == second
+
+
+def test_word_hashes_of_a_whole_shard_need_powers_for_the_longest_word_only(monkeypatch):
+    """`masktrain data collocations` hashes a shard as one row of millions of tokens: powers for every offset of
+    the row took seconds of Python per shard and a cache of gigabytes. The hashes are the definition's."""
+    ids = packed_rows(rows=1, length=200_000)
+    words = word_index(ids, VOCAB, candidates(ids, VOCAB))
+    asked = []
+    original = masking.piece_powers
+    monkeypatch.setattr(masking, "piece_powers", lambda length: asked.append(length) or original(length))
+    hashes = masking.word_hashes(ids, words)
+    assert asked and max(asked) <= 64
+    # sum of id * M ** (offset in the word), in 64-bit wrap-around, for a few words straight from the definition
+    for word in (0, 1, 777, int(words.max())):
+        pieces = ids[0][words[0] == word].tolist()
+        value = sum(piece * pow(masking.PIECE_MULTIPLIER % 2**64, k, 2**64) for k, piece in enumerate(pieces)) % 2**64
+        assert int(hashes[0, word]) % 2**64 == value, word
 
 
 def test_a_newline_ends_a_word_for_the_real_tokenizer(tmp_path):
