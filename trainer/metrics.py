@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from masktrain.data.tables import read_json
 from masktrain.trainer.checkpoint import fsync_path, write_atomic
 
 EVENTS_SUFFIX = ".masktrain"
@@ -141,10 +142,7 @@ def truncate_events(tb_dir: Path, resume_step: int) -> None:
 def read_index(path: Path) -> dict[str, int]:
     """The index of event files read before; empty (every file is read again) when missing or unreadable: it
     only saves work, and a start-up that fails on it would need someone to delete it."""
-    try:
-        ends = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    ends = read_json(path)
     return ends if isinstance(ends, dict) else {}
 
 
