@@ -27,6 +27,21 @@ def run_cli(*args: str, timeout: float = 600, check: bool = False, env: dict | N
     return result
 
 
+def scalars(tb_dir: Path, files: list[Path] | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Each tag's (step, value) points, in step order, as the event files (default: all in `tb_dir`) store them:
+    read raw, without the Python loader's purge logic, which TensorBoard's default data server lacks."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util.tensor_util import make_ndarray
+
+    points: dict[str, list[tuple[int, float]]] = {}
+    for path in tb_dir.glob("*tfevents*") if files is None else files:
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                number = float(make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
+                points.setdefault(value.tag, []).append((event.step, number))
+    return {tag: sorted(values) for tag, values in points.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> list[str]:
     """Overrides that point a config at a prepared tiny dataset (tokenizer + shards)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import scalars
 from masktrain.launcher.launch import outcome, rank_environment, write_run_config
 from masktrain.launcher.loading import load_config
 
@@ -43,14 +44,6 @@ def spoil_shards(data_dir: Path) -> None:
                 tar.addfile(info, io.BytesIO(payload))
             for member, payload in members:
                 tar.addfile(member, io.BytesIO(payload))
-
-
-def scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import scalars
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, outcome, rank_environment
 from masktrain.launcher.loading import ConfigError, load_config, to_dict
@@ -131,19 +132,6 @@ def test_a_logged_point_covers_every_step_of_its_interval():
     assert math.isnan(only_bad.loss)
 
 
-def scalar_events(tb_dir, files=None) -> list[tuple[str, int, float]]:
-    """Every scalar in the event files (default: all in `tb_dir`) as stored, read without TensorBoard's purge
-    logic (its default data server has none)."""
-    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
-    from tensorboard.util.tensor_util import make_ndarray
-
-    return sorted((value.tag, event.step, round(float(make_ndarray(value.tensor)) if value.HasField("tensor")
-                                                else value.simple_value, 6))
-                  for path in (tb_dir.glob("*tfevents*") if files is None else files)
-                  for event in EventFileLoader(str(path)).Load()
-                  for value in event.summary.value)
-
-
 def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
@@ -162,8 +150,8 @@ def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tm
     resumed.log(3, {"train/loss": 0.5})
     resumed.close()
     ours = sorted(tb.glob("*tfevents*.masktrain"))
-    assert scalar_events(tb, ours) == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
-    assert scalar_events(tb, [foreign])[-1] == ("val/loss", 4, 9.0)  # another tool's file is not ours to cut
+    assert scalars(tb, ours) == {"train/loss": [(1, 1.0), (2, 0.5), (3, 0.5)]}
+    assert scalars(tb, [foreign])["val/loss"] == [(4, 9.0)]  # another tool's file is not ours to cut
 
     # The torn record is gone too, not just skipped by readers.
     records = [event.SerializeToString() for event in EventFileLoader(str(ours[0])).Load()]
@@ -176,12 +164,12 @@ def test_resume_removes_an_abandoned_launchs_events_from_the_files_themselves(tm
                                                                                     original(self, path, *a, **k))[1])
     Metrics(tmp_path, True, 3).close()
     assert read == [ours[1].name]
-    assert scalar_events(tb, ours) == [("train/loss", 1, 1.0), ("train/loss", 2, 0.5), ("train/loss", 3, 0.5)]
+    assert scalars(tb, ours) == {"train/loss": [(1, 1.0), (2, 0.5), (3, 0.5)]}
     # Rolling back to an earlier checkpoint reads them all again, and so does a start with an unreadable index.
     read.clear()
     Metrics(tmp_path, True, 1).close()
     assert read[:2] == [ours[0].name, ours[1].name]
-    assert scalar_events(tb, sorted(tb.glob("*tfevents*.masktrain"))) == [("train/loss", 1, 1.0)]
+    assert scalars(tb, sorted(tb.glob("*tfevents*.masktrain"))) == {"train/loss": [(1, 1.0)]}
     for broken in ("", "[]", "{"):
         (tb / "event-files.json").write_text(broken)
         read.clear()
@@ -194,7 +182,7 @@ def test_flush_puts_every_logged_event_on_disk_before_close(tmp_path):
     metrics = Metrics(tmp_path, True, 0)
     metrics.log(1, {"train/loss": 2.0})
     metrics.flush()
-    assert scalar_events(tmp_path / "tb") == [("train/loss", 1, 2.0)]
+    assert scalars(tmp_path / "tb") == {"train/loss": [(1, 2.0)]}
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 1, "train/loss": 2.0}
     metrics.close()
 
