@@ -146,9 +146,24 @@ class ModelConfig:
     decoder_layers: int = 4
     """MAE-LM: depth of the shallow bidirectional decoder (the reference's run_pretrain.sh uses 4 under a
     12-layer encoder). Only MAE-LM has a decoder; other objectives ignore it."""
+    decoder_hidden_size: int = 0
+    """MAE-LM: width of the decoder; 0 means hidden_size, as the reference trains. A narrower decoder (the
+    reference's --decoder-embed-dim; vision MAE's decoders are half width) is linked to the encoder by a
+    projection each way and makes the decoder's share of a step about width^2 smaller."""
+    decoder_intermediate_size: int = 0
+    """MAE-LM: the decoder's feed-forward size; 0 keeps the encoder's ratio to the width."""
+    decoder_num_heads: int = 0
+    """MAE-LM: the decoder's attention heads; 0 keeps the encoder's head size."""
     tie_embeddings: bool = True
     """Tie the output projection to the input embedding."""
     init_std: float = 0.02
+
+    def decoder_shape(self) -> tuple[int, int, int]:
+        """MAE-LM's decoder (width, feed-forward size, heads), the 0s resolved."""
+        width = self.decoder_hidden_size or self.hidden_size
+        feed_forward = self.decoder_intermediate_size or self.intermediate_size * width // self.hidden_size
+        heads = self.decoder_num_heads or width // (self.hidden_size // self.num_heads)
+        return width, feed_forward, heads
 
 
 @dataclass

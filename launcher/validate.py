@@ -115,10 +115,19 @@ def validate(cfg: Config) -> list[str]:
                   "mae_lm removes the tokens chosen for [MASK] from the encoder input; with 0 none are removed")
     for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "decoder_layers"):
         positive(getattr(mo, key), f"model.{key}")
-    non_negative(mo.num_kv_heads, "model.num_kv_heads")
+    for key in ("num_kv_heads", "decoder_hidden_size", "decoder_intermediate_size", "decoder_num_heads"):
+        non_negative(getattr(mo, key), f"model.{key}")
     if mo.num_heads > 0:
         check(mo.hidden_size % mo.num_heads == 0, "model.hidden_size",
               f"must be divisible by model.num_heads ({mo.num_heads}), got {mo.hidden_size}")
+        if mo.objective == "mae_lm" and 0 < mo.num_heads <= mo.hidden_size:
+            width, feed_forward, heads = mo.decoder_shape()
+            check(mo.decoder_intermediate_size or feed_forward > 0, "model.decoder_intermediate_size",
+                  f"the decoder's feed-forward size resolves to {feed_forward}; set it > 0")
+            check(heads > 0 and width % heads == 0,
+                  "model.decoder_num_heads" if mo.decoder_num_heads else "model.decoder_hidden_size",
+                  f"the decoder's width {width} must be divisible by its {heads} heads "
+                  f"(model.decoder_num_heads; 0 keeps the encoder's head size, {mo.hidden_size // mo.num_heads})")
         if mo.num_kv_heads:
             check(mo.num_heads % mo.num_kv_heads == 0, "model.num_kv_heads",
                   f"must divide model.num_heads ({mo.num_heads}), got {mo.num_kv_heads}")

@@ -52,6 +52,18 @@ def test_out_of_range_values_and_batch_arithmetic_are_all_reported_at_once():
     assert len(problems) == 4
 
 
+def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
+    cfg = load_config("mae-lm-base", ["model.decoder_hidden_size=384"]).model
+    assert cfg.decoder_shape() == (384, 1536, 6)  # the encoder's FFN ratio and head size (64)
+    assert load_config("mae-lm-base").model.decoder_shape() == (768, 3072, 12)
+    (problem,) = problems_of("model.objective=mae_lm", "model.decoder_hidden_size=96", "model.decoder_num_heads=5")
+    assert problem.startswith("model.decoder_num_heads: the decoder's width 96 must be divisible by its 5 heads")
+    (problem,) = problems_of("model.objective=mae_lm", "model.decoder_hidden_size=32")  # smoke's heads are 64 wide
+    assert problem.startswith("model.decoder_hidden_size: the decoder's width 32 must be divisible by its 0 heads")
+    (problem,) = problems_of("model.objective=mae_lm", "model.decoder_intermediate_size=-1")
+    assert problem == "model.decoder_intermediate_size: must be a finite number >= 0, got -1"
+
+
 def test_objective_defaults_sit_beneath_the_yaml():
     meap = load_config("smoke", ["model.objective=meap", "data.masking.policy=random"])
     assert (meap.model.arch, meap.data.masking.mask_prob, meap.data.masking.random_prob) == ("llama", 1.0, 0.0)

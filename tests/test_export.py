@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from conftest import run_cli
-from test_models import TINY_MODEL
+from test_models import NARROW_DECODER, TINY_MODEL
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
 from masktrain.data import inputs
@@ -133,8 +133,11 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
 
 
 def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
+    """With a decoder narrower than the encoder: its maps to and from the encoder's width are built outside
+    zero.Init, which DeepSpeed partitions at start-up, and consolidation must bring them back too."""
     run = tmp_path / "mae"
-    stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=mae_lm", "model.arch=roberta")
+    stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=mae_lm", "model.arch=roberta",
+                   NARROW_DECODER)
     assert_partitioned(stdout)
     checkpoint = Checkpointer(run, 1, False).latest()
     out = export(checkpoint, run / "export")
@@ -143,6 +146,8 @@ def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
 
     # Consolidating the ZeRO-3 shards gives back the trained model: it reproduces the logged validation loss.
     cfg, tokenizer, trained = load_trained(checkpoint)
+    # Initialized gathered, as BERT's layers (std 0.02), not left at torch's default (std 0.1 at this width).
+    assert trained.to_decoder.weight.shape == (16, 32) and float(trained.to_decoder.weight.std()) < 0.03
     assert val_loss(cfg, tokenizer, lambda b: (lambda o: (o["loss_sum"], o["tokens"]))(trained(**b))) == \
         pytest.approx(logged_val_loss(run), rel=1e-5)
 

@@ -37,8 +37,13 @@ def capture_kwargs(module: torch.nn.Module, seen: list[dict]):
     return module.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs), with_kwargs=True)
 
 
-@pytest.mark.parametrize("arch,corruption", [("bert", ["data.masking.mask_prob=1.0", "data.masking.random_prob=0"]),
-                                             ("roberta", ["data.masking.mask_prob=0.8", "data.masking.random_prob=0.1"])])
+NARROW_DECODER = "model.decoder_hidden_size=16"  # half of TINY_MODEL's width
+
+
+@pytest.mark.parametrize("arch,corruption", [
+    ("bert", ["data.masking.mask_prob=1.0", "data.masking.random_prob=0"]),
+    ("roberta", ["data.masking.mask_prob=0.8", "data.masking.random_prob=0.1"]),
+    ("bert", ["data.masking.mask_prob=1.0", "data.masking.random_prob=0", NARROW_DECODER])])
 def test_mae_encoder_sees_visible_tokens_at_original_positions(tiny_data, arch, corruption):
     cfg, ids, model, batches = setup(tiny_data, "model.objective=mae_lm", f"model.arch={arch}",
                                      "data.masking.rate=0.4", *corruption)
@@ -62,23 +67,30 @@ def test_mae_encoder_sees_visible_tokens_at_original_positions(tiny_data, arch, 
         assert torch.equal(seen_pos[row][visible[row]], kept + offset)
         assert seen_ids[row][visible[row]].shape == kept.shape
 
-    # Decoder input: the encoder outputs back at their positions, the [MASK] embedding in every removed slot.
+    # Decoder input: the encoder outputs back at their positions, the [MASK] embedding in every removed slot,
+    # each mapped to the decoder's width when that is narrower (the same-width map has nothing to learn).
+    width = cfg.model.decoder_shape()[0]
+    assert isinstance(model.to_decoder, torch.nn.Identity) == (width == cfg.model.hidden_size)
     slots = decoder_in[0]["inputs_embeds"]
-    mask_embedding = model.hf.get_input_embeddings().weight[ids.mask_id]
-    assert torch.equal(slots[removed], mask_embedding.expand(int(removed.sum()), -1))
-    for row in range(removed.shape[0]):
-        assert torch.equal(slots[row, batch["visible_pos"][row][visible[row]]], encoded[row][visible[row]])
-    # The head runs only where a label is.
+    assert slots.shape == (*removed.shape, width)
+    with torch.no_grad():
+        mask_embedding = model.to_decoder(model.hf.get_input_embeddings().weight[ids.mask_id])
+        torch.testing.assert_close(slots[removed], mask_embedding.expand(int(removed.sum()), -1))
+        for row in range(removed.shape[0]):
+            torch.testing.assert_close(slots[row, batch["visible_pos"][row][visible[row]]],
+                                       model.to_decoder(encoded[row][visible[row]]))
+    # The head runs only where a label is, on the encoder's width.
     targets = int((batch["labels"] != -100).sum())
-    assert head_in[0].shape[0] == targets == int(out["tokens"])
+    assert head_in[0].shape == (targets, cfg.model.hidden_size) and targets == int(out["tokens"])
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch,width", [("bert", []), ("roberta", []), ("bert", [NARROW_DECODER])])
 def test_mae_decoder_computes_its_last_layer_only_where_it_predicts_and_gets_the_full_decoders_outputs(
-        tiny_data, arch):
-    _, _, model, _ = setup(tiny_data, "model.objective=mae_lm", f"model.arch={arch}", "model.decoder_layers=3")
+        tiny_data, arch, width):
+    _, _, model, _ = setup(tiny_data, "model.objective=mae_lm", f"model.arch={arch}", "model.decoder_layers=3",
+                           *width)
     model.eval()
-    slots = torch.randn(3, 16, 32, generator=torch.Generator().manual_seed(0))
+    slots = torch.randn(3, 16, model.decoder.config.hidden_size, generator=torch.Generator().manual_seed(0))
     where = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) < 0.4
     feed_forward_rows = []
     model.decoder.encoder.layer[-1].intermediate.register_forward_hook(
@@ -198,6 +210,12 @@ def test_presets_have_their_published_sizes():
     # The decoder adds 4 layers and its own positions; it borrows the encoder's token table and head.
     layer = 12 * 768 * 768 + 13 * 768
     assert mae_total - meta_size("bert-base", bert_vocab)[0] == 4 * layer + 512 * 768 + 768 + 2 * 768
+    # A half-width decoder: its layers and positions at 384, plus the maps in (with bias) and out.
+    narrow_total, narrow_encoder = meta_size("mae-lm-base", bert_vocab, "model.decoder_hidden_size=384")
+    narrow_layer = 12 * 384 * 384 + 13 * 384
+    assert narrow_encoder == BERT_BASE_ENCODER
+    assert narrow_total - meta_size("bert-base", bert_vocab)[0] == (4 * narrow_layer + 512 * 384 + 384 + 2 * 384
+                                                                    + 768 * 384 + 384 + 384 * 768)
     mlm_total, mlm_exported = meta_size("bert-large", bert_vocab)
     assert mlm_total == mlm_exported == BERT_LARGE_ENCODER + (1024 * 1024 + 3 * 1024) + 30522
 
@@ -208,6 +226,8 @@ def test_model_info_counts_without_building(capsys):
     assert done.value.code == 0
     printed = capsys.readouterr().out
     assert "decoder 4 layers" in printed and "exported BertModel 110.0M" in printed
+    assert "decoder 4 layers of hidden 384, 6 heads, ffn 1536" in model_info(
+        load_config("mae-lm-base", ["model.decoder_hidden_size=384"]))
     assert "ZeRO-3 over 8 ranks" in model_info(load_config("ntp-1b"))
     # The stage the run uses: a DeepSpeed JSON of the user's overrides trainer.zero_stage.
     zero3 = "trainer.deepspeed_config=" + str(configs.deepspeed_preset(3))
@@ -219,14 +239,15 @@ def test_mae_lm_refuses_a_corruption_that_removes_nothing():
         load_config("mae-lm-base", ["data.masking.mask_prob=0"])
 
 
-@pytest.mark.parametrize("objective", ["mlm", "mae_lm", "meap", "ntp"])
-def test_flops_per_token_is_what_torch_counts_for_a_training_step(tiny_data, objective):
+@pytest.mark.parametrize("objective,extra", [("mlm", []), ("mae_lm", []), ("mae_lm", [NARROW_DECODER]),
+                                             ("meap", []), ("ntp", [])])
+def test_flops_per_token_is_what_torch_counts_for_a_training_step(tiny_data, objective, extra):
     """The MFU numerator: heads run at the targets only and MAE-LM's encoder on the visible tokens, so 6 x params
     would overstate encoders by 20-40%. Eager attention, whose matmuls torch's counter sees."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg, _, model, batches = setup(tiny_data, f"model.objective={objective}", "data.masking.rate=0.4",
-                                   "model.dropout=0")
+                                   "model.dropout=0", *extra)
     for module in model.modules():
         if hasattr(module, "set_attn_implementation"):
             module.set_attn_implementation("eager")

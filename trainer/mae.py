@@ -5,6 +5,10 @@ fine-tuned, and it runs on the visible tokens only.
 A shallow bidirectional decoder receives the encoder outputs scattered back to their original positions with
 the [MASK] embedding in the removed slots, and the LM head predicts only at the selected positions. The encoder
 alone is the pre-trained model: `exported()` is a bare BertModel/RobertaModel that `AutoModel` loads.
+
+A decoder narrower than the encoder (`model.decoder_hidden_size`) is linked to it as the reference links one
+(fairseq/models/ae/model.py): a linear map from the encoder's width into the decoder's input, and one back to
+the encoder's width before the LM head, whose output table stays tied to the encoder's token embeddings.
 """
 
 from __future__ import annotations
@@ -20,12 +24,16 @@ from masktrain.trainer.models import MaskedLM, attention_flops, body_flops, toke
 class MaeLM(nn.Module):
     auto_class = "AutoModel"
 
-    def __init__(self, hf: nn.Module, decoder: nn.Module, head: str, mask_id: int, position_offset: int):
+    def __init__(self, hf: nn.Module, decoder: nn.Module, head: str, mask_id: int, position_offset: int,
+                 to_decoder: nn.Module, from_decoder: nn.Module):
         """`hf` is a masked-LM model: its base model is the encoder and its head, tied to the encoder's token
-        embeddings, reads the decoder's outputs. `decoder` is a bare encoder stack of the decoder's depth."""
+        embeddings, reads the decoder's outputs. `decoder` is a bare encoder stack of the decoder's depth and
+        width; `to_decoder` and `from_decoder` map between the widths (identities when they are equal)."""
         super().__init__()
         self.hf = hf
         self.decoder = decoder
+        self.to_decoder = to_decoder
+        self.from_decoder = from_decoder
         self.head_name = head
         self.mask_id = mask_id
         self.position_offset = position_offset
@@ -43,18 +51,19 @@ class MaeLM(nn.Module):
                 removed: torch.Tensor, labels: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`attention_mask` (bool[B, T]) marks the real tokens of rows that have padding."""
-        encoded = self.encode(visible_ids, visible_pos, visible_mask)
+        # Projected per token, so only the real visible rows are: the same as projecting every slot.
+        encoded = self.to_decoder(self.encode(visible_ids, visible_pos, visible_mask)[visible_mask])
         batch, length = removed.shape
         rows = torch.arange(batch, device=removed.device).unsqueeze(1).expand_as(visible_pos)
         slots = encoded.new_zeros(batch, length, encoded.shape[-1]).index_put(
-            (rows[visible_mask], visible_pos[visible_mask]), encoded[visible_mask])
+            (rows[visible_mask], visible_pos[visible_mask]), encoded)
         # Called as a module (not indexed as a weight) so that ZeRO-3 gathers the partitioned table first.
         mask_token = torch.full((1, 1), self.mask_id, dtype=torch.long, device=removed.device)
-        mask_embedding = self.decoder.get_input_embeddings()(mask_token).to(slots.dtype)
+        mask_embedding = self.to_decoder(self.decoder.get_input_embeddings()(mask_token)).to(slots.dtype)
         slots = torch.where(removed.unsqueeze(-1), mask_embedding, slots)
         where = labels != IGNORE
-        logits = getattr(self.hf, self.head_name)(self.decode(slots, where, attention_mask))
-        return token_loss(logits, labels[where])
+        decoded = self.from_decoder(self.decode(slots, where, attention_mask))
+        return token_loss(getattr(self.hf, self.head_name)(decoded), labels[where])
 
     def decode(self, slots: torch.Tensor, where: torch.Tensor,
                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,17 +83,19 @@ class MaeLM(nn.Module):
     targets = staticmethod(MaskedLM.targets)  # labels only at the removed positions
 
     def flops_per_token(self, rate: float, seq_len: int) -> float:
-        """Training FLOPs per input token when a `rate` share is masked: the encoder runs on the visible tokens
-        (attending to visible ones), the decoder on every position, except the last layer's projections after
-        attention and the head, which run at the masked ones (see `decode`)."""
+        """Training FLOPs per input token when a `rate` share is masked: the encoder (and the map into a narrower
+        decoder) runs on the visible tokens, attending to visible ones; the decoder on every position, except the
+        last layer's projections after attention, the map back and the head, which run at the masked ones (see
+        `decode`)."""
         visible = 1.0 - rate
         encoder = self.hf.base_model
         *body, last = self.decoder.encoder.layer
         everywhere = sum(weights(layer) for layer in body) + weights(last.attention.self)
-        at_targets = weights(last) - weights(last.attention.self) + weights(getattr(self.hf, self.head_name))
-        return (visible * body_flops(encoder, encoder.embeddings, visible * seq_len) + 6.0 * everywhere
-                + attention_flops(len(self.decoder.encoder.layer), encoder.config.hidden_size, seq_len)
-                + 6.0 * at_targets * rate)
+        at_targets = (weights(last) - weights(last.attention.self) + weights(self.from_decoder)
+                      + weights(getattr(self.hf, self.head_name)))
+        return (visible * (body_flops(encoder, encoder.embeddings, visible * seq_len) + 6.0 * weights(self.to_decoder))
+                + 6.0 * everywhere + 6.0 * at_targets * rate
+                + attention_flops(len(self.decoder.encoder.layer), self.decoder.config.hidden_size, seq_len))
 
     def exported(self) -> nn.Module:
         return self.hf.base_model

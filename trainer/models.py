@@ -136,13 +136,16 @@ def max_positions(cfg: ModelConfig, seq_len: int) -> int:
     return cfg.max_position_embeddings or seq_len
 
 
-def encoder_config(cfg: ModelConfig, seq_len: int, vocab_size: int, pad_id: int, layers: int | None = None):
-    """A BertConfig or RobertaConfig sized by `cfg` (RoBERTa's positions start after the padding id)."""
+def encoder_config(cfg: ModelConfig, seq_len: int, vocab_size: int, pad_id: int, decoder: bool = False):
+    """A BertConfig or RobertaConfig sized by `cfg`, or by its MAE-LM decoder keys when `decoder` (RoBERTa's
+    positions start after the padding id)."""
     from transformers import BertConfig, RobertaConfig
 
-    common = dict(vocab_size=vocab_size, hidden_size=cfg.hidden_size,
-                  num_hidden_layers=layers if layers is not None else cfg.num_layers,
-                  num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+    width, feed_forward, heads = cfg.decoder_shape() if decoder else (cfg.hidden_size, cfg.intermediate_size,
+                                                                      cfg.num_heads)
+    common = dict(vocab_size=vocab_size, hidden_size=width,
+                  num_hidden_layers=cfg.decoder_layers if decoder else cfg.num_layers,
+                  num_attention_heads=heads, intermediate_size=feed_forward,
                   hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                   pad_token_id=pad_id, initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings)
     if cfg.arch == "roberta":
@@ -175,9 +178,17 @@ def mae_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
 
     mlm_class, encoder_class, head = encoder_classes(cfg.arch)
     hf = mlm_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id))
-    decoder = encoder_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id, cfg.decoder_layers),
+    decoder = encoder_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id, decoder=True),
                                          add_pooling_layer=False)
-    return MaeLM(hf, decoder, head, ids.mask_id, position_offset(cfg.arch, ids.pad_id))
+    width = cfg.decoder_shape()[0]
+    if width == cfg.hidden_size:
+        # No parameters, so checkpoints of same-width models keep their keys.
+        maps = nn.Identity(), nn.Identity()
+    else:
+        # As the reference: encoder_to_decoder has a bias, the map back to the tied output table (embed_linear)
+        # has none.
+        maps = (linear(cfg.hidden_size, width, True, cfg.init_std), linear(width, cfg.hidden_size, False, cfg.init_std))
+    return MaeLM(hf, decoder, head, ids.mask_id, position_offset(cfg.arch, ids.pad_id), *maps)
 
 
 def causal_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
@@ -198,6 +209,29 @@ BUILDERS: dict[str, Callable[[ModelConfig, int, TokenIds], nn.Module]] = {
     "mae_lm": mae_lm,
     "causal_lm": causal_lm,
 }
+
+
+def linear(inputs: int, outputs: int, bias: bool, std: float) -> nn.Linear:
+    """A linear layer initialized as transformers initializes BERT's (normal weights, zero bias). Inside a ZeRO-3
+    `partitioned` build it is partitioned on construction, as `_from_config` builds models, and initialized
+    gathered, with rank 0's values kept."""
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return init_linear(nn.Linear(inputs, outputs, bias=bias), std)
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        layer = nn.Linear(inputs, outputs, bias=bias)
+    with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=0):
+        return init_linear(layer, std)
+
+
+def init_linear(layer: nn.Linear, std: float) -> nn.Linear:
+    nn.init.normal_(layer.weight, std=std)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
 
 
 def zero_stage(ds: dict) -> int:

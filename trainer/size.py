@@ -120,6 +120,9 @@ def model_info(cfg: Config) -> str:
     shape = f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads, ffn {m.intermediate_size}"
     if m.objective == "mae_lm":
         shape += f", decoder {m.decoder_layers} layers"
+        width, feed_forward, heads = m.decoder_shape()
+        if width != m.hidden_size:
+            shape += f" of hidden {width}, {heads} heads, ffn {feed_forward}"
     precision = "fp32" if cfg.trainer.precision == "fp32" or cfg.launch.accelerator == "cpu" else "bf16"
     # The stage the run will use: a trainer.deepspeed_config JSON may set another than trainer.zero_stage.
     stage = zero_stage(deepspeed_config(cfg, precision))
