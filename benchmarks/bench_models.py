@@ -1,8 +1,9 @@
 """Training step time of the objectives' models, side by side in one process at the same hidden size and depth.
 
-- MAE-LM vs MLM at 15% and 40% masking: MAE-LM's encoder reads only the visible tokens, its decoder (4 layers,
-  as the reference) reads all of them; MLM's encoder reads all. Also 40% with 2- and 1-layer decoders, which
-  shows where the decoder's cost lands.
+- MAE-LM vs MLM at 15% and 40% masking: MAE-LM's encoder reads only the visible tokens, its decoder (4 layers
+  as wide as the encoder, as the reference) reads all of them; MLM's encoder reads all. Also 40% with 2- and
+  1-layer decoders, and with a 4-layer decoder of half the encoder's width (`model.decoder_hidden_size`), which
+  show where the decoder's cost lands.
 - MEAP vs NTP: the same Llama model; MEAP only masks inputs. Whole micro-batches are timed, but their
   call-to-call spread here (~15%) hides a 2% difference, so the target is checked where the difference lies:
   with the model's work equal (the FLOP counter must say so), the batch functions are timed apart, many calls
@@ -49,12 +50,13 @@ FULL = dict(model=ModelConfig(hidden_size=768, num_layers=12, num_heads=12, inte
 QUICK = dict(model=ModelConfig(hidden_size=128, num_layers=12, num_heads=2, intermediate_size=512),
              vocab=4_000, seq_len=128, batch=4, repeats=3)
 PRESET = "bert-base"  # whose training step the step-time ratios describe
-# name: (objective, masking rate, decoder layers)
+# name: (objective, masking rate, decoder layers, decoder width / encoder width)
 VARIANTS = {
-    "mlm_15": ("mlm", 0.15, 0), "mae_lm_15": ("mae_lm", 0.15, 4),
-    "mlm_40": ("mlm", 0.40, 0), "mae_lm_40": ("mae_lm", 0.40, 4),
-    "mae_lm_40_decoder2": ("mae_lm", 0.40, 2), "mae_lm_40_decoder1": ("mae_lm", 0.40, 1),
-    "ntp": ("ntp", 0.0, 0), "meap": ("meap", 0.15, 0),
+    "mlm_15": ("mlm", 0.15, 0, 1), "mae_lm_15": ("mae_lm", 0.15, 4, 1),
+    "mlm_40": ("mlm", 0.40, 0, 1), "mae_lm_40": ("mae_lm", 0.40, 4, 1),
+    "mae_lm_40_decoder2": ("mae_lm", 0.40, 2, 1), "mae_lm_40_decoder1": ("mae_lm", 0.40, 1, 1),
+    "mae_lm_40_half_width": ("mae_lm", 0.40, 4, 0.5),
+    "ntp": ("ntp", 0.0, 0, 1), "meap": ("meap", 0.15, 0, 1),
 }
 # (variant, baseline, target, what the target says)
 RATIOS = [
@@ -62,6 +64,8 @@ RATIOS = [
     ("mae_lm_40", "mlm_40", 0.70, "MAE-LM / MLM step time at 40% masking"),
     ("mae_lm_40_decoder2", "mlm_40", None, "MAE-LM (2-layer decoder) / MLM step time at 40% masking"),
     ("mae_lm_40_decoder1", "mlm_40", None, "MAE-LM (1-layer decoder) / MLM step time at 40% masking"),
+    ("mae_lm_40_half_width", "mlm_40", None,
+     "MAE-LM (4-layer decoder, half the encoder's width) / MLM step time at 40% masking"),
     ("meap", "ntp", None, "MEAP / NTP step time, micro-batches timed whole (batch function + model)"),
 ]
 MEAP_TARGET = 1.02
@@ -87,9 +91,10 @@ class Training(NamedTuple):
 
 
 def training(name: str, shape: dict, rows: torch.Tensor) -> Training:
-    objective, rate, decoder_layers = VARIANTS[name]
+    objective, rate, decoder_layers, decoder_width = VARIANTS[name]
     arch = "llama" if objective in ("ntp", "meap") else "bert"
-    cfg = replace(shape["model"], objective=objective, arch=arch, decoder_layers=decoder_layers or 1)
+    cfg = replace(shape["model"], objective=objective, arch=arch, decoder_layers=decoder_layers or 1,
+                  decoder_hidden_size=int(decoder_width * shape["model"].hidden_size))
     torch.manual_seed(0)
     model = build_model(OBJECTIVES[objective], cfg, shape["seq_len"], TokenIds(shape["vocab"], 0, 2, 3, 6)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
