@@ -328,18 +328,22 @@ class Loader:
             total.update(state.skipped)
         return dict(total)
 
+    def recorded(self) -> dict:
+        """What a position is only valid for, besides the layout: the shard list, its contents, and the seed and
+        shuffle block that order the units and documents."""
+        return {"shards": self.shards, "contents": self.spec.contents, "seed": self.spec.seed,
+                "shuffle_block": self.spec.shuffle_block}
+
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
-                "num_workers": self.spec.num_workers, "shards": self.shards, "contents": self.spec.contents,
-                "consumed": self.consumed,
+                "num_workers": self.spec.num_workers, **self.recorded(), "consumed": self.consumed,
                 "slots": [asdict(s) for s in self.states]}
 
     def load_state_dict(self, state: dict) -> None:
         expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
                     "num_workers": self.spec.num_workers}
         # States saved before these were recorded resume as they always did.
-        expected.update({key: value for key, value in (("shards", self.shards), ("contents", self.spec.contents))
-                         if key in state})
+        expected.update({key: value for key, value in self.recorded().items() if key in state})
         changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
         if changed:
             details = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())

@@ -12,6 +12,7 @@ import random
 import shutil
 import tarfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -223,7 +224,11 @@ def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_l
     with pytest.raises(ValueError, match="cannot resume the data position exactly: shards was 3 shards, sha256 "
                                          "[0-9a-f]+ now 4 shards"):
         Loader(spec_for(grown), plain_batcher()).load_state_dict(states[3])
-    older = {k: v for k, v in states[3].items() if k != "shards"}  # saved before the list was recorded
+    # The same shards ordered by another seed or shuffle block: the saved unit and block index other data.
+    for changed, message in (({"seed": 8}, "seed was 7 now 8"), ({"shuffle_block": 3}, "shuffle_block was 4 now 3")):
+        with pytest.raises(ValueError, match=f"cannot resume the data position exactly: {message}"):
+            Loader(replace(spec_for(moved), **changed), plain_batcher()).load_state_dict(states[3])
+    older = {k: v for k, v in states[3].items() if k not in ("shards", "seed", "shuffle_block")}  # saved before
     old_style = Loader(spec_for(moved), plain_batcher())
     old_style.load_state_dict(older)
     assert_same_batches(take(old_style, 4)[0], expected[4:8], "resumed from a state without the shard list")
