@@ -9,6 +9,7 @@ English text that every Python install ships (pydoc topics and the standard libr
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import gzip
 import json
@@ -17,7 +18,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 BUILTIN = "builtin:python-docs"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json")
@@ -106,16 +107,24 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats)
     try:
         with open_binary(path) as handle:
             if is_jsonl:
-                yield from jsonl_documents(handle, path, text_field, strict, stats)
+                yield from jsonl_documents(lines_of(handle), path, text_field, strict, stats)
             else:
-                yield from paragraph_documents(handle, path, strict, stats)
+                yield from paragraph_documents(lines_of(handle), path, strict, stats)
     except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
         stats.skip("unreadable file", f"{path}: {err}", strict)
 
 
-def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
+def lines_of(handle: IO[bytes]) -> Iterator[bytes]:
+    """The file's lines without the UTF-8 byte-order mark some editors write first, which would otherwise
+    start the first document or make its JSON line invalid."""
+    lines = iter(handle)
+    yield next(lines, b"").removeprefix(codecs.BOM_UTF8)
+    yield from lines
+
+
+def jsonl_documents(lines: Iterable[bytes], path: str, text_field: str, strict: bool,
                     stats: CorpusStats) -> Iterator[tuple[str, str]]:
-    for number, raw in enumerate(handle, 1):
+    for number, raw in enumerate(lines, 1):
         if not raw.strip():
             continue
         try:
@@ -141,12 +150,12 @@ def jsonl_documents(handle: IO[bytes], path: str, text_field: str, strict: bool,
         yield f"{path}:{number}", text
 
 
-def paragraph_documents(handle: IO[bytes], path: str, strict: bool,
+def paragraph_documents(lines: Iterable[bytes], path: str, strict: bool,
                         stats: CorpusStats) -> Iterator[tuple[str, str]]:
     """Documents separated by blank lines; a block with undecodable bytes is skipped whole."""
     block: list[bytes] = []
     start = 1
-    for number, raw in enumerate(handle, 1):
+    for number, raw in enumerate(lines, 1):
         if raw.strip():
             if not block:
                 start = number

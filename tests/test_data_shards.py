@@ -148,6 +148,16 @@ def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
     assert expand_inputs([str(tmp_path / "*.txt")]) == [str(named)]
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """Windows editors start UTF-8 files with one: it made a .jsonl file's first record invalid JSON and
+    prefixed a text file's first document."""
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + b'{"text": "first"}\n{"text": "second"}\n')
+    (tmp_path / "b.txt").write_bytes(bom + b"first paragraph\n\nsecond \xef\xbb\xbf kept inside\n")
+    assert list(documents([str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")], strict=True)) == [
+        "first", "second", "first paragraph", "second \ufeff kept inside"]
+
+
 def test_a_corpus_without_documents_is_an_error_naming_it(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
