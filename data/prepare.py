@@ -1,8 +1,8 @@
 """Raw text -> tokenizer -> shards: `masktrain data tokenizer`, `masktrain data shards` and, for one run
 config, `masktrain data prepare` (both steps, skipped when already done).
 
-The manifest records the settings it was built with; a data folder prepared differently is refused rather
-than silently reused.
+The manifest records the settings it was built with and the sizes of the input files; a data folder prepared
+differently, or from inputs that have changed since, is refused rather than silently reused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from masktrain.data.corpus import CorpusStats, InputError, documents
+from masktrain.data.corpus import BUILTIN, CorpusStats, InputError, documents, expand_inputs
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
 from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset, write_manifest
 from masktrain.data.tables import read_json, write_json
@@ -60,6 +60,27 @@ def recipe_changes(built: dict, wanted: dict) -> str:
                      if old.get(key) != new.get(key) and key != "data.prepare.workers")
 
 
+def input_sizes(inputs: list[str]) -> dict[str, int | None]:
+    """Each input file's size in bytes (None for the built-in text), recorded so that a folder is not reused
+    for inputs that have since grown, shrunk, gained or lost files. Sizes rather than times: a copy or a touch
+    leaves the text as it was."""
+    return {path: None if path == BUILTIN else os.path.getsize(path) for path in expand_inputs(inputs)}
+
+
+def input_changes(built: dict[str, int | None], now: dict[str, int | None]) -> str:
+    """How the input files differ from the recorded ones, as 'path: what' (the first three, and a count)."""
+    def change(path: str) -> str:
+        if path not in built:
+            return f"{path}: new"
+        if path not in now:
+            return f"{path}: gone"
+        return f"{path}: {built[path]:,} -> {now[path]:,} bytes"
+
+    changes = [change(path) for path in sorted(set(built) | set(now)) if built.get(path, -1) != now.get(path, -1)]
+    more = f" and {len(changes) - 3} more" if len(changes) > 3 else ""
+    return "; ".join(changes[:3]) + more
+
+
 def tokenizer_recipe(p: PrepareConfig, seed: int) -> dict:
     """The part of `recipe` a tokenizer depends on, stored beside it."""
     return {"prepare": {key: getattr(p, key) for key in TOKENIZER_SETTINGS}, "seed": seed}
@@ -99,6 +120,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
     """Tokenize `p.inputs` into train/val shards under `out_dir` with a manifest; returns the manifest."""
     started = time.perf_counter()
     tokenizer = Tokenizer(tokenizer_path)
+    sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
     # disable=None: a progress bar on a terminal, nothing in logs and pipes.
     with tqdm(docs, desc="tokenizing", unit=" docs", disable=None, mininterval=1.0) as progress:
@@ -107,7 +129,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
     if manifest["splits"]["train"]["documents"] == 0:  # before the manifest: a later prepare would reuse it
         raise no_documents(p, stats)
     manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path), tokenizer_sha256=tokenizer.fingerprint(),
-                    input_documents=stats.documents, input_skipped=dict(stats.skipped))
+                    input_documents=stats.documents, input_skipped=dict(stats.skipped), input_sizes=sizes)
     write_manifest(out_dir, manifest)
     splits = manifest["splits"]
     log(f"data: {stats.documents:,} documents (skipped {skipped_text(stats)}) -> "
@@ -115,6 +137,17 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
         f"{len(splits['val']['shards'])} val shards ({splits['val']['tokens']:,} tokens) "
         f"in {time.perf_counter() - started:.1f}s -> {out_dir}")
     return manifest
+
+
+def changed_inputs(manifest: dict, inputs: list[str]) -> str:
+    """How `inputs` changed since `manifest` was written; '' when they did not, or cannot be compared: folders
+    written before sizes were recorded, and inputs removed once sharded (the shards are what training reads)."""
+    if (built := manifest.get("input_sizes")) is None:
+        return ""
+    try:
+        return input_changes(built, input_sizes(inputs))
+    except InputError:
+        return ""
 
 
 def prepare(cfg: Config, log=print) -> dict:
@@ -128,6 +161,9 @@ def prepare(cfg: Config, log=print) -> dict:
         if changes := recipe_changes(manifest.get("recipe") or {}, recipe(p, cfg.run.seed)):
             raise SystemExit(f"{root}: prepared with other data.prepare settings ({changes}); remove the folder "
                              "or choose another data.dir")
+        if changes := changed_inputs(manifest, p.inputs):
+            raise SystemExit(f"{root}: prepared from other input files than there are now ({changes}); remove "
+                             "the folder or choose another data.dir")
         if not has_tokenizer:
             raise SystemExit(f"{tok_dir / MODEL_FILE}: missing, and the shards in {root} were written with it; "
                              f"restore it, or remove {root} to prepare again")

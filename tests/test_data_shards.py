@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
@@ -234,6 +235,32 @@ def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_pat
         prepare(config("data.prepare.shard_bytes=100000"))
     (tok / "spm.model").write_bytes(original)
     check_ready(config("data.prepare.shard_bytes=100000"))
+
+
+def test_prepare_refuses_a_folder_whose_input_files_changed_since(tmp_path):
+    from masktrain.data.prepare import prepare
+    from masktrain.launcher.loading import load_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = "\n\n".join(f"document {n} is about the number {n} and nothing else" for n in range(300))
+    (corpus / "a.txt").write_text(text)
+    logged = []
+    config = load_config("smoke", [f"data.prepare.inputs=[{corpus}]", "data.prepare.vocab_size=400",
+                                   f"data.dir={tmp_path / 'data'}"])
+    assert prepare(config, log=logged.append)["input_sizes"] == {str(corpus / "a.txt"): len(text)}
+    (corpus / "a.txt").write_text(text + "\n\nmore text appended later")
+    (corpus / "b.txt").write_text("a new file")
+    with pytest.raises(SystemExit, match=rf"prepared from other input files than there are now \({corpus}/a.txt: "
+                                         rf"{len(text):,} -> {len(text) + 26:,} bytes; {corpus}/b.txt: new\)"):
+        prepare(config)
+    (corpus / "b.txt").unlink()
+    (corpus / "a.txt").write_text(text)
+    prepare(config, log=logged.append)
+    # Raw text removed once sharded: the shards are what training reads, so the folder is still used.
+    shutil.rmtree(corpus)
+    prepare(config, log=logged.append)
+    assert logged[-1].startswith(f"data: reusing {tmp_path / 'data'}")
 
 
 def test_rewriting_shards_leaves_no_manifest_until_done_and_no_shard_of_the_earlier_write(inputs, tokenizer,
