@@ -44,6 +44,8 @@ def skipped_text(stats: CorpusStats) -> str:
 
 TOKENIZER_RECIPE = "recipe.json"
 TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokenizer_type", "tokenizer_sample_docs")
+TRAINING_ONLY = ("vocab_size", "tokenizer_type", "tokenizer_sample_docs")
+"""Settings that reach the shards only through the tokenizer they train."""
 
 
 def recipe(p: PrepareConfig, seed: int) -> dict:
@@ -51,13 +53,14 @@ def recipe(p: PrepareConfig, seed: int) -> dict:
     return {"prepare": asdict(p), "seed": seed}
 
 
-def recipe_changes(built: dict, wanted: dict) -> str:
+def recipe_changes(built: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> str:
     """The settings that differ between two recipes, as 'key: built -> wanted'; not the thread count, which
-    changes nothing in what is built."""
+    changes nothing in what is built, nor the `data.prepare` fields in `ignore`."""
     old = {**{f"data.prepare.{k}": v for k, v in built.get("prepare", {}).items()}, "run.seed": built.get("seed")}
     new = {**{f"data.prepare.{k}": v for k, v in wanted["prepare"].items()}, "run.seed": wanted["seed"]}
+    skip = {f"data.prepare.{key}" for key in ("workers", *ignore)}
     return ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-                     if old.get(key) != new.get(key) and key != "data.prepare.workers")
+                     if old.get(key) != new.get(key) and key not in skip)
 
 
 def input_sizes(inputs: list[str]) -> dict[str, int | None]:
@@ -158,7 +161,10 @@ def prepare(cfg: Config, log=print) -> dict:
     has_tokenizer = (tok_dir / MODEL_FILE).is_file()
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)
-        if changes := recipe_changes(manifest.get("recipe") or {}, recipe(p, cfg.run.seed)):
+        # With data.tokenizer the shards' tokenizer is compared by fingerprint below, so the settings that only
+        # train one (`data shards --tokenizer` records their defaults) say nothing about the shards.
+        ignore = TRAINING_ONLY if cfg.data.tokenizer else ()
+        if changes := recipe_changes(manifest.get("recipe") or {}, recipe(p, cfg.run.seed), ignore):
             raise SystemExit(f"{root}: prepared with other data.prepare settings ({changes}); remove the folder "
                              "or choose another data.dir")
         if changes := changed_inputs(manifest, p.inputs):

@@ -219,6 +219,11 @@ def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_pat
     prepare(config("data.prepare.vocab_size=500", f"data.dir={tmp_path / 'other'}", f"data.tokenizer={tok}"),
             log=logged.append)
     assert f"data: using the tokenizer in {tok} (data.tokenizer)" in logged
+    # Settings that only train a tokenizer say nothing of shards cut with a given one (`data shards
+    # --tokenizer` records their defaults): that tokenizer is compared by fingerprint instead.
+    prepare(config("data.prepare.vocab_size=600", f"data.dir={tmp_path / 'other'}", f"data.tokenizer={tok}"),
+            log=logged.append)
+    assert logged[-1].startswith(f"data: reusing {tmp_path / 'other'}")
 
     # Another tokenizer of the same size maps ids to other pieces: both prepare and the pre-launch check refuse.
     proto = sentencepiece_model_pb2.ModelProto()
