@@ -21,7 +21,7 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import IO, Callable, Iterator
 
 import braceexpand
 import numpy as np
@@ -86,6 +86,16 @@ def end_problem(err: Exception | None) -> str | None:
     return "truncated shard"  # no end-of-archive block: the data stops at or inside a header
 
 
+def past_the_end(stream: IO[bytes]) -> bool:
+    """Whether anything but zeros follows the end-of-archive block in the (decompressed) tar `stream`, read to
+    its end. `cat a.tar b.tar` makes such a shard: tar and tarfile stop at the first end block, so the members
+    of b would be lost without a word."""
+    found = False
+    while chunk := stream.read(1 << 16):
+        found = found or chunk.count(0) != len(chunk)
+    return found
+
+
 def read_problem(err: Exception, member: str | None) -> str:
     """The reason to count for an error raised while reading an archive (tarfile has no class per cause)."""
     if member is None:
@@ -112,6 +122,8 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
                 if data is not None:
                     yield name, data
             problem = end_problem(getattr(archive, "end_error", None))
+            if problem is None and past_the_end(archive.fileobj):
+                problem = "data after end of shard"
         if problem is None:
             # A pipe's command may still be writing the padding after the end block; reading it lets the
             # command exit cleanly, so the exit status that close() checks means something.

@@ -267,6 +267,8 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
         "garbled_header": (data[:header] + b"\xff" * 512 + data[header + 512:], "corrupt shard",
                            "after member 000101.tokens.npy"),
         "not_a_tar": (b"this is not a tar file" * 40, "unreadable shard", "at the start"),
+        # `cat` of two shards: tar stops at the first end block, which would drop the second shard's members.
+        "concatenated": (data + tar_bytes({120: 5})[0], "data after end of shard", "after member 000103.tokens.npy"),
     }
     shards = {name: (str(root / f"{name}.tar"), reason, where) for name, (_, reason, where) in cases.items()}
     for name, (blob, _, _) in cases.items():
@@ -309,7 +311,7 @@ def np_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-SURVIVORS = {"cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
+SURVIVORS = {"concatenated": [100, 101, 102, 103], "cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
              "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110],
              "repeated_member": [110, 115], "no_extension": [110]}
 
