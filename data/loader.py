@@ -322,6 +322,25 @@ class Loader:
         self.batcher = replace(self.batcher, first_step=step, first_index=self.consumed)
         self.iterator = None  # workers hold a copy of the batcher
 
+    def uneven_epochs(self) -> str:
+        """A note for the log when the read units do not spread evenly over the slots of all ranks, else ''.
+
+        Each slot reads its own units of an epoch and then goes on to the next epoch: when the unit count is
+        not a multiple of the slot count, some slots have one unit more than others. By the time the slots
+        together have read an epoch's worth of tokens, those with fewer units have begun the next epoch while
+        the others are still in their last unit. The share of the epoch's documents still unread then,
+        `extra * (1 - extra / slots) / units` for equal units, is small with many units per slot."""
+        slots = self.spec.world_size * self.spec.slots_per_rank
+        units = len(self.units)
+        extra = units % slots
+        share = extra * (1 - extra / slots) / units
+        if share < 0.01:
+            return ""
+        return (f"{units} read units over {slots} loader slots ({units / slots:.2f} each per epoch): when an "
+                f"epoch's worth of tokens has been read, about {share:.0%} of its documents are still unread while "
+                "others are being read a second time; smaller shards (data.prepare.shard_bytes) or a slot count "
+                "that divides the unit count (ranks x max(1, data.num_workers)) even this out")
+
     def skipped(self) -> dict[str, int]:
         total: Counter = Counter()
         for state in self.states:

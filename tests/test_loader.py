@@ -123,6 +123,22 @@ def test_every_document_once_per_epoch_across_ranks_and_workers(tmp_path, length
         assert seen == Counter(range(total)), f"epoch {epoch}"
 
 
+def test_a_unit_count_that_slots_do_not_divide_is_reported_with_what_it_costs(tmp_path):
+    """5 units over 4 slots: when all ranks together have read 5 shards' worth, the three slots with one unit
+    have begun the next epoch while one is still in its second. The note's share is what goes unread then."""
+    urls = write_shards(tmp_path, [[14] * 20] * 5)  # 16 tokens with boundaries: a row each
+    loaders = [Loader(spec_for(urls, rank=rank, world_size=4, micro_batch_size=1), plain_batcher(rank))
+               for rank in range(4)]
+    seen = Counter()
+    for _ in range(100 // 4):
+        for loader in loaders:
+            seen.update(document_numbers(next(loader)["input_ids"].numpy()))
+    assert 0.12 <= (100 - len(seen)) / 100 <= 0.16 and any(count > 1 for count in seen.values())
+    assert loaders[0].uneven_epochs().startswith("5 read units over 4 loader slots (1.25 each per epoch): when an "
+                                                 "epoch's worth of tokens has been read, about 15% of its documents")
+    assert Loader(spec_for(urls[:4], world_size=4), plain_batcher()).uneven_epochs() == ""
+
+
 def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
     """What the worker processes deliver is exactly the slots' streams, round-robin, which carries the
     split above over to the loader."""

@@ -176,6 +176,8 @@ def train(cfg: Config) -> None:
     engine = eng.build_engine(cfg, model, runtime, dtype, ds)
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
+    if is_main and (note := loader.uneven_epochs()):
+        print(f"[masktrain] data: {note}", flush=True)
     val_skips = Skips(cfg.data.strict)
     validation: tuple[list[dict], dict] | None = None  # read on first use
     torch.manual_seed(seed_int(cfg.run.seed, runtime.rank, 1))  # dropout differs per rank
