@@ -165,9 +165,9 @@ def validate(cfg: Config) -> list[str]:
     positive(t.max_bad_steps, "trainer.max_bad_steps")
     non_negative(t.peak_tflops, "trainer.peak_tflops")
     if t.resume not in ("auto", "never"):
-        from masktrain.trainer.checkpoint import is_complete
+        from masktrain.trainer.checkpoint import is_complete, taken_rollback
 
-        check(is_complete(Path(t.resume)), "trainer.resume",
+        check(is_complete(Path(t.resume)) or taken_rollback(t.resume, cfg.output_dir), "trainer.resume",
               f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
     if t.deepspeed_config:
         error = json_object_error(t.deepspeed_config)

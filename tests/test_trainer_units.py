@@ -14,7 +14,7 @@ from conftest import scalars
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, outcome, rank_environment
 from masktrain.launcher.loading import ConfigError, load_config, to_dict
-from masktrain.trainer.checkpoint import Checkpointer, config_changes, tag_for
+from masktrain.trainer.checkpoint import Checkpointer, config_changes, resume_point, tag_for
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
@@ -225,6 +225,21 @@ def test_an_explicit_resume_must_name_a_complete_checkpoint(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config("smoke", [f"trainer.resume={tmp_path / 'step-00000004'}"])
     assert err.value.problems[0].startswith("trainer.resume: must be auto, never or a complete checkpoint folder")
+
+    # Once the run has started from it and saved since, keep_last may prune it: the run's config, which its
+    # requeues and `export` read again, stays valid, as the requeues go on from the run's own saves.
+    run = tmp_path / "run"
+    rollback = run / "checkpoints" / "step-00000004"
+    ckpt = Checkpointer(run, keep_last=1, is_main=True)
+    for step, meta in ((4, {}), (5, {"resumed_from": str(rollback.resolve())})):
+        staging = ckpt.dir / f"{tag_for(step)}.partial"
+        staging.mkdir(parents=True)
+        ckpt.publish(staging, step, {"run": {}}, meta)
+    assert not rollback.exists()
+    cfg = load_config("smoke", [f"run.output_dir={run}", f"trainer.resume={rollback}"])
+    assert resume_point(cfg.trainer.resume, ckpt) == (run / "checkpoints" / "step-00000005", str(rollback.resolve()))
+    with pytest.raises(ConfigError):  # another run never started from it
+        load_config("smoke", [f"run.output_dir={tmp_path / 'other'}", f"trainer.resume={rollback}"])
 
 
 def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):

@@ -169,16 +169,28 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def line_start(ckpt: Checkpointer) -> str | None:
+    """The explicit trainer.resume the run's latest checkpoint descends from (None: none, or no checkpoint)."""
+    latest = ckpt.latest()
+    return read_meta(latest).get("resumed_from") if latest is not None else None
+
+
+def taken_rollback(resume: str, run_dir: str | Path) -> bool:
+    """Whether the run in `run_dir` has already started from trainer.resume `resume` and saved since: its
+    requeues go on from their own saves, so `resume` may be gone (keep_last prunes it like any other)."""
+    return line_start(Checkpointer(run_dir, 1, False)) == str(Path(resume).resolve())
+
+
 def resume_point(resume: str, ckpt: Checkpointer) -> tuple[Path | None, str | None]:
     """For trainer.resume `resume`: (the checkpoint to resume from, where its line of checkpoints began: the
     explicit trainer.resume it started from, which every later save inherits)."""
     if resume == "never":
         return None, None
     latest = ckpt.latest()
-    inherited = read_meta(latest).get("resumed_from") if latest is not None else None
+    inherited = line_start(ckpt)
     if resume == "auto":
         return latest, inherited
-    explicit = str(Path(resume).resolve())  # validated: a complete checkpoint
+    explicit = str(Path(resume).resolve())  # validated: a complete checkpoint, or this line's start
     # A requeued or relaunched job carries the same trainer.resume. Once this run has saved since it started
     # from there, its own latest checkpoint is where it goes on; starting over from `explicit` would loop.
     if inherited == explicit:
