@@ -120,12 +120,15 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
 
     # The checkpoint carries its tokenizer: it exports the same without the data folder, even after the data
     # folder's tokenizer was replaced or its config points elsewhere (a relative data.dir, another machine).
+    # Files only training reads may be gone too: a pruned rollback target, a DeepSpeed JSON relative to where
+    # training ran.
     assert tokenizer.dir == checkpoint / "tokenizer"
     assert tokenizer.model_bytes == (inputs.tokenizer_dir(cfg) / "spm.model").read_bytes()
     copied = tmp_path / "copied" / checkpoint.name
     shutil.copytree(checkpoint, copied)
     config = yaml.safe_load((copied / "config.yaml").read_text())
     config["data"].update(dir=str(tmp_path / "gone"), tokenizer="")
+    config["trainer"].update(resume=str(tmp_path / "pruned" / "step-00000001"), deepspeed_config="ds.json")
     (copied / "config.yaml").write_text(yaml.safe_dump(config))
     run_cli("export", str(copied), str(tmp_path / "moved"), check=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "moved").iterdir() if p.name != "README.md"} == {

@@ -45,7 +45,11 @@ def load_trained(checkpoint: str | Path):
     checkpoint = Path(checkpoint)
     if not is_complete(checkpoint):
         raise FileNotFoundError(f"{checkpoint}: not a complete masktrain checkpoint (no meta.json)")
-    cfg = config_from_dict(saved_config(checkpoint), str(checkpoint / "config.yaml"))
+    raw = saved_config(checkpoint)
+    # Exported, not trained from: files only training reads may be gone, as a rollback target keep_last pruned
+    # or a DeepSpeed JSON named relative to where training ran.
+    raw.setdefault("trainer", {}).update(resume="auto", deepspeed_config="")
+    cfg = config_from_dict(raw, str(checkpoint / "config.yaml"))
     embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
     tokenizer = Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(cfg))
     model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
