@@ -90,7 +90,36 @@ def spec_problems(spec: JobSpec) -> list[str]:
     for option in spec.sbatch:
         if not option.startswith("-") or "\n" in option:
             problems.append(f"--sbatch: {option!r} is not an sbatch option (write it as --sbatch=--exclusive)")
+        elif owner := owned_by(option):
+            # The later #SBATCH line wins: a job shaped otherwise than the run config fails after the wait.
+            problems.append(f"--sbatch: {option!r} sets what {owner}")
+    if "/" in spec.job_name:
+        problems.append(f"--job-name: {spec.job_name!r} holds a '/', which the log file's name (%x) cannot")
     return problems
+
+
+# sbatch options the script sets itself: (long name, short name, what sets it instead).
+OWNED = [("--job-name", "-J", "--job-name sets"), ("--partition", "-p", "--partition sets"),
+         ("--account", "-A", "--account sets"), ("--time", "-t", "--time sets"), ("--nodes", "-N", "--nodes sets"),
+         ("--gpus-per-node", "", "--gpus-per-node sets"), ("--cpus-per-task", "-c", "--cpus-per-task sets"),
+         ("--ntasks-per-node", "", "the script sets (one task per node starts its ranks)"),
+         ("--ntasks", "-n", "the script sets (one task per node starts its ranks)"),
+         ("--chdir", "-D", "the script sets (the folder relative config paths mean)"),
+         ("--output", "-o", "the script sets (the log in the run folder)"),
+         ("--open-mode", "", "the script sets (requeued attempts append to one log)"),
+         ("--signal", "", "--signal-grace sets"), ("--requeue", "", "the script sets (preemption requeues)"),
+         ("--no-requeue", "", "the script sets (preemption requeues)")]
+
+
+def owned_by(option: str) -> str | None:
+    """What sets the sbatch option `option` in the script instead, or None for an option it leaves alone. Long
+    options count by any prefix sbatch would accept for them."""
+    name = option.split("=", 1)[0]
+    for long, short, owner in OWNED:
+        if (name.startswith("--") and len(name) > 3 and long.startswith(name)) or (short and name[:2] == short
+                                                                                   and not name.startswith("--")):
+            return owner
+    return None
 
 
 def job_config(config: str, overrides: list[str], spec: JobSpec) -> Config:
@@ -116,6 +145,11 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir).absolute()
 
 
+def job_name(cfg: Config, spec: JobSpec) -> str:
+    """--job-name, or run.name with '/' (fine in a run folder's path) made '-' for the log's name (%x)."""
+    return spec.job_name or cfg.run.name.replace("/", "-")
+
+
 def log_pattern(cfg: Config) -> Path:
     return run_dir(cfg) / "slurm" / "%x-%j.out"
 
@@ -125,7 +159,7 @@ def cpus_per_task(cfg: Config, spec: JobSpec) -> int:
 
 
 def sbatch_lines(cfg: Config, spec: JobSpec) -> list[str]:
-    options = [f"--job-name={spec.job_name or cfg.run.name}", f"--partition={spec.partition}"]
+    options = [f"--job-name={job_name(cfg, spec)}", f"--partition={spec.partition}"]
     options += [f"--account={spec.account}"] if spec.account else []
     options += [f"--time={spec.time}", f"--nodes={spec.nodes}", "--ntasks-per-node=1",
                 f"--cpus-per-task={cpus_per_task(cfg, spec)}"]
@@ -209,7 +243,7 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
                                 f"{' '.join(ids)}")) from None
         after = f", starts after job {ids[-2]} ends" if len(ids) > 1 else ""
         log(f"submitted job {ids[-1]} ({index + 1} of {spec.chain}{after})")
-    name = spec.job_name or cfg.run.name
+    name = job_name(cfg, spec)
     log(f"script: {script}")
     for job in ids:
         log(f"log of job {job}: {log_pattern(cfg).parent / f'{name}-{job}.out'} (every attempt appends)")

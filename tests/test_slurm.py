@@ -17,7 +17,7 @@ import pytest
 
 from conftest import run_cli
 from masktrain import slurm as slurm_files
-from masktrain.launcher.loading import load_config
+from masktrain.launcher.loading import ConfigError, load_config
 from masktrain.launcher.slurm import JobSpec, job_config, node_command
 
 LOCAL_CLUSTER = Path(slurm_files.__file__).parent / "local-cluster.sh"
@@ -225,6 +225,24 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
     assert not (stubs / "sbatch-calls").exists()
     with pytest.raises(Exception, match="--time"):
         job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=1, time="soon", partition="local"))
+    # The later #SBATCH line wins: an --sbatch that reshapes the job would fail it after the queue wait.
+    with pytest.raises(ConfigError) as err:
+        job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=2, time="1:00:00", partition="local", job_name="a/b",
+                                        sbatch=["--node=2", "-ox.log", "--exclusive", "--no-requeue"]))
+    assert err.value.problems == ["--sbatch: '--node=2' sets what --nodes sets",
+                                  "--sbatch: '-ox.log' sets what the script sets (the log in the run folder)",
+                                  "--sbatch: '--no-requeue' sets what the script sets (preemption requeues)",
+                                  "--job-name: 'a/b' holds a '/', which the log file's name (%x) cannot"]
+
+
+def test_a_run_name_with_a_slash_gives_a_job_name_without_one(tmp_path, stubs, tiny_data):
+    """run.name=ablation/lr-3e-4 keeps its run folder; SLURM, which names the log after the job (%x), would fail
+    the job at launch with no log at all."""
+    run = tmp_path / "run"
+    result = run_cli("slurm", "submit", "smoke", *tiny_data, "run.name=ablation/lr-3e-4", f"run.output_dir={run}",
+                     "--nodes=1", "--gpus-per-node=2", *JOB_ARGS, env=job_env(stubs=stubs), check=True)
+    assert "#SBATCH --job-name=ablation-lr-3e-4\n" in (run / "slurm" / "job.sbatch").read_text()
+    assert f"log of job 101: {run}/slurm/ablation-lr-3e-4-101.out" in result.stdout
 
 
 # --- A real cluster ---------------------------------------------------------------------------------------
