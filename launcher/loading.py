@@ -6,6 +6,7 @@ defaults. Every problem found is collected and raised once as a `ConfigError` na
 
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
 import difflib
@@ -32,7 +33,20 @@ class ConfigError(ValueError):
 
 class ConfigLoader(yaml.SafeLoader):
     """YAML 1.2's core schema for plain scalars, not PyYAML's 1.1: `1e-4` is a float; `on`, `no`, dates and
-    `0312` (no octal) stay as written."""
+    `0312` (no octal) stay as written. A key given twice in one mapping is an error, as YAML says: PyYAML keeps
+    the last one, and a second `trainer:` section would drop the first one's settings without a word."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # SafeLoader refuses it below
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice in one mapping",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 ConfigLoader.yaml_implicit_resolvers = {

@@ -96,6 +96,10 @@ def test_a_path_that_does_not_exist_is_never_read_as_the_shipped_config_of_that_
     (b"\xff\xfe: 1\n", "not valid YAML: 'utf-8' codec can't decode"),
     (b"model:\n  objective: [1]\n", "model.objective: expected str, got list [1]"),
     (b"optim:\n  lr: .inf\n", "optim.lr: must be a finite number > 0, got inf"),
+    # PyYAML keeps the last of two equal keys: the first section's settings would be lost without a word.
+    (b"trainer:\n  max_steps: 1000\noptim:\n  lr: 0.1\ntrainer:\n  keep_last: 2\n",
+     "not valid YAML: key 'trainer' appears twice in one mapping\n  in \"<unicode string>\", line 6, column 1"),
+    (b"optim:\n  lr: 0.1\n  lr: 0.2\n", "key 'lr' appears twice in one mapping"),
 ])
 def test_malformed_files_are_config_errors_naming_the_file(tmp_path, text, problem):
     path = tmp_path / "bad.yaml"
