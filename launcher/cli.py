@@ -344,8 +344,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 2
-    # Bad data (the message names the file and line or member) or a missing input (its path says it).
-    except (InputError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
+    # Bad data (the message names the file and line or member), a missing input or a folder this user may not
+    # write (the message has its path).
+    except (InputError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 1
     sys.exit(code)

@@ -207,6 +207,11 @@ def test_a_rendered_script_can_be_submitted_as_it_is(tmp_path, stubs):
     piped = tmp_path / "piped.sbatch"
     piped.write_text(result.stdout)
     assert subprocess.run(["bash", "-n", str(piped)], capture_output=True).returncode == 0
+    # A run folder this user may not create (/sys refuses even root): one line naming it, no traceback.
+    denied = run_cli("slurm", "render", "smoke", "run.output_dir=/sys/masktrain-run", "--nodes=2",
+                     "--gpus-per-node=1", *JOB_ARGS, env=job_env(stubs=stubs))
+    assert denied.returncode == 1 and "Traceback" not in denied.stderr
+    assert denied.stderr.strip().endswith("'/sys/masktrain-run'") and denied.stderr.startswith("masktrain: ")
 
 
 def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
