@@ -16,15 +16,40 @@ ENCODER_ARCHS = ("bert", "roberta")
 DECODER_ARCHS = ("llama",)
 
 
-def json_object_error(path: str) -> str | None:
-    """Why `path` is not a JSON object file, or None when it is (DeepSpeed reads it only inside the ranks)."""
+def read_json_object(path: str) -> tuple[dict | None, str | None]:
+    """(the JSON object in `path`, None), or (None, why it is not one): DeepSpeed reads it only inside the
+    ranks."""
     try:
         value = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return "file not found"
+        return None, "file not found"
     except (OSError, ValueError) as err:
-        return f"not valid JSON ({err})"
-    return None if isinstance(value, dict) else f"expected a JSON object, got {type(value).__name__}"
+        return None, f"not valid JSON ({err})"
+    return (value, None) if isinstance(value, dict) else (None, f"expected a JSON object, got {type(value).__name__}")
+
+
+def deepspeed_json_problems(ds: dict, cfg: Config) -> list[str]:
+    """What in a user's DeepSpeed JSON contradicts the run config. DeepSpeed asserts the batch sizes in every
+    rank after start-up; precision, optimizer and scheduler come from the config, and the JSON would
+    silently train another recipe or clash with the optimizer the trainer hands DeepSpeed."""
+    owned = {"train_batch_size": ("trainer.global_batch_size", cfg.trainer.global_batch_size),
+             "train_micro_batch_size_per_gpu": ("data.micro_batch_size", cfg.data.micro_batch_size),
+             "gradient_accumulation_steps": ("the batch sizes", cfg.grad_accum),
+             "bf16": ("trainer.precision", None), "fp16": ("trainer.precision", None),
+             "optimizer": ("optim.*", None), "scheduler": ("optim.*", None)}
+    problems = [f"{key} is set by {owner}{'' if wanted is None else f' ({wanted})'}; remove it from the file"
+                for key, (owner, wanted) in owned.items() if key in ds and (wanted is None or ds[key] != wanted)]
+
+    def placeholders(value, where: str) -> None:
+        if value == "auto":
+            problems.append(f"{where}: 'auto' is a Hugging Face Trainer placeholder, which DeepSpeed cannot read; "
+                            "give a value or remove the key")
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                placeholders(inner, f"{where}.{key}" if where else key)
+
+    placeholders({key: value for key, value in ds.items() if key not in owned}, "")
+    return problems
 
 
 def validate(cfg: Config) -> list[str]:
@@ -169,8 +194,9 @@ def validate(cfg: Config) -> list[str]:
 
         check(is_complete(Path(t.resume)) or taken_rollback(t.resume, cfg.output_dir), "trainer.resume",
               f"must be auto, never or a complete checkpoint folder (with meta.json), got {t.resume!r}")
+    deepspeed_json = None
     if t.deepspeed_config:
-        error = json_object_error(t.deepspeed_config)
+        deepspeed_json, error = read_json_object(t.deepspeed_config)
         check(error is None, "trainer.deepspeed_config", f"{t.deepspeed_config}: {error}")
 
     # launch and the batch arithmetic that ties data, trainer and launch together
@@ -189,4 +215,7 @@ def validate(cfg: Config) -> list[str]:
               f"size ({cfg.world_size} = {la.nnodes} nodes x {la.nproc_per_node}); try "
               f"{max(per_step, round(t.global_batch_size / per_step) * per_step)}")
 
+    if deepspeed_json is not None and not problems:  # against batch sizes that are themselves valid
+        for problem in deepspeed_json_problems(deepspeed_json, cfg):
+            check(False, "trainer.deepspeed_config", f"{t.deepspeed_config}: {problem}")
     return problems

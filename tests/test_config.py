@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -145,6 +147,24 @@ def test_a_deepspeed_json_that_does_not_parse_is_refused_naming_it(tmp_path, tex
     assert found.startswith(f"trainer.deepspeed_config: {path}: {problem}")
     (found,) = problems_of(f"trainer.deepspeed_config={tmp_path / 'none.json'}")
     assert found == f"trainer.deepspeed_config: {tmp_path / 'none.json'}: file not found"
+
+
+def test_a_deepspeed_json_that_contradicts_the_config_is_refused_before_any_rank_starts(tmp_path):
+    """DeepSpeed asserts the batch sizes only inside the ranks, after the queue wait on a cluster; 'auto' (a
+    Hugging Face Trainer JSON) it cannot read at all."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 8,
+                                "bf16": {"enabled": True}, "gradient_clipping": 0.5,
+                                "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    assert problems_of(f"trainer.deepspeed_config={path}") == [
+        f"trainer.deepspeed_config: {path}: train_batch_size is set by trainer.global_batch_size (16); remove it "
+        "from the file",
+        f"trainer.deepspeed_config: {path}: bf16 is set by trainer.precision; remove it from the file",
+        f"trainer.deepspeed_config: {path}: zero_optimization.reduce_bucket_size: 'auto' is a Hugging Face "
+        "Trainer placeholder, which DeepSpeed cannot read; give a value or remove the key"]
+    # What agrees with the config (the micro-batch size above) or is the JSON's to set (clipping) is taken.
+    path.write_text(json.dumps({"train_batch_size": 16, "gradient_clipping": 0.5}))
+    load_config("smoke", [f"trainer.deepspeed_config={path}"])
 
 
 def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path):
