@@ -62,7 +62,7 @@ class MaskingConfig:
     """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`). Rate,
     final_rate and schedule form one unit: setting any of them drops all three of the objective's defaults."""
     final_rate: float | None = None
-    """Schedule end value; None keeps `rate`. The constant schedule ignores it."""
+    """Schedule end value, which linear, cosine and step need; the constant schedule takes none (or `rate`)."""
     schedule_steps: int = 0
     """Steps over which the schedule moves from `rate` to `final_rate`; 0 means trainer.max_steps."""
     warmup_steps: int = 0

@@ -106,6 +106,17 @@ def validate(cfg: Config) -> list[str]:
         fraction(getattr(m, key), f"data.masking.{key}")
     check(m.mask_prob + m.random_prob <= 1.0 + 1e-9, "data.masking.mask_prob",
           f"mask_prob + random_prob must be <= 1 (the rest is kept), got {m.mask_prob} + {m.random_prob}")
+    # Rate, final_rate and schedule replace the objective's three together, so one set alone (final_rate=0.1,
+    # or schedule=cosine) left the other two at the class defaults: a constant rate, without a word.
+    moves = m.final_rate is not None and m.final_rate != m.rate
+    if m.schedule == "constant":
+        check(not moves, "data.masking.final_rate",
+              f"the constant schedule keeps data.masking.rate ({m.rate}) throughout, never {m.final_rate}; set "
+              "data.masking.schedule (linear, cosine or step) for a rate that moves")
+    elif m.schedule in SCHEDULES:  # equal ends set on purpose (a sweep's point) are taken
+        check(m.final_rate is not None, "data.masking.final_rate",
+              f"the {m.schedule} schedule moves from data.masking.rate ({m.rate}) to final_rate, which is unset: "
+              "it would never move; set final_rate, or schedule constant")
     non_negative(m.schedule_steps, "data.masking.schedule_steps")
     non_negative(m.warmup_steps, "data.masking.warmup_steps")
     positive(m.step_count, "data.masking.step_count")

@@ -178,9 +178,11 @@ def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path)
     # Quotes force text and are not kept; a mapping overrides a section (merged with dotted overrides of it);
     # hex and octal are integers; an empty list override empties the list; null is no list; other text is
     # taken as typed, '#' and ': ' included.
-    cfg = load_config("smoke", ["run.name='my run'", "data.masking.rate=0.2", "data.masking={schedule: linear}",
-                                "run.seed=0x10", "trainer.eval_every=0o10", "data.train_shards="])
-    assert (cfg.run.name, cfg.data.masking.rate, cfg.data.masking.schedule) == ("my run", 0.2, "linear")
+    cfg = load_config("smoke", ["run.name='my run'", "data.masking.rate=0.2",
+                                "data.masking={schedule: linear, final_rate: 0.1}", "run.seed=0x10",
+                                "trainer.eval_every=0o10", "data.train_shards="])
+    assert (cfg.run.name, cfg.data.masking.rate, cfg.data.masking.schedule, cfg.data.masking.final_rate) == (
+        "my run", 0.2, "linear", 0.1)
     assert (cfg.run.seed, cfg.trainer.eval_every, cfg.data.train_shards) == (16, 8, [])
     assert problems_of("data.train_shards=null") == ["data.train_shards: expected a list of str, got NoneType None"]
     pipe = "pipe:curl -H 'Authorization: Bearer t' https://h/s-{000..003}.tar # public"

@@ -91,6 +91,13 @@ def test_a_user_schedule_replaces_the_objective_default_whole(tmp_path):
     assert (constant.schedule, constant.rate, constant.final_rate) == ("constant", 0.2, None)
     cosine = load_config(str(bare), ["data.masking.schedule=cosine", "data.masking.final_rate=0.1"]).data.masking
     assert (cosine.rate, cosine.final_rate) == (0.15, 0.1)
+    # One of the three alone leaves the others at the class defaults, which would mask at a constant 15%.
+    with pytest.raises(ConfigError, match="data.masking.final_rate: the constant schedule keeps data.masking.rate "
+                                          r"\(0.15\) throughout, never 0.1; set data.masking.schedule"):
+        load_config(str(bare), ["data.masking.final_rate=0.1"])
+    with pytest.raises(ConfigError, match="the cosine schedule moves from data.masking.rate \(0.15\) to final_rate, "
+                                          "which is unset: it would never move"):
+        load_config(str(bare), ["data.masking.schedule=cosine"])
 
 
 def test_bad_masking_settings_are_all_reported_with_valid_names():
