@@ -228,9 +228,12 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
     ids: list[str] = []
     for index in range(spec.chain):
         args = [f"--dependency=afterany:{ids[-1]}"] if ids else []
-        if index < spec.chain - 1:
-            # The script hands a preempted run to the next job instead of requeueing itself.
-            args.append("--export=ALL,MASKTRAIN_CHAINED=1")
+        # MASKTRAIN_CHAINED: the script hands a preempted run to the next job instead of requeueing itself.
+        # MASKTRAIN_AFTER: the job it follows, whose failed run it must not restart.
+        exports = [*(["MASKTRAIN_CHAINED=1"] if index < spec.chain - 1 else []),
+                   *([f"MASKTRAIN_AFTER={ids[-1]}"] if ids else [])]
+        if exports:
+            args.append(f"--export={','.join(['ALL', *exports])}")
         try:
             ids.append(sbatch([*args, str(script)]))
         except SlurmError as err:

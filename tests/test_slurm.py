@@ -161,6 +161,15 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))
     done = run_script(script, stubs, nodes=1)
     assert done.returncode == 0 and "already complete" in done.stdout and "SRUN" not in done.stdout
+    # Nor does one that follows a job which left the run failed: it would fail the same way, and the verdict
+    # (status.json) stays for the user. A job submitted again by hand after a fix does start.
+    (run / "status.json").write_text(json.dumps({"state": "failed", "step": 12}))
+    after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
+    assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
+    assert "job 101 left the run failed at step 12 (see its log); not restarting it" in after.stdout
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    again = run_script(script, stubs, nodes=1, STUB_STATE="completed")
+    assert again.returncode == 0 and "SRUN" in again.stdout, again.stdout
 
 
 def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs, tiny_data):
@@ -170,8 +179,9 @@ def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs, tiny_data):
     script = run / "slurm" / "job.sbatch"
     calls = (stubs / "sbatch-calls").read_text().splitlines()
     assert calls == [f"--parsable --export=ALL,MASKTRAIN_CHAINED=1 {script}",
-                     f"--parsable --dependency=afterany:101 --export=ALL,MASKTRAIN_CHAINED=1 {script}",
-                     f"--parsable --dependency=afterany:102 {script}"]
+                     f"--parsable --dependency=afterany:101 --export=ALL,MASKTRAIN_CHAINED=1,MASKTRAIN_AFTER=101 "
+                     f"{script}",
+                     f"--parsable --dependency=afterany:102 --export=ALL,MASKTRAIN_AFTER=102 {script}"]
     for job in (101, 102, 103):
         assert f"{run}/slurm/smoke-{job}.out" in result.stdout
     assert "submitted job 103 (3 of 3, starts after job 102 ends)" in result.stdout
