@@ -76,11 +76,12 @@ def launch_local(cfg: Config) -> int:
         raise ConfigError("masktrain train", [f"launch.nnodes: `masktrain train` runs on this machine only, got "
                                      f"{cfg.launch.nnodes} nodes; submit multi-node runs with `masktrain slurm "
                                      "submit` (its --nodes sets launch.nnodes)"])
+    cuda = use_cuda(cfg)
+    check_gpus(cfg, cuda, "masktrain train")
     check_resume_compatible(cfg)
     check_ready(cfg)
     config_path = write_run_config(cfg)
     (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
-    cuda = use_cuda(cfg)
     if cfg.launch.master_port:
         rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
     else:
@@ -106,6 +107,23 @@ def use_cuda(cfg: Config) -> bool:
     import torch  # seconds to import: only when the config leaves the choice to the machine
 
     return torch.cuda.is_available()
+
+
+def check_gpus(cfg: Config, cuda: bool, where: str) -> None:
+    """With `cuda`, this node must have a GPU per rank: otherwise each rank dies in torch.cuda.set_device with a
+    traceback of its own (no GPU) or two ranks share one and run out of its memory."""
+    if not cuda:
+        return
+    import torch
+
+    count = torch.cuda.device_count()
+    if count == 0:
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(where, [f"launch.accelerator: {cfg.launch.accelerator} asks for GPUs, but torch "
+                                  f"{torch.__version__} ({build}) sees none on this machine; use cpu here"])
+    if cfg.launch.nproc_per_node > count:
+        raise ConfigError(where, [f"launch.nproc_per_node: {cfg.launch.nproc_per_node} ranks, but this machine has "
+                                  f"{count} GPU(s): one rank per GPU"])
 
 
 def outcome(run_dir: str | Path, code: int) -> int:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from masktrain import slurm as slurm_files
 from masktrain.launcher.config import Config
-from masktrain.launcher.launch import check_resume_compatible, rank_environment, torchrun_command, use_cuda
+from masktrain.launcher.launch import (check_gpus, check_resume_compatible, rank_environment, torchrun_command,
+                                       use_cuda)
 from masktrain.launcher.loading import ConfigError, dump_yaml, load_config, read_run_config
 from masktrain.trainer.status import REQUEUE_EXIT, read_status
 
@@ -280,10 +281,12 @@ def node(config_path: str) -> None:
 
     cfg = read_run_config(config_path)
     command = node_command(cfg, config_path, dict(os.environ))
+    cuda = use_cuda(cfg)
+    check_gpus(cfg, cuda, config_path)
     check_ready(cfg)
     print(f"[masktrain-slurm] node {os.environ['SLURM_NODEID']} ({os.environ.get('SLURMD_NODENAME', '?')}): "
           f"{shlex.join(command)}", flush=True)
-    os.execve(command[0], command, rank_environment(cfg, use_cuda(cfg)))
+    os.execve(command[0], command, rank_environment(cfg, cuda))
 
 
 def status(run: str) -> str:

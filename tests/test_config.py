@@ -137,6 +137,12 @@ def test_train_with_bad_config_fails_before_spawning_anything(tmp_path):
     assert result.returncode == 2 and "launch.nnodes: `masktrain train` runs on this machine only" in result.stderr
     assert not (tmp_path / "run").exists()
 
+    # GPUs asked for on a machine without: one message, not a traceback from every rank.
+    result = run_cli("train", "smoke", f"run.output_dir={tmp_path / 'run'}", "launch.accelerator=cuda")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "launch.accelerator: cuda asks for GPUs, but torch" in result.stderr and "sees none" in result.stderr
+    assert not (tmp_path / "run").exists()
+
 
 @pytest.mark.parametrize("text, problem", [("{\"zero_optimization\": {\"stage\": 2},}", "not valid JSON (Expecting"),
                                            ("[1, 2]", "expected a JSON object, got list")])
