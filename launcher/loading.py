@@ -116,10 +116,13 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
 
 
 def merge(into: dict, update: dict) -> dict:
-    """Deep-merge `update` into `into` (mappings merge, everything else replaces)."""
+    """Deep-merge `update` into `into` (mappings merge, everything else replaces). A section left empty (YAML
+null: every key commented out) adds nothing."""
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
             merge(into[key], value)
+        elif value is None and isinstance(into.get(key), dict):
+            continue
         else:
             into[key] = copy.deepcopy(value)
     return into
@@ -209,7 +212,8 @@ def dump_yaml(cfg: Config) -> str:
 def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     """Instantiate dataclass `cls` from `raw`, appending a message per unknown key or wrong type."""
     if not isinstance(raw, dict):
-        problems.append(f"{prefix or 'config'}: expected a mapping, got {type(raw).__name__} {raw!r}")
+        shown = raw.parsed if isinstance(raw, OverrideText) else raw
+        problems.append(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(shown).__name__} {shown!r}")
         return cls()
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -221,7 +225,7 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             continue
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            kwargs[key] = build(kind, value, dotted + ".", problems)
+            kwargs[key] = build(kind, {} if value is None else value, dotted + ".", problems)
         else:
             ok, converted = coerce(value, kind)
             if ok:

@@ -92,6 +92,13 @@ def test_a_path_that_does_not_exist_is_never_read_as_the_shipped_config_of_that_
     assert load_config("smoke.yaml").run.name == load_config("smoke").run.name
 
 
+def test_a_section_with_every_key_commented_out_is_an_empty_section(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("base: smoke\ntrainer:\n  # max_steps: 5\nmodel:\n")
+    assert load_config(str(path)).trainer == load_config("smoke").trainer
+    assert problems_of("trainer=3") == ["trainer: expected a mapping, got int 3"]
+
+
 @pytest.mark.parametrize("text, problem", [
     (b"base: 3\n", "base: expected a config name or path, or a list of them; got 3"),
     (b"1: 2\n", "1: unknown key in the top level"),
