@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from masktrain.launcher.loading import ConfigError, load_config, parse_overrides
+from masktrain.launcher.loading import ConfigError, ConfigLoader, load_config, parse_overrides
 
 
 def problems_of(*overrides: str, config: str = "smoke") -> list[str]:
@@ -90,6 +90,12 @@ def test_a_path_that_does_not_exist_is_never_read_as_the_shipped_config_of_that_
     with pytest.raises(ConfigError, match="no such config file"):
         load_config(str(tmp_path / "exp" / "smoke.yaml"))
     assert load_config("smoke.yaml").run.name == load_config("smoke").run.name
+
+
+def test_yaml_merge_keys_may_be_overridden_in_the_same_mapping():
+    """`<<: *anchor` is YAML's way to share settings; the duplicate-key check must leave it be."""
+    merged = yaml.load("a: &x {p: 1, q: 2}\nb:\n  <<: *x\n  p: 3\n", Loader=ConfigLoader)
+    assert merged["b"] == {"p": 3, "q": 2}
 
 
 def test_a_section_with_every_key_commented_out_is_an_empty_section(tmp_path):
