@@ -28,17 +28,31 @@ def read_json_object(path: str) -> tuple[dict | None, str | None]:
     return (value, None) if isinstance(value, dict) else (None, f"expected a JSON object, got {type(value).__name__}")
 
 
-def deepspeed_json_problems(ds: dict, cfg: Config) -> list[str]:
+def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[str]:
     """What in a user's DeepSpeed JSON contradicts the run config. DeepSpeed asserts the batch sizes in every
-    rank after start-up; precision, optimizer and scheduler come from the config, and the JSON would
-    silently train another recipe or clash with the optimizer the trainer hands DeepSpeed."""
-    owned = {"train_batch_size": ("trainer.global_batch_size", cfg.trainer.global_batch_size),
-             "train_micro_batch_size_per_gpu": ("data.micro_batch_size", cfg.data.micro_batch_size),
-             "gradient_accumulation_steps": ("the batch sizes", cfg.grad_accum),
-             "bf16": ("trainer.precision", None), "fp16": ("trainer.precision", None),
-             "optimizer": ("optim.*", None), "scheduler": ("optim.*", None)}
-    problems = [f"{key} is set by {owner}{'' if wanted is None else f' ({wanted})'}; remove it from the file"
-                for key, (owner, wanted) in owned.items() if key in ds and (wanted is None or ds[key] != wanted)]
+    rank after start-up (compared here only when `batches_valid`: the config's own are consistent); precision,
+    optimizer and scheduler come from the config, and the JSON would silently train another recipe or clash
+    with the optimizer the trainer hands DeepSpeed."""
+    problems = []
+    batch = {"train_batch_size": ("trainer.global_batch_size", lambda: cfg.trainer.global_batch_size),
+             "train_micro_batch_size_per_gpu": ("data.micro_batch_size", lambda: cfg.data.micro_batch_size),
+             "gradient_accumulation_steps": ("the batch sizes", lambda: cfg.grad_accum)}
+    for key, (owner, wanted) in batch.items():
+        if batches_valid and key in ds and ds[key] != wanted():
+            problems.append(f"{key} is {ds[key]!r}, but {owner} makes it {wanted()}; remove it from the file")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            problems.append(f"{key} comes from optim.* (the trainer hands DeepSpeed its own); remove it from the file")
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled"):
+        problems.append("fp16.enabled: masktrain trains in fp32 or bf16 (trainer.precision); remove it from the file")
+    if isinstance(ds.get("bf16"), dict) and "enabled" in ds["bf16"]:
+        precision, enabled = cfg.trainer.precision, ds["bf16"]["enabled"]
+        if precision == "auto":
+            problems.append("bf16.enabled: trainer.precision auto chooses on each machine; set trainer.precision "
+                            "instead")
+        elif bool(enabled) != (precision == "bf16"):
+            problems.append(f"bf16.enabled is {enabled!r}, but trainer.precision is {precision}; remove it from "
+                            "the file")
 
     def placeholders(value, where: str) -> None:
         if value == "auto":
@@ -48,7 +62,7 @@ def deepspeed_json_problems(ds: dict, cfg: Config) -> list[str]:
             for key, inner in value.items():
                 placeholders(inner, f"{where}.{key}" if where else key)
 
-    placeholders({key: value for key, value in ds.items() if key not in owned}, "")
+    placeholders({key: value for key, value in ds.items() if key not in batch}, "")
     return problems
 
 
@@ -160,7 +174,10 @@ def validate(cfg: Config) -> list[str]:
             width, feed_forward, heads = mo.decoder_shape()
             check(mo.decoder_intermediate_size or feed_forward > 0, "model.decoder_intermediate_size",
                   f"the decoder's feed-forward size resolves to {feed_forward}; set it > 0")
-            check(heads > 0 and width % heads == 0,
+            check(heads > 0, "model.decoder_hidden_size",
+                  f"the decoder's width {width} is narrower than one of the encoder's heads "
+                  f"({mo.hidden_size // mo.num_heads}); set model.decoder_num_heads")
+            check(heads == 0 or width % heads == 0,
                   "model.decoder_num_heads" if mo.decoder_num_heads else "model.decoder_hidden_size",
                   f"the decoder's width {width} must be divisible by its {heads} heads "
                   f"(model.decoder_num_heads; 0 keeps the encoder's head size, {mo.hidden_size // mo.num_heads})")
@@ -226,7 +243,7 @@ def validate(cfg: Config) -> list[str]:
               f"size ({cfg.world_size} = {la.nnodes} nodes x {la.nproc_per_node}); try "
               f"{max(per_step, round(t.global_batch_size / per_step) * per_step)}")
 
-    if deepspeed_json is not None and not problems:  # against batch sizes that are themselves valid
-        for problem in deepspeed_json_problems(deepspeed_json, cfg):
+    if deepspeed_json is not None:
+        for problem in deepspeed_json_problems(deepspeed_json, cfg, batches_valid=not problems):
             check(False, "trainer.deepspeed_config", f"{t.deepspeed_config}: {problem}")
     return problems

@@ -61,7 +61,8 @@ def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
     (problem,) = problems_of("model.objective=mae_lm", "model.decoder_hidden_size=96", "model.decoder_num_heads=5")
     assert problem.startswith("model.decoder_num_heads: the decoder's width 96 must be divisible by its 5 heads")
     (problem,) = problems_of("model.objective=mae_lm", "model.decoder_hidden_size=32")  # smoke's heads are 64 wide
-    assert problem.startswith("model.decoder_hidden_size: the decoder's width 32 must be divisible by its 0 heads")
+    assert problem == ("model.decoder_hidden_size: the decoder's width 32 is narrower than one of the encoder's "
+                       "heads (64); set model.decoder_num_heads")
     (problem,) = problems_of("model.objective=mae_lm", "model.decoder_intermediate_size=-1")
     assert problem == "model.decoder_intermediate_size: must be a finite number >= 0, got -1"
 
@@ -176,14 +177,20 @@ def test_a_deepspeed_json_that_contradicts_the_config_is_refused_before_any_rank
                                 "bf16": {"enabled": True}, "gradient_clipping": 0.5,
                                 "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
     assert problems_of(f"trainer.deepspeed_config={path}") == [
-        f"trainer.deepspeed_config: {path}: train_batch_size is set by trainer.global_batch_size (16); remove it "
-        "from the file",
-        f"trainer.deepspeed_config: {path}: bf16 is set by trainer.precision; remove it from the file",
+        f"trainer.deepspeed_config: {path}: train_batch_size is 32, but trainer.global_batch_size makes it 16; "
+        "remove it from the file",
+        f"trainer.deepspeed_config: {path}: bf16.enabled: trainer.precision auto chooses on each machine; set "
+        "trainer.precision instead",
         f"trainer.deepspeed_config: {path}: zero_optimization.reduce_bucket_size: 'auto' is a Hugging Face "
         "Trainer placeholder, which DeepSpeed cannot read; give a value or remove the key"]
-    # What agrees with the config (the micro-batch size above) or is the JSON's to set (clipping) is taken.
-    path.write_text(json.dumps({"train_batch_size": 16, "gradient_clipping": 0.5}))
-    load_config("smoke", [f"trainer.deepspeed_config={path}"])
+    assert problems_of("trainer.precision=fp32", f"trainer.deepspeed_config={path}")[1] == (
+        f"trainer.deepspeed_config: {path}: bf16.enabled is True, but trainer.precision is fp32; remove it from the "
+        "file")
+    # What agrees with the config (the micro-batch size and bf16 above) or is the JSON's to set (clipping, bf16's
+    # other options) is taken.
+    path.write_text(json.dumps({"train_batch_size": 16, "gradient_clipping": 0.5, "fp16": {"enabled": False},
+                                "bf16": {"enabled": True, "immediate_grad_update": True}}))
+    load_config("smoke", ["trainer.precision=bf16", f"trainer.deepspeed_config={path}"])
 
 
 def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path):
