@@ -129,6 +129,8 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     config = yaml.safe_load((copied / "config.yaml").read_text())
     config["data"].update(dir=str(tmp_path / "gone"), tokenizer="")
     config["trainer"].update(resume=str(tmp_path / "pruned" / "step-00000001"), deepspeed_config="ds.json")
+    # Saved before validation refused a final_rate under the constant schedule, where it had no effect.
+    config["data"]["masking"].update(schedule="constant", final_rate=0.1)
     (copied / "config.yaml").write_text(yaml.safe_dump(config))
     run_cli("export", str(copied), str(tmp_path / "moved"), check=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "moved").iterdir() if p.name != "README.md"} == {
@@ -136,8 +138,8 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
 
 
 def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
-    """With a decoder narrower than the encoder: its maps to and from the encoder's width are built outside
-    zero.Init, which DeepSpeed partitions at start-up, and consolidation must bring them back too."""
+    """With a decoder narrower than the encoder: its maps to and from the encoder's width are not transformers
+    modules, so they are built under zero.Init by masktrain itself, and consolidation must bring them back too."""
     run = tmp_path / "mae"
     stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=mae_lm", "model.arch=roberta",
                    NARROW_DECODER)

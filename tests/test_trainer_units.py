@@ -92,6 +92,12 @@ def test_resume_check_ignores_keys_that_do_not_change_the_run():
     same = to_dict(load_config("smoke", ["trainer.checkpoint_every=7", "trainer.keep_last=9", "run.name=other",
                                          "data.prepare.max_docs=5", "trainer.stop_after_steps=3"]))
     assert config_changes(saved, same) == []
+    # A final_rate under the constant schedule never had an effect; configs saved before validation refused it
+    # still hold one, and removing it does not change the run.
+    legacy = to_dict(load_config("smoke", ["data.masking.schedule=constant", "data.masking.rate=0.15"]))
+    legacy["data"]["masking"]["final_rate"] = 0.1
+    assert config_changes(legacy, to_dict(load_config("smoke", ["data.masking.schedule=constant",
+                                                                "data.masking.rate=0.15"]))) == []
     changed = to_dict(load_config("smoke", ["optim.lr=0.1", "trainer.zero_stage=3"]))
     assert config_changes(saved, changed) == ["optim.lr: 0.002 -> 0.1", "trainer.zero_stage: 2 -> 3"]
     # The same ranks on other nodes compute the same run; other ranks do not.
