@@ -113,12 +113,10 @@ OWNED = [("--job-name", "-J", "--job-name sets"), ("--partition", "-p", "--parti
 
 
 def owned_by(option: str) -> str | None:
-    """What sets the sbatch option `option` in the script instead, or None for an option it leaves alone. Long
-    options count by any prefix sbatch would accept for them."""
+    """What sets the sbatch option `option` in the script instead, or None for an option it leaves alone."""
     name = option.split("=", 1)[0]
     for long, short, owner in OWNED:
-        if (name.startswith("--") and len(name) > 3 and long.startswith(name)) or (short and name[:2] == short
-                                                                                   and not name.startswith("--")):
+        if name == long or (short and not name.startswith("--") and name[:2] == short):
             return owner
     return None
 

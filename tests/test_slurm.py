@@ -166,7 +166,7 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     (run / "status.json").write_text(json.dumps({"state": "failed", "step": 12}))
     after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
     assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
-    assert "job 101 left the run failed at step 12 (see its log); not restarting it" in after.stdout
+    assert f"the run is marked failed at step 12 ({run}/status.json); not restarting it after job 101" in after.stdout
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
     again = run_script(script, stubs, nodes=1, STUB_STATE="completed")
     assert again.returncode == 0 and "SRUN" in again.stdout, again.stdout
@@ -243,8 +243,8 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
     # The later #SBATCH line wins: an --sbatch that reshapes the job would fail it after the queue wait.
     with pytest.raises(ConfigError) as err:
         job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=2, time="1:00:00", partition="local", job_name="a/b",
-                                        sbatch=["--node=2", "-ox.log", "--exclusive", "--no-requeue"]))
-    assert err.value.problems == ["--sbatch: '--node=2' sets what --nodes sets",
+                                        sbatch=["--nodes=2", "-ox.log", "--gpus=8", "--no-requeue"]))
+    assert err.value.problems == ["--sbatch: '--nodes=2' sets what --nodes sets",
                                   "--sbatch: '-ox.log' sets what the script sets (the log in the run folder)",
                                   "--sbatch: '--no-requeue' sets what the script sets (preemption requeues)",
                                   "--job-name: 'a/b' holds a '/', which the log file's name (%x) cannot"]
