@@ -70,6 +70,9 @@ def time_seconds(text: str) -> int | None:
     return None
 
 
+SIGNAL_MAX = 65535  # seconds: sbatch refuses a longer --signal=...@time
+
+
 def spec_problems(spec: JobSpec) -> list[str]:
     problems = []
     if spec.nodes < 1:
@@ -86,8 +89,9 @@ def spec_problems(spec: JobSpec) -> list[str]:
     if seconds is None:
         problems.append(f"--time: {spec.time!r} is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
                         "D-HH:MM:SS)")
-    elif spec.grace <= 0 or spec.grace >= seconds:
-        problems.append(f"--signal-grace: must be > 0 and shorter than --time ({seconds} s), got {spec.grace}")
+    elif not 0 < spec.grace < min(seconds, SIGNAL_MAX + 1):
+        problems.append(f"--signal-grace: must be > 0, shorter than --time ({seconds} s) and at most {SIGNAL_MAX} "
+                        f"(sbatch --signal's limit), got {spec.grace}")
     for option in spec.sbatch:
         if not option.startswith("-") or "\n" in option:
             problems.append(f"--sbatch: {option!r} is not an sbatch option (write it as --sbatch=--exclusive)")

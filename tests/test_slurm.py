@@ -240,6 +240,8 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
     assert not (stubs / "sbatch-calls").exists()
     with pytest.raises(Exception, match="--time"):
         job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=1, time="soon", partition="local"))
+    with pytest.raises(ConfigError, match=r"--signal-grace: .* at most 65535 \(sbatch --signal's limit\), got 70000"):
+        job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=2, time="3-00:00:00", partition="local", grace=70000))
     # The later #SBATCH line wins: an --sbatch that reshapes the job would fail it after the queue wait.
     with pytest.raises(ConfigError) as err:
         job_config("smoke", [], JobSpec(nodes=1, gpus_per_node=2, time="1:00:00", partition="local", job_name="a/b",
