@@ -12,10 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 from masktrain.launcher.config import Config
-from masktrain.launcher.loading import ConfigError, to_dict
+from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
 
 from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status
 
@@ -38,7 +37,7 @@ def write_run_config(cfg: Config) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(dump_yaml(cfg))
     tmp.replace(path)
     return path
 

@@ -68,6 +68,21 @@ ConfigLoader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(
     loader.construct_scalar(node), 0 if loader.construct_scalar(node)[:2] in ("0x", "0o") else 10))
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """Quotes every string that YAML 1.1 (yaml.safe_load, which reads the configs in run folders and
+    checkpoints) or 1.2 (ConfigLoader, which reads config files) would take for something else: a dumped config
+    reads back the same either way (run.name '1e3' is a float to 1.2 only, 'on' a bool to 1.1 only)."""
+
+
+ConfigDumper.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []), *ConfigLoader.yaml_implicit_resolvers.get(first, [])]
+    for first in set(yaml.SafeDumper.yaml_implicit_resolvers) | set(ConfigLoader.yaml_implicit_resolvers)}
+
+
+def to_yaml(data: dict) -> str:
+    return yaml.dump(data, Dumper=ConfigDumper, sort_keys=False, default_flow_style=False)
+
+
 class OverrideText(str):
     """An override that YAML reads as a number or true/false, as typed: a text field takes the text
     (run.name=0312 stays 0312), any other field the reading."""
@@ -208,7 +223,7 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+    return to_yaml(to_dict(cfg))
 
 
 def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:

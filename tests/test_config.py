@@ -137,6 +137,19 @@ def test_config_show_prints_the_resolved_config():
     assert shown["model"]["objective"] == "mlm"
 
 
+def test_a_dumped_config_reads_back_the_same_as_a_config_file_and_as_a_run_folders_config(tmp_path):
+    """`config show` output saved as a file, and the configs written into run folders and checkpoints: text
+    that YAML 1.2 (config files) or 1.1 (yaml.safe_load) would read as a number or a bool stays text."""
+    from masktrain.launcher.loading import dump_yaml, read_run_config
+
+    cfg = load_config("smoke", ["run.name=1e3", "data.prepare.text_field=on", "run.output_dir=0x10"])
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(run_cli("config", "show", "smoke", "run.name=1e3", "data.prepare.text_field=on",
+                             "run.output_dir=0x10", check=True).stdout)
+    assert shown.read_text() == dump_yaml(cfg)
+    assert load_config(str(shown)) == cfg and read_run_config(shown) == cfg
+
+
 def test_train_with_bad_config_fails_before_spawning_anything(tmp_path):
     result = run_cli("train", "smoke", f"run.output_dir={tmp_path / 'run'}", "trainer.max_step=3",
                      "data.masking.rate=2")

@@ -23,6 +23,8 @@ from typing import Iterator
 
 import yaml
 
+from masktrain.launcher.loading import to_yaml
+
 LATEST = "latest"
 PARTIAL = ".partial"
 CLIENT_KEY = "masktrain"
@@ -136,7 +138,7 @@ class Checkpointer:
         for name, content in (files or {}).items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(staging / name, content)
-        write_atomic(staging / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+        write_atomic(staging / "config.yaml", to_yaml(config))
         write_atomic(staging / "meta.json",
                      json.dumps({"tag": tag, "step": step, "serial": serial, **meta}, indent=2))
         if final.exists():
