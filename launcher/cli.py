@@ -273,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_collocations)
 
     p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer (+ Hugging Face files) on text")
-    add_data_args(p, ("vocab_size", int, "vocabulary size, special tokens included"),
+    add_data_args(p, ("vocab_size", int, "vocabulary size at most, special tokens included"),
                   ("tokenizer_type", str, "unigram or bpe"),
                   ("tokenizer_sample_docs", int, "train on a sample of this many documents"))
     p.add_argument("--template", choices=("encoder", "decoder"),

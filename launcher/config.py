@@ -30,7 +30,8 @@ class PrepareConfig:
     text_field: str = "text"
     """Field holding the text in JSON-lines inputs."""
     vocab_size: int = 8000
-    """Sentencepiece vocabulary size, special tokens included."""
+    """Sentencepiece vocabulary size, special tokens included: at most, since a corpus with fewer distinct pieces
+    gets a smaller one (the tokenizer log says how many)."""
     tokenizer_type: str = "unigram"
     """Sentencepiece model type: unigram or bpe."""
     tokenizer_sample_docs: int = 200_000

@@ -8,8 +8,9 @@ folder and then replace `latest` in one `os.replace`. A crash mid-save therefore
 as `latest` and a `.partial` folder that the next start removes.
 
 "Newest" means last published, not highest step: after a rollback (trainer.resume from an older checkpoint)
-the new line's saves are the ones kept and resumed from, while the abandoned line's later steps are pruned
-first. meta.json's `serial` counts publications in this folder.
+the new line's saves are the ones kept and resumed from. Pruning takes the oldest publications first: the
+rollback target and what was saved before it, then the abandoned line's later steps. meta.json's `serial`
+counts publications in this folder.
 """
 
 from __future__ import annotations
