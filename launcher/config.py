@@ -260,6 +260,12 @@ class Config:
     def grad_accum(self) -> int:
         return self.trainer.global_batch_size // (self.data.micro_batch_size * self.world_size)
 
+    def deepspeed_batch(self) -> dict[str, int]:
+        """The DeepSpeed batch keys this config sets, which DeepSpeed asserts in every rank."""
+        return {"train_batch_size": self.trainer.global_batch_size,
+                "train_micro_batch_size_per_gpu": self.data.micro_batch_size,
+                "gradient_accumulation_steps": self.grad_accum}
+
     @property
     def output_dir(self) -> str:
         return self.run.output_dir or f"runs/{self.run.name}"

@@ -28,18 +28,23 @@ def read_json_object(path: str) -> tuple[dict | None, str | None]:
     return (value, None) if isinstance(value, dict) else (None, f"expected a JSON object, got {type(value).__name__}")
 
 
+BATCH_OWNERS = {"train_batch_size": "trainer.global_batch_size",
+                "train_micro_batch_size_per_gpu": "data.micro_batch_size",
+                "gradient_accumulation_steps": "the batch sizes"}
+"""Which config keys set each of `Config.deepspeed_batch`, for messages."""
+
+
 def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[str]:
     """What in a user's DeepSpeed JSON contradicts the run config. DeepSpeed asserts the batch sizes in every
     rank after start-up (compared here only when `batches_valid`: the config's own are consistent); precision,
     optimizer and scheduler come from the config, and the JSON would silently train another recipe or clash
     with the optimizer the trainer hands DeepSpeed."""
     problems = []
-    batch = {"train_batch_size": ("trainer.global_batch_size", lambda: cfg.trainer.global_batch_size),
-             "train_micro_batch_size_per_gpu": ("data.micro_batch_size", lambda: cfg.data.micro_batch_size),
-             "gradient_accumulation_steps": ("the batch sizes", lambda: cfg.grad_accum)}
-    for key, (owner, wanted) in batch.items():
-        if batches_valid and key in ds and ds[key] != wanted():
-            problems.append(f"{key} is {ds[key]!r}, but {owner} makes it {wanted()}; remove it from the file")
+    if batches_valid:
+        for key, wanted in cfg.deepspeed_batch().items():
+            if key in ds and ds[key] != wanted:
+                problems.append(f"{key} is {ds[key]!r}, but {BATCH_OWNERS[key]} makes it {wanted}; remove it from "
+                                "the file")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             problems.append(f"{key} comes from optim.* (the trainer hands DeepSpeed its own); remove it from the file")
@@ -62,7 +67,7 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
             for key, inner in value.items():
                 placeholders(inner, f"{where}.{key}" if where else key)
 
-    placeholders({key: value for key, value in ds.items() if key not in batch}, "")
+    placeholders({key: value for key, value in ds.items() if key not in BATCH_OWNERS}, "")
     return problems
 
 

@@ -60,9 +60,7 @@ def deepspeed_config(cfg: Config, dtype: str) -> dict:
     """The stage preset, the batch/clipping/precision this run needs, then the user's JSON on top."""
     ds = json.loads(configs.deepspeed_preset(cfg.trainer.zero_stage).read_text())
     merge(ds, {
-        "train_batch_size": cfg.trainer.global_batch_size,
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
+        **cfg.deepspeed_batch(),
         "gradient_clipping": cfg.optim.grad_clip,
         "bf16": {"enabled": dtype == "bf16"},
         "steps_per_print": 2**31 - 1,
