@@ -12,10 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
-
 from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status
 
 # torchrun's own defaults plus SIGUSR1, the signal SLURM jobs are commonly given ahead of their time limit.
