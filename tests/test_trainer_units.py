@@ -9,12 +9,13 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import scalars
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, outcome, rank_environment
 from masktrain.launcher.loading import ConfigError, load_config, to_dict
-from masktrain.trainer.checkpoint import Checkpointer, config_changes, resume_point, tag_for
+from masktrain.trainer.checkpoint import Checkpointer, config_changes, resume_point, saved_config, tag_for
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
@@ -87,17 +88,18 @@ def test_after_a_rollback_the_new_line_is_kept_and_resumed_from_not_the_higher_s
     assert not list(ckpt.dir.glob("*.partial"))
 
 
-def test_resume_check_ignores_keys_that_do_not_change_the_run():
+def test_resume_check_ignores_keys_that_do_not_change_the_run(tmp_path):
     saved = to_dict(load_config("smoke", []))
     same = to_dict(load_config("smoke", ["trainer.checkpoint_every=7", "trainer.keep_last=9", "run.name=other",
                                          "data.prepare.max_docs=5", "trainer.stop_after_steps=3"]))
     assert config_changes(saved, same) == []
-    # A final_rate under the constant schedule never had an effect; configs saved before validation refused it
-    # still hold one, and removing it does not change the run.
+    # A final_rate under the constant schedule never had an effect; checkpoints saved before validation refused
+    # it still hold one, and removing it does not change the run.
     legacy = to_dict(load_config("smoke", ["data.masking.schedule=constant", "data.masking.rate=0.15"]))
     legacy["data"]["masking"]["final_rate"] = 0.1
-    assert config_changes(legacy, to_dict(load_config("smoke", ["data.masking.schedule=constant",
-                                                                "data.masking.rate=0.15"]))) == []
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(legacy))
+    assert config_changes(saved_config(tmp_path), to_dict(load_config("smoke", ["data.masking.schedule=constant",
+                                                                                "data.masking.rate=0.15"]))) == []
     changed = to_dict(load_config("smoke", ["optim.lr=0.1", "trainer.zero_stage=3"]))
     assert config_changes(saved, changed) == ["optim.lr: 0.002 -> 0.1", "trainer.zero_stage: 2 -> 3"]
     # The same ranks on other nodes compute the same run; other ranks do not.

@@ -49,9 +49,6 @@ def load_trained(checkpoint: str | Path):
     # Exported, not trained from: files only training reads may be gone, as a rollback target keep_last pruned
     # or a DeepSpeed JSON named relative to where training ran.
     raw.setdefault("trainer", {}).update(resume="auto", deepspeed_config="")
-    masking = raw.get("data", {}).get("masking", {})
-    if masking.get("schedule") == "constant":  # without effect there, and refused since: saved before that
-        masking["final_rate"] = None
     cfg = config_from_dict(raw, str(checkpoint / "config.yaml"))
     embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
     tokenizer = Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(cfg))
