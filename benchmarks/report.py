@@ -172,8 +172,9 @@ def section(results: list[Result], folder: Path, readme_dir: Path) -> str:
         lines += provenance(benchmarks) + [""] + table(benchmarks, "benchmark") + [""]
     if experiments:
         lines += ["### Reproductions", "",
-                  "`masktrain repro meap` and `masktrain repro schedule`: toy-scale checks of the papers' claims, "
-                  "trained through the real 2-rank DeepSpeed path. Targets state the papers' claims.", ""]
+                  "`masktrain repro meap`, `schedule` and `mae-decoder`: toy-scale experiments trained through the "
+                  "real 2-rank DeepSpeed path. Targets state the papers' claims; rows without one are measurements "
+                  "for context.", ""]
         lines += provenance(experiments) + [""] + table(experiments, "experiment") + [""]
         for result in experiments:
             plot = result.data.get("plot")

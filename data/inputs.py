@@ -141,8 +141,11 @@ def eval_rate(cfg: Config) -> float:
 
 
 def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: Tokenizer, rank: int,
-                   world_size: int, skips: Skips) -> tuple[list[dict], dict]:
-    """(this rank's validation batches, an all-padding batch for ranks that run out first)."""
+                   world_size: int, skips: Skips, split: str = "val",
+                   limit: int | None = None) -> tuple[list[dict], dict]:
+    """(this rank's validation batches, an all-padding batch for ranks that run out first). `split="train"`
+    reads the first `limit` batches of the training split the same way (probes fit on them); `limit` defaults
+    to trainer.eval_batches."""
     spec = mask_spec(cfg, tokenizer)
     rate = eval_rate(cfg)
     # Seeded by the global batch alone (rank -1 is no training rank's): every evaluation of a run, at any world
@@ -150,7 +153,8 @@ def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: 
     make = lambda rows, index: make_batch(rows, spec, rate, generator(cfg.run.seed, -1, index))  # noqa: E731
 
     pack = packing(cfg, tokenizer, encoder)
-    batches = validation_batches(shard_urls(cfg, "val"), rank, world_size, cfg.data.micro_batch_size, pack,
-                                 tokenizer.pad_id, make, skips, cfg.trainer.eval_batches, len(tokenizer))
+    batches = validation_batches(shard_urls(cfg, split), rank, world_size, cfg.data.micro_batch_size, pack,
+                                 tokenizer.pad_id, make, skips,
+                                 cfg.trainer.eval_batches if limit is None else limit, len(tokenizer))
     empty = make(torch.full((1, cfg.data.seq_len), tokenizer.pad_id, dtype=torch.long), 0)
     return batches, empty

@@ -144,6 +144,13 @@ def cmd_repro(args) -> int:
     if args.experiment == "schedule":
         repro.schedule(args.overrides, out, results)
         return 0
+    if args.experiment == "mae-decoder":
+        for flag, value in (("--probe-batches", args.probe_batches), ("--probe-epochs", args.probe_epochs)):
+            if value < 1:
+                print(f"masktrain repro mae-decoder: {flag} must be at least 1, got {value}", file=sys.stderr)
+                return 2
+        repro.mae_decoder(args.overrides, out, results, args.probe_batches, args.probe_epochs)
+        return 0
     try:
         # Unset sizes keep RetrievalTask's defaults; building the parser does not import the task (numpy).
         sizes = {key: getattr(args, key) for key in TASK_SIZES if getattr(args, key) is not None}
@@ -298,7 +305,9 @@ def parser() -> argparse.ArgumentParser:
     repro = sub.add_parser("repro", help="toy-scale reproductions of the papers' claims, with a JSON report and a plot")
     experiments = repro.add_subparsers(dest="experiment", required=True)
     for name, text in (("meap", "NTP vs MEAP decoders: key-value retrieval accuracy by position of the key"),
-                       ("schedule", "MLM with constant 15% vs linear 30%->15% masking: validation loss at 15%")):
+                       ("schedule", "MLM with constant 15% vs linear 30%->15% masking: validation loss at 15%"),
+                       ("mae-decoder", "MAE-LM decoders of full, half width and half depth: validation loss and a "
+                                       "linear probe of the encoder")):
         p = experiments.add_parser(name, help=text.replace("%", "%%"), description=text)
         p.add_argument("overrides", nargs="*", help=f"dotted overrides of configs/repro-{name}.yaml for both arms")
         p.add_argument("--out", help=f"run folders and data (default runs/repro-{name})")
@@ -309,6 +318,10 @@ def parser() -> argparse.ArgumentParser:
     for key, text in TASK_SIZES.items():
         meap.add_argument(f"--{key}", type=int, help=f"{text} (default: the task's, see data/synthetic.py)")
     meap.add_argument("--probe-examples", type=int, default=100, help="probe contexts per position")
+    mae = experiments.choices["mae-decoder"]
+    mae.add_argument("--probe-batches", type=int, default=1000,
+                     help="training-split micro-batches the encoder probe is fitted on (fewer if the split is shorter)")
+    mae.add_argument("--probe-epochs", type=int, default=30, help="most epochs of the probe's fit")
 
     slurm = sub.add_parser("slurm", help="SLURM jobs: render and submit the sbatch script").add_subparsers(
         dest="slurm_command", required=True)

@@ -37,23 +37,28 @@ def retrieval_plot(path: Path, curves: dict[str, list[float]], guess: float, tit
     return path
 
 
-def schedule_plot(path: Path, losses: dict[str, list[tuple[int, float]]], rates: dict[str, list[tuple[int, float]]],
-                  title: str) -> Path:
-    """Validation loss against step (top) and the masking rate each arm trained with (bottom)."""
+def loss_plot(path: Path, losses: dict[str, list[tuple[int, float]]], title: str, ylabel: str,
+              rates: dict[str, list[tuple[int, float]]] | None = None) -> Path:
+    """Validation loss against step, one line per arm; with `rates`, a panel below of the masking rate each arm
+    trained with."""
     plt = pyplot()
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=120, sharex=True,
-                                      gridspec_kw={"height_ratios": [3, 1.2]})
+    if rates:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), dpi=120, sharex=True,
+                                          gridspec_kw={"height_ratios": [3, 1.2]})
+    else:
+        fig, top = plt.subplots(figsize=(7, 4.2), dpi=120)
     for label, points in losses.items():
         top.plot(*zip(*points), marker="o", markersize=3, label=label)
-    top.set_ylabel("validation masked-token loss\n(15% masking)")
+    top.set_ylabel(ylabel)
     top.set_title(title, fontsize=10)
     top.grid(alpha=0.3)
     top.legend()
-    for label, points in rates.items():
-        bottom.plot(*zip(*points), label=label)
-    bottom.set_ylabel("masking rate")
-    bottom.set_xlabel("optimizer step")
-    bottom.grid(alpha=0.3)
+    if rates:
+        for label, points in rates.items():
+            bottom.plot(*zip(*points), label=label)
+        bottom.set_ylabel("masking rate")
+        bottom.grid(alpha=0.3)
+    (bottom if rates else top).set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,7 +1,8 @@
-"""`masktrain repro meap|schedule`: toy-scale checks of two papers' claims, trained through the real path.
+"""`masktrain repro meap|schedule|mae-decoder`: toy-scale experiments trained through the real path: checks of
+two papers' claims, and what MAE-LM's decoder trades cost the encoder.
 
-Each experiment trains two arms from one shipped config (configs/repro-<name>.yaml) that differ in a single
-setting, with the same seed, data and steps, each launched like `masktrain train` (2 CPU ranks, DeepSpeed).
+Each experiment trains two or three arms from one shipped config (configs/repro-<name>.yaml) that differ in a
+single setting, with the same seed, data and steps, each launched like `masktrain train` (2 CPU ranks, DeepSpeed).
 It then measures what the paper's claim is about and writes `repro-<name>.json` (with a `summary` in the
 benchmarks' convention, so the README table shows it) and `repro-<name>.png` into the results folder.
 
@@ -11,6 +12,9 @@ benchmarks' convention, so the README table shows it) and `repro-<name>.png` int
 - schedule: MLM with constant 15% masking vs linear 30% -> 15% on the built-in corpus; validation
   masked-token loss at 15% masking. Ankner et al. 2023 (arXiv 2305.15096) report the decreasing schedule
   reaching a better model in the same number of steps.
+- mae-decoder: MAE-LM with the config's decoder, one of half its width and one of half its depth (the trades
+  that bring a step under issue 6's 0.70x of MLM); each arm's validation loss through its own decoder, and a
+  linear probe of each exported encoder alone (trainer/encoder_probe.py).
 
 The figures are reported as they come out; nothing here is tuned to agree with the papers.
 """
@@ -164,7 +168,7 @@ def meap(overrides: list[str], out: Path, results: Path, task: RetrievalTask, do
 
 def schedule(overrides: list[str], out: Path, results: Path) -> Path:
     from masktrain.data.prepare import prepare
-    from masktrain.launcher.plots import schedule_plot
+    from masktrain.launcher.plots import loss_plot
 
     started = time.perf_counter()
     cfg = load_config("repro-schedule", overrides)
@@ -192,4 +196,65 @@ def schedule(overrides: list[str], out: Path, results: Path) -> Path:
     title = f"MLM masking-rate schedules, {constant['steps']} steps, same seed and data"
     losses = {name: arm["val_loss"] for name, arm in arms.items()}
     rates = {name: arm["mask_rate"] for name, arm in arms.items()}
-    return write_report(results, "schedule", report, lambda path: schedule_plot(path, losses, rates, title))
+    return write_report(results, "schedule", report,
+                        lambda path: loss_plot(path, losses, title, "validation masked-token loss\n(15% masking)", rates))
+
+
+def decoder_arms(cfg) -> tuple[Arm, ...]:
+    """The config's decoder, and the two trades that make an MAE-LM step cheaper: half its width, half its
+    depth."""
+    layers, width = cfg.model.decoder_layers, cfg.model.decoder_hidden_size or cfg.model.hidden_size
+    if layers < 2:
+        raise SystemExit(f"repro mae-decoder: model.decoder_layers must be at least 2 to halve it, got {layers}")
+    return (Arm(f"{layers} layers x {width} (reference shape)", ()),
+            Arm(f"{layers} layers x {width // 2}", (f"model.decoder_hidden_size={width // 2}",)),
+            Arm(f"{layers // 2} layers x {width}", (f"model.decoder_layers={layers // 2}",)))
+
+
+def mae_decoder(overrides: list[str], out: Path, results: Path, probe_batches: int, probe_epochs: int) -> Path:
+    from masktrain.data.inputs import eval_rate
+    from masktrain.data.prepare import prepare
+    from masktrain.launcher.plots import loss_plot
+    from masktrain.trainer.encoder_probe import probe_encoder
+
+    started = time.perf_counter()
+    cfg = load_config("repro-mae-decoder", overrides)
+    arms_run = decoder_arms(cfg)
+    # Every arm's config is checked before the first trains for minutes (a half width the heads do not divide).
+    for arm in arms_run:
+        load_config("repro-mae-decoder", [*overrides, *arm.overrides])
+    prepare(cfg, log=log)
+    arms, blind = {}, None
+    for arm in arms_run:
+        checkpoint, facts = train_arm("repro-mae-decoder", overrides, arm, out)
+        run_dir = Path(facts["run_dir"])
+        val = series(run_dir, "val/loss")
+        probe, blind = probe_encoder(checkpoint, probe_batches, probe_epochs)
+        arms[arm.name] = {**facts, "val_loss": val, "final_val_loss": val[-1][1], "probe": probe.as_dict()}
+        log(f"{arm.name}: validation loss {val[-1][1]:.4f} through its decoder; encoder probe accuracy "
+            f"{100 * probe.accuracy:.2f}% (+-{100 * probe.accuracy_stderr:.2f}), loss {probe.loss:.4f}")
+
+    rate = 100 * eval_rate(cfg)
+    reference, *trades = arms_run
+    summary = []
+    for arm in arms_run:
+        summary += [
+            {"metric": f"validation loss at {rate:g}% masking through its own decoder, decoder {arm.name}",
+             "value": arms[arm.name]["final_val_loss"], "target": "", "unit": "nats"},
+            {"metric": f"encoder probe accuracy (removed tokens, linear), decoder {arm.name}",
+             "value": 100 * arms[arm.name]["probe"]["accuracy"], "target": "", "unit": "%"}]
+    summary.append({"metric": "probe accuracy reading nothing (token frequencies)", "value": 100 * blind.accuracy,
+                    "target": "", "unit": "%"})
+    for arm in trades:
+        summary.append({"metric": f"encoder probe accuracy, decoder {arm.name} - {reference.name}",
+                        "value": 100 * (arms[arm.name]["probe"]["accuracy"] - arms[reference.name]["probe"]["accuracy"]),
+                        "target": "", "unit": "points"})
+    report = {"config": dump_yaml(cfg), "arms": arms, "probe_reading_nothing": blind.as_dict(),
+              "probe_batches": probe_batches, "probe_epochs": probe_epochs, "summary": summary,
+              "seconds": round(time.perf_counter() - started, 1)}
+    title = (f"MAE-LM decoders under a {cfg.model.num_layers}-layer encoder, {cfg.trainer.max_steps} steps "
+             f"at {100 * cfg.data.masking.rate:g}% masking, same seed and data")
+    losses = {f"{name} (probe {100 * arm['probe']['accuracy']:.1f}%)": arm["val_loss"] for name, arm in arms.items()}
+    return write_report(results, "mae-decoder", report,
+                        lambda path: loss_plot(path, losses, title,
+                                               f"validation masked-token loss\n({rate:g}% masking, own decoder)"))
