@@ -215,7 +215,7 @@ def mae_decoder(overrides: list[str], out: Path, results: Path, probe_batches: i
     from masktrain.data.inputs import eval_rate
     from masktrain.data.prepare import prepare
     from masktrain.launcher.plots import loss_plot
-    from masktrain.trainer.encoder_probe import probe_encoder
+    from masktrain.trainer.encoder_probe import paired_stderr, probe_encoder
 
     started = time.perf_counter()
     cfg = load_config("repro-mae-decoder", overrides)
@@ -224,12 +224,13 @@ def mae_decoder(overrides: list[str], out: Path, results: Path, probe_batches: i
     for arm in arms_run:
         load_config("repro-mae-decoder", [*overrides, *arm.overrides])
     prepare(cfg, log=log)
-    arms, blind = {}, None
+    arms, probes, blind = {}, {}, None
     for arm in arms_run:
         checkpoint, facts = train_arm("repro-mae-decoder", overrides, arm, out)
         run_dir = Path(facts["run_dir"])
         val = series(run_dir, "val/loss")
         probe, blind = probe_encoder(checkpoint, probe_batches, probe_epochs)
+        probes[arm.name] = probe
         arms[arm.name] = {**facts, "val_loss": val, "final_val_loss": val[-1][1], "probe": probe.as_dict()}
         log(f"{arm.name}: validation loss {val[-1][1]:.4f} through its decoder; encoder probe accuracy "
             f"{100 * probe.accuracy:.2f}% (+-{100 * probe.accuracy_stderr:.2f}), loss {probe.loss:.4f}")
@@ -246,9 +247,12 @@ def mae_decoder(overrides: list[str], out: Path, results: Path, probe_batches: i
     summary.append({"metric": "probe accuracy reading nothing (token frequencies)", "value": 100 * blind.accuracy,
                     "target": "", "unit": "%"})
     for arm in trades:
-        summary.append({"metric": f"encoder probe accuracy, decoder {arm.name} - {reference.name}",
-                        "value": 100 * (arms[arm.name]["probe"]["accuracy"] - arms[reference.name]["probe"]["accuracy"]),
-                        "target": "", "unit": "points"})
+        trade, base = probes[arm.name], probes[reference.name]
+        stderr = paired_stderr(trade, base)
+        arms[arm.name]["probe_difference_stderr"] = stderr
+        summary.append({"metric": f"encoder probe accuracy, decoder {arm.name} - {reference.name} "
+                                  f"(scoring noise +-{100 * stderr:.2f})",
+                        "value": 100 * (trade.accuracy - base.accuracy), "target": "", "unit": "points"})
     report = {"config": dump_yaml(cfg), "arms": arms, "probe_reading_nothing": blind.as_dict(),
               "probe_batches": probe_batches, "probe_epochs": probe_epochs, "summary": summary,
               "seconds": round(time.perf_counter() - started, 1)}

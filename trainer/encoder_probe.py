@@ -16,7 +16,7 @@ fixed order of minibatches, its score depends on the features alone.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,9 +37,19 @@ class ProbeScore:
     """Binomial standard error of `accuracy`: how far two probes' accuracies may differ by chance."""
     targets: int
     fit_targets: int
+    correct: torch.Tensor = field(repr=False)
+    """bool[targets]: which validation targets the probe got right, for `paired_stderr`."""
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "correct"}
+
+
+def paired_stderr(a: ProbeScore, b: ProbeScore) -> float:
+    """Standard error of `a.accuracy - b.accuracy` for two probes scored on the same targets: the spread of the
+    per-target difference, which is smaller than either accuracy's own when the probes agree on most targets.
+    It measures the scoring's sampling noise only, not how much another training seed would move either."""
+    difference = a.correct.double() - b.correct.double()
+    return math.sqrt(difference.var(correction=0).item() / max(len(difference), 1))
 
 
 def neighbour_features(encoded: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,8 +122,10 @@ def fit_and_score(fit: tuple[torch.Tensor, torch.Tensor], scored: tuple[torch.Te
     with torch.no_grad():
         logits = F.linear(x_eval, *kept)
         loss = F.cross_entropy(logits, y_eval).item()
-        accuracy = (logits.argmax(dim=1) == y_eval).double().mean().item()
-    return ProbeScore(loss, accuracy, math.sqrt(accuracy * (1 - accuracy) / max(len(y_eval), 1)), len(y_eval), len(y))
+        correct = logits.argmax(dim=1) == y_eval
+    accuracy = correct.double().mean().item()
+    return ProbeScore(loss, accuracy, math.sqrt(accuracy * (1 - accuracy) / max(len(y_eval), 1)), len(y_eval), len(y),
+                      correct)
 
 
 def probe_encoder(checkpoint: Path, fit_batches: int, epochs: int) -> tuple[ProbeScore, ProbeScore]:
