@@ -239,25 +239,34 @@ def mae_decoder(overrides: list[str], out: Path, results: Path, probe_batches: i
     reference, *trades = arms_run
     summary = []
     for arm in arms_run:
+        probe = probes[arm.name]
         summary += [
             {"metric": f"validation loss at {rate:g}% masking through its own decoder, decoder {arm.name}",
              "value": arms[arm.name]["final_val_loss"], "target": "", "unit": "nats"},
-            {"metric": f"encoder probe accuracy (removed tokens, linear), decoder {arm.name}",
-             "value": 100 * arms[arm.name]["probe"]["accuracy"], "target": "", "unit": "%"}]
-    summary.append({"metric": "probe accuracy reading nothing (token frequencies)", "value": 100 * blind.accuracy,
-                    "target": "", "unit": "%"})
+            {"metric": f"encoder probe loss (removed tokens, linear), decoder {arm.name}", "value": probe.loss,
+             "target": "", "unit": "nats"},
+            {"metric": f"encoder probe accuracy, decoder {arm.name}", "value": 100 * probe.accuracy, "target": "",
+             "unit": "%"}]
+    summary += [{"metric": "probe loss reading nothing (token frequencies)", "value": blind.loss, "target": "",
+                 "unit": "nats"},
+                {"metric": "probe accuracy reading nothing (token frequencies)", "value": 100 * blind.accuracy,
+                 "target": "", "unit": "%"}]
+    base = probes[reference.name]
     for arm in trades:
-        trade, base = probes[arm.name], probes[reference.name]
-        stderr = paired_stderr(trade, base)
-        arms[arm.name]["probe_difference_stderr"] = stderr
-        summary.append({"metric": f"encoder probe accuracy, decoder {arm.name} - {reference.name} "
-                                  f"(scoring noise +-{100 * stderr:.2f})",
-                        "value": 100 * (trade.accuracy - base.accuracy), "target": "", "unit": "points"})
+        trade = probes[arm.name]
+        noise = {"loss": paired_stderr(trade.nll, base.nll), "accuracy": paired_stderr(trade.correct, base.correct)}
+        arms[arm.name]["probe_difference_stderr"] = noise
+        summary += [
+            {"metric": f"encoder probe loss, decoder {arm.name} - {reference.name} (scoring noise "
+                       f"+-{noise['loss']:.3f})", "value": trade.loss - base.loss, "target": "", "unit": "nats"},
+            {"metric": f"encoder probe accuracy, decoder {arm.name} - {reference.name} (scoring noise "
+                       f"+-{100 * noise['accuracy']:.2f})", "value": 100 * (trade.accuracy - base.accuracy),
+             "target": "", "unit": "points"}]
     report = {"config": dump_yaml(cfg), "arms": arms, "probe_reading_nothing": blind.as_dict(),
               "probe_batches": probe_batches, "probe_epochs": probe_epochs, "summary": summary,
               "seconds": round(time.perf_counter() - started, 1)}
-    title = (f"MAE-LM decoders under a {cfg.model.num_layers}-layer encoder, {cfg.trainer.max_steps} steps "
-             f"at {100 * cfg.data.masking.rate:g}% masking, same seed and data")
+    title = (f"MAE-LM decoders, {cfg.model.num_layers}-layer encoder, {cfg.trainer.max_steps} steps at "
+             f"{100 * cfg.data.masking.rate:g}% masking, one seed")
     losses = {f"{name} (probe {100 * arm['probe']['accuracy']:.1f}%)": arm["val_loss"] for name, arm in arms.items()}
     return write_report(results, "mae-decoder", report,
                         lambda path: loss_plot(path, losses, title,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from masktrain.trainer.encoder_probe import ProbeScore, fit_and_score, neighbour_features, paired_stderr
+from masktrain.trainer.encoder_probe import fit_and_score, neighbour_features, paired_stderr
 
 
 def test_a_removed_token_is_described_by_its_nearest_visible_neighbours():
@@ -52,19 +52,16 @@ def test_the_probe_reads_what_the_features_say_and_starts_from_the_token_frequen
     assert blind.accuracy == pytest.approx((targets[scored] == log_freq.argmax()).double().mean().item())
     # Features unrelated to the tokens cannot beat the frequencies by much: the held-out tenth stops the fit.
     assert unrelated.loss < blind.loss + 0.05
-    assert (read.targets, read.fit_targets) == (1000, 4500)
+    assert (read.targets, read.fit_targets) == (1000, 4500) and len(read.nll) == len(read.correct) == 1000
+    assert read.loss == pytest.approx(read.nll.mean().item()) and read.accuracy == read.correct.mean().item()
+    assert set(read.as_dict()) == {"loss", "accuracy", "accuracy_stderr", "targets", "fit_targets"}
     assert read.accuracy_stderr == pytest.approx(math.sqrt(read.accuracy * (1 - read.accuracy) / 1000))
 
 
 def test_two_probes_on_the_same_targets_differ_by_the_spread_of_their_per_target_difference():
-    def score(correct):
-        correct = torch.tensor(correct, dtype=torch.bool)
-        return ProbeScore(0.0, correct.double().mean().item(), 0.0, len(correct), 0, correct)
-
-    a, b = score([1, 1, 0, 0]), score([1, 0, 0, 0])
+    a, b = torch.tensor([1.0, 1.0, 0.0, 0.0]), torch.tensor([1.0, 0.0, 0.0, 0.0])
     assert paired_stderr(a, b) == pytest.approx(math.sqrt(0.1875 / 4))  # differences 0, 1, 0, 0
     assert paired_stderr(a, a) == 0.0  # agreeing everywhere leaves no doubt about the difference
-    assert "correct" not in a.as_dict() and a.as_dict()["targets"] == 4
 
 
 def test_repro_mae_decoder_trains_three_decoders_and_probes_each_encoder(tiny_data, tmp_path):
@@ -86,10 +83,11 @@ def test_repro_mae_decoder_trains_three_decoders_and_probes_each_encoder(tiny_da
     # One config, one seed: every encoder is probed on the same removed tokens.
     assert len({(p["targets"], p["fit_targets"]) for p in probes}) == 1 and probes[0]["targets"] > 0
     assert report["probe_reading_nothing"]["targets"] == probes[0]["targets"]
-    assert all(report["arms"][name]["probe_difference_stderr"] >= 0 for name in names[1:])
-    differences = [row for row in report["summary"] if row["unit"] == "points"]
+    assert all(min(report["arms"][name]["probe_difference_stderr"].values()) >= 0 for name in names[1:])
+    differences = [row for row in report["summary"] if " - " in row["metric"]]
     assert [row["value"] for row in differences] == pytest.approx(
-        [100 * (p["accuracy"] - probes[0]["accuracy"]) for p in probes[1:]])
+        [value for p in probes[1:] for value in (p["loss"] - probes[0]["loss"],
+                                                  100 * (p["accuracy"] - probes[0]["accuracy"]))])
     assert (out / report["plot"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 

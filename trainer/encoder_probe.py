@@ -34,21 +34,23 @@ class ProbeScore:
     """Mean cross-entropy (nats) over the validation split's removed tokens."""
     accuracy: float
     accuracy_stderr: float
-    """Binomial standard error of `accuracy`: how far two probes' accuracies may differ by chance."""
+    """Binomial standard error of `accuracy`."""
     targets: int
     fit_targets: int
+    nll: torch.Tensor = field(repr=False)
+    """float[targets]: each validation target's cross-entropy, for `paired_stderr`."""
     correct: torch.Tensor = field(repr=False)
-    """bool[targets]: which validation targets the probe got right, for `paired_stderr`."""
+    """float[targets]: 1 where the probe's argmax is the target."""
 
     def as_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if key != "correct"}
+        return {key: value for key, value in asdict(self).items() if key not in ("nll", "correct")}
 
 
-def paired_stderr(a: ProbeScore, b: ProbeScore) -> float:
-    """Standard error of `a.accuracy - b.accuracy` for two probes scored on the same targets: the spread of the
-    per-target difference, which is smaller than either accuracy's own when the probes agree on most targets.
-    It measures the scoring's sampling noise only, not how much another training seed would move either."""
-    difference = a.correct.double() - b.correct.double()
+def paired_stderr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of `a.mean() - b.mean()` for per-target figures of two probes scored on the same targets:
+    the spread of the per-target difference, smaller than either mean's own when the probes agree on most
+    targets. It is the scoring's sampling noise only, not how much another training seed would move either."""
+    difference = a.double() - b.double()
     return math.sqrt(difference.var(correction=0).item() / max(len(difference), 1))
 
 
@@ -121,11 +123,11 @@ def fit_and_score(fit: tuple[torch.Tensor, torch.Tensor], scored: tuple[torch.Te
     x_eval, y_eval = scored
     with torch.no_grad():
         logits = F.linear(x_eval, *kept)
-        loss = F.cross_entropy(logits, y_eval).item()
-        correct = logits.argmax(dim=1) == y_eval
+        nll = F.cross_entropy(logits, y_eval, reduction="none")
+        correct = (logits.argmax(dim=1) == y_eval).float()
     accuracy = correct.double().mean().item()
-    return ProbeScore(loss, accuracy, math.sqrt(accuracy * (1 - accuracy) / max(len(y_eval), 1)), len(y_eval), len(y),
-                      correct)
+    return ProbeScore(nll.double().mean().item(), accuracy, math.sqrt(accuracy * (1 - accuracy) / max(len(y_eval), 1)),
+                      len(y_eval), len(y), nll, correct)
 
 
 def probe_encoder(checkpoint: Path, fit_batches: int, epochs: int) -> tuple[ProbeScore, ProbeScore]:
