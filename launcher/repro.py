@@ -204,6 +204,8 @@ def decoder_arms(cfg) -> tuple[Arm, ...]:
     """The config's decoder, and the two trades that make an MAE-LM step cheaper: half its width, half its
     depth."""
     layers, width = cfg.model.decoder_layers, cfg.model.decoder_hidden_size or cfg.model.hidden_size
+    if cfg.model.objective != "mae_lm":
+        raise SystemExit(f"repro mae-decoder: model.objective must be mae_lm, got {cfg.model.objective!r}")
     if layers < 2:
         raise SystemExit(f"repro mae-decoder: model.decoder_layers must be at least 2 to halve it, got {layers}")
     return (Arm(f"{layers} layers x {width} (reference shape)", ()),

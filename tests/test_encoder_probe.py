@@ -91,7 +91,9 @@ def test_repro_mae_decoder_trains_three_decoders_and_probes_each_encoder(tiny_da
     assert (out / report["plot"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
-def test_repro_mae_decoder_refuses_a_decoder_it_cannot_halve_before_training(tmp_path):
-    run = run_cli("repro", "mae-decoder", "model.decoder_layers=1", "--out", str(tmp_path), timeout=120)
-    assert run.returncode != 0 and "model.decoder_layers must be at least 2" in run.stderr
+@pytest.mark.parametrize("override,message", [("model.decoder_layers=1", "model.decoder_layers must be at least 2"),
+                                               ("model.objective=mlm", "model.objective must be mae_lm")])
+def test_repro_mae_decoder_refuses_what_it_cannot_compare_before_training(tmp_path, override, message):
+    run = run_cli("repro", "mae-decoder", override, "--out", str(tmp_path), timeout=120)
+    assert run.returncode != 0 and message in run.stderr
     assert not list(tmp_path.iterdir())

@@ -7,10 +7,11 @@ neighbour on either side. Decoders of different shapes change a run's own valida
 own capacity; this probe reads only the encoder, which is the part that gets exported. It stands in for
 fine-tuning, the encoder's real use, which a toy-scale run cannot measure.
 
-The probe is fitted on the first batches of the training split and scored on the whole validation split. Both
-are masked the way the run's validation is (data.masking.eval_rate, seeded by batch), so two runs of one config
-are probed on the same tokens with the same masks. A linear softmax is a convex fit: from zero weights, with a
-fixed order of minibatches, its score depends on the features alone.
+The probe is fitted on the first batches of the training split and scored on the run's validation batches
+(trainer.eval_batches of them; 0, all). Both are masked the way the run's validation is
+(data.masking.eval_rate, seeded by batch), so two runs of one config are probed on the same tokens with the same
+masks. A linear softmax is a convex fit; from a fixed start, with a fixed order of minibatches, its score depends
+on the features alone.
 """
 
 from __future__ import annotations
