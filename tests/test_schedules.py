@@ -95,7 +95,7 @@ def test_a_user_schedule_replaces_the_objective_default_whole(tmp_path):
     with pytest.raises(ConfigError, match="data.masking.final_rate: the constant schedule keeps data.masking.rate "
                                           r"\(0.15\) throughout, never 0.1; set data.masking.schedule"):
         load_config(str(bare), ["data.masking.final_rate=0.1"])
-    with pytest.raises(ConfigError, match="the cosine schedule moves from data.masking.rate \(0.15\) to final_rate, "
+    with pytest.raises(ConfigError, match=r"the cosine schedule moves from data.masking.rate \(0.15\) to final_rate, "
                                           "which is unset: it would never move"):
         load_config(str(bare), ["data.masking.schedule=cosine"])
 
