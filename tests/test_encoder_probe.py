@@ -10,24 +10,46 @@ import pytest
 import torch
 
 from conftest import run_cli
+from masktrain.data import inputs
+from masktrain.data.batches import mae_batch
+from masktrain.data.reader import Skips
+from masktrain.data.tokenizer import Tokenizer
+from masktrain.launcher.loading import load_config
 from masktrain.trainer.encoder_probe import fit_and_score, neighbour_features, paired_stderr
 
 
 def test_a_removed_token_is_described_by_its_nearest_visible_neighbours():
-    # Positions 0..6 of one row: 1, 2 and 5 removed, 6 padding; a second row with nothing visible on the left.
+    # Positions 0..6 of one row: 1, 2 and 5 removed, 6 padding; a second row with nothing visible on the left;
+    # a third with two tokens, both removed, and padding.
     removed = torch.tensor([[False, True, True, False, False, True, False],
-                            [True, False, False, False, False, False, False]])
-    visible_pos = torch.tensor([[0, 3, 4, 0, 0, 0], [1, 2, 3, 4, 5, 6]])
-    visible_mask = torch.tensor([[True, True, True, False, False, False], [True] * 6])
-    encoded = torch.arange(1.0, 13.0).reshape(2, 6, 1)  # the state of visible token k of a row is its value
-    labels = torch.full((2, 7), -100)
-    labels[removed] = torch.tensor([11, 12, 15, 20])
+                            [True, False, False, False, False, False, False],
+                            [True, True, False, False, False, False, False]])
+    visible_pos = torch.tensor([[0, 3, 4, 0, 0, 0], [1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 0, 0]])
+    visible_mask = torch.tensor([[True, True, True, False, False, False], [True] * 6, [False] * 6])
+    encoded = torch.arange(1.0, 19.0).reshape(3, 6, 1)  # the state of visible token k of a row is its value
+    labels = torch.full((3, 7), -100)
+    labels[removed] = torch.tensor([11, 12, 15, 20, 30, 31])
     features, targets = neighbour_features(encoded, {"removed": removed, "visible_pos": visible_pos,
                                                      "visible_mask": visible_mask, "labels": labels})
     # Positions 1 and 2 lie between visible 0 and 3; 5 has 4 on its left and nothing real on its right; the
-    # second row's position 0 has nothing on its left and position 1 (state 7) on its right.
-    assert features.tolist() == [[1.0, 2.0], [1.0, 2.0], [3.0, 0.0], [0.0, 7.0]]
-    assert targets.tolist() == [11, 12, 15, 20]
+    # second row's position 0 has nothing on its left and position 1 (state 7) on its right; the third row's
+    # tokens have no visible neighbour at all.
+    assert features.tolist() == [[1.0, 2.0], [1.0, 2.0], [3.0, 0.0], [0.0, 7.0], [0.0, 0.0], [0.0, 0.0]]
+    assert targets.tolist() == [11, 12, 15, 20, 30, 31]
+
+
+def test_the_probe_fits_on_training_rows_and_scores_on_validation_rows(tiny_data):
+    cfg = load_config("repro-mae-decoder", tiny_data)
+    tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+
+    def rows(**where):
+        batches, _ = inputs.validation_set(cfg, mae_batch, True, tokenizer, 0, 1, Skips(True), **where)
+        return [batch["labels"] for batch in batches]
+
+    fit, scored = rows(split="train", limit=3), rows()
+    assert len(fit) == 3 and len(scored) > 0
+    assert not torch.equal(fit[0], scored[0])  # other tokens: the same masks would give equal labels
+    assert len(rows(split="train", limit=5)) == 5
 
 
 def test_the_probe_reads_what_the_features_say_and_starts_from_the_token_frequencies():
