@@ -4,7 +4,8 @@ Shards are opened with webdataset's `gopen`, so a URL is a path, a `pipe:` comma
 `pipe:aws s3 cp ... -`) or anything else webdataset opens. The tar is read here rather than through
 `webdataset.tarfile_samples` because Python's tarfile ends an archive quietly at a truncated or garbled header
 after the first member, and webdataset passes that on: a shard cut at a member boundary would lose its tail
-without a word. Here every archive must end with tar's end-of-archive block.
+without a word. Here every archive must end with tar's end-of-archive block, and nothing but zeros may follow
+it, in the tar or (gzip'd shards joined with `cat`) after its first compressed member.
 
 A truncated or corrupt tar, a member that is not a token array, a token id outside the vocabulary and an
 empty document are skipped and counted by reason; under `strict` they raise `DataError` naming the shard URL
@@ -96,6 +97,16 @@ def past_the_end(stream: IO[bytes]) -> bool:
     return found
 
 
+def compressed_after(stream) -> bool:
+    """Whether tarfile's decompressing stream, read to its end, was given more than its first compressed member
+    (anything but zeros after it). `cat a.tar.gz b.tar.gz` makes such a shard: tarfile inflates the first gzip
+    member only and keeps the rest as input it never decompresses, so `past_the_end` cannot see b."""
+    rest = getattr(getattr(stream, "cmp", None), "unused_data", b"")
+    if getattr(stream, "comptype", "") == "gz":
+        rest = rest[8:]  # the member's own trailer: CRC and size
+    return rest.count(0) != len(rest)
+
+
 def read_problem(err: Exception, member: str | None) -> str:
     """The reason to count for an error raised while reading an archive (tarfile has no class per cause)."""
     if member is None:
@@ -122,7 +133,7 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
                 if data is not None:
                     yield name, data
             problem = end_problem(getattr(archive, "end_error", None))
-            if problem is None and past_the_end(archive.fileobj):
+            if problem is None and (past_the_end(archive.fileobj) or compressed_after(archive.fileobj)):
                 problem = "data after end of shard"
         if problem is None:
             # A pipe's command may still be writing the padding after the end block; reading it lets the

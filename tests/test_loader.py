@@ -7,10 +7,12 @@ can be taken apart again and each document recognised.
 from __future__ import annotations
 
 import copy
+import gzip
 import io
 import random
 import shutil
 import tarfile
+import zlib
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -252,14 +254,18 @@ def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_l
 
 def test_brace_patterns_and_pipe_commands_read_the_same_batches(tmp_path):
     urls = write_shards(tmp_path, [[5] * 6, [9] * 4, [3] * 8])
+    for url in urls:
+        Path(url + ".gz").write_bytes(gzip.compress(Path(url).read_bytes()))
     variants = {
         "paths": urls,
         "brace": [str(tmp_path / "shard-{000000..000002}.tar")],
         "pipe": [f"pipe:cat {url}" for url in urls],
+        "gzip": [url + ".gz" for url in urls],
+        "gzip pipe": [f"pipe:cat {url}.gz" for url in urls],
     }
     batches = {name: take(Loader(spec_for(u), plain_batcher()), 15)[0] for name, u in variants.items()}
-    assert_same_batches(batches["brace"], batches["paths"], "brace pattern")
-    assert_same_batches(batches["pipe"], batches["paths"], "pipe: command")
+    for name in variants:
+        assert_same_batches(batches[name], batches["paths"], name)
 
 
 def tar_bytes(docs: dict[int, int]) -> tuple[bytes, list[tarfile.TarInfo]]:
@@ -289,6 +295,19 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
     shards = {name: (str(root / f"{name}.tar"), reason, where) for name, (_, reason, where) in cases.items()}
     for name, (blob, _, _) in cases.items():
         Path(shards[name][0]).write_bytes(blob)
+    # The same join of two gzip'd shards, read from a file and through a pipe.
+    joined = root / "concatenated_gzip.tar.gz"
+    joined.write_bytes(gzip.compress(data) + gzip.compress(tar_bytes({120: 5})[0]))
+    shards["concatenated_gzip"] = (str(joined), "data after end of shard", "after member 000103.tokens.npy")
+    shards["concatenated_gzip_pipe"] = (f"pipe:cat {joined}", "data after end of shard",
+                                        "after member 000103.tokens.npy")
+    # A gzip'd shard cut inside document 102: the documents before it still count. The compressor is flushed
+    # there, so the cut does not depend on how zlib packs the rest.
+    packer = zlib.compressobj(wbits=31)
+    (root / "cut_gzip.tar.gz").write_bytes(packer.compress(data[:header]) + packer.flush(zlib.Z_FULL_FLUSH)
+                                           + packer.compress(data[header:header + 600])
+                                           + packer.flush(zlib.Z_SYNC_FLUSH))
+    shards["cut_gzip"] = (str(root / "cut_gzip.tar.gz"), "truncated shard", "in member 000102.tokens.npy")
 
     def sample(name: str, payload: bytes, reason: str, member: str) -> None:
         buffer = io.BytesIO()
@@ -327,7 +346,8 @@ def np_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-SURVIVORS = {"concatenated": [100, 101, 102, 103], "cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
+SURVIVORS = {"concatenated": [100, 101, 102, 103], "concatenated_gzip": [100, 101, 102, 103],
+             "concatenated_gzip_pipe": [100, 101, 102, 103], "cut_gzip": [100, 101], "cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
              "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110],
              "repeated_member": [110, 115], "no_extension": [110]}
 
