@@ -22,7 +22,7 @@ import tarfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
-from typing import IO, Callable, Iterator
+from typing import Callable, Iterator
 
 import braceexpand
 import numpy as np
@@ -87,24 +87,19 @@ def end_problem(err: Exception | None) -> str | None:
     return "truncated shard"  # no end-of-archive block: the data stops at or inside a header
 
 
-def past_the_end(stream: IO[bytes]) -> bool:
-    """Whether anything but zeros follows the end-of-archive block in the (decompressed) tar `stream`, read to
-    its end. `cat a.tar b.tar` makes such a shard: tar and tarfile stop at the first end block, so the members
-    of b would be lost without a word."""
+def past_the_end(stream) -> bool:
+    """Whether tarfile's (decompressing) tar `stream`, read to its end, holds anything but zeros after the
+    end-of-archive block, or after its first compressed member. `cat a.tar b.tar` makes the first: tar and
+    tarfile stop at the first end block. `cat a.tar.gz b.tar.gz` makes the second: tarfile inflates the first
+    gzip member only and keeps the rest as input it never decompresses. Either way the members of b would be
+    lost without a word."""
     found = False
     while chunk := stream.read(1 << 16):
         found = found or chunk.count(0) != len(chunk)
-    return found
-
-
-def compressed_after(stream) -> bool:
-    """Whether tarfile's decompressing stream, read to its end, was given more than its first compressed member
-    (anything but zeros after it). `cat a.tar.gz b.tar.gz` makes such a shard: tarfile inflates the first gzip
-    member only and keeps the rest as input it never decompresses, so `past_the_end` cannot see b."""
     rest = getattr(getattr(stream, "cmp", None), "unused_data", b"")
     if getattr(stream, "comptype", "") == "gz":
         rest = rest[8:]  # the member's own trailer: CRC and size
-    return rest.count(0) != len(rest)
+    return found or rest.count(0) != len(rest)
 
 
 def read_problem(err: Exception, member: str | None) -> str:
@@ -133,7 +128,7 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
                 if data is not None:
                     yield name, data
             problem = end_problem(getattr(archive, "end_error", None))
-            if problem is None and (past_the_end(archive.fileobj) or compressed_after(archive.fileobj)):
+            if problem is None and past_the_end(archive.fileobj):
                 problem = "data after end of shard"
         if problem is None:
             # A pipe's command may still be writing the padding after the end block; reading it lets the
