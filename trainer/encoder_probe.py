@@ -27,6 +27,7 @@ from masktrain.data.batches import mae_batch
 from masktrain.data.inputs import validation_set
 from masktrain.data.reader import Skips
 from masktrain.trainer.export import load_trained
+from masktrain.trainer.mae import at_positions
 
 
 @dataclass
@@ -60,13 +61,9 @@ def neighbour_features(encoded: torch.Tensor, batch: dict[str, torch.Tensor]) ->
     `encoded` [B, V, H] of the nearest visible token left and right of each, zeros where a side has none."""
     removed, visible_pos, visible_mask = batch["removed"], batch["visible_pos"], batch["visible_mask"]
     rows, length = removed.shape
-    width = encoded.shape[-1]
-    row_of = torch.arange(rows).unsqueeze(1).expand_as(visible_pos)[visible_mask]
     # Column `length` stays zero: the state of a missing neighbour.
-    slots = encoded.new_zeros(rows, length + 1, width)
-    slots[row_of, visible_pos[visible_mask]] = encoded[visible_mask]
-    seen = torch.zeros(rows, length, dtype=torch.bool)
-    seen[row_of, visible_pos[visible_mask]] = True
+    slots = at_positions(encoded[visible_mask], visible_pos, visible_mask, length + 1)
+    seen = at_positions(visible_mask[visible_mask], visible_pos, visible_mask, length)
     positions = torch.arange(length).expand(rows, length)
     # A removed position is not seen itself, so the last seen position up to it is its left neighbour and the
     # first seen from it on is its right one.

@@ -21,6 +21,15 @@ from masktrain.data.batches import IGNORE
 from masktrain.trainer.models import MaskedLM, attention_flops, body_flops, token_loss, weights
 
 
+def at_positions(values: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
+                 length: int) -> torch.Tensor:
+    """[B, length, ...]: `values` of the real visible tokens ([N, ...], in `visible_mask` order) at their
+    original positions, zeros everywhere else."""
+    rows = torch.arange(visible_pos.shape[0], device=visible_pos.device).unsqueeze(1).expand_as(visible_pos)
+    return values.new_zeros(visible_pos.shape[0], length, *values.shape[1:]).index_put(
+        (rows[visible_mask], visible_pos[visible_mask]), values)
+
+
 class MaeLM(nn.Module):
     auto_class = "AutoModel"
 
@@ -53,10 +62,7 @@ class MaeLM(nn.Module):
         """`attention_mask` (bool[B, T]) marks the real tokens of rows that have padding."""
         # Projected per token, so only the real visible rows are: the same as projecting every slot.
         encoded = self.to_decoder(self.encode(visible_ids, visible_pos, visible_mask)[visible_mask])
-        batch, length = removed.shape
-        rows = torch.arange(batch, device=removed.device).unsqueeze(1).expand_as(visible_pos)
-        slots = encoded.new_zeros(batch, length, encoded.shape[-1]).index_put(
-            (rows[visible_mask], visible_pos[visible_mask]), encoded)
+        slots = at_positions(encoded, visible_pos, visible_mask, removed.shape[1])
         # Called as a module (not indexed as a weight) so that ZeRO-3 gathers the partitioned table first.
         mask_token = torch.full((1, 1), self.mask_id, dtype=torch.long, device=removed.device)
         mask_embedding = self.to_decoder(self.decoder.get_input_embeddings()(mask_token)).to(slots.dtype)
