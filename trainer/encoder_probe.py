@@ -17,7 +17,7 @@ on the features alone.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,20 +32,32 @@ from masktrain.trainer.mae import at_positions
 
 @dataclass
 class ProbeScore:
-    loss: float
-    """Mean cross-entropy (nats) over the validation split's removed tokens."""
-    accuracy: float
-    accuracy_stderr: float
-    """Binomial standard error of `accuracy`."""
-    targets: int
-    fit_targets: int
     nll: torch.Tensor = field(repr=False)
-    """float[targets]: each validation target's cross-entropy, for `paired_stderr`."""
+    """float[targets]: each validation target's cross-entropy (nats), for `paired_stderr` as well."""
     correct: torch.Tensor = field(repr=False)
     """float[targets]: 1 where the probe's argmax is the target."""
+    fit_targets: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll.double().mean().item()
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct.double().mean().item()
+
+    @property
+    def targets(self) -> int:
+        return len(self.correct)
+
+    @property
+    def accuracy_stderr(self) -> float:
+        """Binomial standard error of `accuracy`."""
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / max(self.targets, 1))
 
     def as_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if key not in ("nll", "correct")}
+        return {"loss": self.loss, "accuracy": self.accuracy, "accuracy_stderr": self.accuracy_stderr,
+                "targets": self.targets, "fit_targets": self.fit_targets}
 
 
 def paired_stderr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -123,9 +135,7 @@ def fit_and_score(fit: tuple[torch.Tensor, torch.Tensor], scored: tuple[torch.Te
         logits = F.linear(x_eval, *kept)
         nll = F.cross_entropy(logits, y_eval, reduction="none")
         correct = (logits.argmax(dim=1) == y_eval).float()
-    accuracy = correct.double().mean().item()
-    return ProbeScore(nll.double().mean().item(), accuracy, math.sqrt(accuracy * (1 - accuracy) / max(len(y_eval), 1)),
-                      len(y_eval), len(y), nll, correct)
+    return ProbeScore(nll, correct, len(y))
 
 
 def probe_encoder(checkpoint: Path, fit_batches: int, epochs: int) -> tuple[ProbeScore, ProbeScore]:
