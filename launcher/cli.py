@@ -135,6 +135,14 @@ TASK_SIZES = {"pairs": "key-value pairs per context", "queries": "queries per tr
               "keys": "distinct key words", "values": "distinct value words"}
 
 
+def at_least_one(text: str) -> int:
+    """An argparse type for counts: a flag given 0 is refused before anything runs."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_repro(args) -> int:
     from masktrain.data.synthetic import RetrievalTask
     from masktrain.launcher import repro
@@ -145,19 +153,12 @@ def cmd_repro(args) -> int:
         repro.schedule(args.overrides, out, results)
         return 0
     if args.experiment == "mae-decoder":
-        for flag, value in (("--probe-batches", args.probe_batches), ("--probe-epochs", args.probe_epochs)):
-            if value < 1:
-                print(f"masktrain repro mae-decoder: {flag} must be at least 1, got {value}", file=sys.stderr)
-                return 2
         repro.mae_decoder(args.overrides, out, results, args.probe_batches, args.probe_epochs)
         return 0
     try:
         # Unset sizes keep RetrievalTask's defaults; building the parser does not import the task (numpy).
         sizes = {key: getattr(args, key) for key in TASK_SIZES if getattr(args, key) is not None}
         task = RetrievalTask(**sizes)
-        for flag, value in (("--documents", args.documents), ("--probe-examples", args.probe_examples)):
-            if value < 1:
-                raise ValueError(f"{flag} must be at least 1, got {value}")
     except ValueError as err:
         print(f"masktrain repro meap: {err}", file=sys.stderr)
         return 2
@@ -314,14 +315,14 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--results", help=f"where repro-{name}.json and .png go (default: --out)")
         p.set_defaults(func=cmd_repro)
     meap = experiments.choices["meap"]
-    meap.add_argument("--documents", type=int, default=20000, help="training documents to generate")
+    meap.add_argument("--documents", type=at_least_one, default=20000, help="training documents to generate")
     for key, text in TASK_SIZES.items():
         meap.add_argument(f"--{key}", type=int, help=f"{text} (default: the task's, see data/synthetic.py)")
-    meap.add_argument("--probe-examples", type=int, default=100, help="probe contexts per position")
+    meap.add_argument("--probe-examples", type=at_least_one, default=100, help="probe contexts per position")
     mae = experiments.choices["mae-decoder"]
-    mae.add_argument("--probe-batches", type=int, default=1000,
+    mae.add_argument("--probe-batches", type=at_least_one, default=1000,
                      help="training-split micro-batches the encoder probe is fitted on (fewer if the split is shorter)")
-    mae.add_argument("--probe-epochs", type=int, default=30, help="most epochs of the probe's fit")
+    mae.add_argument("--probe-epochs", type=at_least_one, default=30, help="most epochs of the probe's fit")
 
     slurm = sub.add_parser("slurm", help="SLURM jobs: render and submit the sbatch script").add_subparsers(
         dest="slurm_command", required=True)
