@@ -204,7 +204,7 @@ def schedule(overrides: list[str], out: Path, results: Path) -> Path:
 def decoder_arms(cfg) -> tuple[Arm, ...]:
     """The config's decoder, and the two trades that make an MAE-LM step cheaper: half its width, half its
     depth."""
-    layers, width = cfg.model.decoder_layers, cfg.model.decoder_hidden_size or cfg.model.hidden_size
+    layers, (width, _, _) = cfg.model.decoder_layers, cfg.model.decoder_shape()
     if cfg.model.objective != "mae_lm":
         raise SystemExit(f"repro mae-decoder: model.objective must be mae_lm, got {cfg.model.objective!r}")
     if layers < 2:
