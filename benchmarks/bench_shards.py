@@ -1,7 +1,7 @@
 """Shard writing throughput, and whether parallel tokenization needs more than sentencepiece's own threads.
 
 Side by side in one process, alternating between variants, on the same JSON-lines corpus, each writing the
-same shards with `write_dataset`:
+same shards with `write_dataset` and `publish_dataset`:
 - `inline_1_thread`: each batch encoded in turn on 1 sentencepiece thread (no parallelism at all);
 - `inline_sp_threads`: the same on sentencepiece's thread pool, one thread per core;
 - `pipelined_sp_threads`: `tokenize_stream` as `masktrain data shards` runs it: sentencepiece's threads
@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks.common import interleaved, write_result
 from masktrain.data.corpus import documents
-from masktrain.data.shards import tokenize_stream, write_dataset
+from masktrain.data.shards import publish_dataset, tokenize_stream, write_dataset
 from masktrain.data.tokenizer import Tokenizer, train_tokenizer
 
 BATCH_DOCS = 1024
@@ -48,7 +48,8 @@ def write_corpus(path: Path, documents_wanted: int) -> int:
 
 def build(tokenizer: Tokenizer, out: Path, pairs) -> None:
     shutil.rmtree(out, ignore_errors=True)
-    write_dataset(pairs, out, len(tokenizer), shard_bytes=16 * 2**20, val_fraction=0.01, shuffle_buffer=10_000)
+    publish_dataset(out, write_dataset(pairs, out, len(tokenizer), shard_bytes=16 * 2**20, val_fraction=0.01,
+                                       shuffle_buffer=10_000))
 
 
 def start_worker(tokenizer_dir: str) -> None:

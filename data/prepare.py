@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from masktrain.data.corpus import BUILTIN, CorpusStats, InputError, documents, expand_inputs
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
-from masktrain.data.shards import MANIFEST, read_manifest, tokenize_stream, write_dataset, write_manifest
+from masktrain.data.shards import (MANIFEST, discard_staged, publish_dataset, read_manifest, tokenize_stream,
+                                   write_dataset)
 from masktrain.data.tables import read_json, write_json
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
 from masktrain.launcher.config import Config, PrepareConfig
@@ -129,11 +130,12 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
     with tqdm(docs, desc="tokenizing", unit=" docs", disable=None, mininterval=1.0) as progress:
         manifest = write_dataset(tokenize_stream(progress, tokenizer, worker_count(p.workers)), out_dir,
                                  len(tokenizer), p.shard_bytes, p.val_fraction, p.shuffle_buffer, seed)
-    if manifest["splits"]["train"]["documents"] == 0:  # before the manifest: a later prepare would reuse it
+    if manifest["splits"]["train"]["documents"] == 0:  # the folder keeps what it had
+        discard_staged(out_dir)
         raise no_documents(p, stats)
     manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path), tokenizer_sha256=tokenizer.fingerprint(),
                     input_documents=stats.documents, input_skipped=dict(stats.skipped), input_sizes=sizes)
-    write_manifest(out_dir, manifest)
+    publish_dataset(out_dir, manifest)
     splits = manifest["splits"]
     log(f"data: {stats.documents:,} documents (skipped {skipped_text(stats)}) -> "
         f"{len(splits['train']['shards'])} train shards ({splits['train']['tokens']:,} tokens), "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from masktrain.data.reader import TOKENS_KEY, DataError
 from masktrain.data.tables import write_json
 
 MANIFEST = "manifest.json"
+STAGING = ".writing"
+"""Where `write_dataset` puts new shards until they replace the folder's earlier ones."""
 SPLITS = ("train", "val")
 SHARD_PATTERN = "shard-{:06d}.tar"
 TAR_BLOCK = 512
@@ -127,25 +130,27 @@ class SplitWriter:
 
 def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, vocab_size: int,
                   shard_bytes: int, val_fraction: float, shuffle_buffer: int = 0, seed: int = 0) -> dict:
-    """Write (text, token ids) pairs into `root/{train,val}/shard-*.tar`; returns the manifest, which the
-    caller completes and writes with `write_manifest` once the input's own counts are known."""
-    root = Path(root)
-    # Until it is whole again the folder has no manifest, so a write that dies is never reused; and no shard of
-    # an earlier, larger write stays behind for a glob in data.train_shards to pick up.
-    (root / MANIFEST).unlink(missing_ok=True)
-    for old in itertools.chain.from_iterable((root / split).glob("shard-*.tar") for split in SPLITS):
-        old.unlink()
+    """Write (text, token ids) pairs into `root/.writing/{train,val}/shard-*.tar`; returns the manifest, which
+    the caller completes and passes to `publish_dataset` once the input's own counts are known. Until then the
+    folder's earlier shards and manifest are untouched, so a write that fails (or finds no documents) loses
+    nothing; `discard_staged` removes what it wrote."""
+    staging = Path(root) / STAGING
+    discard_staged(root)  # a write that died before
     dtype = token_dtype(vocab_size)
-    writers = {split: SplitWriter(root, split, shard_bytes, shuffle_buffer, seed + index)
+    writers = {split: SplitWriter(staging, split, shard_bytes, shuffle_buffer, seed + index)
                for index, split in enumerate(SPLITS)}
     empty = 0
-    for text, tokens in docs:
-        if len(tokens) == 0:
-            empty += 1
-            continue
-        writers["val" if is_validation(text, val_fraction) else "train"].add(np.asarray(tokens, dtype=dtype))
-    for writer in writers.values():
-        writer.close()
+    try:
+        for text, tokens in docs:
+            if len(tokens) == 0:
+                empty += 1
+                continue
+            writers["val" if is_validation(text, val_fraction) else "train"].add(np.asarray(tokens, dtype=dtype))
+        for writer in writers.values():
+            writer.close()
+    except BaseException:
+        discard_staged(root)
+        raise
     manifest = {
         "version": 1,
         "dtype": dtype.name,
@@ -157,8 +162,24 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
     return manifest
 
 
-def write_manifest(root: str | Path, manifest: dict) -> None:
-    write_json(Path(root) / MANIFEST, manifest)
+def discard_staged(root: str | Path) -> None:
+    shutil.rmtree(Path(root) / STAGING, ignore_errors=True)
+
+
+def publish_dataset(root: str | Path, manifest: dict) -> None:
+    """Put the shards `write_dataset` staged in place of the folder's earlier ones, then write the manifest.
+    Until it is whole again the folder has no manifest, so a publish that dies is never reused; and no shard of
+    an earlier, larger write stays behind for a glob in data.train_shards to pick up."""
+    root = Path(root)
+    (root / MANIFEST).unlink(missing_ok=True)
+    for old in itertools.chain.from_iterable((root / split).glob("shard-*.tar") for split in SPLITS):
+        old.unlink()
+    for split in SPLITS:
+        (root / split).mkdir(parents=True, exist_ok=True)
+        for shard in manifest["splits"][split]["shards"]:
+            (root / STAGING / shard["path"]).rename(root / shard["path"])
+    discard_staged(root)
+    write_json(root / MANIFEST, manifest)
 
 
 def read_manifest(root: str | Path) -> dict:

@@ -268,15 +268,18 @@ def test_prepare_refuses_a_folder_whose_input_files_changed_since(tmp_path):
     assert logged[-1].startswith(f"data: reusing {tmp_path / 'data'}")
 
 
-def test_rewriting_shards_leaves_no_manifest_until_done_and_no_shard_of_the_earlier_write(inputs, tokenizer,
-                                                                                         tmp_path):
+def test_rewriting_shards_leaves_no_shard_of_the_earlier_write_and_a_failed_rewrite_loses_nothing(
+        inputs, tokenizer, tmp_path, capsys):
     out = tmp_path / "out"
     many = build(inputs, tokenizer, out)
     few = build(inputs, tokenizer, out, "--shard-bytes", "1000000")
     assert len(many["splits"]["train"]["shards"]) > len(few["splits"]["train"]["shards"]) == 1
-    for split in ("train", "val"):
-        assert sorted(p.name for p in (out / split).iterdir()) == [
-            Path(s["path"]).name for s in few["splits"][split]["shards"]]
+
+    def files() -> dict[str, bytes]:
+        return {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    assert sorted(files()) == ["manifest.json"] + [s["path"] for split in ("train", "val")
+                                                   for s in few["splits"][split]["shards"]]
+    before = files()
 
     def broken():
         yield from [("a document", np.arange(5))] * 3
@@ -285,7 +288,12 @@ def test_rewriting_shards_leaves_no_manifest_until_done_and_no_shard_of_the_earl
     from masktrain.data.shards import write_dataset
     with pytest.raises(KeyboardInterrupt):
         write_dataset(broken(), out, 1000, 4096, 0.0)
-    assert not (out / "manifest.json").exists()
+    assert files() == before
+    # A rerun that reads no document (JSON lines without the text field asked for) fails and keeps the folder.
+    assert shards(str(inputs[0] / "json" / "c.jsonl"), "--tokenizer", str(tokenizer), "--out", str(out),
+                  "--text-field", "text") == 1
+    assert "no documents to train on" in capsys.readouterr().err
+    assert files() == before
 
 
 def test_training_shards_given_without_validation_shards_mean_no_validation(tiny_data, tmp_path):

@@ -13,7 +13,7 @@ from masktrain.data import collocations, importance, inputs
 from masktrain.data.batches import IGNORE
 from masktrain.data.masking import candidates, word_index
 from masktrain.data.reader import Skips
-from masktrain.data.shards import manifest_urls, write_dataset, write_manifest
+from masktrain.data.shards import manifest_urls, publish_dataset, write_dataset
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import load_config
 from masktrain.trainer.objectives import OBJECTIVES
@@ -139,8 +139,8 @@ def test_importance_table_problems_name_the_file_and_the_fix(tmp_path):
 
 def test_idf_counts_each_document_once_per_id(tmp_path):
     docs = [[7, 7, 7, 8], [7, 9], [8, 8], [7]]
-    write_manifest(tmp_path, write_dataset(((f"doc {i}", d) for i, d in enumerate(docs)), tmp_path, vocab_size=12,
-                                           shard_bytes=4096, val_fraction=0.0))
+    publish_dataset(tmp_path, write_dataset(((f"doc {i}", d) for i, d in enumerate(docs)), tmp_path, vocab_size=12,
+                                            shard_bytes=4096, val_fraction=0.0))
     frequencies, documents, tokens = importance.document_frequencies(manifest_urls(tmp_path, "train"), 12,
                                                                      Skips(strict=True))
     assert (documents, tokens) == (4, 9)
@@ -162,8 +162,8 @@ def test_collocations_keep_the_pairs_that_occur_together_far_more_than_chance(tm
         filler = [[starts[2 + int(w)]] for w in gen.integers(0, 200, 12)]
         filler.insert(int(gen.integers(0, 12)), new + york)
         docs.append((f"doc {i}", [t for word in filler for t in word]))
-    write_manifest(tmp_path, write_dataset(docs, tmp_path, vocab_size=len(VOCAB.special), shard_bytes=8192,
-                                           val_fraction=0.0))
+    publish_dataset(tmp_path, write_dataset(docs, tmp_path, vocab_size=len(VOCAB.special), shard_bytes=8192,
+                                            val_fraction=0.0))
     record = collocations.build_table(manifest_urls(tmp_path, "train"), VOCAB, lambda ids: " ".join(map(str, ids)),
                                       tmp_path / "pairs.npy", min_count=20, keep=10)
     assert record["strongest"][0]["text"] == " ".join(map(str, new + york))
