@@ -7,9 +7,9 @@ after the first member, and webdataset passes that on: a shard cut at a member b
 without a word. Here every archive must end with tar's end-of-archive block, and nothing but zeros may follow
 it, in the tar or (gzip'd shards joined with `cat`) after its first compressed member.
 
-A truncated or corrupt tar, a member that is not a token array, a token id outside the vocabulary and an
-empty document are skipped and counted by reason; under `strict` they raise `DataError` naming the shard URL
-and the member.
+A truncated, corrupt or empty tar, a member that is not a token array (or not a file), a token id outside the
+vocabulary and an empty document are skipped and counted by reason; under `strict` they raise `DataError`
+naming the shard URL and the member.
 """
 
 from __future__ import annotations
@@ -127,8 +127,13 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
                 archive.members = []  # stream mode keeps every header otherwise
                 if data is not None:
                     yield name, data
+                elif not info.isdir():  # folders are how `tar` lists a tree; a link's data is elsewhere
+                    skip("bad sample", f"{url}: member {name} is not a regular file", count)
             problem = end_problem(getattr(archive, "end_error", None))
-            if problem is None and past_the_end(archive.fileobj):
+            if problem is None and name is None:
+                # A file of zeros (what a crash can leave of a file being written) reads as an empty archive.
+                problem, detail = "empty shard", ": no members before the end-of-archive block"
+            elif problem is None and past_the_end(archive.fileobj):
                 problem = "data after end of shard"
         if problem is None:
             # A pipe's command may still be writing the padding after the end block; reading it lets the

@@ -289,6 +289,8 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
         "garbled_header": (data[:header] + b"\xff" * 512 + data[header + 512:], "corrupt shard",
                            "after member 000101.tokens.npy"),
         "not_a_tar": (b"this is not a tar file" * 40, "unreadable shard", "at the start"),
+        # What a crash can leave of a shard being written: its size, all zeros. tar reads it as an empty archive.
+        "zeros": (bytes(len(data)), "empty shard", "at the start: no members"),
         # `cat` of two shards: tar stops at the first end block, which would drop the second shard's members.
         "concatenated": (data + tar_bytes({120: 5})[0], "data after end of shard", "after member 000103.tokens.npy"),
     }
@@ -336,6 +338,17 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
 
     raw("repeated_member", [("000115.tokens.npy", 115), ("000115.tokens.npy", 116)], "000115.tokens.npy repeats")
     raw("no_extension", [("000117", 117)], "000117 has no extension")
+    # A link's data is not in the shard. Folder entries (`tar` of a tree lists them) are no samples and no loss.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for kind, name in ((tarfile.DIRTYPE, "docs"), (tarfile.REGTYPE, "docs/000110.tokens.npy"),
+                           (tarfile.SYMTYPE, "docs/000118.tokens.npy")):
+            info, payload = tarfile.TarInfo(name), np_bytes(np.full(4, FIRST_ID + 110, np.uint16))
+            info.type, info.size = kind, len(payload) if kind == tarfile.REGTYPE else 0
+            archive.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
+    (root / "link_member.tar").write_bytes(buffer.getvalue())
+    shards["link_member"] = (str(root / "link_member.tar"), "bad sample",
+                             "member docs/000118.tokens.npy is not a regular file")
     shards["failing_pipe"] = (f"pipe:cat {root / 'missing.tar'} 2>/dev/null", "unreadable shard", "at the start")
     return shards
 
@@ -347,9 +360,10 @@ def np_bytes(array: np.ndarray) -> bytes:
 
 
 SURVIVORS = {"concatenated": [100, 101, 102, 103], "concatenated_gzip": [100, 101, 102, 103],
-             "concatenated_gzip_pipe": [100, 101, 102, 103], "cut_gzip": [100, 101], "cut_at_member": [100, 101], "cut_in_member": [100, 101], "garbled_header": [100, 101],
+             "concatenated_gzip_pipe": [100, 101, 102, 103], "cut_gzip": [100, 101], "cut_at_member": [100, 101],
+             "cut_in_member": [100, 101], "garbled_header": [100, 101],
              "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110],
-             "repeated_member": [110, 115], "no_extension": [110]}
+             "repeated_member": [110, 115], "no_extension": [110], "link_member": [110]}
 
 
 def test_each_kind_of_bad_data_is_skipped_and_counted(tmp_path):
