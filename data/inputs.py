@@ -12,6 +12,7 @@ import torch
 
 from masktrain.data import collocations, importance
 from masktrain.data.batches import MaskSpec
+from masktrain.data.corpus import InputError
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
 from masktrain.data.masking import PolicyOptions, generator
 from masktrain.data.reader import DataError, Skips, expand_urls
@@ -51,7 +52,7 @@ def check_ready(cfg: Config) -> None:
     problems = []
     try:
         tokenizer = Tokenizer(tokenizer_dir(cfg))
-    except (OSError, RuntimeError) as err:  # RuntimeError: sentencepiece could not parse the model file
+    except (OSError, InputError) as err:
         raise DataError(f"tokenizer: {err}") from None
     for split in ("train", "val"):
         try:

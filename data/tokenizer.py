@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import random
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -21,6 +22,7 @@ import sentencepiece as spm
 import torch
 from sentencepiece import sentencepiece_model_pb2
 
+from masktrain.data.corpus import InputError
 from masktrain.data.masking import Vocab
 from masktrain.data.tables import write_json
 
@@ -31,6 +33,8 @@ SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
 RESERVED_IDS = dict(pad_id=0, unk_id=1, bos_id=2, eos_id=3)
 CONTROL_SYMBOLS = ["[CLS]", "[SEP]", "[MASK]"]
 MASK_ID = len(RESERVED_IDS) + CONTROL_SYMBOLS.index(SPECIAL_TOKENS["mask"])
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+"""Byte fallback's 256 byte pieces and the special tokens; every character the corpus needs comes on top."""
 MAX_PIECE_INPUT = 4000  # sentencepiece ignores training "sentences" longer than its max_sentence_length
 SPACE = "\u2581"
 # Byte-fallback pieces of whitespace other than the space (which sentencepiece marks with SPACE): tab, newline,
@@ -80,25 +84,32 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=training_lines(docs),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        **RESERVED_IDS,
-        pad_piece=SPECIAL_TOKENS["pad"], unk_piece=SPECIAL_TOKENS["unk"],
-        bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
-        control_symbols=CONTROL_SYMBOLS,
-        byte_fallback=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        character_coverage=0.9995,
-        hard_vocab_limit=False,
-        max_sentence_length=MAX_PIECE_INPUT * 4,
-        num_threads=TRAINING_THREADS,
-        minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=training_lines(docs),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            **RESERVED_IDS,
+            pad_piece=SPECIAL_TOKENS["pad"], unk_piece=SPECIAL_TOKENS["unk"],
+            bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
+            control_symbols=CONTROL_SYMBOLS,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            split_digits=True,
+            character_coverage=0.9995,
+            hard_vocab_limit=False,
+            max_sentence_length=MAX_PIECE_INPUT * 4,
+            num_threads=TRAINING_THREADS,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        if (need := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))) is None:
+            raise
+        raise InputError(f"vocab_size {vocab_size} (data.prepare.vocab_size) is below the {need.group(1)} pieces "
+                         f"these documents need ({MIN_VOCAB_SIZE} byte and special pieces, the rest characters); "
+                         "raise it") from None
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(model.getvalue())
     for piece in proto.pieces:
@@ -119,12 +130,15 @@ class Tokenizer:
         if not model_file.is_file():
             raise FileNotFoundError(f"{model_file}: no sentencepiece model (`masktrain data prepare CONFIG` builds "
                                     "it, or set data.tokenizer)")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as err:
+            raise InputError(f"{model_file}: not a readable sentencepiece model ({err})") from None
         self.model_bytes = model_file.read_bytes()
         ids = {name: self.sp.piece_to_id(piece) for name, piece in SPECIAL_TOKENS.items()}
         for name, piece in SPECIAL_TOKENS.items():
             if self.sp.id_to_piece(ids[name]) != piece:
-                raise ValueError(f"{model_file}: missing special token {piece} (not trained by masktrain?)")
+                raise InputError(f"{model_file}: missing special token {piece} (not trained by masktrain?)")
         self.pad_id, self.unk_id, self.bos_id, self.eos_id = ids["pad"], ids["unk"], ids["bos"], ids["eos"]
         self.cls_id, self.sep_id, self.mask_id = ids["cls"], ids["sep"], ids["mask"]
 

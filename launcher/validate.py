@@ -75,6 +75,7 @@ def validate(cfg: Config) -> list[str]:
     """Every problem with `cfg`, as 'key: what is wrong' lines (empty when valid)."""
     from masktrain.data.masking import POLICIES
     from masktrain.data.schedules import SCHEDULES
+    from masktrain.data.tokenizer import MIN_VOCAB_SIZE
     from masktrain.trainer.lr import LR_SCHEDULES
     from masktrain.trainer.objectives import OBJECTIVES
 
@@ -99,6 +100,8 @@ def validate(cfg: Config) -> list[str]:
 
     # run
     check(bool(cfg.run.name.strip()), "run.name", "must not be empty")
+    # Sentencepiece takes the seed as a 32-bit unsigned integer, numpy's shuffles as a non-negative one.
+    check(0 <= cfg.run.seed < 2**32, "run.seed", f"must be within [0, {2**32 - 1}], got {cfg.run.seed}")
 
     # data
     d = cfg.data
@@ -109,7 +112,8 @@ def validate(cfg: Config) -> list[str]:
     positive(d.shuffle_block, "data.shuffle_block")
     p = d.prepare
     check(bool(p.inputs), "data.prepare.inputs", "needs at least one input")
-    check(p.vocab_size >= 64, "data.prepare.vocab_size", f"must be at least 64, got {p.vocab_size}")
+    check(p.vocab_size >= MIN_VOCAB_SIZE, "data.prepare.vocab_size",
+          f"must be at least {MIN_VOCAB_SIZE} (256 byte pieces and the special tokens), got {p.vocab_size}")
     choice(p.tokenizer_type, "data.prepare.tokenizer_type", ("unigram", "bpe"))
     positive(p.tokenizer_sample_docs, "data.prepare.tokenizer_sample_docs")
     check(p.shard_bytes >= 4096, "data.prepare.shard_bytes", f"must be at least 4096, got {p.shard_bytes}")
@@ -186,6 +190,10 @@ def validate(cfg: Config) -> list[str]:
                   "model.decoder_num_heads" if mo.decoder_num_heads else "model.decoder_hidden_size",
                   f"the decoder's width {width} must be divisible by its {heads} heads "
                   f"(model.decoder_num_heads; 0 keeps the encoder's head size, {mo.hidden_size // mo.num_heads})")
+        # Rotary embeddings turn pairs of a head's dimensions.
+        check(mo.arch != "llama" or (mo.hidden_size // mo.num_heads) % 2 == 0, "model.num_heads",
+              f"llama needs an even head size (model.hidden_size / model.num_heads), got {mo.hidden_size} / "
+              f"{mo.num_heads}")
         if mo.num_kv_heads:
             check(mo.num_heads % mo.num_kv_heads == 0, "model.num_kv_heads",
                   f"must divide model.num_heads ({mo.num_heads}), got {mo.num_kv_heads}")

@@ -54,6 +54,16 @@ def test_out_of_range_values_and_batch_arithmetic_are_all_reported_at_once():
     assert len(problems) == 4
 
 
+def test_values_that_would_fail_only_inside_the_ranks_or_the_tokenizer_trainer_are_refused():
+    for seed in ("-1", str(2**32)):  # sentencepiece takes 32 bits; numpy no negative seed
+        assert problems_of(f"run.seed={seed}") == [f"run.seed: must be within [0, {2**32 - 1}], got {seed}"]
+    assert load_config("smoke", ["run.seed=4294967295"]).run.seed == 2**32 - 1
+    # A llama head of odd size has no pairs of dimensions for rotary embeddings to turn (120 / 8 = 15).
+    assert problems_of("model.objective=ntp", "model.hidden_size=120", "model.num_heads=8") == [
+        "model.num_heads: llama needs an even head size (model.hidden_size / model.num_heads), got 120 / 8"]
+    load_config("smoke", ["model.hidden_size=120", "model.num_heads=8"])  # BERT has no rotary embeddings
+
+
 def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
     cfg = load_config("mae-lm-base", ["model.decoder_hidden_size=384"]).model
     assert cfg.decoder_shape() == (384, 1536, 6)  # the encoder's FFN ratio and head size (64)

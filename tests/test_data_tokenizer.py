@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -79,9 +80,22 @@ def test_bad_settings_are_refused_naming_the_key(corpus, tmp_path):
     result = run_cli("data", "tokenizer", str(corpus), "--out", str(tmp_path / "t"), "--vocab-size", "10",
                      "--tokenizer-type", "wordpiece")
     assert result.returncode == 2
-    assert "data.prepare.vocab_size: must be at least 64, got 10" in result.stderr
+    assert "data.prepare.vocab_size: must be at least 263 (256 byte pieces and the special tokens), got 10" in result.stderr
     assert "data.prepare.tokenizer_type: unknown value 'wordpiece'; valid: bpe, unigram" in result.stderr
     assert not (tmp_path / "t").exists()
+
+
+def test_a_vocabulary_too_small_for_the_corpus_and_a_model_that_is_no_tokenizer_are_one_line_errors(corpus,
+                                                                                                  tmp_path):
+    result = run_cli("data", "tokenizer", str(corpus), "--out", str(tmp_path / "t"), "--vocab-size", "270")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert re.search(r"vocab_size 270 \(data.prepare.vocab_size\) is below the \d+ pieces these documents need",
+                     result.stderr)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "spm.model").write_bytes(b"not a model")
+    result = run_cli("data", "shards", str(corpus), "--tokenizer", str(tmp_path / "bad"), "--out", str(tmp_path / "s"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'bad' / 'spm.model'}: not a readable sentencepiece model" in result.stderr
 
 
 def test_the_same_recipe_gives_the_same_tokenizer_whatever_the_thread_count(corpus, tmp_path):
