@@ -25,11 +25,11 @@ TABLE_NAME = "collocations.npy"
 SHOWN = 20
 
 
-def shard_rows(urls: list[str], separator: int, skips: Skips) -> Iterator[torch.Tensor]:
-    """Each shard's documents as one row [1, N], every document followed by `separator` (a special token, so
-    no word or pair spans two documents)."""
+def shard_rows(urls: list[str], vocab: Vocab, skips: Skips) -> Iterator[torch.Tensor]:
+    """Each shard's documents as one row [1, N], every document followed by padding (a special token, so no
+    word or pair spans two documents). Ids outside the vocabulary make a document a bad sample."""
     for url in expand_urls(urls):
-        docs = [np.append(doc.astype(np.int64), separator) for doc in read_unit(Unit(url), skips)]
+        docs = [np.append(doc.astype(np.int64), vocab.pad_id) for doc in read_unit(Unit(url), skips, vocab.size)]
         if docs:
             yield torch.from_numpy(np.concatenate(docs)).unsqueeze(0)
 
@@ -57,7 +57,7 @@ def count(urls: list[str], vocab: Vocab, skips: Skips) -> tuple[dict, dict]:
     """(word totals, pair totals with the hashes of their two words) over the shards."""
     words: list[dict] = []
     pairs: list[dict] = []
-    for row in shard_rows(urls, vocab.pad_id, skips):
+    for row in shard_rows(urls, vocab, skips):
         _, hashes, real = word_table(row, vocab, candidates(row, vocab))
         both = real[:, :-1] & real[:, 1:]
         words.append(occurrences(hashes[real]))
@@ -91,7 +91,7 @@ def examples(urls: list[str], vocab: Vocab, keys: torch.Tensor, decode: Callable
              skips: Skips) -> dict[int, str]:
     """Text of the given pairs, from their first occurrence in the shards (read until all are found)."""
     wanted, found = set(keys.tolist()), {}
-    for row in shard_rows(urls, vocab.pad_id, skips):
+    for row in shard_rows(urls, vocab, skips):
         words, hashes, _ = word_table(row, vocab, candidates(row, vocab))
         row_keys = pair_keys(hashes)[0]
         for index in torch.isin(row_keys, torch.tensor(sorted(wanted - found.keys()))).nonzero().flatten().tolist():

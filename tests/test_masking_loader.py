@@ -12,7 +12,7 @@ from conftest import run_cli
 from masktrain.data import collocations, importance, inputs
 from masktrain.data.batches import IGNORE
 from masktrain.data.masking import candidates, word_index
-from masktrain.data.reader import Skips
+from masktrain.data.reader import DataError, Skips
 from masktrain.data.shards import manifest_urls, publish_dataset, write_dataset
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import load_config
@@ -137,12 +137,15 @@ def test_importance_table_problems_name_the_file_and_the_fix(tmp_path):
         importance.load_table(tmp_path / "small.npy", 100)
 
 
-def test_idf_counts_each_document_once_per_id(tmp_path):
-    docs = [[7, 7, 7, 8], [7, 9], [8, 8], [7]]
+def test_idf_counts_each_document_once_per_id_and_skips_ids_outside_the_vocabulary(tmp_path):
+    docs = [[7, 7, 7, 8], [7, 9], [8, 8], [7], [7, 12]]  # 12 is no id of a 12-id tokenizer
     publish_dataset(tmp_path, write_dataset(((f"doc {i}", d) for i, d in enumerate(docs)), tmp_path, vocab_size=12,
                                             shard_bytes=4096, val_fraction=0.0))
-    frequencies, documents, tokens = importance.document_frequencies(manifest_urls(tmp_path, "train"), 12,
-                                                                     Skips(strict=True))
+    skips = Skips(strict=False)
+    frequencies, documents, tokens = importance.document_frequencies(manifest_urls(tmp_path, "train"), 12, skips)
+    assert skips.counts == {"bad sample": 1}
+    with pytest.raises(DataError, match="member .* token id 12 outside the vocabulary"):
+        importance.document_frequencies(manifest_urls(tmp_path, "train"), 12, Skips(strict=True))
     assert (documents, tokens) == (4, 9)
     assert frequencies[[7, 8, 9, 10]].tolist() == [3, 2, 1, 0]
     weights = importance.idf(frequencies, documents)
@@ -162,12 +165,14 @@ def test_collocations_keep_the_pairs_that_occur_together_far_more_than_chance(tm
         filler = [[starts[2 + int(w)]] for w in gen.integers(0, 200, 12)]
         filler.insert(int(gen.integers(0, 12)), new + york)
         docs.append((f"doc {i}", [t for word in filler for t in word]))
+    docs.append(("from another tokenizer", [*new, VOCAB.size + 3]))
     publish_dataset(tmp_path, write_dataset(docs, tmp_path, vocab_size=len(VOCAB.special), shard_bytes=8192,
                                             val_fraction=0.0))
     record = collocations.build_table(manifest_urls(tmp_path, "train"), VOCAB, lambda ids: " ".join(map(str, ids)),
                                       tmp_path / "pairs.npy", min_count=20, keep=10)
     assert record["strongest"][0]["text"] == " ".join(map(str, new + york))
     assert record["words"] == 300 * 14 and record["pairs"] == 300 * 13  # 12 fillers + 2 words per document
+    assert record["skipped"] == {"bad sample": 1}
     table = collocations.load_table(tmp_path / "pairs.npy")
     assert 1 <= len(table) <= 10 and bool((table.diff() > 0).all())
     with pytest.raises(FileNotFoundError, match="masktrain data collocations"):
