@@ -190,8 +190,13 @@ def read_manifest(root: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not a readable manifest ({err}); run `masktrain data prepare` again") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise DataError(f"{path}: not a masktrain manifest (no `splits` mapping)")
+    splits = manifest.get("splits") if isinstance(manifest, dict) else None
+    if not (isinstance(splits, dict) and all(
+            isinstance(splits.get(split), dict) and isinstance(splits[split].get("shards"), list)
+            and all(isinstance(shard, dict) and isinstance(shard.get("path"), str) for shard in splits[split]["shards"])
+            for split in SPLITS)):
+        raise DataError(f"{path}: not a masktrain manifest (it needs splits.train and splits.val, each with a list "
+                        "of shards that have a path); run `masktrain data prepare` again")
     return manifest
 
 

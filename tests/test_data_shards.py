@@ -185,6 +185,13 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     (mismatched / "manifest.json").write_text(json.dumps(manifest))
     cases["other tokenizer"] = ([*tiny_data, f"data.dir={mismatched}", f"data.tokenizer={data / 'tokenizer'}"],
                                 f"written with a {manifest['vocab_size']}-id tokenizer")
+    malformed = tmp_path / "malformed"
+    subprocess.run(["cp", "-r", str(data), str(malformed)], check=True)
+    manifest = json.loads((malformed / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = [shard["path"] for shard in manifest["splits"]["train"]["shards"]]
+    (malformed / "manifest.json").write_text(json.dumps(manifest))
+    cases["malformed manifest"] = ([*tiny_data, f"data.dir={malformed}", f"data.tokenizer={data / 'tokenizer'}"],
+                                   f"{malformed / 'manifest.json'}: not a masktrain manifest")
     for name, (overrides, message) in cases.items():
         run = tmp_path / name.replace(" ", "-")
         result = run_cli("train", "smoke", *overrides, f"run.output_dir={run}")
