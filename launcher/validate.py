@@ -45,6 +45,10 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
             if key in ds and ds[key] != wanted:
                 problems.append(f"{key} is {ds[key]!r}, but {BATCH_OWNERS[key]} makes it {wanted}; remove it from "
                                 "the file")
+    clip = ds.get("gradient_clipping", 0.0)
+    if clip != "auto" and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0 <= clip < math.inf):
+        # DeepSpeed's schema takes any value here, and the first step fails on it.
+        problems.append(f"gradient_clipping must be a finite number >= 0, got {clip!r}")
     for key in ("optimizer", "scheduler"):
         if key in ds:
             problems.append(f"{key} comes from optim.* (the trainer hands DeepSpeed its own); remove it from the file")
@@ -259,4 +263,35 @@ def validate(cfg: Config) -> list[str]:
     if deepspeed_json is not None:
         for problem in deepspeed_json_problems(deepspeed_json, cfg, batches_valid=not problems):
             check(False, "trainer.deepspeed_config", f"{t.deepspeed_config}: {problem}")
+        if not problems:  # the merge below needs a valid config and JSON
+            refusal = deepspeed_refusal(cfg)
+            check(refusal is None, "trainer.deepspeed_config", f"{t.deepspeed_config}: DeepSpeed refuses it: {refusal}")
     return problems
+
+
+def deepspeed_refusal(cfg: Config) -> str | None:
+    """What DeepSpeed's own config classes refuse in the run's DeepSpeed config (the preset, the run's settings
+    and the user's JSON, merged as the ranks merge them), or None. Without this check they would raise it in
+    every rank after start-up. Imports DeepSpeed: only runs for a user's JSON."""
+    import logging
+
+    from pydantic import ValidationError
+
+    from masktrain.trainer.engine import deepspeed_config
+
+    ds = deepspeed_config(cfg, "fp32")
+    del ds["train_batch_size"]  # here DeepSpeed sees one rank; the batch sizes were compared with the config's
+    # DeepSpeed logs the accelerator it finds as it is imported and the world size it sees: beside the point here.
+    logging.disable(logging.WARNING)
+    try:
+        from deepspeed.runtime.config import DeepSpeedConfig
+
+        DeepSpeedConfig(ds)
+    except ValidationError as err:
+        return "; ".join(f"{err.title}: {'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}"
+                         for e in err.errors())
+    except (TypeError, ValueError, AssertionError, KeyError) as err:
+        return f"{type(err).__name__}: {err}"
+    finally:
+        logging.disable(logging.NOTSET)
+    return None

@@ -216,6 +216,23 @@ def test_a_deepspeed_json_that_contradicts_the_config_is_refused_before_any_rank
     load_config("smoke", ["trainer.precision=bf16", f"trainer.deepspeed_config={path}"])
 
 
+def test_a_deepspeed_json_that_deepspeed_itself_would_refuse_is_refused_before_any_rank_starts(tmp_path):
+    path = tmp_path / "ds.json"
+    refusals = {
+        "stage": ({"zero_optimization": {"stage": 7}}, "DeepSpeedZeroConfig: stage: Input should be 0, 1, 2, 3"),
+        "typo": ({"zero_optimization": {"stage": 2, "overlap_com": True}},
+                 "DeepSpeedZeroConfig: overlap_com: Extra inputs are not permitted, got True"),
+        "not a mapping": ({"zero_optimization": "x"}, "TypeError: "),
+        "clipping": ({"gradient_clipping": "abc"}, "gradient_clipping must be a finite number >= 0, got 'abc'"),
+    }
+    for name, (settings, message) in refusals.items():
+        path.write_text(json.dumps(settings))
+        (problem,) = problems_of(f"trainer.deepspeed_config={path}")
+        assert problem.startswith(f"trainer.deepspeed_config: {path}: ") and message in problem, name
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}}))
+    load_config("smoke", [f"trainer.deepspeed_config={path}"])
+
+
 def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path):
     cfg = load_config("smoke", ["optim.lr=1e-4", "run.name=0312", "run.seed=0012", "data.dir=2024-01-01",
                                 "run.output_dir=on", "data.train_shards=data/shard-{000000..000127}.tar"])
