@@ -136,6 +136,31 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     assert {p.name: p.read_bytes() for p in (tmp_path / "moved").iterdir() if p.name != "README.md"} == {
         name: content for name, content in before.items() if name != "README.md"}
 
+    # A checkpoint damaged after it was published (by a disk, or a hand) is refused naming the file: by export,
+    # and by a resume before any rank starts.
+    damages = {
+        "cut model": (lambda ckpt: os.truncate(ckpt / "mp_rank_00_model_states.pt", 1000),
+                      "mp_rank_00_model_states.pt: cut short or damaged"),
+        "lost rank": (lambda ckpt: (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
+                      "the optimizer state of ZeRO rank(s) 1 of the 2 that saved it is missing"),
+        "config": (lambda ckpt: (ckpt / "config.yaml").write_text("- 1\n"), "config.yaml: damaged"),
+        "meta": (lambda ckpt: (ckpt / "meta.json").write_text("{"), "meta.json: damaged"),
+    }
+    for name, (damage, message) in damages.items():
+        damaged_run = tmp_path / name.replace(" ", "-")
+        shutil.copytree(run, damaged_run, ignore=shutil.ignore_patterns("export"))
+        damage(damaged_run / "checkpoints" / checkpoint.name)
+        for args in (["export", str(damaged_run / "checkpoints" / checkpoint.name), str(damaged_run / "out")],
+                     ["train", "smoke", *tiny_data, *TINY_MODEL, f"run.output_dir={damaged_run}",
+                      "trainer.max_steps=3", "trainer.checkpoint_every=0", "optim.warmup_steps=1",
+                      "trainer.zero_stage=2"]):
+            result = run_cli(*args)
+            if name == "meta" and args[0] == "export":  # export reads the state files alone, which are whole
+                assert result.returncode == 0, result.stderr[-2000:]
+                continue
+            assert result.returncode == 1 and message in result.stderr, (name, args[0], result.stderr[-2000:])
+            assert "Traceback" not in result.stderr and "[rank" not in result.stderr, (name, args[0])
+
 
 def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
     """With a decoder narrower than the encoder: its maps to and from the encoder's width are not transformers

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
@@ -169,7 +170,14 @@ def is_complete(path: Path) -> bool:
 
 
 def read_meta(path: Path) -> dict:
-    return json.loads((path / "meta.json").read_text())
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        meta = err
+    if not isinstance(meta, dict):
+        raise SystemExit(f"{path / 'meta.json'}: damaged ({meta}); every start reads it, so move {path} aside (its "
+                         "other files may still be whole) and start again")
+    return meta
 
 
 def line_start(ckpt: Checkpointer) -> str | None:
@@ -202,7 +210,13 @@ def resume_point(resume: str, ckpt: Checkpointer) -> tuple[Path | None, str | No
 
 
 def saved_config(path: Path) -> dict:
-    config = yaml.safe_load((path / "config.yaml").read_text())
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        config = err
+    if not isinstance(config, dict):
+        raise SystemExit(f"{path / 'config.yaml'}: damaged ({config!r:.200}); it is the run's config as saved, "
+                         "which resuming and exporting need")
     masking = config.get("data", {}).get("masking", {})
     if masking.get("schedule") == "constant":
         # A final_rate had no effect there, and validation refuses one since: checkpoints saved before that still
@@ -217,9 +231,33 @@ def partitioned_over(path: Path) -> int:
     return len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
 
 
+def check_intact(path: Path) -> None:
+    """Refuse a checkpoint with a state file gone or cut short since it was published whole (saves are atomic: a
+    disk or a hand did it), naming the file, before torch.load or DeepSpeed meet it, in every rank. torch.save
+    writes zip archives, whose directory is at the end: a cut file has none."""
+    model = path / "mp_rank_00_model_states.pt"
+    optim = sorted(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    # ZeRO 1-3 leave one optimizer file per rank that saved.
+    saved_by = comparable(saved_config(path))[WORLD_SIZE] if optim else 0
+    missing = sorted(set(range(saved_by)) - {int(file.name.split("zero_pp_rank_")[1].split("_")[0]) for file in optim})
+    problem = None
+    if not model.is_file():
+        problem = f"{model}: missing"
+    elif missing:
+        problem = (f"the optimizer state of ZeRO rank(s) {', '.join(map(str, missing))} of the {saved_by} that saved "
+                   "it is missing")
+    else:
+        problem = next((f"{file}: cut short or damaged (no zip directory at its end)" for file in [model, *optim]
+                        if not zipfile.is_zipfile(file)), None)
+    if problem is not None:
+        raise SystemExit(f"cannot use checkpoint {path}: {problem}; use another (to resume from one: "
+                         "trainer.resume=<its folder>)")
+
+
 def check_resumable(path: Path, config: dict, allowed: bool) -> None:
     """Refuse to resume from `path` with a config that would change what the run computes, and, whatever is
     allowed, on another number of ranks than a ZeRO checkpoint is split over: DeepSpeed cannot load that."""
+    check_intact(path)
     ranks, now = partitioned_over(path), comparable(config)[WORLD_SIZE]
     if ranks and ranks != now:
         raise SystemExit(f"cannot resume from {path} on {now} ranks: its ZeRO optimizer state is split over {ranks} "
