@@ -127,7 +127,10 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     for base in bases:
         base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
         if not base_path.is_file():
-            base_path = resolve_path(base)
+            try:
+                base_path = resolve_path(base)
+            except ConfigError as err:
+                raise ConfigError(str(path), [f"base: {base!r}: {err.problems[0]}"]) from None
         merge(merged, read_yaml(base_path, _seen + (path,)))
     return merge(merged, raw)
 

@@ -92,9 +92,15 @@ def test_base_files_are_merged_beneath(tmp_path):
     assert cfg.model.hidden_size == 128  # from smoke.yaml
 
 
-def test_missing_config_file_lists_shipped_ones():
+def test_missing_config_file_lists_shipped_ones_and_a_missing_base_names_the_file_that_asks_for_it(tmp_path):
     with pytest.raises(ConfigError, match="shipped configs are: .*smoke"):
         load_config("no-such-config")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(child))
+    assert str(err.value).startswith(f"invalid configuration ({child}):")
+    assert err.value.problems[0].startswith("base: 'missing.yaml': no such config file; shipped configs are: ")
 
 
 def test_a_path_that_does_not_exist_is_never_read_as_the_shipped_config_of_that_name(tmp_path):
