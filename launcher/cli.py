@@ -109,10 +109,12 @@ def add_data_args(parser: argparse.ArgumentParser, *flags: tuple[str, type, str]
 
 
 def cmd_export(args) -> int:
+    from masktrain.trainer.checkpoint import resolve_checkpoint
     from masktrain.trainer.export import export
 
-    out_dir = export(args.checkpoint, args.out_dir)
-    print(f"exported to {out_dir} (how to load it: {out_dir / 'README.md'})")
+    checkpoint = resolve_checkpoint(args.checkpoint)
+    out_dir = export(checkpoint, args.out_dir)
+    print(f"exported {checkpoint} to {out_dir} (how to load it: {out_dir / 'README.md'})")
     return 0
 
 
@@ -295,7 +297,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_shards)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
-    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060")
+    p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060, or a run "
+                                      "folder (its newest complete checkpoint)")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
 

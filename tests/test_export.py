@@ -113,6 +113,13 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     assert again.returncode == 1 and f"{out}: exists and is not an empty folder" in again.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(".export.tmp")] == []
+    # A run folder, or its checkpoints/latest (a file naming the newest), means the newest complete checkpoint.
+    for given in (run, run / "checkpoints" / "latest"):
+        run_cli("export", str(given), str(tmp_path / f"via-{given.name}"), check=True)
+        assert {p.name: p.read_bytes() for p in (tmp_path / f"via-{given.name}").iterdir()} == before
+    missing = run_cli("export", str(run / "checkpoints" / "step-00000099"), str(tmp_path / "none"))
+    assert missing.returncode == 1 and "step-00000099: no such file or folder; give a checkpoint folder" in (
+        missing.stderr)
     here = tmp_path / "empty-working-folder"
     here.mkdir()
     run_cli("export", str(checkpoint), ".", cwd=here, check=True)

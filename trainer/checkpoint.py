@@ -169,6 +169,24 @@ def is_complete(path: Path) -> bool:
     return (path / "meta.json").is_file()
 
 
+def resolve_checkpoint(given: str | Path) -> Path:
+    """The checkpoint a user names: a checkpoint folder, or a run folder, its checkpoints/ folder or the `latest`
+    file there, which mean the newest complete checkpoint."""
+    path = Path(given)
+    if is_complete(path):
+        return path
+    run = next((candidate for candidate, means in ((path.parent.parent, path.name == LATEST and path.is_file()),
+                                                   (path.parent, path.name == "checkpoints" and path.is_dir()),
+                                                   (path, (path / "checkpoints").is_dir())) if means), None)
+    newest = Checkpointer(run, 1, False).latest() if run is not None else None
+    if newest is not None:
+        return newest
+    what = "no such file or folder" if not path.exists() else (
+        "no complete checkpoint in it" if run is not None else "not a complete masktrain checkpoint (no meta.json)")
+    raise FileNotFoundError(f"{given}: {what}; give a checkpoint folder (<run>/checkpoints/step-XXXXXXXX) or a run "
+                            "folder, whose newest complete checkpoint is taken")
+
+
 def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / "meta.json").read_text())

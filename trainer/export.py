@@ -16,7 +16,7 @@ import torch
 from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.loading import config_from_dict
-from masktrain.trainer.checkpoint import check_intact, is_complete, partitioned_over, saved_config
+from masktrain.trainer.checkpoint import check_intact, partitioned_over, resolve_checkpoint, saved_config
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
@@ -42,9 +42,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def load_trained(checkpoint: str | Path):
     """(config, tokenizer, objective model with the checkpoint's weights) for a complete checkpoint folder."""
-    checkpoint = Path(checkpoint)
-    if not is_complete(checkpoint):
-        raise FileNotFoundError(f"{checkpoint}: not a complete masktrain checkpoint (no meta.json)")
+    checkpoint = resolve_checkpoint(checkpoint)
     check_intact(checkpoint)
     raw = saved_config(checkpoint)
     # Exported, not trained from: files only training reads may be gone, as a rollback target keep_last pruned
