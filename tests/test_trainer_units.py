@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import scalars
@@ -267,17 +268,16 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypat
 def test_a_zero_checkpoint_resumes_only_on_the_ranks_it_is_split_over_even_when_changes_are_allowed(tmp_path):
     """DeepSpeed cannot load ZeRO 1-3 optimizer partitions on another count: refused before any rank starts,
     rather than a traceback per rank after `allow_config_change` was suggested."""
-    import yaml
-
     from masktrain.trainer.checkpoint import check_resumable
 
     saved = to_dict(load_config("smoke", []))  # 2 ranks
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    torch.save({}, tmp_path / "mp_rank_00_model_states.pt")  # a whole file, as check_intact asks
     one_rank = to_dict(load_config("smoke", ["launch.nproc_per_node=1"]))
     check_resumable(tmp_path, one_rank, allowed=True)  # ZeRO-0: the full state is in one file
     for prefix in ("", "bf16_"):  # DeepSpeed names them so in bf16
         for rank in range(2):
-            (tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").touch()
+            torch.save({}, tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         with pytest.raises(SystemExit, match=f"cannot resume from {tmp_path} on 1 ranks: its ZeRO optimizer state "
                                              "is split over 2 ranks"):
             check_resumable(tmp_path, one_rank, allowed=True)
