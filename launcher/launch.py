@@ -6,6 +6,7 @@ torchrun reports a failed worker with its own exit code, so the trainer's outcom
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
-from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status
+from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status, write_status
 
 # torchrun's own defaults plus SIGUSR1, the signal SLURM jobs are commonly given ahead of their time limit.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
@@ -62,39 +63,74 @@ def torchrun_command(cfg: Config, config_path: Path, rendezvous: list[str]) -> l
     """torchrun starting this node's ranks; `rendezvous` says how the nodes find each other."""
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.launch.nproc_per_node}",
             f"--shutdown-timeout={cfg.launch.shutdown_timeout}", *rendezvous,
-            "-m", "masktrain.trainer.train", str(config_path)]
+            "-m", "masktrain.trainer.rank", str(config_path)]
+
+
+class StopForwarding:
+    """The launcher's stop signals (SIGTERM, SIGUSR1, SIGINT), from its first moment.
+
+    The first goes to torchrun, which passes it to the ranks and waits for their checkpoint. Later ones are not
+    passed on: torchrun takes each as a new, harsher shutdown, and the third cuts its wait for the ranks short,
+    leaving them saving while the launcher exits. One that comes before torchrun starts means there is nothing
+    to save: the launcher then starts nothing."""
+
+    def __enter__(self) -> "StopForwarding":
+        self.received: str | None = None
+        self.process: subprocess.Popen | None = None
+        self.sent = False
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1,
+                                                                          signal.SIGINT)}
+        return self
+
+    def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"masktrain: {name}: already stopping on {self.received}; waiting for the ranks' checkpoint",
+                  file=sys.stderr, flush=True)
+            return
+        self.received = name
+        self.forward()
+
+    def forward(self) -> None:
+        if self.process is not None and self.received is not None and not self.sent:
+            self.sent = True
+            self.process.send_signal(signal.Signals[self.received])
+
+    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.process = subprocess.Popen(command, env=env)
+        self.forward()  # a signal that came while it started
+        return self.process
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def launch_local(cfg: Config) -> int:
     """Run the training job on this machine; returns 0, REQUEUE_EXIT or the failure code."""
-    from masktrain.data.inputs import check_ready  # imports torch: only for a launch
-
     if cfg.launch.nnodes != 1:  # torchrun here starts this machine's ranks only; the others would never come
         raise ConfigError("masktrain train", [f"launch.nnodes: `masktrain train` runs on this machine only, got "
                                      f"{cfg.launch.nnodes} nodes; submit multi-node runs with `masktrain slurm "
                                      "submit` (its --nodes sets launch.nnodes)"])
-    cuda = use_cuda(cfg)
-    check_gpus(cfg, cuda, "masktrain train")
-    check_resume_compatible(cfg)
-    check_ready(cfg)
-    config_path = write_run_config(cfg)
-    (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
-    if cfg.launch.master_port:
-        rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
-    else:
-        rendezvous = ["--standalone"]
-    process = subprocess.Popen(torchrun_command(cfg, config_path, rendezvous), env=rank_environment(cfg, cuda))
+    with StopForwarding() as stop:
+        from masktrain.data.inputs import check_ready  # imports torch (seconds): only for a launch
 
-    def forward(signum, frame):
-        process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        code = process.wait()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return outcome(cfg.output_dir, code)
+        cuda = use_cuda(cfg)
+        check_gpus(cfg, cuda, "masktrain train")
+        check_resume_compatible(cfg)
+        check_ready(cfg)
+        config_path = write_run_config(cfg)
+        (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
+        if cfg.launch.master_port:
+            rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
+        else:
+            rendezvous = ["--standalone"]
+        if stop.received is not None:
+            print(f"masktrain: stopped on {stop.received} before the ranks started; a restart resumes from the last "
+                  "checkpoint", file=sys.stderr)
+            return REQUEUE_EXIT
+        code = stop.start(torchrun_command(cfg, config_path, rendezvous), rank_environment(cfg, cuda)).wait()
+    return outcome(cfg.output_dir, code, stop.received)
 
 
 def use_cuda(cfg: Config) -> bool:
@@ -123,14 +159,26 @@ def check_gpus(cfg: Config, cuda: bool, where: str) -> None:
                                   f"{count} GPU(s): one rank per GPU"])
 
 
-def outcome(run_dir: str | Path, code: int) -> int:
-    """The launcher's exit code from how the ranks said the run ended (torchrun's own code says little)."""
+def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
+    """The launcher's exit code from how the ranks said the run ended (torchrun's own code says little), given
+    the stop signal the launcher passed on, if any. A run whose ranks wrote no verdict is marked crashed."""
     status = read_status(run_dir)
     state = status.get("state")
+    code = 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
     if state == "preempted":
         return REQUEUE_EXIT
     if state == "completed":
         return 0
     if state == "failed":
         print(f"masktrain: training failed at step {status['step']}: {status['reason']}", file=sys.stderr)
+        return code or 1
+    if stopped is not None:  # the ranks were stopped before they could checkpoint: the last one stands
+        print(f"masktrain: stopped on {stopped} before the ranks could checkpoint; a restart resumes from the last "
+              "checkpoint", file=sys.stderr)
+        return REQUEUE_EXIT
+    reason = (f"the ranks ended without a verdict (torchrun exited {code}): a rank was killed or crashed, "
+              "which the log above shows")
+    with contextlib.suppress(OSError):  # a full disk may refuse this too
+        write_status(run_dir, "crashed", status.get("step", 0), reason)
+    print(f"masktrain: {reason}", file=sys.stderr)
     return code or 1

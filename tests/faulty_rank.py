@@ -1,6 +1,6 @@
 """A training rank for tests: the production loop and model, with faults injected and the files it syncs noted.
 
-Run under torchrun in place of `-m masktrain.trainer.train`. The faults come from the environment:
+Run under torchrun in place of `-m masktrain.trainer.rank`. The faults come from the environment:
   FAULT_NAN_RANK, FAULT_NAN_STEPS  that rank's loss is NaN on these (1-based, comma-separated) steps
   FAULT_NAN_FROM                   every rank's loss is NaN from this step on
   FAULT_SIGNAL_IN_SAVE             RANK:STEP, that rank gets SIGUSR1 while it saves the checkpoint of STEP

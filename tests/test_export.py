@@ -196,6 +196,11 @@ def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
         torch.testing.assert_close(exported(**encoded).last_hidden_state,
                                    trained.hf.base_model(**encoded).last_hidden_state, rtol=1e-5, atol=1e-5)
 
+    # ZeRO-3 splits the model's state over the ranks too: a rank's file gone is named, not met by DeepSpeed.
+    (checkpoint / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(SystemExit, match="the model state of ZeRO rank\\(s\\) 1 of the 2 that saved it is missing"):
+        load_trained(checkpoint)
+
 
 def test_meap_zero3_export_reproduces_the_trained_module(tiny_data, tmp_path):
     run = tmp_path / "meap"

@@ -107,7 +107,7 @@ def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path, stu
         for arg in ("--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint=10.1.0.7:{port}",
                     "--rdzv-id=123456-2", f"--rdzv-conf=is_host={host}", "--shutdown-timeout=300"):
             assert arg in command, arg
-        assert command[-2:] == ["masktrain.trainer.train", str(run / "config.yaml")]
+        assert command[-2:] == ["masktrain.trainer.rank", str(run / "config.yaml")]
     with pytest.raises(Exception, match="launch.nnodes"):
         node_command(saved, "config.yaml", {**slurm_env, "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2"})
 

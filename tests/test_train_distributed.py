@@ -234,6 +234,44 @@ def test_zero3_sigterm_and_sigusr1_checkpoint_requeue_and_resume_exactly(tiny_da
     assert "DeepSpeed" not in refused.stdout + refused.stderr
 
 
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process `pid` has a handler of its own for `sig` (the SigCgt mask in /proc/<pid>/status)."""
+    try:
+        mask = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("SigCgt:"))
+        return bool(int(mask, 16) >> (sig - 1) & 1)
+    except OSError:  # exited meanwhile
+        return False
+
+
+def ranks_of(launch: Launch) -> list[int]:
+    """The rank processes: torchrun's children (the launcher's grandchildren; loader workers are the ranks'
+    children, with the same command line)."""
+    table = processes()
+    torchrun = [pid for pid, (parent, _) in table.items() if parent == launch.process.pid]
+    return [pid for pid, (parent, _) in table.items() if parent in torchrun]
+
+
+def test_a_stop_signal_while_the_ranks_start_is_honoured_after_the_first_step_and_passed_on_once(tiny_data,
+                                                                                               tmp_path):
+    """Ranks import torch and DeepSpeed for seconds (minutes on a busy shared file system): a scheduler's signal
+    then must neither kill them nor be lost, and a repeated one must not cut torchrun's wait for their save."""
+    run = tmp_path / "run"
+    launch = Launch(["smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=6",
+                     "trainer.checkpoint_every=0"], tmp_path / "launch.log")
+    launch.wait_for(lambda: len(ranks := ranks_of(launch)) == 2 and all(catches(pid, signal.SIGUSR1) for pid in ranks),
+                    "the ranks' stop handlers", poll=0.01)
+    assert "] step 1 loss" not in launch.text()  # still starting up
+    for _ in range(3):
+        launch.process.send_signal(signal.SIGUSR1)
+        time.sleep(0.2)
+    assert launch.finish() == 75, launch.text()[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "state": "preempted", "step": 1, "reason": "SIGUSR1"}, status
+    assert Checkpointer(run, 1, False).latest().name == "step-00000001"
+    assert launch.text().count("already stopping on SIGUSR1") == 2
+
+
 def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tmp_path):
     """ZeRO-0 holds whole weights and optimizer state on every rank, so its checkpoint loads on any number of
     ranks; the data position does not (it is per rank), so such a move must be asked for."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,13 +17,13 @@ import yaml
 
 from conftest import scalars
 from masktrain.launcher.config import OptimConfig
-from masktrain.launcher.launch import FORWARDED_SIGNALS, outcome, rank_environment
+from masktrain.launcher.launch import FORWARDED_SIGNALS, StopForwarding, outcome, rank_environment
 from masktrain.launcher.loading import ConfigError, load_config, to_dict
 from masktrain.trainer.checkpoint import Checkpointer, config_changes, resume_point, saved_config, tag_for
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
-from masktrain.trainer.status import REQUEUE_EXIT, write_status
+from masktrain.trainer.status import REQUEUE_EXIT, read_status, write_status
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "damped_cosine"])
@@ -59,6 +62,12 @@ def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkp
     (ckpt.dir / "latest").write_text("step-00000099")
     assert ckpt.latest().name == "step-00000030"
     assert [p.name for p in ckpt.complete()] == ["step-00000010", "step-00000020", "step-00000030"]
+    # The crash came after step 30 was published and before `latest` moved on from step 20: what was published
+    # last wins (checkpoints without a serial, from before it was recorded, follow the pointer as above).
+    for serial, step in enumerate((10, 20, 30), start=1):
+        (ckpt.dir / tag_for(step) / "meta.json").write_text(json.dumps({"serial": serial}))
+    (ckpt.dir / "latest").write_text("step-00000020")
+    assert ckpt.latest().name == "step-00000030"
     ckpt.prune()
     ckpt.clean_partial()
     assert sorted(p.name for p in ckpt.dir.iterdir()) == ["latest", "step-00000020", "step-00000030",
@@ -213,7 +222,16 @@ def test_deepspeed_json_is_the_stage_preset_plus_the_run_plus_the_users_override
 def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, capsys):
     assert outcome(tmp_path, 1) == 1  # the ranks never got to write one
     write_status(tmp_path, "running", 3)
-    assert outcome(tmp_path, -9) == -9
+    # A rank killed (here torchrun itself, by SIGKILL) leaves no verdict: the launcher marks the run crashed and
+    # exits as a shell reports a signal, never with a negative code (sys.exit(-9) would be 247).
+    assert outcome(tmp_path, -9) == 137
+    status = read_status(tmp_path)
+    assert (status["state"], status["step"]) == ("crashed", 3)
+    assert "the ranks ended without a verdict (torchrun exited 137)" in capsys.readouterr().err
+    # Stopped by a signal the launcher passed on, before the ranks could checkpoint: the last checkpoint stands.
+    write_status(tmp_path, "running", 3)
+    assert outcome(tmp_path, 1, stopped="SIGUSR1") == REQUEUE_EXIT
+    assert "stopped on SIGUSR1 before the ranks could checkpoint" in capsys.readouterr().err
     write_status(tmp_path, "preempted", 5, "SIGUSR1")
     assert outcome(tmp_path, 1) == REQUEUE_EXIT
     write_status(tmp_path, "completed", 9)
@@ -221,6 +239,45 @@ def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, caps
     write_status(tmp_path, "failed", 7, "3 steps in a row had a non-finite loss")
     assert outcome(tmp_path, 0) == 1
     assert "training failed at step 7: 3 steps in a row had a non-finite loss" in capsys.readouterr().err
+
+
+CHILD = """import signal, sys, time
+from pathlib import Path
+got = []
+for sig in (signal.SIGUSR1, signal.SIGTERM):
+    signal.signal(sig, lambda signum, frame: got.append(signal.Signals(signum).name))
+Path(sys.argv[1] + ".ready").touch()
+time.sleep(2)
+Path(sys.argv[1]).write_text(" ".join(got))
+"""
+
+
+def test_the_launcher_passes_on_the_first_stop_signal_only(tmp_path, capsys):
+    """torchrun takes each signal as a new, harsher shutdown; the third cut its wait for the ranks short."""
+    record = tmp_path / "got"
+    with StopForwarding() as stop:
+        child = stop.start([sys.executable, "-c", CHILD, str(record)], dict(os.environ))
+        while not Path(f"{record}.ready").exists():
+            time.sleep(0.01)
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR1):
+            os.kill(os.getpid(), sig)
+            time.sleep(0.1)
+        assert child.wait(timeout=30) == 0
+    assert record.read_text() == "SIGUSR1" and stop.received == "SIGUSR1"
+    assert capsys.readouterr().err.count("already stopping on SIGUSR1; waiting for the ranks' checkpoint") == 2
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers it replaced are back
+
+
+def test_a_stop_signal_before_the_ranks_start_starts_nothing(tmp_path, monkeypatch, capsys):
+    """A signal while the launcher checks the data (seconds on a shared file system): nothing to save yet."""
+    from masktrain.data import inputs
+    from masktrain.launcher.launch import launch_local
+
+    monkeypatch.setattr(inputs, "check_ready", lambda cfg: os.kill(os.getpid(), signal.SIGUSR1))
+    run = tmp_path / "run"
+    assert launch_local(load_config("smoke", [f"run.output_dir={run}", "launch.accelerator=cpu"])) == REQUEUE_EXIT
+    assert "stopped on SIGUSR1 before the ranks started" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no rank wrote a status, log or checkpoint
 
 
 def test_torchrun_is_told_to_forward_sigusr1_to_the_ranks():

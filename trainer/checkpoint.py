@@ -89,12 +89,13 @@ class Checkpointer:
     def latest(self) -> Path | None:
         """The checkpoint `latest` names or, when a crash came between publishing a checkpoint and pointing
         `latest` at it (or `latest` was removed), the last published one; None when there is none."""
+        complete = self.complete()
         pointer = self.dir / LATEST
         if pointer.is_file():
             path = self.dir / pointer.read_text().strip()
-            if is_complete(path):
+            # Published after the pointer's: a crash (or a full disk) came before `latest` was moved to it.
+            if is_complete(path) and read_meta(path).get("serial", 0) >= read_meta(complete[-1]).get("serial", 0):
                 return path
-        complete = self.complete()
         return complete[-1] if complete else None
 
     def clean_partial(self) -> None:
@@ -253,19 +254,23 @@ def check_intact(path: Path) -> None:
     """Refuse a checkpoint with a state file gone or cut short since it was published whole (saves are atomic: a
     disk or a hand did it), naming the file, before torch.load or DeepSpeed meet it, in every rank. torch.save
     writes zip archives, whose directory is at the end: a cut file has none."""
-    model = path / "mp_rank_00_model_states.pt"
-    optim = sorted(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
-    # ZeRO 1-3 leave one optimizer file per rank that saved.
-    saved_by = comparable(saved_config(path))[WORLD_SIZE] if optim else 0
-    missing = sorted(set(range(saved_by)) - {int(file.name.split("zero_pp_rank_")[1].split("_")[0]) for file in optim})
+    states = sorted(path.glob("*_states.pt"))
+    # ZeRO 1-3 leave an optimizer file per rank that saved; ZeRO-3 a model file per rank too.
+    per_rank = {kind: {int(file.name.split("zero_pp_rank_")[1].split("_")[0]) for file in states
+                       if "zero_pp_rank_" in file.name and file.name.endswith(f"_{kind}_states.pt")}
+                for kind in ("model", "optim")}
+    saved_by = comparable(saved_config(path))[WORLD_SIZE] if per_rank["optim"] else 0
+    missing = [(kind, sorted(set(range(saved_by)) - ranks)) for kind, ranks in per_rank.items()
+               if (ranks or kind == "optim") and set(range(saved_by)) - ranks]
     problem = None
-    if not model.is_file():
-        problem = f"{model}: missing"
+    if not any(file.name.endswith("model_states.pt") for file in states):
+        problem = f"{path}: no model state file (*model_states.pt)"
     elif missing:
-        problem = (f"the optimizer state of ZeRO rank(s) {', '.join(map(str, missing))} of the {saved_by} that saved "
-                   "it is missing")
+        kind, ranks = missing[0]
+        problem = (f"the {dict(optim='optimizer').get(kind, kind)} state of ZeRO rank(s) "
+                   f"{', '.join(map(str, ranks))} of the {saved_by} that saved it is missing")
     else:
-        problem = next((f"{file}: cut short or damaged (no zip directory at its end)" for file in [model, *optim]
+        problem = next((f"{file}: cut short or damaged (no zip directory at its end)" for file in states
                         if not zipfile.is_zipfile(file)), None)
     if problem is not None:
         raise SystemExit(f"cannot use checkpoint {path}: {problem}; use another (to resume from one: "

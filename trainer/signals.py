@@ -23,7 +23,8 @@ class StopRequest:
         return self
 
     def handle(self, signum: int, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        # The first names the stop: torchrun follows a SIGUSR1 it passes on with a SIGTERM of its own.
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     @property
     def requested(self) -> bool:

@@ -1,4 +1,4 @@
-"""One rank of a training run: `python -m masktrain.trainer.train RUN_DIR/config.yaml`.
+"""One rank of a training run, started by `python -m masktrain.trainer.rank RUN_DIR/config.yaml`.
 
 The launcher validated and saved the config; every rank reads that same file. The loop reads top to bottom:
 set LR -> micro-batches (forward, backward) -> agree across ranks -> step -> log -> abort check -> evaluate ->
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -89,11 +90,21 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
     return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
 
 
-def failed(out_dir: Path, step: int, err: Exception) -> NoReturn:
+def failed(out_dir: Path, step: int, err: Exception | str) -> NoReturn:
     """End this rank with the reason in status.json, which the launcher prints once, rather than this rank's
     traceback among torchrun's."""
-    write_status(out_dir, "failed", step, str(err))
+    try:
+        write_status(out_dir, "failed", step, str(err))
+    except OSError:  # the disk that failed the run may refuse this too
+        print(f"[masktrain] training failed at step {step}: {err}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
+
+
+def storage_failure(what: str, err: Exception, out_dir: Path) -> str:
+    """Why `what` (a checkpoint save, a write) failed, with the free space: torch.save reports a full disk as an
+    iostream error only."""
+    free = shutil.disk_usage(out_dir).free
+    return f"{what} failed ({err}); {free / 2**20:,.0f} MiB free in {out_dir}"
 
 
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
@@ -155,11 +166,12 @@ def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime, enc
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": tokens}
 
 
-def train(cfg: Config) -> None:
-    """Train until max_steps or a stop request; how it ended is written to <run>/status.json."""
+def train(cfg: Config, stop: StopRequest | None = None) -> None:
+    """Train until max_steps or a stop request; how it ended is written to <run>/status.json. `stop` is the
+    handler `masktrain.trainer.rank` installed before the imports."""
     # First of all: a preemption signal during the minutes a large model takes to start must not kill the
     # rank; it is honoured after the first step.
-    stop = StopRequest().install()
+    stop = stop or StopRequest().install()
     runtime = eng.init_distributed(cfg)
     is_main = runtime.is_main
     out_dir = Path(cfg.output_dir)
@@ -301,7 +313,11 @@ def train(cfg: Config) -> None:
             if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
                 # A resume keeps the logs up to this checkpoint: on disk before it, they survive losing the node.
                 metrics.flush()
-                path = save()
+                try:
+                    path = save()
+                except RuntimeError as err:  # torch.save's failed writes; the last checkpoint stays `latest`
+                    failed(out_dir, state.step,
+                           storage_failure(f"the checkpoint save of step {state.step}", err, out_dir))
                 progress.message(f"step {state.step}: checkpoint {path}")
                 if not (final or leaving):
                     # A large model's save takes minutes. A stop asked for meanwhile leaves from this checkpoint
@@ -317,6 +333,8 @@ def train(cfg: Config) -> None:
         # Bad data under data.strict, or none readable at all. The other ranks wait in a collective, so this one
         # cannot end the run in order.
         failed(out_dir, state.step, err)
+    except OSError as err:  # a full disk or a lost mount, writing logs or a checkpoint
+        failed(out_dir, state.step, storage_failure("a write (logs or a checkpoint)", err, out_dir))
 
     if is_main:
         write_status(out_dir, ended, state.step, reason)
@@ -332,15 +350,15 @@ def train(cfg: Config) -> None:
         raise SystemExit(1)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, stop: StopRequest | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m masktrain.trainer.train RUN_DIR/config.yaml")
+        raise SystemExit("usage: python -m masktrain.trainer.rank RUN_DIR/config.yaml")
     cfg = read_run_config(argv[0])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed's ZeRO calls torch collectives that torch has renamed; the notice is not ours to act on.
     warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).* is deprecated")
-    train(cfg)
+    train(cfg, stop)
 
 
 if __name__ == "__main__":
