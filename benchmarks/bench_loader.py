@@ -29,7 +29,7 @@ from masktrain.data.batches import MaskSpec, mlm_batch
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
 from masktrain.data.masking import Vocab
 from masktrain.data.reader import Skips, Unit, read_unit
-from masktrain.data.shards import SplitWriter
+from masktrain.data.shards import manifest_urls, publish_dataset, write_dataset
 
 VOCAB = 32_000
 SEQ_LEN, MICRO_BATCH = 512, 32
@@ -38,11 +38,10 @@ SEQ_LEN, MICRO_BATCH = 512, 32
 def write_shards(root: Path, documents: int, shards: int) -> list[str]:
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.lognormal(np.log(300), 0.9, documents), 8, 20_000).astype(int)
-    writer = SplitWriter(root, "train", shard_bytes=2 * int(lengths.sum()) // shards, shuffle_buffer=0, seed=0)
-    for length in lengths:
-        writer.write(rng.integers(10, VOCAB, length, dtype=np.uint16))
-    writer.close()
-    return [str(root / shard.path) for shard in writer.info.shards]
+    docs = ((f"document {i}", rng.integers(10, VOCAB, length, dtype=np.uint16)) for i, length in enumerate(lengths))
+    manifest = write_dataset(docs, root, VOCAB, shard_bytes=2 * int(lengths.sum()) // shards, val_fraction=0.0)
+    publish_dataset(root, manifest)
+    return manifest_urls(root, "train")
 
 
 def rows_only(ids: torch.Tensor, spec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:

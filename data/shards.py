@@ -29,7 +29,8 @@ from masktrain.data.tables import write_json
 
 MANIFEST = "manifest.json"
 STAGING = ".writing"
-"""Where `write_dataset` puts new shards until they replace the folder's earlier ones."""
+"""The folder in each split's folder where `write_dataset` puts new shards until they replace the earlier ones
+(on the split folder's own file system, which may be another's than the dataset folder's, so renames work)."""
 SPLITS = ("train", "val")
 SHARD_PATTERN = "shard-{:06d}.tar"
 TAR_BLOCK = 512
@@ -85,7 +86,7 @@ class SplitWriter:
         self.info = SplitInfo()
         self.writer: wds.TarWriter | None = None
         self.count = 0
-        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / split / STAGING).mkdir(parents=True, exist_ok=True)
 
     def add(self, tokens: np.ndarray) -> None:
         if len(self.held) < self.buffer:
@@ -112,14 +113,14 @@ class SplitWriter:
         relative = f"{self.split}/{SHARD_PATTERN.format(len(self.info.shards))}"
         self.info.shards.append(ShardInfo(path=relative))
         # An integer mtime keeps headers plain ustar: a float one costs each member a 1 KiB pax header.
-        self.writer = wds.TarWriter(str(self.root / relative), mtime=0)
+        self.writer = wds.TarWriter(str(staged(self.root, relative)), mtime=0)
 
     def close_shard(self) -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
             shard = self.info.shards[-1]
-            shard.bytes = (self.root / shard.path).stat().st_size
+            shard.bytes = staged(self.root, shard.path).stat().st_size
 
     def close(self) -> None:
         for pick in self.rng.permutation(len(self.held)):
@@ -130,14 +131,14 @@ class SplitWriter:
 
 def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, vocab_size: int,
                   shard_bytes: int, val_fraction: float, shuffle_buffer: int = 0, seed: int = 0) -> dict:
-    """Write (text, token ids) pairs into `root/.writing/{train,val}/shard-*.tar`; returns the manifest, which
+    """Write (text, token ids) pairs into `root/{train,val}/.writing/shard-*.tar`; returns the manifest, which
     the caller completes and passes to `publish_dataset` once the input's own counts are known. Until then the
     folder's earlier shards and manifest are untouched, so a write that fails (or finds no documents) loses
     nothing; `discard_staged` removes what it wrote."""
-    staging = Path(root) / STAGING
+    root = Path(root)
     discard_staged(root)  # a write that died before
     dtype = token_dtype(vocab_size)
-    writers = {split: SplitWriter(staging, split, shard_bytes, shuffle_buffer, seed + index)
+    writers = {split: SplitWriter(root, split, shard_bytes, shuffle_buffer, seed + index)
                for index, split in enumerate(SPLITS)}
     empty = 0
     try:
@@ -162,8 +163,15 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
     return manifest
 
 
+def staged(root: Path, relative: str) -> Path:
+    """Where the shard the manifest will list as `relative` (split/name) is written before it is published."""
+    split, name = relative.split("/")
+    return root / split / STAGING / name
+
+
 def discard_staged(root: str | Path) -> None:
-    shutil.rmtree(Path(root) / STAGING, ignore_errors=True)
+    for split in SPLITS:
+        shutil.rmtree(Path(root) / split / STAGING, ignore_errors=True)
 
 
 def publish_dataset(root: str | Path, manifest: dict) -> None:
@@ -175,9 +183,8 @@ def publish_dataset(root: str | Path, manifest: dict) -> None:
     for old in itertools.chain.from_iterable((root / split).glob("shard-*.tar") for split in SPLITS):
         old.unlink()
     for split in SPLITS:
-        (root / split).mkdir(parents=True, exist_ok=True)
         for shard in manifest["splits"][split]["shards"]:
-            (root / STAGING / shard["path"]).rename(root / shard["path"])
+            staged(root, shard["path"]).rename(root / shard["path"])
     discard_staged(root)
     write_json(root / MANIFEST, manifest)
 

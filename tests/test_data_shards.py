@@ -7,6 +7,7 @@ import gzip
 import json
 import shutil
 import subprocess
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -301,6 +302,21 @@ def test_rewriting_shards_leaves_no_shard_of_the_earlier_write_and_a_failed_rewr
                   "--text-field", "text") == 1
     assert "no documents to train on" in capsys.readouterr().err
     assert files() == before
+
+    # A split folder may be a link to another file system: shards are staged inside it, so renames work there.
+    elsewhere = Path("/dev/shm")
+    if elsewhere.is_dir() and elsewhere.stat().st_dev != out.stat().st_dev:
+        linked = tmp_path / "linked"
+        linked.mkdir()
+        target = Path(tempfile.mkdtemp(dir=elsewhere))
+        try:
+            (linked / "train").symlink_to(target)
+            for _ in range(2):  # writing, then replacing
+                manifest = build(inputs, tokenizer, linked)
+                assert sorted(p.name for p in target.iterdir()) == sorted(
+                    Path(shard["path"]).name for shard in manifest["splits"]["train"]["shards"])
+        finally:
+            shutil.rmtree(target)
 
 
 def test_training_shards_given_without_validation_shards_mean_no_validation(tiny_data, tmp_path):
