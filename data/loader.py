@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from masktrain.data import masking
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
+from masktrain.trainer.signals import STOP_SIGNALS
 
 STATE_VERSION = 2
 
@@ -229,9 +230,6 @@ class SlotDataset(IterableDataset):
             # Handed over for the main process to raise: an exception raised in a worker reaches it wrapped in
             # a traceback dump, and leaves the DataLoader seconds of shutdown timeouts.
             yield {"error": str(err)}
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -21,10 +21,11 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from masktrain.launcher.launch import launch_local
+    from masktrain.launcher.launch import StopForwarding, launch_local
     from masktrain.launcher.loading import load_config
 
-    return launch_local(load_config(args.config, args.overrides))
+    with StopForwarding() as stop:  # before validation, which imports torch (seconds on a shared file system)
+        return launch_local(load_config(args.config, args.overrides), stop)
 
 
 def cmd_smoke(args) -> int:

@@ -106,14 +106,15 @@ class StopForwarding:
             signal.signal(sig, handler)
 
 
-def launch_local(cfg: Config) -> int:
-    """Run the training job on this machine; returns 0, REQUEUE_EXIT or the failure code."""
+def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
+    """Run the training job on this machine; returns 0, REQUEUE_EXIT or the failure code. `stop`: the stop
+    signals' handling, when the caller installed it before loading the config (which imports torch)."""
     if cfg.launch.nnodes != 1:  # torchrun here starts this machine's ranks only; the others would never come
         raise ConfigError("masktrain train", [f"launch.nnodes: `masktrain train` runs on this machine only, got "
                                      f"{cfg.launch.nnodes} nodes; submit multi-node runs with `masktrain slurm "
                                      "submit` (its --nodes sets launch.nnodes)"])
-    with StopForwarding() as stop:
-        from masktrain.data.inputs import check_ready  # imports torch (seconds): only for a launch
+    with contextlib.nullcontext(stop) if stop is not None else StopForwarding() as stop:
+        from masktrain.data.inputs import check_ready
 
         cuda = use_cuda(cfg)
         check_gpus(cfg, cuda, "masktrain train")

@@ -290,7 +290,7 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
                            "after member 000101.tokens.npy"),
         "not_a_tar": (b"this is not a tar file" * 40, "unreadable shard", "at the start"),
         # What a crash can leave of a shard being written: its size, all zeros. tar reads it as an empty archive.
-        "zeros": (bytes(len(data)), "empty shard", "at the start: no members"),
+        "zeros": (bytes(len(data)), "empty shard", "at the start: no file in it"),
         # `cat` of two shards: tar stops at the first end block, which would drop the second shard's members.
         "concatenated": (data + tar_bytes({120: 5})[0], "data after end of shard", "after member 000103.tokens.npy"),
     }
@@ -347,6 +347,13 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
             info.type, info.size = kind, len(payload) if kind == tarfile.REGTYPE else 0
             archive.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
     (root / "link_member.tar").write_bytes(buffer.getvalue())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("docs")
+        info.type = tarfile.DIRTYPE
+        archive.addfile(info)
+    (root / "folders_only.tar").write_bytes(buffer.getvalue())
+    shards["folders_only"] = (str(root / "folders_only.tar"), "empty shard", "after member docs: no file in it")
     shards["link_member"] = (str(root / "link_member.tar"), "bad sample",
                              "member docs/000118.tokens.npy is not a regular file")
     shards["failing_pipe"] = (f"pipe:cat {root / 'missing.tar'} 2>/dev/null", "unreadable shard", "at the start")
@@ -435,8 +442,8 @@ from test_loader import Loader, plain_batcher, spec_for
 loader = Loader(spec_for({urls!r}, num_workers=2), plain_batcher())
 {first}
 for worker in loader.iterator._workers:
-    os.kill(worker.pid, signal.SIGTERM)
-    os.kill(worker.pid, signal.SIGUSR1)
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # SIGINT: a Ctrl-C in the terminal
+        os.kill(worker.pid, sig)
 print(len([next(loader) for _ in range(6)]))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Preemption: SIGTERM or SIGUSR1 asks the run to finish its step, checkpoint and leave.
+"""Preemption: SIGTERM or SIGUSR1 (or a Ctrl-C) asks the run to finish its step, checkpoint and leave.
 
 The handler only sets a flag; the loop agrees on it across ranks after every step so that all ranks stop at
 the same step and save together. Schedulers and torchrun signal whole process groups, so the loader's worker
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import signal
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+"""SIGINT too: a Ctrl-C reaches every process of the terminal's job, the ranks and loader workers included."""
 
 
 class StopRequest:
