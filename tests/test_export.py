@@ -151,6 +151,9 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
         "lost rank": (lambda ckpt: (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
                       "the optimizer state of ZeRO rank(s) 1 of the 2 that saved it is missing"),
         "config": (lambda ckpt: (ckpt / "config.yaml").write_text("- 1\n"), "config.yaml: damaged"),
+        # Cut short before its last section, it still parses as YAML.
+        "cut config": (lambda ckpt: (ckpt / "config.yaml").write_text(
+            (ckpt / "config.yaml").read_text().split("\nlaunch:")[0]), "config.yaml: damaged (a section"),
         "meta": (lambda ckpt: (ckpt / "meta.json").write_text("{"), "meta.json: damaged"),
     }
     for name, (damage, message) in damages.items():

@@ -49,7 +49,7 @@ def make_checkpoint(ckpt: Checkpointer, step: int, complete: bool = True) -> Non
         (path / "meta.json").write_text("{}")
 
 
-def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkpoint(tmp_path, capsys):
     ckpt = Checkpointer(tmp_path, keep_last=2, is_main=True)
     assert ckpt.latest() is None
     for step in (10, 20, 30):
@@ -68,10 +68,43 @@ def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkp
         (ckpt.dir / tag_for(step) / "meta.json").write_text(json.dumps({"serial": serial}))
     (ckpt.dir / "latest").write_text("step-00000020")
     assert ckpt.latest().name == "step-00000030"
+    # A meta.json damaged since leaves its checkpoint out, with a warning, unless it is the one `latest` names:
+    # going on from an older one instead would lose steps without a word.
+    (ckpt.dir / "step-00000010" / "meta.json").write_text("{")
+    assert [p.name for p in ckpt.complete()] == ["step-00000020", "step-00000030"]
+    assert "step-00000010/meta.json is damaged: that checkpoint is left out" in capsys.readouterr().err
+    (ckpt.dir / "latest").write_text("step-00000030")
+    assert ckpt.latest().name == "step-00000030"
+    (ckpt.dir / "step-00000030" / "meta.json").write_text("[]")
+    with pytest.raises(SystemExit, match="step-00000030/meta.json: damaged .* move .* aside"):
+        ckpt.latest()
+    for serial, step in enumerate((10, 30), start=1):
+        (ckpt.dir / tag_for(step) / "meta.json").write_text(json.dumps({"serial": serial * 2}))
     ckpt.prune()
     ckpt.clean_partial()
     assert sorted(p.name for p in ckpt.dir.iterdir()) == ["latest", "step-00000020", "step-00000030",
                                                           "step-00000040"]
+
+
+def test_a_checkpoint_is_named_by_its_folder_or_by_its_run_from_anywhere(tmp_path, monkeypatch):
+    from masktrain.trainer.checkpoint import resolve_checkpoint
+
+    ckpt = Checkpointer(tmp_path / "run", keep_last=2, is_main=True)
+    for step in (10, 20):
+        make_checkpoint(ckpt, step)
+    (ckpt.dir / "latest").write_text("step-00000020")
+    newest = ckpt.dir / "step-00000020"
+    for given in (ckpt.dir / "step-00000020", tmp_path / "run", ckpt.dir, ckpt.dir / "latest"):
+        assert resolve_checkpoint(given) == newest, given
+    monkeypatch.chdir(ckpt.dir)
+    assert resolve_checkpoint("latest") == newest and resolve_checkpoint(".") == newest
+    with pytest.raises(FileNotFoundError, match="step-00000099: no such file or folder"):
+        resolve_checkpoint("step-00000099")
+    # A pointer may name a folder the step-* pattern does not list (renamed by hand): it is taken as it is.
+    (ckpt.dir / "step-00000020").rename(ckpt.dir / "mine")
+    (ckpt.dir / "step-00000010").rename(ckpt.dir / "old")
+    (ckpt.dir / "latest").write_text("mine")
+    assert ckpt.latest() == ckpt.dir / "mine"
 
 
 def test_after_a_rollback_the_new_line_is_kept_and_resumed_from_not_the_higher_steps_it_abandoned(tmp_path):

@@ -19,12 +19,15 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 
+from masktrain.launcher.config import Config
 from masktrain.launcher.loading import to_yaml
 
 LATEST = "latest"
@@ -80,11 +83,21 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.is_main = is_main
+        self.damaged: set[Path] = set()
 
     def complete(self) -> list[Path]:
-        """Complete checkpoints in the order they were published, oldest first."""
-        found = [p for p in self.dir.glob("step-*") if not p.name.endswith(PARTIAL) and is_complete(p)]
-        return sorted(found, key=lambda p: (read_meta(p).get("serial", 0), p.name))
+        """Complete checkpoints in the order they were published, oldest first. One whose meta.json was damaged
+        since is left out (and kept), with a warning: it must not stop a run that goes on from another."""
+        found = []
+        for path in self.dir.glob("step-*"):
+            if path.name.endswith(PARTIAL) or not is_complete(path):
+                continue
+            if (meta := meta_or_none(path)) is not None:
+                found.append(((meta.get("serial", 0), path.name), path))
+            elif path not in self.damaged:
+                self.damaged.add(path)
+                print(f"[masktrain] {path / 'meta.json'} is damaged: that checkpoint is left out", file=sys.stderr)
+        return [path for _, path in sorted(found)]
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names or, when a crash came between publishing a checkpoint and pointing
@@ -94,7 +107,9 @@ class Checkpointer:
         if pointer.is_file():
             path = self.dir / pointer.read_text().strip()
             # Published after the pointer's: a crash (or a full disk) came before `latest` was moved to it.
-            if is_complete(path) and read_meta(path).get("serial", 0) >= read_meta(complete[-1]).get("serial", 0):
+            # The pointer's own meta.json must be whole: resuming from an older one instead would lose steps.
+            if is_complete(path) and (not complete or read_meta(path).get("serial", 0)
+                                      >= read_meta(complete[-1]).get("serial", 0)):
                 return path
         return complete[-1] if complete else None
 
@@ -173,7 +188,7 @@ def is_complete(path: Path) -> bool:
 def resolve_checkpoint(given: str | Path) -> Path:
     """The checkpoint a user names: a checkpoint folder, or a run folder, its checkpoints/ folder or the `latest`
     file there, which mean the newest complete checkpoint."""
-    path = Path(given)
+    path = Path(given).absolute()  # `latest` or `.` inside checkpoints/ have parents to find
     if is_complete(path):
         return path
     run = next((candidate for candidate, means in ((path.parent.parent, path.name == LATEST and path.is_file()),
@@ -188,14 +203,20 @@ def resolve_checkpoint(given: str | Path) -> Path:
                             "folder, whose newest complete checkpoint is taken")
 
 
-def read_meta(path: Path) -> dict:
+def meta_or_none(path: Path) -> dict | None:
+    """meta.json's record, or None when it is damaged (written whole: a disk or a hand did that)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        meta = err
-    if not isinstance(meta, dict):
-        raise SystemExit(f"{path / 'meta.json'}: damaged ({meta}); every start reads it, so move {path} aside (its "
-                         "other files may still be whole) and start again")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def read_meta(path: Path) -> dict:
+    meta = meta_or_none(path)
+    if meta is None:
+        raise SystemExit(f"{path / 'meta.json'}: damaged (not a JSON object); move {path} aside (its other files may "
+                         "still be whole) to go on from the checkpoint before it")
     return meta
 
 
@@ -231,11 +252,14 @@ def resume_point(resume: str, ckpt: Checkpointer) -> tuple[Path | None, str | No
 def saved_config(path: Path) -> dict:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        config = err
-    if not isinstance(config, dict):
-        raise SystemExit(f"{path / 'config.yaml'}: damaged ({config!r:.200}); it is the run's config as saved, "
-                         "which resuming and exporting need")
+    except (yaml.YAMLError, UnicodeDecodeError):
+        config = None
+    # Saved whole (to_dict of a Config): a file cut short still parses, without its last sections or keys.
+    if (not isinstance(config, dict) or any(not isinstance(config.get(f.name), dict) for f in fields(Config))
+            or comparable(config)[WORLD_SIZE] is None):
+        raise SystemExit(f"{path / 'config.yaml'}: damaged (a section or launch.nnodes / launch.nproc_per_node "
+                         "missing, or no YAML mapping); it is the run's config as saved, which resuming and exporting "
+                         "need")
     masking = config.get("data", {}).get("masking", {})
     if masking.get("schedule") == "constant":
         # A final_rate had no effect there, and validation refuses one since: checkpoints saved before that still

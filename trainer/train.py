@@ -93,18 +93,21 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
 def failed(out_dir: Path, step: int, err: Exception | str) -> NoReturn:
     """End this rank with the reason in status.json, which the launcher prints once, rather than this rank's
     traceback among torchrun's."""
-    try:
-        write_status(out_dir, "failed", step, str(err))
-    except OSError:  # the disk that failed the run may refuse this too
-        print(f"[masktrain] training failed at step {step}: {err}", file=sys.stderr, flush=True)
+    write_status(out_dir, "failed", step, str(err))
     raise SystemExit(1) from None
 
 
-def storage_failure(what: str, err: Exception, out_dir: Path) -> str:
-    """Why `what` (a checkpoint save, a write) failed, with the free space: torch.save reports a full disk as an
-    iostream error only."""
-    free = shutil.disk_usage(out_dir).free
-    return f"{what} failed ({err}); {free / 2**20:,.0f} MiB free in {out_dir}"
+def crashed(what: str, err: Exception, out_dir: Path) -> NoReturn:
+    """End this rank after `what` (a checkpoint save, a write) failed, in one line with the free space: torch.save
+    reports a full disk as an iostream error only. No verdict goes to status.json: a full disk or a lost mount
+    may be over by the next attempt, and a save also fails when another rank died. The launcher then marks the
+    run crashed; a restart, or the requeue of a preempted job, goes on from the last checkpoint."""
+    try:
+        free = f"{shutil.disk_usage(out_dir).free / 2**20:,.0f} MiB free in {out_dir}"
+    except OSError as gone:
+        free = f"{out_dir} unreadable ({gone})"
+    print(f"[masktrain] {what} failed ({err}); {free}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
@@ -316,8 +319,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 try:
                     path = save()
                 except RuntimeError as err:  # torch.save's failed writes; the last checkpoint stays `latest`
-                    failed(out_dir, state.step,
-                           storage_failure(f"the checkpoint save of step {state.step}", err, out_dir))
+                    crashed(f"the checkpoint save of step {state.step}", err, out_dir)
                 progress.message(f"step {state.step}: checkpoint {path}")
                 if not (final or leaving):
                     # A large model's save takes minutes. A stop asked for meanwhile leaves from this checkpoint
@@ -334,7 +336,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         # cannot end the run in order.
         failed(out_dir, state.step, err)
     except OSError as err:  # a full disk or a lost mount, writing logs or a checkpoint
-        failed(out_dir, state.step, storage_failure("a write (logs or a checkpoint)", err, out_dir))
+        crashed("a write (logs or a checkpoint)", err, out_dir)
 
     if is_main:
         write_status(out_dir, ended, state.step, reason)
