@@ -229,6 +229,7 @@ def test_a_deepspeed_json_that_deepspeed_itself_would_refuse_is_refused_before_a
         "typo": ({"zero_optimization": {"stage": 2, "overlap_com": True}},
                  "DeepSpeedZeroConfig: overlap_com: Extra inputs are not permitted, got True"),
         "not a mapping": ({"zero_optimization": "x"}, "TypeError: "),
+        "its own error": ({"checkpoint": {"tag_validation": "bogus"}}, "DeepSpeedConfigError: "),
         "clipping": ({"gradient_clipping": "abc"}, "gradient_clipping must be a finite number >= 0, got 'abc'"),
     }
     for name, (settings, message) in refusals.items():
