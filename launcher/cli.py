@@ -21,11 +21,16 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from masktrain.launcher.launch import StopForwarding, launch_local
+    from masktrain.launcher.launch import (StopForwarding, StoppedBeforeStart, launch_local,
+                                           stopped_before_start)
     from masktrain.launcher.loading import load_config
 
     with StopForwarding() as stop:  # before validation, which imports torch (seconds on a shared file system)
-        return launch_local(load_config(args.config, args.overrides), stop)
+        try:
+            cfg = load_config(args.config, args.overrides)
+        except StoppedBeforeStart as err:
+            return stopped_before_start(err)
+        return launch_local(cfg, stop)
 
 
 def cmd_smoke(args) -> int:

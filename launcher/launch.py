@@ -7,11 +7,13 @@ torchrun reports a failed worker with its own exit code, so the trainer's outcom
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
@@ -66,20 +68,34 @@ def torchrun_command(cfg: Config, config_path: Path, rendezvous: list[str]) -> l
             "-m", "masktrain.trainer.rank", str(config_path)]
 
 
-class StopForwarding:
-    """The launcher's stop signals (SIGTERM, SIGUSR1, SIGINT), from its first moment.
+class StoppedBeforeStart(Exception):
+    """A stop signal came before torchrun started: there is nothing to save."""
 
-    The first goes to torchrun, which passes it to the ranks and waits for their checkpoint. Later ones are not
-    passed on: torchrun takes each as a new, harsher shutdown, and the third cuts its wait for the ranks short,
-    leaving them saving while the launcher exits. One that comes before torchrun starts means there is nothing
-    to save: the launcher then starts nothing."""
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_parent(prctl) -> Callable[[], None]:
+    """For torchrun, run between fork and exec: SIGTERM (a stop: the ranks checkpoint) when the launcher dies,
+    which in its own process group it would otherwise outlive. `prctl` is looked up before the fork."""
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class StopForwarding:
+    """The launcher's stop signals (SIGTERM, SIGUSR1, SIGINT, and SIGHUP, a closed terminal, passed on as
+    SIGTERM), from its first moment.
+
+    Before torchrun starts there is nothing to save: the first one raises StoppedBeforeStart, which ends the
+    launch. Then the first goes to torchrun, which passes it to the ranks and waits for their checkpoint. Later
+    ones are not passed on: torchrun takes each as a new, harsher shutdown, and the third cuts its wait for the
+    ranks short, leaving them saving while the launcher exits. torchrun runs in a process group of its own, so a
+    Ctrl-C in the terminal reaches it only through here."""
 
     def __enter__(self) -> "StopForwarding":
         self.received: str | None = None
         self.process: subprocess.Popen | None = None
-        self.sent = False
         self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGUSR1,
-                                                                          signal.SIGINT)}
+                                                                          signal.SIGINT, signal.SIGHUP)}
         return self
 
     def handle(self, signum: int, frame) -> None:
@@ -89,21 +105,24 @@ class StopForwarding:
                   file=sys.stderr, flush=True)
             return
         self.received = name
-        self.forward()
-
-    def forward(self) -> None:
-        if self.process is not None and self.received is not None and not self.sent:
-            self.sent = True
-            self.process.send_signal(signal.Signals[self.received])
+        if self.process is None:
+            raise StoppedBeforeStart(name)
+        self.process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
     def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
-        self.process = subprocess.Popen(command, env=env)
-        self.forward()  # a signal that came while it started
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        self.process = subprocess.Popen(command, env=env, process_group=0, preexec_fn=stop_with_parent(prctl))
         return self.process
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+def stopped_before_start(err: StoppedBeforeStart) -> int:
+    print(f"masktrain: stopped on {err} before the ranks started; a restart resumes from the last checkpoint",
+          file=sys.stderr)
+    return REQUEUE_EXIT
 
 
 def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
@@ -114,23 +133,24 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
                                      f"{cfg.launch.nnodes} nodes; submit multi-node runs with `masktrain slurm "
                                      "submit` (its --nodes sets launch.nnodes)"])
     with contextlib.nullcontext(stop) if stop is not None else StopForwarding() as stop:
-        from masktrain.data.inputs import check_ready
+        try:
+            from masktrain.data.inputs import check_ready
 
-        cuda = use_cuda(cfg)
-        check_gpus(cfg, cuda, "masktrain train")
-        check_resume_compatible(cfg)
-        check_ready(cfg)
-        config_path = write_run_config(cfg)
-        (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
-        if cfg.launch.master_port:
-            rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
-        else:
-            rendezvous = ["--standalone"]
-        if stop.received is not None:
-            print(f"masktrain: stopped on {stop.received} before the ranks started; a restart resumes from the last "
-                  "checkpoint", file=sys.stderr)
-            return REQUEUE_EXIT
-        code = stop.start(torchrun_command(cfg, config_path, rendezvous), rank_environment(cfg, cuda)).wait()
+            cuda = use_cuda(cfg)
+            check_gpus(cfg, cuda, "masktrain train")
+            check_resume_compatible(cfg)
+            check_ready(cfg)
+            config_path = write_run_config(cfg)
+            (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
+            if cfg.launch.master_port:
+                rendezvous = ["--nnodes=1", "--rdzv-backend=c10d",
+                              f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
+            else:
+                rendezvous = ["--standalone"]
+            process = stop.start(torchrun_command(cfg, config_path, rendezvous), rank_environment(cfg, cuda))
+        except StoppedBeforeStart as err:
+            return stopped_before_start(err)
+        code = process.wait()
     return outcome(cfg.output_dir, code, stop.received)
 
 

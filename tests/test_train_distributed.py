@@ -283,6 +283,24 @@ def test_a_stop_signal_while_the_ranks_start_is_honoured_after_the_first_step_an
     assert launch.text().count("already stopping on SIGUSR1") == 2
 
 
+def test_a_launcher_killed_outright_still_has_the_ranks_checkpoint(tiny_data, tmp_path):
+    """torchrun runs in a process group of its own (so a terminal's Ctrl-C reaches it once, through the
+    launcher); when the launcher dies without passing anything on, torchrun gets SIGTERM and the ranks save."""
+    run = tmp_path / "run"
+    launch = Launch(["smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=200",
+                     "trainer.checkpoint_every=0"], tmp_path / "launch.log")
+    launch.wait_for_step(1)
+    launch.process.kill()
+    launch.process.wait()
+    deadline = time.monotonic() + 120
+    while json.loads((run / "status.json").read_text())["state"] == "running":
+        assert time.monotonic() < deadline, launch.text()[-3000:]
+        time.sleep(0.2)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "preempted" and status["reason"] == "SIGTERM", status
+    assert Checkpointer(run, 1, False).latest().name == f"step-{status['step']:08d}"
+
+
 def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tmp_path):
     """ZeRO-0 holds whole weights and optimizer state on every rank, so its checkpoint loads on any number of
     ranks; the data position does not (it is per rank), so such a move must be asked for."""

@@ -71,6 +71,9 @@ def test_latest_follows_the_pointer_and_falls_back_to_the_newest_complete_checkp
     # A meta.json damaged since leaves its checkpoint out, with a warning, unless it is the one `latest` names:
     # going on from an older one instead would lose steps without a word.
     (ckpt.dir / "step-00000010" / "meta.json").write_text("{")
+    (ckpt.dir / "step-00000020" / "meta.json").write_text(json.dumps({"serial": "2"}))  # edited by hand
+    assert [p.name for p in ckpt.complete()] == ["step-00000030"]
+    (ckpt.dir / "step-00000020" / "meta.json").write_text(json.dumps({"serial": 2}))
     assert [p.name for p in ckpt.complete()] == ["step-00000020", "step-00000030"]
     assert "step-00000010/meta.json is damaged: that checkpoint is left out" in capsys.readouterr().err
     (ckpt.dir / "latest").write_text("step-00000030")
@@ -310,7 +313,7 @@ def test_a_stop_signal_before_the_ranks_start_starts_nothing(tmp_path, monkeypat
     run = tmp_path / "run"
     assert launch_local(load_config("smoke", [f"run.output_dir={run}", "launch.accelerator=cpu"])) == REQUEUE_EXIT
     assert "stopped on SIGUSR1 before the ranks started" in capsys.readouterr().err
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no rank wrote a status, log or checkpoint
+    assert not run.exists()  # the launch ended there: nothing written, no rank started
 
 
 def test_torchrun_is_told_to_forward_sigusr1_to_the_ranks():

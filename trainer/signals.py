@@ -11,7 +11,8 @@ from __future__ import annotations
 import signal
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-"""SIGINT too: a Ctrl-C reaches every process of the terminal's job, the ranks and loader workers included."""
+"""SIGINT too: `masktrain train` passes a Ctrl-C on, and torchrun signals the ranks' process groups, loader
+workers included."""
 
 
 class StopRequest:
