@@ -116,7 +116,7 @@ def read_problem(err: Exception, member: str | None) -> str:
 def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator[tuple[str, bytes]]:
     """(name, bytes) of each regular file in the tar at `url`. A problem with the archive itself goes to
     `skip(reason, where, count)` once, after the members read before it."""
-    name, position, problem, detail, stream, files = None, "", None, "", None, 0
+    name, position, problem, detail, stream, files, others = None, "", None, "", None, 0, 0
     try:
         stream = gopen(url, "rb")
         with tarfile.open(fileobj=stream, mode="r|*", tarinfo=EndAwareInfo) as archive:
@@ -129,11 +129,12 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
                     files += 1
                     yield name, data
                 elif not info.isdir():  # folders are how `tar` lists a tree; a link's data is elsewhere
+                    others += 1
                     skip("bad sample", f"{url}: member {name} is not a regular file", count)
             problem = end_problem(getattr(archive, "end_error", None))
             if problem is None and past_the_end(archive.fileobj):
                 problem = "data after end of shard"
-            elif problem is None and files == 0:
+            elif problem is None and files == others == 0:
                 # A file of zeros (what a crash can leave of a file being written) reads as an empty archive.
                 problem, detail = "empty shard", ": no file in it"
         if problem is None:

@@ -177,7 +177,7 @@ def discard_staged(root: str | Path) -> None:
 def publish_dataset(root: str | Path, manifest: dict) -> None:
     """Put the shards `write_dataset` staged in place of the folder's earlier ones, then write the manifest.
     Until it is whole again the folder has no manifest, so a publish that dies is never reused; and no shard of
-    an earlier, larger write stays behind for a glob in data.train_shards to pick up."""
+    an earlier, larger write stays behind for a brace pattern in data.train_shards to pick up."""
     root = Path(root)
     (root / MANIFEST).unlink(missing_ok=True)
     for old in itertools.chain.from_iterable((root / split).glob("shard-*.tar") for split in SPLITS):

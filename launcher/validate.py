@@ -284,14 +284,15 @@ def deepspeed_refusal(cfg: Config) -> str | None:
     # DeepSpeed logs the accelerator it finds as it is imported and the world size it sees: beside the point here.
     logging.disable(logging.WARNING)
     try:
-        from deepspeed.runtime.config import DeepSpeedConfig
+        from deepspeed.runtime.config import DeepSpeedConfig  # its own failures are not the JSON's
 
-        DeepSpeedConfig(ds)
-    except ValidationError as err:
-        return "; ".join(f"{err.title}: {'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}"
-                         for e in err.errors())
-    except Exception as err:  # DeepSpeedConfigError is a plain Exception; malformed sections raise anything
-        return f"{type(err).__name__}: {err}"
+        try:
+            DeepSpeedConfig(ds)
+        except ValidationError as err:
+            return "; ".join(f"{err.title}: {'.'.join(map(str, e['loc']))}: {e['msg']}, got {e['input']!r}"
+                             for e in err.errors())
+        except Exception as err:  # DeepSpeedConfigError is a plain Exception; malformed sections raise anything
+            return f"{type(err).__name__}: {err}"
     finally:
         logging.disable(logging.NOTSET)
     return None

@@ -353,6 +353,13 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
         info.type = tarfile.DIRTYPE
         archive.addfile(info)
     (root / "folders_only.tar").write_bytes(buffer.getvalue())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        info = tarfile.TarInfo("000119.tokens.npy")
+        info.type, info.linkname = tarfile.SYMTYPE, "elsewhere.npy"
+        archive.addfile(info)
+    (root / "link_only.tar").write_bytes(buffer.getvalue())  # its link is counted, and that is all
+    shards["link_only"] = (str(root / "link_only.tar"), "bad sample", "member 000119.tokens.npy is not a regular file")
     shards["folders_only"] = (str(root / "folders_only.tar"), "empty shard", "after member docs: no file in it")
     shards["link_member"] = (str(root / "link_member.tar"), "bad sample",
                              "member docs/000118.tokens.npy is not a regular file")

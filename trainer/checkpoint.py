@@ -94,7 +94,7 @@ class Checkpointer:
                 continue
             if (meta := meta_or_none(path)) is not None:
                 found.append(((meta.get("serial", 0), path.name), path))
-            elif path not in self.damaged:
+            elif self.is_main and path not in self.damaged:
                 self.damaged.add(path)
                 print(f"[masktrain] {path / 'meta.json'} is damaged: that checkpoint is left out", file=sys.stderr)
         return [path for _, path in sorted(found)]
@@ -209,7 +209,8 @@ def meta_or_none(path: Path) -> dict | None:
         meta = json.loads((path / "meta.json").read_text())
     except (ValueError, UnicodeDecodeError):
         return None
-    return meta if isinstance(meta, dict) else None
+    whole = isinstance(meta, dict) and isinstance(meta.get("serial", 0), int)  # the serial orders publications
+    return meta if whole else None
 
 
 def read_meta(path: Path) -> dict:

@@ -93,15 +93,18 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
 def failed(out_dir: Path, step: int, err: Exception | str) -> NoReturn:
     """End this rank with the reason in status.json, which the launcher prints once, rather than this rank's
     traceback among torchrun's."""
-    write_status(out_dir, "failed", step, str(err))
+    try:
+        write_status(out_dir, "failed", step, str(err))
+    except OSError:  # the disk may refuse even this: the verdict goes to the log instead
+        print(f"[masktrain] training failed at step {step}: {err}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
 
 
 def crashed(what: str, err: Exception, out_dir: Path) -> NoReturn:
     """End this rank after `what` (a checkpoint save, a write) failed, in one line with the free space: torch.save
     reports a full disk as an iostream error only. No verdict goes to status.json: a full disk or a lost mount
-    may be over by the next attempt, and a save also fails when another rank died. The launcher then marks the
-    run crashed; a restart, or the requeue of a preempted job, goes on from the last checkpoint."""
+    may be over by the next attempt, and a save also fails when another rank died. `masktrain train` then marks
+    the run crashed; a restart, or the requeue of a preempted SLURM job, goes on from the last checkpoint."""
     try:
         free = f"{shutil.disk_usage(out_dir).free / 2**20:,.0f} MiB free in {out_dir}"
     except OSError as gone:
