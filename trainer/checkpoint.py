@@ -85,33 +85,37 @@ class Checkpointer:
         self.is_main = is_main
         self.damaged: set[Path] = set()
 
-    def complete(self) -> list[Path]:
-        """Complete checkpoints in the order they were published, oldest first. One whose meta.json was damaged
-        since is left out (and kept), with a warning: it must not stop a run that goes on from another."""
+    def published(self) -> list[tuple[int, Path]]:
+        """(serial, folder) of the complete checkpoints in the order they were published, oldest first. One whose
+        meta.json was damaged since is left out (and kept), with a warning: it must not stop a run that goes on
+        from another."""
         found = []
         for path in self.dir.glob("step-*"):
             if path.name.endswith(PARTIAL) or not is_complete(path):
                 continue
             if (meta := meta_or_none(path)) is not None:
-                found.append(((meta.get("serial", 0), path.name), path))
+                found.append((meta.get("serial", 0), path.name, path))
             elif self.is_main and path not in self.damaged:
                 self.damaged.add(path)
                 print(f"[masktrain] {path / 'meta.json'} is damaged: that checkpoint is left out", file=sys.stderr)
-        return [path for _, path in sorted(found)]
+        return [(serial, path) for serial, _, path in sorted(found)]
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints in the order they were published, oldest first (see `published`)."""
+        return [path for _, path in self.published()]
 
     def latest(self) -> Path | None:
         """The checkpoint `latest` names or, when a crash came between publishing a checkpoint and pointing
         `latest` at it (or `latest` was removed), the last published one; None when there is none."""
-        complete = self.complete()
+        published = self.published()
         pointer = self.dir / LATEST
         if pointer.is_file():
             path = self.dir / pointer.read_text().strip()
             # Published after the pointer's: a crash (or a full disk) came before `latest` was moved to it.
             # The pointer's own meta.json must be whole: resuming from an older one instead would lose steps.
-            if is_complete(path) and (not complete or read_meta(path).get("serial", 0)
-                                      >= read_meta(complete[-1]).get("serial", 0)):
+            if is_complete(path) and (not published or read_meta(path).get("serial", 0) >= published[-1][0]):
                 return path
-        return complete[-1] if complete else None
+        return published[-1][1] if published else None
 
     def clean_partial(self) -> None:
         """Remove saves a crash interrupted (rank 0, before anyone saves again)."""
@@ -148,8 +152,8 @@ class Checkpointer:
         """Rank 0, once the files in `staging` are on disk: complete it, make it `step-N` and `latest`, prune."""
         tag = tag_for(step)
         final = self.dir / tag
-        published = self.complete()
-        serial = read_meta(published[-1]).get("serial", 0) + 1 if published else 1
+        published = self.published()
+        serial = published[-1][0] + 1 if published else 1
         for name, content in (files or {}).items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(staging / name, content)
@@ -191,9 +195,14 @@ def resolve_checkpoint(given: str | Path) -> Path:
     path = Path(given).absolute()  # `latest` or `.` inside checkpoints/ have parents to find
     if is_complete(path):
         return path
-    run = next((candidate for candidate, means in ((path.parent.parent, path.name == LATEST and path.is_file()),
-                                                   (path.parent, path.name == "checkpoints" and path.is_dir()),
-                                                   (path, (path / "checkpoints").is_dir())) if means), None)
+    if path.name == LATEST and path.is_file():
+        run = path.parent.parent
+    elif path.name == "checkpoints" and path.is_dir():
+        run = path.parent
+    elif (path / "checkpoints").is_dir():
+        run = path
+    else:
+        run = None
     newest = Checkpointer(run, 1, False).latest() if run is not None else None
     if newest is not None:
         return newest
@@ -275,25 +284,25 @@ def partitioned_over(path: Path) -> int:
     return len(list(path.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt")))
 
 
-def check_intact(path: Path) -> None:
+def check_intact(path: Path, saved: dict) -> None:
     """Refuse a checkpoint with a state file gone or cut short since it was published whole (saves are atomic: a
     disk or a hand did it), naming the file, before torch.load or DeepSpeed meet it, in every rank. torch.save
-    writes zip archives, whose directory is at the end: a cut file has none."""
+    writes zip archives, whose directory is at the end: a cut file has none. `saved`: its `saved_config`."""
     states = sorted(path.glob("*_states.pt"))
     # ZeRO 1-3 leave an optimizer file per rank that saved; ZeRO-3 a model file per rank too.
     per_rank = {kind: {int(file.name.split("zero_pp_rank_")[1].split("_")[0]) for file in states
                        if "zero_pp_rank_" in file.name and file.name.endswith(f"_{kind}_states.pt")}
                 for kind in ("model", "optim")}
-    saved_by = comparable(saved_config(path))[WORLD_SIZE] if per_rank["optim"] else 0
-    missing = [(kind, sorted(set(range(saved_by)) - ranks)) for kind, ranks in per_rank.items()
-               if (ranks or kind == "optim") and set(range(saved_by)) - ranks]
+    saved_by = set(range(comparable(saved)[WORLD_SIZE])) if per_rank["optim"] else set()
+    gap = next(((kind, sorted(saved_by - ranks)) for kind, ranks in per_rank.items()
+                if (ranks or kind == "optim") and saved_by - ranks), None)
     problem = None
     if not any(file.name.endswith("model_states.pt") for file in states):
         problem = f"{path}: no model state file (*model_states.pt)"
-    elif missing:
-        kind, ranks = missing[0]
+    elif gap is not None:
+        kind, ranks = gap
         problem = (f"the {dict(optim='optimizer').get(kind, kind)} state of ZeRO rank(s) "
-                   f"{', '.join(map(str, ranks))} of the {saved_by} that saved it is missing")
+                   f"{', '.join(map(str, ranks))} of the {len(saved_by)} that saved it is missing")
     else:
         problem = next((f"{file}: cut short or damaged (no zip directory at its end)" for file in states
                         if not zipfile.is_zipfile(file)), None)
@@ -305,13 +314,14 @@ def check_intact(path: Path) -> None:
 def check_resumable(path: Path, config: dict, allowed: bool) -> None:
     """Refuse to resume from `path` with a config that would change what the run computes, and, whatever is
     allowed, on another number of ranks than a ZeRO checkpoint is split over: DeepSpeed cannot load that."""
-    check_intact(path)
+    saved = saved_config(path)
+    check_intact(path, saved)
     ranks, now = partitioned_over(path), comparable(config)[WORLD_SIZE]
     if ranks and ranks != now:
         raise SystemExit(f"cannot resume from {path} on {now} ranks: its ZeRO optimizer state is split over {ranks} "
                          f"ranks, and DeepSpeed loads it only on {ranks} (any launch.nnodes x launch.nproc_per_node "
                          f"= {ranks}), even with trainer.allow_config_change")
-    changes = config_changes(saved_config(path), config)
+    changes = config_changes(saved, config)
     if changes and not allowed:
         raise SystemExit(f"cannot resume from {path}: the config differs in keys that change the run:\n  "
                          + "\n  ".join(changes)

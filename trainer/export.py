@@ -43,8 +43,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 def load_trained(checkpoint: str | Path):
     """(config, tokenizer, objective model with the checkpoint's weights) for a complete checkpoint folder."""
     checkpoint = resolve_checkpoint(checkpoint)
-    check_intact(checkpoint)
     raw = saved_config(checkpoint)
+    check_intact(checkpoint, raw)
     # Exported, not trained from: files only training reads may be gone, as a rollback target keep_last pruned
     # or a DeepSpeed JSON named relative to where training ran.
     raw.setdefault("trainer", {}).update(resume="auto", deepspeed_config="")

@@ -90,7 +90,7 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
     return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
 
 
-def failed(out_dir: Path, step: int, err: Exception | str) -> NoReturn:
+def failed(out_dir: Path, step: int, err: Exception) -> NoReturn:
     """End this rank with the reason in status.json, which the launcher prints once, rather than this rank's
     traceback among torchrun's."""
     try:
