@@ -63,7 +63,7 @@ def rank_environment(cfg: Config, cuda: bool) -> dict[str, str]:
 
 def torchrun_command(cfg: Config, config_path: Path, rendezvous: list[str]) -> list[str]:
     """torchrun starting this node's ranks; `rendezvous` says how the nodes find each other."""
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={cfg.launch.nproc_per_node}",
+    return [sys.executable, "-m", "masktrain.launcher.torchrun", f"--nproc-per-node={cfg.launch.nproc_per_node}",
             f"--shutdown-timeout={cfg.launch.shutdown_timeout}", *rendezvous,
             "-m", "masktrain.trainer.rank", str(config_path)]
 

@@ -103,7 +103,7 @@ def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path, stu
                  "MASTER_PORT": str(port), "SLURM_RESTART_COUNT": "2"}
     for node_id, host in (("0", "1"), ("3", "0")):
         command = node_command(saved, str(run / "config.yaml"), {**slurm_env, "SLURM_NODEID": node_id})
-        assert command[1:3] == ["-m", "torch.distributed.run"]
+        assert command[1:3] == ["-m", "masktrain.launcher.torchrun"]
         for arg in ("--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d", f"--rdzv-endpoint=10.1.0.7:{port}",
                     "--rdzv-id=123456-2", f"--rdzv-conf=is_host={host}", "--shutdown-timeout=300"):
             assert arg in command, arg

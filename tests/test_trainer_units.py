@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -275,6 +277,24 @@ def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, caps
     write_status(tmp_path, "failed", 7, "3 steps in a row had a non-finite loss")
     assert outcome(tmp_path, 0) == 1
     assert "training failed at step 7: 3 steps in a row had a non-finite loss" in capsys.readouterr().err
+
+
+KILLED_RANK = """import os, signal, time
+if os.environ["RANK"] == "1":
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(60)
+"""
+
+
+def test_torchrun_reports_a_killed_rank_in_a_line_and_exits_as_a_shell_would(tmp_path):
+    script = tmp_path / "rank.py"
+    script.write_text(KILLED_RANK)
+    ended = subprocess.run([sys.executable, "-m", "masktrain.launcher.torchrun", "--standalone",
+                            "--nproc-per-node=2", str(script)], capture_output=True, text=True, timeout=120)
+    assert ended.returncode == 137, ended.stderr[-3000:]
+    lines = [line for line in ended.stderr.splitlines() if line.startswith("torchrun: ")]
+    assert re.fullmatch(r"torchrun: rank 1 \(local rank 1, pid \d+\) was killed by SIGKILL", lines[0]), lines
+    assert len(lines) == 2 and "Traceback" not in ended.stderr
 
 
 CHILD = """import signal, sys, time

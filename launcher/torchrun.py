@@ -1,0 +1,48 @@
+"""torchrun as masktrain starts it: `python -m masktrain.launcher.torchrun ARGS` takes torchrun's own arguments
+and runs its agent unchanged. Only the ending differs.
+
+torchrun ends a stop signal (SignalException) or a failed rank (ChildFailedError) with a Python traceback of some
+30 lines. After every preemption that reads as a crash, and it buries the verdict the launcher prints from
+status.json below it. Here the signal ends torchrun as a shell reports one, and each failed rank is one line.
+Anything else (a rendezvous that never completes, a bad argument) keeps torchrun's traceback, which is the
+report there is.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.run import main as torchrun_main
+
+
+def shell_code(exitcode: int) -> int:
+    """A process's exit code as a shell reports it: 128 + n for one killed by signal n."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
+def failure_line(rank: int, failure: ProcessFailure) -> str:
+    how = (f"was killed by {failure.signal_name()}" if failure.exitcode < 0
+           else f"exited with code {failure.exitcode}")
+    return f"torchrun: rank {rank} (local rank {failure.local_rank}, pid {failure.pid}) {how}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        torchrun_main(argv)
+    except SignalException as err:
+        # torchrun has passed the signal to the ranks and waited for them: what they made of it is in
+        # status.json, which the launcher reads.
+        print(f"torchrun: stopped on {err.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + err.sigval
+    except ChildFailedError as err:
+        first, failure = err.get_first_failure()
+        for rank in sorted(err.failures, key=lambda r: (r != first, r)):
+            print(failure_line(rank, err.failures[rank]), file=sys.stderr, flush=True)
+        return shell_code(failure.exitcode) or 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
