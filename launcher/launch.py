@@ -197,9 +197,10 @@ def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
         print(f"masktrain: stopped on {stopped} before the ranks could checkpoint; a restart resumes from the last "
               "checkpoint", file=sys.stderr)
         return REQUEUE_EXIT
+    step = status.get("step", 0)
     reason = (f"the ranks ended without a verdict (torchrun exited {code}): a rank was killed or crashed, "
-              "which the log above shows")
+              f"which the log above shows; a restart goes on from step {step}")
     with contextlib.suppress(OSError):  # a full disk may refuse this too
-        write_status(run_dir, "crashed", status.get("step", 0), reason)
+        write_status(run_dir, "crashed", step, reason)
     print(f"masktrain: {reason}", file=sys.stderr)
     return code or 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -301,6 +302,29 @@ def test_a_launcher_killed_outright_still_has_the_ranks_checkpoint(tiny_data, tm
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "preempted" and status["reason"] == "SIGTERM", status
     assert Checkpointer(run, 1, False).latest().name == f"step-{status['step']:08d}"
+
+
+def test_a_rank_killed_outright_leaves_the_run_crashed_at_its_last_checkpoint(tiny_data, tmp_path):
+    """No rank can write a verdict then: the launcher does, with the step a restart goes on from, which rank 0
+    recorded with each checkpoint; torchrun names the killed rank in a line."""
+    run = tmp_path / "run"
+    launch = Launch(["smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=200",
+                     "trainer.checkpoint_every=3", "trainer.log_every=1"], tmp_path / "launch.log")
+    launch.wait_for_step(5)
+    frozen = launch.freeze()
+    running = json.loads((run / "status.json").read_text())
+    assert running["state"] == "running" and running["step"] >= 3, running
+    assert Checkpointer(run, 1, False).latest().name == f"step-{running['step']:08d}"
+    rank1 = next(pid for pid in ranks_of(launch) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    send([rank1], signal.SIGKILL)
+    launch.resume(frozen)
+    code = launch.process.wait(timeout=120)
+    status = json.loads((run / "status.json").read_text())
+    saved = Checkpointer(run, 1, False).latest().name
+    assert status["state"] == "crashed" and saved == f"step-{status['step']:08d}", (status, saved)
+    assert f"a restart goes on from step {status['step']}" in launch.text()
+    assert re.search(r"torchrun: rank 1 \(local rank 1, pid \d+\) was killed by SIGKILL", launch.text())
+    assert code == 137, launch.text()[-3000:]
 
 
 def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tmp_path):

@@ -265,7 +265,8 @@ def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, caps
     assert outcome(tmp_path, -9) == 137
     status = read_status(tmp_path)
     assert (status["state"], status["step"]) == ("crashed", 3)
-    assert "the ranks ended without a verdict (torchrun exited 137)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the ranks ended without a verdict (torchrun exited 137)" in err and "goes on from step 3" in err
     # Stopped by a signal the launcher passed on, before the ranks could checkpoint: the last checkpoint stands.
     write_status(tmp_path, "running", 3)
     assert outcome(tmp_path, 1, stopped="SIGUSR1") == REQUEUE_EXIT

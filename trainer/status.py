@@ -1,5 +1,5 @@
-"""`<run>/status.json`: how the last launch of a run ended (running, preempted, completed or failed with a
-reason, and the step).
+"""`<run>/status.json`: how the last launch of a run ended (preempted, completed or failed with a reason, and the
+step), or `running` with the step of its last checkpoint, where a restart would go on from.
 
 Launchers read it because torchrun replaces a worker's exit code with its own.
 """

@@ -324,6 +324,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 except RuntimeError as err:  # torch.save's failed writes; the last checkpoint stays `latest`
                     crashed(f"the checkpoint save of step {state.step}", err, out_dir)
                 progress.message(f"step {state.step}: checkpoint {path}")
+                if is_main:  # where a restart would go on from, should this launch end without a verdict
+                    write_status(out_dir, "running", state.step)
                 if not (final or leaving):
                     # A large model's save takes minutes. A stop asked for meanwhile leaves from this checkpoint
                     # now, rather than after one more step and a second save the grace time may not cover.
