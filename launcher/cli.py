@@ -347,7 +347,7 @@ def parser() -> argparse.ArgumentParser:
     p = slurm.add_parser("node", help="(run by the job script on every node) start this node's ranks")
     p.add_argument("run_config", help="<run>/config.yaml")
     p.set_defaults(func=cmd_slurm_node)
-    p = slurm.add_parser("status", help="(read by the job script) print the run's last state and step")
+    p = slurm.add_parser("status", help="(read by the job script) print the run's last state, step and start step")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_slurm_status)
     return root

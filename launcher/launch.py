@@ -201,6 +201,6 @@ def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
     reason = (f"the ranks ended without a verdict (torchrun exited {code}): a rank was killed or crashed, "
               f"which the log above shows; a restart goes on from step {step}")
     with contextlib.suppress(OSError):  # a full disk may refuse this too
-        write_status(run_dir, "crashed", step, reason)
+        write_status(run_dir, "crashed", step, reason, start=status.get("start"))
     print(f"masktrain: {reason}", file=sys.stderr)
     return code or 1

@@ -292,6 +292,7 @@ def node(config_path: str) -> None:
 
 
 def status(run: str) -> str:
-    """`<state> <step>` of the run's last launch ("none 0" before any), for the job script to read."""
+    """`<state> <step> <start>` of the run's last launch ("none 0 0" before any), for the job script to read."""
     saved = read_status(run)
-    return f"{saved.get('state', 'none')} {saved.get('step', 0)}"
+    step = saved.get("step", 0)
+    return f"{saved.get('state', 'none')} {step} {saved.get('start', step)}"

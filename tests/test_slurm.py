@@ -40,8 +40,8 @@ def write_stub(folder: Path, name: str, body: str) -> None:
 @pytest.fixture
 def stubs(tmp_path) -> Path:
     """Stand-ins for the SLURM commands, for running a job script outside a cluster. srun prints what it was
-    asked to start, leaves STUB_STATE behind as the ranks' status if set, lasts STUB_SLEEP s and notes a
-    SIGUSR1 it gets (in got-usr1); scontrol
+    asked to start, leaves STUB_STATE behind as the ranks' status if set (at step 7, the launch having started
+    at STUB_START, 0 by default), lasts STUB_SLEEP s and notes a SIGUSR1 it gets (in got-usr1); scontrol
     answers for nodes gpu07-gpu10 and logs requeues; sbatch logs its arguments and hands out ids 101, 102..."""
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -53,7 +53,8 @@ esac
 ''')
     # The status goes down before the SRUN line: a test that signals on seeing the line finds it written.
     write_stub(folder, "srun", '''trap 'touch "$(dirname "$0")/got-usr1"' USR1
-[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7}" >"$(dirname "${@: -1}")/status.json"
+[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7, \\"start\\": ${STUB_START:-0}}" \\
+    >"$(dirname "${@: -1}")/status.json"
 echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 sleep "${STUB_SLEEP:-0}"
 ''')
@@ -141,10 +142,12 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     assert "not requeued by this script" in "".join(lines), "".join(lines)
     assert not (stubs / "requeued").exists()
 
-    # A USR1 that comes while the ranks fail does not make the failure a preemption: no requeue.
-    for state, requeued in (("failed", False), ("running", True)):
+    # A USR1 that comes while the ranks fail does not make the failure a preemption: no requeue. Ranks that end
+    # without a verdict after it resume from their last checkpoint, unless this attempt saved none: the next
+    # would repeat it (a save failing on a full disk would requeue the job for ever).
+    for state, start, requeued in (("failed", "0", False), ("running", "0", True), ("running", "7", False)):
         signalled = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True,
-                                     env={**env, "STUB_STATE": state})
+                                     env={**env, "STUB_STATE": state, "STUB_START": start})
         lines = []
         for line in signalled.stdout:
             lines.append(line)
@@ -153,9 +156,11 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
         code = signalled.wait(timeout=60)
         assert (code == 0) == requeued and ("requeued job 123456" in "".join(lines)) == requeued, "".join(lines)
         assert (stubs / "requeued").exists() == requeued
+        assert ("without a checkpoint since this attempt started at step 7" in "".join(lines)) == (start == "7")
         # Either way the ranks got the signal, which is what makes them checkpoint.
         assert (stubs / "got-usr1").exists() and "got SIGUSR1: passing it to the ranks" in "".join(lines)
         (stubs / "got-usr1").unlink()
+        (stubs / "requeued").unlink(missing_ok=True)
 
     # A chained job that finds the run complete starts nothing.
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))

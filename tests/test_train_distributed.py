@@ -313,7 +313,7 @@ def test_a_rank_killed_outright_leaves_the_run_crashed_at_its_last_checkpoint(ti
     launch.wait_for_step(5)
     frozen = launch.freeze()
     running = json.loads((run / "status.json").read_text())
-    assert running["state"] == "running" and running["step"] >= 3, running
+    assert running["state"] == "running" and running["step"] >= 3 and running["start"] == 0, running
     assert Checkpointer(run, 1, False).latest().name == f"step-{running['step']:08d}"
     rank1 = next(pid for pid in ranks_of(launch) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
     send([rank1], signal.SIGKILL)
@@ -322,6 +322,7 @@ def test_a_rank_killed_outright_leaves_the_run_crashed_at_its_last_checkpoint(ti
     status = json.loads((run / "status.json").read_text())
     saved = Checkpointer(run, 1, False).latest().name
     assert status["state"] == "crashed" and saved == f"step-{status['step']:08d}", (status, saved)
+    assert status["start"] == 0
     assert f"a restart goes on from step {status['step']}" in launch.text()
     assert re.search(r"torchrun: rank 1 \(local rank 1, pid \d+\) was killed by SIGKILL", launch.text())
     assert code == 137, launch.text()[-3000:]

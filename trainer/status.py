@@ -1,5 +1,6 @@
 """`<run>/status.json`: how the last launch of a run ended (preempted, completed or failed with a reason, and the
-step), or `running` with the step of its last checkpoint, where a restart would go on from.
+step), or `running` with the step of its last checkpoint, where a restart would go on from. `start`, the step the
+launch started from, tells a launch that saved nothing: one restarted in its place would only repeat it.
 
 Launchers read it because torchrun replaces a worker's exit code with its own.
 """
@@ -16,10 +17,12 @@ STATUS = "status.json"
 REQUEUE_EXIT = 75
 
 
-def write_status(run_dir: str | Path, state: str, step: int, reason: str | None = None) -> None:
+def write_status(run_dir: str | Path, state: str, step: int, reason: str | None = None,
+                 start: int | None = None) -> None:
     path = Path(run_dir) / STATUS
     tmp = path.with_name(f"{STATUS}.{os.getpid()}.tmp")  # ranks failing together each write their own
-    status = {"state": state, "step": step, "pid": os.getpid(), **({"reason": reason} if reason else {})}
+    status = {"state": state, "step": step, "pid": os.getpid(), **({"reason": reason} if reason else {}),
+              **({"start": start} if start is not None else {})}
     tmp.write_text(json.dumps(status) + "\n")
     os.replace(tmp, path)
 

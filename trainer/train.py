@@ -229,7 +229,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     launch_start = state.step
     ended, reason = "completed", None
     if is_main:
-        write_status(out_dir, "running", state.step)
+        write_status(out_dir, "running", state.step, start=launch_start)
 
     def save() -> Path:
         ranks = [None] * runtime.world_size
@@ -325,7 +325,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                     crashed(f"the checkpoint save of step {state.step}", err, out_dir)
                 progress.message(f"step {state.step}: checkpoint {path}")
                 if is_main:  # where a restart would go on from, should this launch end without a verdict
-                    write_status(out_dir, "running", state.step)
+                    write_status(out_dir, "running", state.step, start=launch_start)
                 if not (final or leaving):
                     # A large model's save takes minutes. A stop asked for meanwhile leaves from this checkpoint
                     # now, rather than after one more step and a second save the grace time may not cover.
@@ -344,7 +344,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         crashed("a write (logs or a checkpoint)", err, out_dir)
 
     if is_main:
-        write_status(out_dir, ended, state.step, reason)
+        write_status(out_dir, ended, state.step, reason, start=launch_start)
     if ended == "completed":
         progress.message(f"done: {state.step} steps, {state.tokens} tokens, {state.bad_steps} skipped steps, "
                          f"skipped data: {skipped_by_reason or 'none'}")
