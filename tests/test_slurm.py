@@ -143,23 +143,26 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     assert not (stubs / "requeued").exists()
 
     # A USR1 that comes while the ranks fail does not make the failure a preemption: no requeue. Ranks that end
-    # without a verdict after it resume from their last checkpoint, unless this attempt saved none: the next
-    # would repeat it (a save failing on a full disk would requeue the job for ever).
-    for state, start, requeued in (("failed", "0", False), ("running", "0", True), ("running", "7", False)):
-        signalled = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True,
-                                     env={**env, "STUB_STATE": state, "STUB_START": start})
+    # without a verdict, signalled or not (a lost rank, a timed-out collective, a failed save), go on from their
+    # last checkpoint, unless this attempt saved none: the next would repeat it (a save failing on a full disk,
+    # or a broken node, would requeue the job for ever).
+    for state, start, usr1, requeued in (("failed", "0", True, False), ("running", "0", True, True),
+                                         ("running", "7", True, False), ("running", "0", False, True),
+                                         ("running", "7", False, False)):
+        job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True,
+                               env={**env, "STUB_STATE": state, "STUB_START": start})
         lines = []
-        for line in signalled.stdout:
+        for line in job.stdout:
             lines.append(line)
-            if line.startswith("SRUN "):
-                signalled.send_signal(signal.SIGUSR1)
-        code = signalled.wait(timeout=60)
-        assert (code == 0) == requeued and ("requeued job 123456" in "".join(lines)) == requeued, "".join(lines)
+            if line.startswith("SRUN ") and usr1:
+                job.send_signal(signal.SIGUSR1)
+        code, text = job.wait(timeout=60), "".join(lines)
+        assert (code == 0) == requeued and ("requeued job 123456" in text) == requeued, text
         assert (stubs / "requeued").exists() == requeued
-        assert ("without a checkpoint since this attempt started at step 7" in "".join(lines)) == (start == "7")
-        # Either way the ranks got the signal, which is what makes them checkpoint.
-        assert (stubs / "got-usr1").exists() and "got SIGUSR1: passing it to the ranks" in "".join(lines)
-        (stubs / "got-usr1").unlink()
+        assert ("without a checkpoint since this attempt started at step 7" in text) == (start == "7"), text
+        # The ranks got the signal, which is what makes them checkpoint.
+        assert (stubs / "got-usr1").exists() == usr1 and ("got SIGUSR1: passing it to the ranks" in text) == usr1
+        (stubs / "got-usr1").unlink(missing_ok=True)
         (stubs / "requeued").unlink(missing_ok=True)
 
     # A chained job that finds the run complete starts nothing.
