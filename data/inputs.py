@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
@@ -118,8 +119,9 @@ def mask_spec(cfg: Config, tokenizer: Tokenizer) -> MaskSpec:
         weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
     if m.policy == "pmi":
         pairs = collocations.load_table(collocation_path(cfg))
-    options = PolicyOptions(exact=m.exact, span_mean=m.span_mean, span_max=m.span_max, importance=weights,
-                            collocations=pairs)
+    # A policy option is the masking key of the same name; the tables are the two loaded from their paths.
+    options = PolicyOptions(**{f.name: getattr(m, f.name) for f in fields(PolicyOptions) if hasattr(m, f.name)},
+                            importance=weights, collocations=pairs)
     return MaskSpec(vocab=tokenizer.vocab(), policy=m.policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
                     share_across_batch=m.share_across_batch, options=options)
 

@@ -182,7 +182,7 @@ def test_every_parameter_learns(tiny_data, objective, arch):
 
 def test_every_objective_has_a_builder():
     assert {o.model for o in OBJECTIVES.values()} <= set(BUILDERS)
-    broken = OBJECTIVES["mlm"].__class__("x", ("bert",), None, True, True, ("random",), model="nope")
+    broken = OBJECTIVES["mlm"].__class__("x", ("bert",), None, True, True, model="nope")
     with pytest.raises(KeyError, match="known builders: causal_lm, mae_lm, masked_lm"):
         build_model(broken, load_config("smoke").model, 16, TokenIds(100, 0, 2, 3, 6))
 

@@ -22,25 +22,15 @@ class Objective:
     encoder: bool
     """Encoders pack documents as [CLS] doc [SEP], decoders as <s> doc </s>."""
     masked: bool
-    """Whether it needs a masking rate."""
-    policies: tuple[str, ...]
-    """Masking policies it supports."""
+    """Whether it needs a masking rate. Every selection policy (`masking.POLICIES`) serves every masked objective:
+    encoders predict the selected tokens, MEAP decoders see them as [MASK] and still predict every next token."""
     model: str
     """Builder name in `masktrain.trainer.models.BUILDERS`."""
 
 
-# Every selection policy serves both kinds: encoders predict the selected tokens, MEAP decoders see them as
-# [MASK] in their inputs and still predict every next token.
-ENCODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
-DECODER_POLICIES = ("random", "whole_word", "span", "importance", "pmi")
-
 OBJECTIVES: dict[str, Objective] = {
-    "mlm": Objective("mlm", ("bert", "roberta"), batches.mlm_batch, encoder=True, masked=True,
-                     policies=ENCODER_POLICIES, model="masked_lm"),
-    "mae_lm": Objective("mae_lm", ("bert", "roberta"), batches.mae_batch, encoder=True, masked=True,
-                        policies=ENCODER_POLICIES, model="mae_lm"),
-    "meap": Objective("meap", ("llama",), batches.meap_batch, encoder=False, masked=True,
-                      policies=DECODER_POLICIES, model="causal_lm"),
-    "ntp": Objective("ntp", ("llama",), batches.ntp_batch, encoder=False, masked=False,
-                     policies=DECODER_POLICIES, model="causal_lm"),
+    "mlm": Objective("mlm", ("bert", "roberta"), batches.mlm_batch, encoder=True, masked=True, model="masked_lm"),
+    "mae_lm": Objective("mae_lm", ("bert", "roberta"), batches.mae_batch, encoder=True, masked=True, model="mae_lm"),
+    "meap": Objective("meap", ("llama",), batches.meap_batch, encoder=False, masked=True, model="causal_lm"),
+    "ntp": Objective("ntp", ("llama",), batches.ntp_batch, encoder=False, masked=False, model="causal_lm"),
 }
