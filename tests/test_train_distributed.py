@@ -352,9 +352,11 @@ def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_da
     args = ["smoke", *tiny_data, "model.objective=ntp", "trainer.max_steps=6", "trainer.checkpoint_every=0",
             "trainer.eval_every=0"]
     every, third = tmp_path / "every", tmp_path / "third"
-    run_cli("train", *args, f"run.output_dir={every}", "trainer.log_every=1", check=True)
+    logged = run_cli("train", *args, f"run.output_dir={every}", "trainer.log_every=1", check=True)
     run_cli("train", *args, f"run.output_dir={third}", "trainer.log_every=3", check=True)
     step, interval = losses(every), losses(third)
+    # NTP masks nothing: no masking rate is logged, whatever the config's masking section holds.
+    assert "mask_rate" not in logged.stdout and not any("train/mask_rate" in row for row in metrics(every))
     assert sorted(interval) == [1, 3, 6]
     assert interval[1] == step[1]
     assert interval[3] == pytest.approx((step[2] + step[3]) / 2, rel=1e-6)

@@ -50,8 +50,9 @@ class Progress:
             self.bar.n = step
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{values['train/lr']:.2e}")
             return
-        print(f"[masktrain] step {step} loss {loss:.4f} lr {values['train/lr']:.3e} "
-              f"mask_rate {values['train/mask_rate']:.3f} tokens/s {values['train/tokens_per_s']:.0f}", flush=True)
+        rate = f" mask_rate {values['train/mask_rate']:.3f}" if "train/mask_rate" in values else ""
+        print(f"[masktrain] step {step} loss {loss:.4f} lr {values['train/lr']:.3e}{rate} "
+              f"tokens/s {values['train/tokens_per_s']:.0f}", flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:

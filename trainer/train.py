@@ -275,7 +275,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                     or bad or aborting):
                 # Loss, throughput, data wait and MFU cover the steps since the last log; the rest is this step's.
                 throughput = interval.tokens_per_s
-                values = {"train/loss": interval.loss, "train/lr": lr, "train/mask_rate": mask_rate(state.step - 1),
+                values = {"train/loss": interval.loss, "train/lr": lr,
+                          # NTP masks nothing, whatever its config's masking section says.
+                          **({"train/mask_rate": mask_rate(state.step - 1)} if objective.masked else {}),
                           "train/grad_norm": engine.get_global_grad_norm(),
                           "train/tokens_per_s": throughput, "train/data_wait": interval.waited / interval.seconds,
                           "train/skipped_data": skipped_data, "train/bad_steps": state.bad_steps,
