@@ -61,7 +61,8 @@ class MaskingConfig:
     """Fraction of maskable tokens selected (the schedule's start value)."""
     schedule: str = "constant"
     """Rate schedule: constant, linear, cosine or step (see `masktrain.data.schedules.SCHEDULES`). Rate,
-    final_rate and schedule form one unit: setting any of them drops all three of the objective's defaults."""
+    final_rate and schedule form one unit: setting any of them drops all three of the objective's defaults, and
+    a moving schedule or a final_rate needs the rate set too."""
     final_rate: float | None = None
     """Schedule end value, which linear, cosine and step need; the constant schedule takes none (or `rate`)."""
     schedule_steps: int = 0
@@ -286,14 +287,31 @@ OBJECTIVE_DEFAULTS: dict[str, dict] = {
 RATE_KEYS = ("rate", "final_rate", "schedule")
 
 
+def raw_masking(raw: dict) -> dict:
+    data = raw.get("data")
+    masking = data.get("masking") if isinstance(data, dict) else None
+    return masking if isinstance(masking, dict) else {}
+
+
 def objective_defaults(objective: str, raw: dict) -> dict:
     """The defaults of `objective` to lay beneath `raw` (the YAML with overrides). A rate schedule is taken
     whole: when `raw` sets any of rate, final_rate or schedule, none of the objective's three apply, so
     `rate: 0.2` alone means a constant 0.2, not a schedule from 0.2 to the paper's end value."""
     defaults = copy.deepcopy(OBJECTIVE_DEFAULTS.get(objective, {}))
-    data = raw.get("data")
-    masking = data.get("masking") if isinstance(data, dict) else None
-    if isinstance(masking, dict) and any(key in masking for key in RATE_KEYS):
+    if any(key in raw_masking(raw) for key in RATE_KEYS):
         for key in RATE_KEYS:
             defaults.get("data", {}).get("masking", {}).pop(key, None)
     return defaults
+
+
+def unset_start_rate(objective: str, raw: dict) -> str | None:
+    """Why `raw` must set data.masking.rate: it sets a moving schedule or a final_rate, which replace the
+    objective's rate schedule whole, so the start would silently be the class default (bert-base's
+    `schedule: linear, final_rate: 0.15` ran flat at 0.15, not from mlm's 0.3)."""
+    masking = raw_masking(raw)
+    if "rate" in masking or ("final_rate" not in masking and masking.get("schedule") in (None, "constant")):
+        return None
+    default = OBJECTIVE_DEFAULTS.get(objective, {}).get("data", {}).get("masking", {}).get("rate")
+    theirs = f" (the {objective} default starts at {default})" if default else ""
+    return (f"data.masking.rate: unset, while data.masking.final_rate or schedule is set; the three replace the "
+            f"objective's rate schedule together{theirs}, so set the rate to start from")

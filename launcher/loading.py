@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from masktrain import configs as builtin_configs
-from masktrain.launcher.config import Config, objective_defaults
+from masktrain.launcher.config import Config, objective_defaults, unset_start_rate
 
 
 class ConfigError(ValueError):
@@ -201,6 +201,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     objective = raw.get("model", {}).get("objective", "mlm") if isinstance(raw.get("model"), dict) else "mlm"
     objective = objective if isinstance(objective, str) else "mlm"  # a wrong type is reported by `build`
     layered = merge(objective_defaults(objective, raw), raw)
+    problems += [unset] if (unset := unset_start_rate(objective, raw)) else []
     cfg = build(Config, layered, "", problems)
     # Fields with a type error keep their defaults, so validating anyway reports every problem at once.
     problems += validate(cfg)

@@ -89,8 +89,14 @@ def test_a_user_schedule_replaces_the_objective_default_whole(tmp_path):
     bare.write_text("model: {objective: mlm}\n")
     constant = load_config(str(bare), ["data.masking.rate=0.2"]).data.masking
     assert (constant.schedule, constant.rate, constant.final_rate) == ("constant", 0.2, None)
-    cosine = load_config(str(bare), ["data.masking.schedule=cosine", "data.masking.final_rate=0.1"]).data.masking
-    assert (cosine.rate, cosine.final_rate) == (0.15, 0.1)
+    cosine = load_config(str(bare), ["data.masking.schedule=cosine", "data.masking.rate=0.4",
+                                     "data.masking.final_rate=0.1"]).data.masking
+    assert (cosine.schedule, cosine.rate, cosine.final_rate) == ("cosine", 0.4, 0.1)
+    # Without its start the rate would be the class default, 0.15: `schedule: linear, final_rate: 0.15` ran
+    # flat, where mlm's own schedule starts at 0.3.
+    with pytest.raises(ConfigError, match=r"data.masking.rate: unset, while data.masking.final_rate or schedule is "
+                                          r"set; .*\(the mlm default starts at 0.3\)"):
+        load_config(str(bare), ["data.masking.schedule=linear", "data.masking.final_rate=0.15"])
     # One of the three alone leaves the others at the class defaults, which would mask at a constant 15%.
     with pytest.raises(ConfigError, match="data.masking.final_rate: the constant schedule keeps data.masking.rate "
                                           r"\(0.15\) throughout, never 0.1; set data.masking.schedule"):
