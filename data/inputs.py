@@ -76,10 +76,11 @@ def check_ready(cfg: Config) -> None:
             manifest = {}  # reported above
         if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
             problems.append(mismatch)
-    try:
-        mask_spec(cfg, tokenizer)
-    except (OSError, ValueError) as err:
-        problems.append(str(err))
+    for policy in {cfg.data.masking.policy, cfg.data.masking.eval_policy or cfg.data.masking.policy}:
+        try:
+            mask_spec(cfg, tokenizer, policy)
+        except (OSError, ValueError) as err:
+            problems.append(str(err))
     if problems:
         raise DataError("the run's data is not ready:\n" + "\n".join(f"  - {p}" for p in problems))
 
@@ -111,18 +112,20 @@ def collocation_path(cfg: Config) -> Path:
     return Path(cfg.data.masking.collocation_table or Path(cfg.data.dir) / collocations.TABLE_NAME)
 
 
-def mask_spec(cfg: Config, tokenizer: Tokenizer) -> MaskSpec:
-    """The masking of a run; the policy's table, if it needs one, is loaded (and checked) here, once per rank."""
+def mask_spec(cfg: Config, tokenizer: Tokenizer, policy: str = "") -> MaskSpec:
+    """The masking of a run, with `policy` (default: the training one); the policy's table, if it needs one, is
+    loaded (and checked) here, once per rank."""
     m = cfg.data.masking
+    policy = policy or m.policy
     weights = pairs = None
-    if m.policy == "importance":
+    if policy == "importance":
         weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
-    if m.policy == "pmi":
+    if policy == "pmi":
         pairs = collocations.load_table(collocation_path(cfg))
     # A policy option is the masking key of the same name; the tables are the two loaded from their paths.
     options = PolicyOptions(**{f.name: getattr(m, f.name) for f in fields(PolicyOptions) if hasattr(m, f.name)},
                             importance=weights, collocations=pairs)
-    return MaskSpec(vocab=tokenizer.vocab(), policy=m.policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
+    return MaskSpec(vocab=tokenizer.vocab(), policy=policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
                     share_across_batch=m.share_across_batch, options=options)
 
 
@@ -149,7 +152,7 @@ def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: 
     """(this rank's validation batches, an all-padding batch for ranks that run out first). `split="train"`
     reads the first `limit` batches of the training split the same way (probes fit on them); `limit` defaults
     to trainer.eval_batches."""
-    spec = mask_spec(cfg, tokenizer)
+    spec = mask_spec(cfg, tokenizer, cfg.data.masking.eval_policy)
     rate = eval_rate(cfg)
     # Seeded by the global batch alone (rank -1 is no training rank's): every evaluation of a run, at any world
     # size, sees the same masks.

@@ -102,6 +102,9 @@ class MaskingConfig:
     """`masktrain data collocations`: keep at most this many pairs, those of highest PMI."""
     eval_rate: float | None = None
     """Rate used by evaluation; None uses the schedule's final value, so evaluations stay comparable."""
+    eval_policy: str = ""
+    """Policy used by evaluation; empty uses `policy`. Runs that train with different policies compare their
+    validation losses only when they evaluate with the same one (e.g. random)."""
 
 
 @dataclass

@@ -128,6 +128,8 @@ def validate(cfg: Config) -> list[str]:
 
     m = d.masking
     choice(m.policy, "data.masking.policy", POLICIES)
+    if m.eval_policy:
+        choice(m.eval_policy, "data.masking.eval_policy", POLICIES)
     choice(m.schedule, "data.masking.schedule", SCHEDULES)
     for key in ("rate", "final_rate", "eval_rate", "mask_prob", "random_prob"):
         fraction(getattr(m, key), f"data.masking.{key}")
@@ -152,9 +154,9 @@ def validate(cfg: Config) -> list[str]:
     check(m.span_max >= 1, "data.masking.span_max", f"must be >= 1, got {m.span_max}")
     check(1.0 <= m.span_mean <= max(m.span_max, 1), "data.masking.span_mean",
           f"must be within [1, span_max ({m.span_max})], got {m.span_mean}")
-    check(not m.share_across_batch or m.policy == "random", "data.masking.share_across_batch",
-          f"one pattern for the whole batch only works with policy random (whole words and spans differ per "
-          f"row), got policy {m.policy!r}")
+    check(not m.share_across_batch or m.policy == "random" and m.eval_policy in ("", "random"),
+          "data.masking.share_across_batch", f"one pattern for the whole batch only works with policy random "
+          f"(whole words and spans differ per row), got policy {m.policy!r}, eval_policy {m.eval_policy!r}")
     non_negative(m.importance_power, "data.masking.importance_power")
     positive(m.collocation_min_count, "data.masking.collocation_min_count")
     positive(m.collocation_pairs, "data.masking.collocation_pairs")

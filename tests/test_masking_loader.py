@@ -201,3 +201,20 @@ def test_real_tokenizer_marks_every_special_token_unmaskable(tiny_data):
         assert vocab.special[getattr(tokenizer, f"{token}_id")], token
     assert vocab.word_start[tokenizer.sp.piece_to_id("\u2581the")]
     assert not vocab.special[vocab.regular_ids].any()
+
+
+def test_eval_policy_gives_runs_of_other_policies_the_same_validation_masks(tiny_data):
+    """Validation losses of runs that train with different policies compare only under one evaluation policy."""
+    def labels(*overrides: str) -> list[torch.Tensor]:
+        cfg = load_config("smoke", [*tiny_data, *SETTINGS, "trainer.eval_batches=3", *overrides])
+        tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+        batches, _ = inputs.validation_set(cfg, OBJECTIVES["mlm"].batch, True, tokenizer, 0, 1, Skips(False))
+        return [batch["labels"] for batch in batches]
+
+    random = labels("data.masking.policy=random")
+    span = labels("data.masking.policy=span")
+    span_judged_as_random = labels("data.masking.policy=span", "data.masking.eval_policy=random")
+    assert len(random) == 3 and all(torch.equal(a, b) for a, b in zip(random, span_judged_as_random))
+    assert not all(torch.equal(a, b) for a, b in zip(random, span))
+    with pytest.raises(Exception, match="data.masking.eval_policy: unknown value 'spans'"):
+        load_config("smoke", [*tiny_data, "data.masking.eval_policy=spans"])
