@@ -136,20 +136,22 @@ def max_positions(cfg: ModelConfig, seq_len: int) -> int:
     return cfg.max_position_embeddings or seq_len
 
 
-def encoder_config(cfg: ModelConfig, seq_len: int, vocab_size: int, pad_id: int, decoder: bool = False):
+def encoder_config(cfg: ModelConfig, seq_len: int, ids: TokenIds, decoder: bool = False):
     """A BertConfig or RobertaConfig sized by `cfg`, or by its MAE-LM decoder keys when `decoder` (RoBERTa's
-    positions start after the padding id)."""
+    positions start after the padding id). The special ids are the tokenizer's: RobertaConfig's own defaults
+    (bos 0, eos 2) name other tokens in an exported config.json."""
     from transformers import BertConfig, RobertaConfig
 
     width, feed_forward, heads = cfg.decoder_shape() if decoder else (cfg.hidden_size, cfg.intermediate_size,
                                                                       cfg.num_heads)
-    common = dict(vocab_size=vocab_size, hidden_size=width,
+    common = dict(vocab_size=ids.size, hidden_size=width,
                   num_hidden_layers=cfg.decoder_layers if decoder else cfg.num_layers,
                   num_attention_heads=heads, intermediate_size=feed_forward,
                   hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                  pad_token_id=pad_id, initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings)
+                  pad_token_id=ids.pad_id, bos_token_id=ids.bos_id, eos_token_id=ids.eos_id,
+                  initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings)
     if cfg.arch == "roberta":
-        return RobertaConfig(max_position_embeddings=max_positions(cfg, seq_len) + pad_id + 2, type_vocab_size=1,
+        return RobertaConfig(max_position_embeddings=max_positions(cfg, seq_len) + ids.pad_id + 2, type_vocab_size=1,
                              **common)
     return BertConfig(max_position_embeddings=max_positions(cfg, seq_len), type_vocab_size=1, **common)
 
@@ -170,15 +172,15 @@ def position_offset(arch: str, pad_id: int) -> int:
 
 def masked_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
     mlm_class, _, head = encoder_classes(cfg.arch)
-    return MaskedLM(mlm_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id)), head=head)
+    return MaskedLM(mlm_class._from_config(encoder_config(cfg, seq_len, ids)), head=head)
 
 
 def mae_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
     from masktrain.trainer.mae import MaeLM
 
     mlm_class, encoder_class, head = encoder_classes(cfg.arch)
-    hf = mlm_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id))
-    decoder = encoder_class._from_config(encoder_config(cfg, seq_len, ids.size, ids.pad_id, decoder=True),
+    hf = mlm_class._from_config(encoder_config(cfg, seq_len, ids))
+    decoder = encoder_class._from_config(encoder_config(cfg, seq_len, ids, decoder=True),
                                          add_pooling_layer=False)
     width = cfg.decoder_shape()[0]
     if width == cfg.hidden_size:
