@@ -165,16 +165,18 @@ class Tokenizer:
         return Vocab(size=len(self), pad_id=self.pad_id, mask_id=self.mask_id, special=special,
                      word_start=word_start, word_break=word_break)
 
-    def hf_tokenizer(self, template: str | None = None):
+    def hf_tokenizer(self, template: str | None = None, max_length: int | None = None):
         """The same tokenizer as a `transformers` fast tokenizer.
 
         `template` adds special tokens the way the model was trained: "encoder" wraps text as [CLS] ... [SEP],
-        "decoder" prefixes <s>; None adds nothing. Text encodes exactly as sentencepiece encodes it, except text
-        that begins with a space: sentencepiece adds its "\u2581" prefix even there, and this tokenizer does not
-        (Hugging Face's Metaspace cannot). That is the price of "[MASK]" written in text (fill-mask) encoding as
-        training made it, in place of a word: "the [MASK] of" is \u2581the [MASK] \u2581of, not
-        \u2581the \u2581 [MASK] \u2581 \u2581of, which a prefix added to every piece of text between special
-        tokens gave.
+        "decoder" prefixes <s> (and pads on the left, where batched generation needs it); None adds nothing.
+        `max_length`: the model's longest input, which `truncation=True` cuts to (None: no limit).
+
+        Text encodes exactly as sentencepiece encodes it, except text that begins with a space: sentencepiece
+        adds its "\u2581" prefix even there, and this tokenizer does not (Hugging Face's Metaspace cannot). That
+        is the price of "[MASK]" written in text (fill-mask) encoding as training made it, in place of a word:
+        "the [MASK] of" is \u2581the [MASK] \u2581of, not \u2581the \u2581 [MASK] \u2581 \u2581of, which a prefix
+        added to every piece of text between special tokens gave.
         """
         from tokenizers import Tokenizer as Backend
         from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
@@ -211,13 +213,14 @@ class Tokenizer:
         # [MASK] takes the space before it, as the word it stands for would have.
         special["mask_token"] = AddedToken(SPECIAL_TOKENS["mask"], lstrip=True, rstrip=False, normalized=False,
                                            special=True)
-        return PreTrainedTokenizerFast(tokenizer_object=backend, **special, model_max_length=int(1e30),
+        return PreTrainedTokenizerFast(tokenizer_object=backend, **special, model_max_length=max_length or int(1e30),
+                                       padding_side="left" if template == "decoder" else "right",
                                        clean_up_tokenization_spaces=False)
 
-    def save_hf(self, out_dir: str | Path, template: str | None = None) -> Path:
+    def save_hf(self, out_dir: str | Path, template: str | None = None, max_length: int | None = None) -> Path:
         """Write the Hugging Face files (tokenizer.json, tokenizer_config.json) and the sentencepiece model."""
         out_dir = Path(out_dir)
-        self.hf_tokenizer(template).save_pretrained(str(out_dir))
+        self.hf_tokenizer(template, max_length).save_pretrained(str(out_dir))
         # transformers 5 names its fast tokenizer "TokenizersBackend", a class transformers 4 does not know;
         # both load the same tokenizer.json under the name 4 uses.
         config_file = out_dir / "tokenizer_config.json"

@@ -98,6 +98,9 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
 
     encoded = hf_tokenizer(TEXT, padding=True, return_tensors="pt")
     assert encoded["input_ids"][0].tolist()[:-1] == [tokenizer.cls_id, *tokenizer.encode(TEXT[:1])[0]]
+    # The model's positions bound the tokenizer: truncation cuts there (a longer input fails in the model).
+    assert hf_tokenizer.model_max_length == cfg.data.seq_len
+    assert len(hf_tokenizer(" ".join(TEXT) * 50, truncation=True)["input_ids"]) == cfg.data.seq_len
     with torch.no_grad():
         torch.testing.assert_close(exported(**encoded).logits, trained.hf(**encoded).logits, rtol=1e-5, atol=1e-5)
     loss = val_loss(cfg, tokenizer, lambda b: target_loss(exported(input_ids=b["input_ids"]).logits, b["labels"]))
@@ -122,8 +125,14 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
         missing.stderr)
     here = tmp_path / "empty-working-folder"
     here.mkdir()
-    run_cli("export", str(checkpoint), ".", cwd=here, check=True)
+    done = run_cli("export", os.path.relpath(checkpoint, here), ".", cwd=here, check=True)
     assert {p.name: p.read_bytes() for p in here.iterdir()} == before
+    assert f"exported {checkpoint} to {here}" in done.stdout  # named without the "..", as in its card
+    # A folder under a file cannot be made: said before the checkpoint is consolidated (minutes when large).
+    (tmp_path / "a-file").write_text("")
+    under_file = run_cli("export", str(checkpoint), str(tmp_path / "a-file" / "out"))
+    assert under_file.returncode == 1 and f"{tmp_path / 'a-file'} is a file, not a folder" in under_file.stderr
+    assert "Processing zero checkpoint" not in under_file.stdout + under_file.stderr
 
     # The checkpoint carries its tokenizer: it exports the same without the data folder, even after the data
     # folder's tokenizer was replaced or its config points elsewhere (a relative data.dir, another machine).
@@ -182,7 +191,8 @@ def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
     checkpoint = Checkpointer(run, 1, False).latest()
     out = export(checkpoint, run / "export")
     assert_plain_transformers_folder(out, "RobertaModel")
-    assert "AutoModel.from_pretrained" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "AutoModel.from_pretrained" in card and "fill-mask does not apply" in card
 
     # Consolidating the ZeRO-3 shards gives back the trained model: it reproduces the logged validation loss.
     cfg, tokenizer, trained = load_trained(checkpoint)
@@ -192,6 +202,9 @@ def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
         pytest.approx(logged_val_loss(run), rel=1e-5)
 
     exported = AutoModel.from_pretrained(out).eval()
+    # The tokenizer's special ids, not RobertaConfig's defaults (bos 0, eos 2), which are other tokens here.
+    assert (exported.config.bos_token_id, exported.config.eos_token_id, exported.config.pad_token_id) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
     assert sum(p.numel() for p in exported.base_model.encoder.parameters()) == \
         sum(p.numel() for p in trained.hf.base_model.encoder.parameters())
     encoded = AutoTokenizer.from_pretrained(out)(TEXT, padding=True, return_tensors="pt")
@@ -218,7 +231,9 @@ def test_meap_zero3_export_reproduces_the_trained_module(tiny_data, tmp_path):
     loss = val_loss(cfg, tokenizer, lambda b: target_loss(exported(input_ids=b["input_ids"]).logits[:, :-1],
                                                           b["labels"][:, 1:]))
     assert loss == pytest.approx(logged_val_loss(run), rel=1e-5)
-    encoded = AutoTokenizer.from_pretrained(out)(TEXT[:1], return_tensors="pt")
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    encoded = hf_tokenizer(TEXT[:1], return_tensors="pt")
     assert encoded["input_ids"][0].tolist() == [tokenizer.bos_id, *tokenizer.encode(TEXT[:1])[0]]
+    assert hf_tokenizer.padding_side == "left"  # batched generation continues every row from its last token
     with torch.no_grad():
         torch.testing.assert_close(exported(**encoded).logits, trained.hf(**encoded).logits, rtol=1e-5, atol=1e-5)

@@ -194,7 +194,7 @@ def is_complete(path: Path) -> bool:
 def resolve_checkpoint(given: str | Path) -> Path:
     """The checkpoint a user names: a checkpoint folder, or a run folder, its checkpoints/ folder or the `latest`
     file there, which mean the newest complete checkpoint."""
-    path = Path(given).absolute()  # `latest` or `.` inside checkpoints/ have parents to find
+    path = Path(os.path.abspath(given))  # `latest` or `.` inside checkpoints/ have parents to find; no ".."
     if is_complete(path):
         return path
     if path.name == LATEST and path.is_file():

@@ -17,7 +17,7 @@ from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.loading import config_from_dict
 from masktrain.trainer.checkpoint import check_intact, partitioned_over, resolve_checkpoint, saved_config
-from masktrain.trainer.models import TokenIds, build_model
+from masktrain.trainer.models import TokenIds, build_model, max_positions
 from masktrain.trainer.objectives import OBJECTIVES
 
 
@@ -61,6 +61,9 @@ def model_card(cfg, model, checkpoint: Path) -> str:
     auto = model.auto_class
     what = ("The encoder of an MAE-LM model (its shallow decoder and LM head are pre-training only)"
             if cfg.model.objective == "mae_lm" else f"A {cfg.model.objective} model")
+    mae = ("\nPre-training removed the masked tokens before the encoder: [MASK] was never an input of this encoder, "
+           "and there is no masked-LM head, so fill-mask does not apply (`AutoModelForMaskedLM` would start one "
+           "untrained).\n" if cfg.model.objective == "mae_lm" else "")
     pooler = ("\nLoaded with `AutoModel`, the encoder gets a pooler that pre-training never had: transformers "
               "reports it missing and it starts untrained.\n" if OBJECTIVES[cfg.model.objective].encoder else "")
     return (f"# {cfg.run.name}\n\n"
@@ -68,7 +71,10 @@ def model_card(cfg, model, checkpoint: Path) -> str:
             f"{cfg.model.arch}) and exported from `{checkpoint}`.\n\n"
             f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
             f"tokenizer = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n"
-            + pooler)
+            + pooler + mae
+            + f"\nInputs longer than {max_positions(cfg.model, cfg.data.seq_len)} tokens (the model's positions) "
+            "must be cut (`truncation=True`). Text that holds the special tokens' spelling (<s>, </s>, [CLS], [SEP], "
+            "[PAD], <unk>) encodes it as those tokens; pre-training's tokenizer spelled it out.\n")
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -77,6 +83,9 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir).resolve()  # "." has no name to stage beside
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise FileExistsError(f"{out_dir}: exists and is not an empty folder; export writes a new one")
+    # Said before consolidating the checkpoint, which takes minutes for a large model.
+    if not (existing := next(p for p in out_dir.parents if p.exists())).is_dir():
+        raise NotADirectoryError(f"{out_dir}: {existing} is a file, not a folder to export into")
     cfg, tokenizer, model = load_trained(checkpoint)
     # Staged on the same file system: beside a new folder, or inside an existing empty one (a mount point, a
     # volume whose parent is not ours), whose files then move up.
@@ -86,7 +95,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         model.exported().save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_hf(staging, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder")
+        tokenizer.save_hf(staging, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder",
+                          max_positions(cfg.model, cfg.data.seq_len))
         (staging / "README.md").write_text(model_card(cfg, model, Path(checkpoint)))
         # safetensors writes its file 0600; colleagues on a shared file system read the rest with the umask.
         mode = 0o666 & ~current_umask()
