@@ -292,7 +292,9 @@ def node(config_path: str) -> None:
 
 
 def status(run: str) -> str:
-    """`<state> <step> <start>` of the run's last launch ("none 0 0" before any), for the job script to read."""
+    """`<state> <step> <start> <reason>` of the run's last launch ("none 0 0" before any), for the job script to
+    read: one line, the reason's first."""
     saved = read_status(run)
     step = saved.get("step", 0)
-    return f"{saved.get('state', 'none')} {step} {saved.get('start', step)}"
+    reason = (saved.get("reason") or "").splitlines()
+    return f"{saved.get('state', 'none')} {step} {saved.get('start', step)} {reason[0] if reason else ''}".rstrip()

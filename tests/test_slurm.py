@@ -41,7 +41,7 @@ def write_stub(folder: Path, name: str, body: str) -> None:
 def stubs(tmp_path) -> Path:
     """Stand-ins for the SLURM commands, for running a job script outside a cluster. srun prints what it was
     asked to start, leaves STUB_STATE behind as the ranks' status if set (at step 7, the launch having started
-    at STUB_START, 0 by default), lasts STUB_SLEEP s and notes a SIGUSR1 it gets (in got-usr1); scontrol
+    at STUB_START, 0 by default, for STUB_REASON), lasts STUB_SLEEP s and notes a SIGUSR1 it gets (in got-usr1); scontrol
     answers for nodes gpu07-gpu10 and logs requeues; sbatch logs its arguments and hands out ids 101, 102..."""
     folder = tmp_path / "bin"
     folder.mkdir()
@@ -53,7 +53,7 @@ esac
 ''')
     # The status goes down before the SRUN line: a test that signals on seeing the line finds it written.
     write_stub(folder, "srun", '''trap 'touch "$(dirname "$0")/got-usr1"' USR1
-[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7, \\"start\\": ${STUB_START:-0}}" \\
+[[ -n ${STUB_STATE:-} ]] && echo "{\\"state\\": \\"$STUB_STATE\\", \\"step\\": 7, \\"start\\": ${STUB_START:-0}, \\"reason\\": \\"${STUB_REASON:-}\\"}" \\
     >"$(dirname "${@: -1}")/status.json"
 echo "SRUN $* MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT"
 sleep "${STUB_SLEEP:-0}"
@@ -146,11 +146,14 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     # without a verdict, signalled or not (a lost rank, a timed-out collective, a failed save), go on from their
     # last checkpoint, unless this attempt saved none: the next would repeat it (a save failing on a full disk,
     # or a broken node, would requeue the job for ever).
+    # A USR1 before the ranks started (no status at all: the launchers were importing or at the rendezvous,
+    # where nothing catches it) lost nothing and tried nothing: requeued.
     for state, start, usr1, requeued in (("failed", "0", True, False), ("running", "0", True, True),
                                          ("running", "7", True, False), ("running", "0", False, True),
-                                         ("running", "7", False, False)):
+                                         ("running", "7", False, False), ("", "0", True, True)):
         job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True,
-                               env={**env, "STUB_STATE": state, "STUB_START": start})
+                               env={**env, "STUB_STATE": state, "STUB_START": start,
+                                    "STUB_REASON": "corrupt shard: shard-000007.tar"})
         lines = []
         for line in job.stdout:
             lines.append(line)
@@ -160,6 +163,10 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
         assert (code == 0) == requeued and ("requeued job 123456" in text) == requeued, text
         assert (stubs / "requeued").exists() == requeued
         assert ("without a checkpoint since this attempt started at step 7" in text) == (start == "7"), text
+        # A verdict's reason is in the job's log, not only in status.json.
+        assert ("training failed at step 7: corrupt shard: shard-000007.tar (launchers exited" in text) == (
+            state == "failed"), text
+        assert ("stopped on SIGUSR1 before the ranks started" in text) == (state == ""), text
         # The ranks got the signal, which is what makes them checkpoint.
         assert (stubs / "got-usr1").exists() == usr1 and ("got SIGUSR1: passing it to the ranks" in text) == usr1
         (stubs / "got-usr1").unlink(missing_ok=True)
@@ -171,11 +178,25 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     assert done.returncode == 0 and "already complete" in done.stdout and "SRUN" not in done.stdout
     # Nor does one that follows a job which left the run failed: it would fail the same way, and the verdict
     # (status.json) stays for the user. A job submitted again by hand after a fix does start.
-    (run / "status.json").write_text(json.dumps({"state": "failed", "step": 12}))
+    (run / "status.json").write_text(json.dumps({"state": "failed", "step": 12, "reason": "too many NaN\nsteps"}))
     after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
     assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
-    assert f"the run is marked failed at step 12 ({run}/status.json); not restarting it after job 101" in after.stdout
+    assert (f"the run is marked failed at step 12 ({run}/status.json): too many NaN; not restarting it after job "
+            "101") in after.stdout
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    # Nor one that follows a job which ended without a verdict and saved nothing: it would repeat that attempt.
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 40, "start": 40}))
+    after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
+    assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
+    assert "job 101 ended without a verdict and without a checkpoint since step 40; not restarting" in after.stdout
+    # A config the script cannot write (a full disk) leaves the run's own in place and starts nothing.
+    saved_config = (run / "config.yaml").read_text()
+    (run / "config.yaml.tmp").mkdir()
+    unwritable = run_script(script, stubs, nodes=1)
+    assert unwritable.returncode == 1 and "SRUN" not in unwritable.stdout, unwritable.stdout
+    assert f"cannot write {run}/config.yaml.tmp" in unwritable.stdout
+    assert (run / "config.yaml").read_text() == saved_config
+    (run / "config.yaml.tmp").rmdir()
     again = run_script(script, stubs, nodes=1, STUB_STATE="completed")
     assert again.returncode == 0 and "SRUN" in again.stdout, again.stdout
 
