@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import run_cli
-from masktrain.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from masktrain.data.tokenizer import MAX_PIECE_INPUT, SPECIAL_TOKENS, Tokenizer, training_lines
 
 # Whitespace runs, tabs and new lines, byte-fallback characters, digits (split one by one) and runs of one
 # character (equal-score segmentations, where sentencepiece and Hugging Face could break ties differently).
@@ -132,3 +132,11 @@ def test_a_sample_is_uniform_seeded_and_keeps_input_order_when_it_holds_everythi
     assert 160 < sum(d.startswith("b") for d in sample) < 240
     assert sample == sample_documents(docs, 400, seed=1) != sample_documents(docs, 400, seed=2)
     assert sample_documents(docs[:300], 400, seed=1) == docs[:300]
+
+
+def test_long_lines_reach_the_tokenizer_trainer_in_order_in_pieces_it_keeps():
+    """A 200 MB line (one document without newlines) once took hours here; each piece is cut by index now."""
+    line = "".join(f"word{i} " for i in range(400_000))
+    pieces = list(training_lines([f"  {line}\nshort line\n\n"]))
+    assert "".join(pieces[:-1]) == line.strip() and pieces[-1] == "short line"
+    assert all(0 < len(piece) <= MAX_PIECE_INPUT for piece in pieces)
