@@ -13,6 +13,7 @@ import codecs
 import glob
 import gzip
 import json
+import os
 import sysconfig
 import zlib
 from collections import Counter
@@ -35,19 +36,24 @@ class DataError(RuntimeError):
 
 @dataclass
 class CorpusStats:
-    """What was read and what was skipped, by reason."""
+    """What was read and what was skipped, by reason, with the first place of each (for the log)."""
 
     documents: int = 0
     skipped: Counter = field(default_factory=Counter)
+    first: dict[str, str] = field(default_factory=dict)
 
-    def skip(self, reason: str, where: str, strict: bool) -> None:
+    def skip(self, reason: str, where: str, strict: bool, detail: str = "") -> None:
+        """`where`: path, with :line (and :column) where there is one; `detail`: what the reader said."""
+        place = f"{where} ({detail})" if detail else where
         if strict:
-            raise InputError(f"{where}: {reason}")
+            raise InputError(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
         self.skipped[reason] += 1
+        self.first.setdefault(reason, place)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Files in a stable order; directories are walked, globs expanded; a missing path is an error."""
+    """Files in a stable order; directories are walked, globs expanded; a missing path is an error. A file
+    named twice (a folder and a glob inside it) is read once, where it first comes."""
     files: list[str] = []
     for item in inputs:
         if item == BUILTIN:
@@ -64,12 +70,25 @@ def expand_inputs(inputs: list[str]) -> list[str]:
                 files.extend(directory_files(match) if Path(match).is_dir() else [match])
         else:
             raise InputError(f"{item}: no such file or directory")
-    return files
+    unique, seen = [], set()
+    for path in files:
+        if (real := path if path == BUILTIN else os.path.realpath(path)) not in seen:
+            seen.add(real)
+            unique.append(path)
+    return unique
 
 
 def directory_files(directory: str) -> list[str]:
-    """The text files below `directory`, sorted; other files (images, archives) are not documents."""
-    found = sorted(str(p) for p in Path(directory).rglob("*") if p.is_file() and is_text_file(p))
+    """The text files below `directory`, sorted, through linked folders too (each real folder once, so a link
+    to a parent ends); other files (images, archives) are not documents."""
+    found, visited = [], set()
+    for folder, subfolders, names in os.walk(directory, followlinks=True):
+        if (real := os.path.realpath(folder)) in visited:
+            subfolders.clear()
+            continue
+        visited.add(real)
+        found += [path for name in names if is_text_file(path := Path(folder) / name) and path.is_file()]
+    found = sorted(map(str, found))
     if not found:
         raise InputError(f"{directory}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")
     return found
@@ -111,7 +130,7 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats)
             else:
                 yield from paragraph_documents(lines_of(handle), path, strict, stats)
     except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
-        stats.skip("unreadable file", f"{path}: {err}", strict)
+        stats.skip("unreadable file", path, strict, str(err))
 
 
 def lines_of(handle: IO[bytes]) -> Iterator[bytes]:
@@ -129,23 +148,23 @@ def jsonl_documents(lines: Iterable[bytes], path: str, text_field: str, strict: 
             continue
         try:
             record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            stats.skip("invalid UTF-8", f"{path}:{number}", strict)
+        except UnicodeDecodeError as err:
+            stats.skip("invalid UTF-8", f"{path}:{number}", strict, f"byte {err.start + 1} of the line")
             continue
         except json.JSONDecodeError as err:
-            stats.skip("invalid JSON", f"{path}:{number}: {err.msg}", strict)
+            stats.skip("invalid JSON", f"{path}:{number}:{err.colno}", strict, err.msg)
             continue
         except (ValueError, RecursionError) as err:  # numbers past int's digit limit, nesting past the stack
-            stats.skip("invalid JSON", f"{path}:{number}: {err}", strict)
+            stats.skip("invalid JSON", f"{path}:{number}", strict, str(err))
             continue
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            stats.skip("missing text field", f"{path}:{number}: no string field {text_field!r}", strict)
+            stats.skip("missing text field", f"{path}:{number}", strict, f"no string field {text_field!r}")
             continue
         try:  # JSON escapes can spell a lone surrogate ("\ud800"), which no UTF-8 text holds
             text.encode("utf-8")
         except UnicodeEncodeError:
-            stats.skip("invalid UTF-8", f"{path}:{number}: a lone surrogate escape", strict)
+            stats.skip("invalid UTF-8", f"{path}:{number}", strict, "a lone surrogate escape")
             continue
         yield f"{path}:{number}", text
 
@@ -170,10 +189,12 @@ def paragraph_documents(lines: Iterable[bytes], path: str, strict: bool,
 
 def decode_block(block: list[bytes], path: str, line: int, strict: bool,
                  stats: CorpusStats) -> Iterator[tuple[str, str]]:
+    raw = b"".join(block)
     try:
-        yield f"{path}:{line}", b"".join(block).decode("utf-8").strip()
-    except UnicodeDecodeError:
-        stats.skip("invalid UTF-8", f"{path}:{line}", strict)
+        yield f"{path}:{line}", raw.decode("utf-8").strip()
+    except UnicodeDecodeError as err:  # named at the bad byte's line: the block may be a whole file
+        bad_line = line + raw.count(b"\n", 0, err.start)
+        stats.skip("invalid UTF-8", f"{path}:{bad_line}", strict, f"the document from line {line} is skipped")
 
 
 def builtin_documents() -> Iterator[str]:

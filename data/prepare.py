@@ -43,6 +43,11 @@ def skipped_text(stats: CorpusStats) -> str:
     return ", ".join(f"{n:,} {reason}" for reason, n in sorted(stats.skipped.items())) or "nothing"
 
 
+def skipped_places(stats: CorpusStats) -> str:
+    """Where the first document of each skipped kind was, so that a skip can be found without --strict."""
+    return "; ".join(f"{reason} at {where}" for reason, where in sorted(stats.first.items()))
+
+
 TOKENIZER_RECIPE = "recipe.json"
 TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokenizer_type", "tokenizer_sample_docs")
 TRAINING_ONLY = ("vocab_size", "tokenizer_type", "tokenizer_sample_docs")
@@ -64,20 +69,28 @@ def recipe_changes(built: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> s
                      if old.get(key) != new.get(key) and key not in skip)
 
 
-def input_sizes(inputs: list[str]) -> dict[str, int | None]:
-    """Each input file's size in bytes (None for the built-in text), recorded so that a folder is not reused
-    for inputs that have since grown, shrunk, gained or lost files. Sizes rather than times: a copy or a touch
-    leaves the text as it was."""
-    return {path: None if path == BUILTIN else os.path.getsize(path) for path in expand_inputs(inputs)}
+UNREADABLE = "unreadable"
 
 
-def input_changes(built: dict[str, int | None], now: dict[str, int | None]) -> str:
+def input_sizes(inputs: list[str]) -> dict[str, int | str | None]:
+    """Each input file's size in bytes (None for the built-in text, "unreadable" for a file this user may not
+    read or a broken link), recorded so that a folder is not reused for inputs that have since grown, shrunk,
+    gained or lost files, or become readable. Sizes rather than times: a copy or a touch leaves the text as it
+    was."""
+    return {path: None if path == BUILTIN else os.path.getsize(path) if os.access(path, os.R_OK) else UNREADABLE
+            for path in expand_inputs(inputs)}
+
+
+def input_changes(built: dict[str, int | str | None], now: dict[str, int | str | None]) -> str:
     """How the input files differ from the recorded ones, as 'path: what' (the first three, and a count)."""
     def change(path: str) -> str:
         if path not in built:
             return f"{path}: new"
         if path not in now:
             return f"{path}: gone"
+        if UNREADABLE in (built[path], now[path]):
+            sizes = (f"{v:,} bytes" if isinstance(v, int) else v for v in (built[path], now[path]))
+            return f"{path}: " + " -> ".join(sizes)
         return f"{path}: {built[path]:,} -> {now[path]:,} bytes"
 
     changes = [change(path) for path in sorted(set(built) | set(now)) if built.get(path, -1) != now.get(path, -1)]
@@ -97,8 +110,9 @@ def input_documents(p: PrepareConfig, strict: bool) -> tuple[Iterator[str], Corp
 
 
 def no_documents(p: PrepareConfig, stats: CorpusStats) -> InputError:
+    places = f"; first of each: {skipped_places(stats)}" if stats.first else ""
     return InputError(f"{', '.join(p.inputs)}: no documents to train on (read {stats.documents:,}, skipped "
-                      f"{skipped_text(stats)})")
+                      f"{skipped_text(stats)}{places})")
 
 
 def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bool = False,
@@ -141,6 +155,8 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
         f"{len(splits['train']['shards'])} train shards ({splits['train']['tokens']:,} tokens), "
         f"{len(splits['val']['shards'])} val shards ({splits['val']['tokens']:,} tokens) "
         f"in {time.perf_counter() - started:.1f}s -> {out_dir}")
+    if stats.first:
+        log(f"data: skipped, the first of each kind: {skipped_places(stats)}")
     return manifest
 
 

@@ -373,4 +373,7 @@ def main(argv: list[str] | None = None) -> None:
             PermissionError) as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 1
+    except KeyboardInterrupt:  # what a command writes appears whole or not at all: the folders are as they were
+        print("masktrain: interrupted", file=sys.stderr)
+        code = 130
     sys.exit(code)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,8 +17,9 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from masktrain.data.corpus import documents, expand_inputs
-from masktrain.data.prepare import build_tokenizer
+from conftest import MASKTRAIN
+from masktrain.data.corpus import CorpusStats, InputError, documents, expand_inputs
+from masktrain.data.prepare import build_tokenizer, input_changes, input_sizes
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
 from masktrain.launcher.config import PrepareConfig
@@ -134,12 +137,37 @@ def test_bad_input_is_counted_and_strict_fails_naming_file_and_line(tokenizer, t
     assert manifest["input_documents"] == 3
     assert manifest["input_skipped"] == {"invalid UTF-8": 3, "empty document": 1, "invalid JSON": 1,
                                          "missing text field": 1}
-    assert "skipped 1 empty document, 1 invalid JSON, 3 invalid UTF-8, 1 missing text field" in capsys.readouterr().out
+    logged = capsys.readouterr().out
+    assert "skipped 1 empty document, 1 invalid JSON, 3 invalid UTF-8, 1 missing text field" in logged
+    # Without --strict too, each kind of skip can be found: the first of each is named.
+    assert (f"skipped, the first of each kind: empty document at {bad_json}:2; invalid JSON at {bad_json}:3:1 "
+            f"(Expecting value); invalid UTF-8 at {bad_text}:3 (the document from line 3 is skipped); missing text "
+            f"field at {bad_json}:4 (no string field 'text')") in logged
 
     assert shards(str(bad_text), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict"), "--strict") == 1
     assert f"masktrain: {bad_text}:3: invalid UTF-8" in capsys.readouterr().err
     assert shards(str(bad_json), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict2"), "--strict") == 1
     assert f"masktrain: {bad_json}:2: empty document" in capsys.readouterr().err
+    # A file of one document per line (read as one document: no blank lines) names the bad byte's own line.
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"".join(b"line %d\n" % n for n in range(1, 40)) + b"caf\xe9\n" + b"last line\n")
+    with pytest.raises(InputError, match=rf"{lines}:40: invalid UTF-8 \(the document from line 1 is skipped\)"):
+        list(documents([str(lines)], strict=True))
+
+
+def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
+    """A folder and a glob inside it name its files twice; a folder linked into the corpus is part of it, and
+    a link back up to the corpus ends there."""
+    corpus, other = tmp_path / "corpus", tmp_path / "other"
+    corpus.mkdir()
+    other.mkdir()
+    (corpus / "a.txt").write_text("document a\n")
+    (other / "b.txt").write_text("document b\n")
+    (corpus / "linked").symlink_to(other)
+    (other / "back-up").symlink_to(corpus)
+    assert expand_inputs([str(corpus), str(corpus / "*.txt"), str(corpus / "a.txt")]) == [
+        str(corpus / "a.txt"), str(corpus / "linked" / "b.txt")]
+    assert list(documents([str(corpus), str(corpus / "a.txt")])) == ["document a", "document b"]
 
 
 def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
@@ -331,3 +359,33 @@ def test_training_shards_given_without_validation_shards_mean_no_validation(tiny
     assert shard_urls(cfg, "train") == [str(data / "train" / "shard-000000.tar")] and shard_urls(cfg, "val") == []
     cfg = load_config("smoke", [*overrides, f"data.val_shards={data / 'val' / 'shard-000000.tar'}"])
     assert shard_urls(cfg, "val") == [str(data / "val" / "shard-000000.tar")]
+
+
+def test_an_unreadable_input_is_recorded_so_that_a_reuse_after_the_fix_is_refused(tmp_path):
+    """Skipped and counted, it stayed missing for good: the folder's recorded sizes matched the next time."""
+    (tmp_path / "a.txt").write_text("document a\n")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "b.dat")  # a broken link: unreadable, as a mode-000 file is
+    pattern = str(tmp_path / "*.txt")
+    stats = CorpusStats()
+    assert list(documents([pattern], stats=stats)) == ["document a"]
+    assert stats.skipped == {"unreadable file": 1}
+    assert stats.first["unreadable file"].startswith(f"{tmp_path / 'b.txt'} ([Errno 2]")
+    before = input_sizes([pattern])
+    assert before == {str(tmp_path / "a.txt"): 11, str(tmp_path / "b.txt"): "unreadable"}
+    (tmp_path / "b.dat").write_text("document b\n")
+    assert input_changes(before, input_sizes([pattern])) == f"{tmp_path / 'b.txt'}: unreadable -> 11 bytes"
+
+
+def test_ctrl_c_during_shards_is_one_line_and_leaves_the_folder_as_it_was(tokenizer, tmp_path):
+    out = tmp_path / "out"
+    assert shards("builtin:python-docs", "--max-docs", "50", "--tokenizer", str(tokenizer), "--out", str(out)) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    job = subprocess.Popen([MASKTRAIN, "data", "shards", "builtin:python-docs", "--tokenizer", str(tokenizer),
+                            "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not (out / "train" / ".writing").exists():  # writing the new shards
+        assert job.poll() is None, job.communicate()
+        time.sleep(0.01)
+    job.send_signal(signal.SIGINT)
+    stdout, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130 and stderr.strip() == "masktrain: interrupted", stderr
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
