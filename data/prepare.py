@@ -49,8 +49,9 @@ def skipped_places(stats: CorpusStats) -> str:
 
 
 TOKENIZER_RECIPE = "recipe.json"
-TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokenizer_type", "tokenizer_sample_docs")
-TRAINING_ONLY = ("vocab_size", "tokenizer_type", "tokenizer_sample_docs")
+TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokenizer_type", "tokenizer_sample_docs",
+                      "tokenizer_sample_chars")
+TRAINING_ONLY = ("vocab_size", "tokenizer_type", "tokenizer_sample_docs", "tokenizer_sample_chars")
 """Settings that reach the shards only through the tokenizer they train."""
 
 
@@ -61,8 +62,11 @@ def recipe(p: PrepareConfig, seed: int) -> dict:
 
 def recipe_changes(built: dict, wanted: dict, ignore: tuple[str, ...] = ()) -> str:
     """The settings that differ between two recipes, as 'key: built -> wanted'; not the thread count, which
-    changes nothing in what is built, nor the `data.prepare` fields in `ignore`."""
-    old = {**{f"data.prepare.{k}": v for k, v in built.get("prepare", {}).items()}, "run.seed": built.get("seed")}
+    changes nothing in what is built, nor the `data.prepare` fields in `ignore`. A setting the built recipe
+    lacks, added to masktrain since, counts as its default."""
+    defaults = {k: v for k, v in asdict(PrepareConfig()).items() if k in wanted["prepare"]}
+    old = {**{f"data.prepare.{k}": v for k, v in {**defaults, **built.get("prepare", {})}.items()},
+           "run.seed": built.get("seed")}
     new = {**{f"data.prepare.{k}": v for k, v in wanted["prepare"].items()}, "run.seed": wanted["seed"]}
     skip = {f"data.prepare.{key}" for key in ("workers", *ignore)}
     return ", ".join(f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
@@ -119,14 +123,15 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
                     template: str | None = None, log=print) -> Tokenizer:
     """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files."""
     started = time.perf_counter()
+    sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
-    sample = sample_documents(docs, p.tokenizer_sample_docs, seed)
+    sample = sample_documents(docs, p.tokenizer_sample_docs, seed, p.tokenizer_sample_chars)
     if not sample:  # sentencepiece's own message would say nothing of where the text came from
         raise no_documents(p, stats)
     train_tokenizer(sample, out_dir, p.vocab_size, p.tokenizer_type, seed)
     tokenizer = Tokenizer(out_dir)
     tokenizer.save_hf(out_dir, template)
-    write_json(Path(out_dir) / TOKENIZER_RECIPE, tokenizer_recipe(p, seed))
+    write_json(Path(out_dir) / TOKENIZER_RECIPE, {**tokenizer_recipe(p, seed), "input_sizes": sizes})
     log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {len(sample):,} of "
         f"{stats.documents:,} documents in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) "
         f"-> {out_dir}")
@@ -160,10 +165,11 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
     return manifest
 
 
-def changed_inputs(manifest: dict, inputs: list[str]) -> str:
-    """How `inputs` changed since `manifest` was written; '' when they did not, or cannot be compared: folders
-    written before sizes were recorded, and inputs removed once sharded (the shards are what training reads)."""
-    if (built := manifest.get("input_sizes")) is None:
+def changed_inputs(manifest: dict | None, inputs: list[str]) -> str:
+    """How `inputs` changed since `manifest` (or a tokenizer's recipe) was written; '' when they did not, or
+    cannot be compared: folders written before sizes were recorded, and inputs removed once sharded (the shards
+    are what training reads)."""
+    if (built := (manifest or {}).get("input_sizes")) is None:
         return ""
     try:
         return input_changes(built, input_sizes(inputs))
@@ -202,6 +208,9 @@ def prepare(cfg: Config, log=print) -> dict:
         if made_for is not None and (changes := recipe_changes(made_for, tokenizer_recipe(p, cfg.run.seed))):
             raise SystemExit(f"{tok_dir}: a tokenizer trained with other data.prepare settings ({changes}); remove "
                              "it, or set data.tokenizer to use it as it is")
+        if changes := changed_inputs(made_for, p.inputs):
+            raise SystemExit(f"{tok_dir}: a tokenizer trained on other input files than there are now ({changes}); "
+                             "remove it, or set data.tokenizer to use it as it is")
         log(f"data: reusing the tokenizer in {tok_dir}")
     else:
         log(f"data: using the tokenizer in {tok_dir} (data.tokenizer)")

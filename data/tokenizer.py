@@ -51,19 +51,32 @@ SCORE_GRID = 64
 TRAINING_THREADS = 16
 
 
-def sample_documents(docs: Iterable[str], k: int, seed: int) -> list[str]:
-    """A uniform sample of `k` documents from all of `docs`, seeded, in input order when there are at most k.
+def sample_documents(docs: Iterable[str], k: int, seed: int, max_chars: int = 0) -> list[str]:
+    """A uniform sample of `k` documents from all of `docs`, seeded, in input order when there are at most k,
+    and of at most `max_chars` characters in all (0: any number).
 
     Reservoir sampling: reads every document once and holds k, so a corpus given as many files (sorted by
-    name) gives the tokenizer all of them, not just the first files.
+    name) gives the tokenizer all of them, not just the first files. Past `max_chars`, a random document leaves
+    and k shrinks by one: what remains is a uniform sample of all read so far, of the smaller size, and stays
+    one as reading goes on. (Sentencepiece holds about 20 bytes per character it trains on: 200,000 long
+    documents would not fit in memory.)
     """
     rng = random.Random(seed)
     sample: list[str] = []
+    chars = 0
     for index, doc in enumerate(docs):
         if index < k:
             sample.append(doc)
+            chars += len(doc)
         elif (slot := rng.randrange(index + 1)) < k:
+            chars += len(doc) - len(sample[slot])
             sample[slot] = doc
+        while max_chars and chars > max_chars and len(sample) > 1:
+            slot = rng.randrange(len(sample))
+            chars -= len(sample[slot])
+            sample[slot] = sample[-1]
+            sample.pop()
+            k = len(sample)
     return sample
 
 

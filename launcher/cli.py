@@ -291,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     p = data.add_parser("tokenizer", help="train a sentencepiece tokenizer (+ Hugging Face files) on text")
     add_data_args(p, ("vocab_size", int, "vocabulary size at most, special tokens included"),
                   ("tokenizer_type", str, "unigram or bpe"),
-                  ("tokenizer_sample_docs", int, "train on a sample of this many documents"))
+                  ("tokenizer_sample_docs", int, "train on a sample of this many documents"),
+                  ("tokenizer_sample_chars", int, "and on at most this many characters (fewer documents when they "
+                                                  "are long)"))
     p.add_argument("--template", choices=("encoder", "decoder"),
                    help="Hugging Face files add [CLS]/[SEP] (encoder) or <s> (decoder) around text")
     p.set_defaults(func=cmd_data_tokenizer)

@@ -37,6 +37,9 @@ class PrepareConfig:
     tokenizer_sample_docs: int = 200_000
     """The tokenizer trains on a uniform sample of this many documents, drawn (seeded by run.seed) from all of
     the inputs: prepare reads the whole corpus once for it."""
+    tokenizer_sample_chars: int = 200_000_000
+    """... holding at most this many characters (fewer documents when they are long): sentencepiece needs about
+    20 bytes of memory per character it trains on, ~4 GB here."""
     shard_bytes: int = 64 * 2**20
     """Target size of one shard in bytes (the last shard of each split is smaller)."""
     val_fraction: float = 0.02

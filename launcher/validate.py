@@ -120,6 +120,7 @@ def validate(cfg: Config) -> list[str]:
           f"must be at least {MIN_VOCAB_SIZE} (256 byte pieces and the special tokens), got {p.vocab_size}")
     choice(p.tokenizer_type, "data.prepare.tokenizer_type", ("unigram", "bpe"))
     positive(p.tokenizer_sample_docs, "data.prepare.tokenizer_sample_docs")
+    positive(p.tokenizer_sample_chars, "data.prepare.tokenizer_sample_chars")
     check(p.shard_bytes >= 4096, "data.prepare.shard_bytes", f"must be at least 4096, got {p.shard_bytes}")
     check(0.0 <= p.val_fraction < 1.0, "data.prepare.val_fraction", f"must be within [0, 1), got {p.val_fraction}")
     non_negative(p.workers, "data.prepare.workers")

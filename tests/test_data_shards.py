@@ -298,6 +298,23 @@ def test_prepare_refuses_a_folder_whose_input_files_changed_since(tmp_path):
     (corpus / "b.txt").unlink()
     (corpus / "a.txt").write_text(text)
     prepare(config, log=logged.append)
+    # Prepared before a setting existed (here the tokenizer sample's character cap): it had the default.
+    manifest_file = tmp_path / "data" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    del manifest["recipe"]["prepare"]["tokenizer_sample_chars"]
+    manifest_file.write_text(json.dumps(manifest))
+    prepare(config, log=logged.append)
+    assert logged[-1].startswith(f"data: reusing {tmp_path / 'data'}")
+    # A tokenizer left by a prepare that stopped before its shards is reused only for the inputs it saw.
+    for path in [manifest_file, *(tmp_path / "data").glob("*/*.tar")]:
+        path.unlink()
+    (corpus / "a.txt").write_text(text + "\n\nmore text appended later")
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'data' / 'tokenizer'}: a tokenizer trained on other input "
+                                         rf"files than there are now \({corpus}/a.txt: {len(text):,} -> "):
+        prepare(config)
+    (corpus / "a.txt").write_text(text)
+    prepare(config, log=logged.append)
+    assert any(line == f"data: reusing the tokenizer in {tmp_path / 'data' / 'tokenizer'}" for line in logged)
     # Raw text removed once sharded: the shards are what training reads, so the folder is still used.
     shutil.rmtree(corpus)
     prepare(config, log=logged.append)
