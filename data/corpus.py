@@ -79,15 +79,18 @@ def expand_inputs(inputs: list[str]) -> list[str]:
 
 
 def directory_files(directory: str) -> list[str]:
-    """The text files below `directory`, sorted, through linked folders too (each real folder once, so a link
-    to a parent ends); other files (images, archives) are not documents."""
+    """The text files below `directory`, sorted, through linked folders too (each real folder once, by the
+    first of its names in sorted order, so a link to a parent ends); other files (images, archives) are not
+    documents. A broken link is kept: reading it counts it as an unreadable file."""
     found, visited = [], set()
     for folder, subfolders, names in os.walk(directory, followlinks=True):
+        subfolders.sort()  # the listing's order is the file system's
         if (real := os.path.realpath(folder)) in visited:
             subfolders.clear()
             continue
         visited.add(real)
-        found += [path for name in names if is_text_file(path := Path(folder) / name) and path.is_file()]
+        found += [path for name in names
+                  if is_text_file(path := Path(folder) / name) and (path.is_file() or path.is_symlink())]
     found = sorted(map(str, found))
     if not found:
         raise InputError(f"{directory}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")

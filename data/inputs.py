@@ -76,7 +76,7 @@ def check_ready(cfg: Config) -> None:
             manifest = {}  # reported above
         if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
             problems.append(mismatch)
-    for policy in {cfg.data.masking.policy, cfg.data.masking.eval_policy or cfg.data.masking.policy}:
+    for policy in dict.fromkeys((cfg.data.masking.policy, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
         try:
             mask_spec(cfg, tokenizer, policy)
         except (OSError, ValueError) as err:

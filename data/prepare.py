@@ -48,6 +48,11 @@ def skipped_places(stats: CorpusStats) -> str:
     return "; ".join(f"{reason} at {where}" for reason, where in sorted(stats.first.items()))
 
 
+def log_skipped_places(stats: CorpusStats, log) -> None:
+    if stats.first:
+        log(f"data: skipped, the first of each kind: {skipped_places(stats)}")
+
+
 TOKENIZER_RECIPE = "recipe.json"
 TOKENIZER_SETTINGS = ("inputs", "text_field", "max_docs", "vocab_size", "tokenizer_type", "tokenizer_sample_docs",
                       "tokenizer_sample_chars")
@@ -135,6 +140,7 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
     log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {len(sample):,} of "
         f"{stats.documents:,} documents in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) "
         f"-> {out_dir}")
+    log_skipped_places(stats, log)
     return tokenizer
 
 
@@ -160,8 +166,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
         f"{len(splits['train']['shards'])} train shards ({splits['train']['tokens']:,} tokens), "
         f"{len(splits['val']['shards'])} val shards ({splits['val']['tokens']:,} tokens) "
         f"in {time.perf_counter() - started:.1f}s -> {out_dir}")
-    if stats.first:
-        log(f"data: skipped, the first of each kind: {skipped_places(stats)}")
+    log_skipped_places(stats, log)
     return manifest
 
 

@@ -56,28 +56,26 @@ def sample_documents(docs: Iterable[str], k: int, seed: int, max_chars: int = 0)
     and of at most `max_chars` characters in all (0: any number).
 
     Reservoir sampling: reads every document once and holds k, so a corpus given as many files (sorted by
-    name) gives the tokenizer all of them, not just the first files. Past `max_chars`, a random document leaves
-    and k shrinks by one: what remains is a uniform sample of all read so far, of the smaller size, and stays
-    one as reading goes on. (Sentencepiece holds about 20 bytes per character it trains on: 200,000 long
-    documents would not fit in memory.)
+    name) gives the tokenizer all of them, not just the first files. Past `max_chars`, the sample keeps the
+    documents that still fit, taken in a seeded random order (and, when none does, the start of one).
+    Sentencepiece holds about 20 bytes per character it trains on: 200,000 long documents would not fit in
+    memory.
     """
     rng = random.Random(seed)
     sample: list[str] = []
-    chars = 0
     for index, doc in enumerate(docs):
         if index < k:
             sample.append(doc)
-            chars += len(doc)
         elif (slot := rng.randrange(index + 1)) < k:
-            chars += len(doc) - len(sample[slot])
             sample[slot] = doc
-        while max_chars and chars > max_chars and len(sample) > 1:
-            slot = rng.randrange(len(sample))
-            chars -= len(sample[slot])
-            sample[slot] = sample[-1]
-            sample.pop()
-            k = len(sample)
-    return sample
+    if not max_chars or sum(map(len, sample)) <= max_chars:
+        return sample
+    budget, kept = max_chars, set()
+    for slot in rng.sample(range(len(sample)), len(sample)):
+        if len(sample[slot]) <= budget:
+            kept.add(slot)
+            budget -= len(sample[slot])
+    return [doc for slot, doc in enumerate(sample) if slot in kept] or [sample[0][:max_chars]]
 
 
 def training_lines(docs: Iterable[str]) -> Iterator[str]:

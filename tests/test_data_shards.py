@@ -168,6 +168,17 @@ def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
     assert expand_inputs([str(corpus), str(corpus / "*.txt"), str(corpus / "a.txt")]) == [
         str(corpus / "a.txt"), str(corpus / "linked" / "b.txt")]
     assert list(documents([str(corpus), str(corpus / "a.txt")])) == ["document a", "document b"]
+    # A folder under two names is read by the first in sorted order, whatever order the file system lists;
+    # a broken link in a folder is an input that cannot be read, counted as such.
+    (corpus / "zsub").mkdir()
+    (corpus / "zsub" / "c.txt").write_text("document c\n")
+    (corpus / "alias").symlink_to(corpus / "zsub")
+    (corpus / "broken.txt").symlink_to(tmp_path / "nowhere.txt")
+    assert expand_inputs([str(corpus)]) == [str(corpus / name) for name in (
+        "a.txt", "alias/c.txt", "broken.txt", "linked/b.txt")]
+    stats = CorpusStats()
+    assert list(documents([str(corpus)], stats=stats)) == ["document a", "document c", "document b"]
+    assert stats.skipped == {"unreadable file": 1}
 
 
 def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):

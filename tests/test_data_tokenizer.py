@@ -132,12 +132,15 @@ def test_a_sample_is_uniform_seeded_and_keeps_input_order_when_it_holds_everythi
     assert 160 < sum(d.startswith("b") for d in sample) < 240
     assert sample == sample_documents(docs, 400, seed=1) != sample_documents(docs, 400, seed=2)
     assert sample_documents(docs[:300], 400, seed=1) == docs[:300]
-    # A cap on characters shrinks the sample, uniformly: documents from both halves, the cap kept, the rest as
-    # without a cap when it does not bind.
+    # A cap on characters shrinks the sample: documents from both halves, the cap kept; the same sample when it
+    # does not bind. One long document early on does not shrink it to nothing.
     capped = sample_documents(iter(docs), 400, seed=1, max_chars=1000)
     assert sum(map(len, capped)) <= 1000 and 200 < len(capped) < 400 and len(set(capped)) == len(capped)
     assert 0.3 < sum(d.startswith("b") for d in capped) / len(capped) < 0.7
     assert sample_documents(docs, 400, seed=1, max_chars=10**9) == sample
+    long_first = sample_documents(["x" * 1500, *docs], 400, seed=1, max_chars=1000)
+    assert "x" * 1500 not in long_first and 200 < len(long_first) < 400
+    assert sample_documents(["x" * 1500, "y" * 2000], 5, seed=1, max_chars=1000) == ["x" * 1000]
 
 
 def test_long_lines_reach_the_tokenizer_trainer_in_order_in_pieces_it_keeps():
