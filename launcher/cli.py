@@ -230,7 +230,7 @@ def cmd_slurm_node(args) -> int:
 def cmd_slurm_status(args) -> int:
     from masktrain.launcher.slurm import status
 
-    print(status(args.run_dir))
+    print(status(args.run_dir, args.full))
     return 0
 
 
@@ -349,8 +349,10 @@ def parser() -> argparse.ArgumentParser:
     p = slurm.add_parser("node", help="(run by the job script on every node) start this node's ranks")
     p.add_argument("run_config", help="<run>/config.yaml")
     p.set_defaults(func=cmd_slurm_node)
-    p = slurm.add_parser("status", help="(read by the job script) print the run's last state, step and start step")
+    p = slurm.add_parser("status", help="(read by the job script) print the run's last state and step")
     p.add_argument("run_dir")
+    # Job scripts rendered before --full read two fields, and a requeue runs the script it was submitted with.
+    p.add_argument("--full", action="store_true", help="also the step its launch started from, and the reason")
     p.set_defaults(func=cmd_slurm_status)
     return root
 

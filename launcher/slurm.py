@@ -291,10 +291,13 @@ def node(config_path: str) -> None:
     os.execve(command[0], command, rank_environment(cfg, cuda))
 
 
-def status(run: str) -> str:
-    """`<state> <step> <start> <reason>` of the run's last launch ("none 0 0" before any), for the job script to
-    read: one line, the reason's first."""
+def status(run: str, full: bool = False) -> str:
+    """`<state> <step>` of the run's last launch ("none 0" before any), for the job script to read; `full` adds
+    the step the launch started from (-1 when a masktrain of before did not say: unknown, so never "no
+    progress") and the first line of the reason."""
     saved = read_status(run)
-    step = saved.get("step", 0)
+    state, step = saved.get("state", "none"), saved.get("step", 0)
+    if not full:
+        return f"{state} {step}"
     reason = (saved.get("reason") or "").splitlines()
-    return f"{saved.get('state', 'none')} {step} {saved.get('start', step)} {reason[0] if reason else ''}".rstrip()
+    return f"{state} {step} {saved.get('start', -1 if saved else 0)} {reason[0] if reason else ''}".rstrip()

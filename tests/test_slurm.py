@@ -184,11 +184,27 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     assert (f"the run is marked failed at step 12 ({run}/status.json): too many NaN; not restarting it after job "
             "101") in after.stdout
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
-    # Nor one that follows a job which ended without a verdict and saved nothing: it would repeat that attempt.
+    # Nor one that follows a job which ended without a verdict and saved nothing: it would repeat that attempt,
+    # as it would one whose ranks never started (the job before says so in status.json).
     (run / "status.json").write_text(json.dumps({"state": "running", "step": 40, "start": 40}))
     after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
     assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
     assert "job 101 ended without a verdict and without a checkpoint since step 40; not restarting" in after.stdout
+    (run / "status.json").write_text(json.dumps({"state": "preempted", "step": 40, "start": 20}))
+    never = run_script(script, stubs, nodes=1)  # the stub writes no status: the ranks never started
+    assert never.returncode == 1 and "before the ranks started" in never.stdout, never.stdout
+    assert json.loads((run / "status.json").read_text()) == {
+        "state": "crashed", "step": 40, "start": 40, "reason": "the launchers exited 0 before the ranks started"}
+    after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
+    assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
+    # A status.json of a masktrain from before `start` was recorded says nothing of progress: taken up.
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 40}))
+    assert run_cli("slurm", "status", "--full", str(run), check=True).stdout == "running 40 -1\n"
+    after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101", STUB_STATE="completed")
+    assert after.returncode == 0 and "SRUN" in after.stdout, after.stdout
+    # Without --full, the two fields job scripts rendered before it read (a requeue runs the script it was
+    # submitted with, under the masktrain installed now).
+    assert run_cli("slurm", "status", str(run), check=True).stdout == "completed 7\n"
     # A config the script cannot write (a full disk) leaves the run's own in place and starts nothing.
     saved_config = (run / "config.yaml").read_text()
     (run / "config.yaml.tmp").mkdir()
