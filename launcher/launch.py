@@ -17,7 +17,7 @@ from typing import Callable
 
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
-from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status, write_status
+from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status, shell_code, write_status
 
 # torchrun's own defaults plus SIGUSR1, the signal SLURM jobs are commonly given ahead of their time limit.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
@@ -180,12 +180,22 @@ def check_gpus(cfg: Config, cuda: bool, where: str) -> None:
                                   f"{count} GPU(s): one rank per GPU"])
 
 
+def last_checkpoint_step(run_dir: str | Path) -> int:
+    """The step of the run's newest checkpoint (0: none), for ranks that ended before writing any status."""
+    from masktrain.trainer.checkpoint import Checkpointer, meta_or_none
+
+    with contextlib.suppress(OSError, SystemExit):  # a damaged one: the next start says so, in full
+        if (latest := Checkpointer(run_dir, 1, False).latest()) is not None:
+            return (meta_or_none(latest) or {}).get("step", 0)
+    return 0
+
+
 def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
     """The launcher's exit code from how the ranks said the run ended (torchrun's own code says little), given
     the stop signal the launcher passed on, if any. A run whose ranks wrote no verdict is marked crashed."""
     status = read_status(run_dir)
     state = status.get("state")
-    code = 128 - code if code < 0 else code  # killed by a signal: as a shell reports it
+    code = shell_code(code)
     if state == "preempted":
         return REQUEUE_EXIT
     if state == "completed":
@@ -197,7 +207,7 @@ def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
         print(f"masktrain: stopped on {stopped} before the ranks could checkpoint; a restart resumes from the last "
               "checkpoint", file=sys.stderr)
         return REQUEUE_EXIT
-    step = status.get("step", 0)
+    step = status["step"] if "step" in status else last_checkpoint_step(run_dir)
     reason = (f"the ranks ended without a verdict (torchrun exited {code}): a rank was killed or crashed, "
               f"which the log above shows; a restart goes on from step {step}")
     with contextlib.suppress(OSError):  # a full disk may refuse this too

@@ -16,10 +16,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.run import main as torchrun_main
 
-
-def shell_code(exitcode: int) -> int:
-    """A process's exit code as a shell reports it: 128 + n for one killed by signal n."""
-    return 128 - exitcode if exitcode < 0 else exitcode
+from masktrain.trainer.status import shell_code
 
 
 def failure_line(rank: int, failure: ProcessFailure) -> str:

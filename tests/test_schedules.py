@@ -97,6 +97,9 @@ def test_a_user_schedule_replaces_the_objective_default_whole(tmp_path):
     with pytest.raises(ConfigError, match=r"data.masking.rate: unset, while data.masking.final_rate or schedule is "
                                           r"set; .*\(the mlm default starts at 0.3\)"):
         load_config(str(bare), ["data.masking.schedule=linear", "data.masking.final_rate=0.15"])
+    # final_rate: null is set too (a constant schedule), so it drops mlm's start rate as well.
+    with pytest.raises(ConfigError, match=r"data.masking.rate: unset"):
+        load_config(str(bare), ["data.masking.final_rate=null"])
     # One of the three alone leaves the others at the class defaults, which would mask at a constant 15%.
     with pytest.raises(ConfigError, match="data.masking.final_rate: the constant schedule keeps data.masking.rate "
                                           r"\(0.15\) throughout, never 0.1; set data.masking.schedule"):

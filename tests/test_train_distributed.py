@@ -312,10 +312,15 @@ def test_a_rank_killed_outright_leaves_the_run_crashed_at_its_last_checkpoint(ti
                      "trainer.checkpoint_every=3", "trainer.log_every=1"], tmp_path / "launch.log")
     launch.wait_for_step(5)
     frozen = launch.freeze()
-    running = json.loads((run / "status.json").read_text())
-    assert running["state"] == "running" and running["step"] >= 3 and running["start"] == 0, running
-    assert Checkpointer(run, 1, False).latest().name == f"step-{running['step']:08d}"
-    rank1 = next(pid for pid in ranks_of(launch) if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    try:
+        running = json.loads((run / "status.json").read_text())
+        assert running["state"] == "running" and running["step"] >= 3 and running["start"] == 0, running
+        assert Checkpointer(run, 1, False).latest().name == f"step-{running['step']:08d}"
+        rank1 = next(pid for pid in ranks_of(launch)
+                     if b"RANK=1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))
+    except BaseException:  # frozen processes would outlive the test
+        launch.kill()
+        raise
     send([rank1], signal.SIGKILL)
     launch.resume(frozen)
     code = launch.process.wait(timeout=120)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,7 +266,14 @@ def test_deepspeed_json_is_the_stage_preset_plus_the_run_plus_the_users_override
 
 
 def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, capsys):
-    assert outcome(tmp_path, 1) == 1  # the ranks never got to write one
+    # The ranks never got to write one: a restart goes on from the newest checkpoint.
+    newest = tmp_path / "checkpoints" / "step-00000500"
+    newest.mkdir(parents=True)
+    (newest / "meta.json").write_text(json.dumps({"tag": newest.name, "step": 500, "serial": 1}))
+    assert outcome(tmp_path, 1) == 1
+    assert "a restart goes on from step 500" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "checkpoints")
+    (tmp_path / "status.json").unlink()
     write_status(tmp_path, "running", 3)
     # A rank killed (here torchrun itself, by SIGKILL) leaves no verdict: the launcher marks the run crashed and
     # exits as a shell reports a signal, never with a negative code (sys.exit(-9) would be 247).

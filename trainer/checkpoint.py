@@ -28,7 +28,7 @@ from typing import Iterator
 import yaml
 
 from masktrain.launcher.config import Config
-from masktrain.launcher.loading import to_dict, to_yaml
+from masktrain.launcher.loading import merge, to_dict, to_yaml
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -75,7 +75,7 @@ def config_changes(saved: dict, current: dict) -> list[str]:
     """Keys (outside RESUME_SAFE and data.prepare) whose value differs, as 'key: old -> new'. A key the saved
     config lacks, added to masktrain since, counts as its default: what the code that saved it did. (Otherwise
     every new key would stop every running job from resuming after an upgrade.)"""
-    old, new = {**comparable(to_dict(Config())), **comparable(saved)}, comparable(current)
+    old, new = comparable(merge(to_dict(Config()), saved)), comparable(current)
     return [f"{key}: {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
             if old.get(key) != new.get(key) and key not in RESUME_SAFE and not key.startswith("data.prepare.")]
 

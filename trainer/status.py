@@ -17,6 +17,11 @@ STATUS = "status.json"
 REQUEUE_EXIT = 75
 
 
+def shell_code(exitcode: int) -> int:
+    """A process's exit code as a shell reports it: 128 + n for one killed by signal n (Popen says -n)."""
+    return 128 - exitcode if exitcode < 0 else exitcode
+
+
 def write_status(run_dir: str | Path, state: str, step: int, reason: str | None = None,
                  start: int | None = None) -> None:
     path = Path(run_dir) / STATUS
