@@ -23,6 +23,9 @@ from typing import IO, Iterable, Iterator
 
 BUILTIN = "builtin:python-docs"
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".jsonl", ".json")
+LONG_DOCUMENT_LINES = 10_000
+"""A plain-text document of more lines than this is likely a file of one document per line, read as one: said
+once per file (it is kept: a long text without blank lines is not wrong)."""
 
 
 class InputError(ValueError):
@@ -41,6 +44,8 @@ class CorpusStats:
     documents: int = 0
     skipped: Counter = field(default_factory=Counter)
     first: dict[str, str] = field(default_factory=dict)
+    long_documents: dict[str, int] = field(default_factory=dict)
+    """path -> lines of its first document longer than LONG_DOCUMENT_LINES."""
 
     def skip(self, reason: str, where: str, strict: bool, detail: str = "") -> None:
         """`where`: path, with :line (and :column) where there is one; `detail`: what the reader said."""
@@ -192,6 +197,8 @@ def paragraph_documents(lines: Iterable[bytes], path: str, strict: bool,
 
 def decode_block(block: list[bytes], path: str, line: int, strict: bool,
                  stats: CorpusStats) -> Iterator[tuple[str, str]]:
+    if len(block) > LONG_DOCUMENT_LINES:
+        stats.long_documents.setdefault(path, len(block))
     raw = b"".join(block)
     try:
         yield f"{path}:{line}", raw.decode("utf-8").strip()

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from masktrain.data.corpus import BUILTIN, CorpusStats, InputError, documents, expand_inputs
+from masktrain.data.corpus import BUILTIN, LONG_DOCUMENT_LINES, CorpusStats, InputError, documents, expand_inputs
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
 from masktrain.data.shards import (MANIFEST, discard_staged, publish_dataset, read_manifest, tokenize_stream,
                                    write_dataset)
@@ -48,9 +48,16 @@ def skipped_places(stats: CorpusStats) -> str:
     return "; ".join(f"{reason} at {where}" for reason, where in sorted(stats.first.items()))
 
 
-def log_skipped_places(stats: CorpusStats, log) -> None:
+def log_reading_notes(stats: CorpusStats, log) -> None:
+    """Also the files read as one very long document: plain text separates documents by blank lines, and a file
+    of one document per line would otherwise go whole to train or to validation, unshuffled."""
     if stats.first:
         log(f"data: skipped, the first of each kind: {skipped_places(stats)}")
+    if stats.long_documents:
+        files = ", ".join(f"{path} ({lines:,} lines)" for path, lines in list(stats.long_documents.items())[:3])
+        more = f" and {len(stats.long_documents) - 3} more" if len(stats.long_documents) > 3 else ""
+        log(f"data: documents of more than {LONG_DOCUMENT_LINES:,} lines in {files}{more}: plain-text documents "
+            "are separated by blank lines; for one document per line, write JSON lines (.jsonl)")
 
 
 TOKENIZER_RECIPE = "recipe.json"
@@ -140,7 +147,7 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
     log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {len(sample):,} of "
         f"{stats.documents:,} documents in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) "
         f"-> {out_dir}")
-    log_skipped_places(stats, log)
+    log_reading_notes(stats, log)
     return tokenizer
 
 
@@ -166,7 +173,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
         f"{len(splits['train']['shards'])} train shards ({splits['train']['tokens']:,} tokens), "
         f"{len(splits['val']['shards'])} val shards ({splits['val']['tokens']:,} tokens) "
         f"in {time.perf_counter() - started:.1f}s -> {out_dir}")
-    log_skipped_places(stats, log)
+    log_reading_notes(stats, log)
     return manifest
 
 

@@ -417,3 +417,13 @@ def test_ctrl_c_during_shards_is_one_line_and_leaves_the_folder_as_it_was(tokeni
     stdout, stderr = job.communicate(timeout=60)
     assert job.returncode == 130 and stderr.strip() == "masktrain: interrupted", stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_text_file_of_one_document_per_line_is_pointed_out(tokenizer, tmp_path, capsys):
+    """Read as one document (plain text separates them by blank lines), it would go whole to train or to
+    validation: kept, and said."""
+    lines = tmp_path / "lines.txt"
+    lines.write_text("".join(f"sentence number {n} of the file\n" for n in range(10_001)))
+    assert shards(str(lines), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")) == 0
+    assert (f"documents of more than 10,000 lines in {lines} (10,001 lines): plain-text documents are separated "
+            "by blank lines; for one document per line, write JSON lines (.jsonl)") in capsys.readouterr().out
