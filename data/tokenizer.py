@@ -14,8 +14,9 @@ import io
 import json
 import random
 import re
+import threading
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -88,6 +89,26 @@ def training_lines(docs: Iterable[str]) -> Iterator[str]:
                 yield line[start:start + MAX_PIECE_INPUT]
 
 
+def interruptible(work: Callable[[], None]) -> None:
+    """Run `work` in a thread while this one waits in short joins: Python takes a Ctrl-C only between bytecodes of
+    the main thread, so sentencepiece's training, minutes of C++ on a large sample, ignored it to the end. (It
+    releases the GIL; the thread is a daemon, ended with the process.)"""
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as err:  # raised again in the caller's thread
+            failures.append(err)
+
+    worker = threading.Thread(target=run, name="sentencepiece", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failures:
+        raise failures[0]
+
+
 def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 8000,
                     model_type: str = "unigram", seed: int = 0) -> Path:
     """Train on `docs` and write `<out_dir>/spm.model`; returns out_dir."""
@@ -96,7 +117,7 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
-        spm.SentencePieceTrainer.train(
+        interruptible(lambda: spm.SentencePieceTrainer.train(
             sentence_iterator=training_lines(docs),
             model_writer=model,
             vocab_size=vocab_size,
@@ -114,7 +135,7 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
             max_sentence_length=MAX_PIECE_INPUT * 4,
             num_threads=TRAINING_THREADS,
             minloglevel=2,
-        )
+        ))
     except RuntimeError as err:
         if (need := re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(err))) is None:
             raise

@@ -149,3 +149,24 @@ def test_long_lines_reach_the_tokenizer_trainer_in_order_in_pieces_it_keeps():
     pieces = list(training_lines([f"  {line}\nshort line\n\n"]))
     assert "".join(pieces[:-1]) == line.strip() and pieces[-1] == "short line"
     assert all(0 < len(piece) <= MAX_PIECE_INPUT for piece in pieces)
+
+
+def test_ctrl_c_stops_tokenizer_training_without_waiting_for_it(tmp_path, monkeypatch):
+    """Sentencepiece trains in C++ for minutes on a large sample, during which the main thread runs no bytecode
+    and so never takes a Ctrl-C. A sleep stands in for it (both release the GIL); interrupt_main delivers Ctrl-C
+    as the signal handler does, at the main thread's next bytecode."""
+    import _thread
+    import threading
+    import time
+
+    import sentencepiece as spm
+
+    from masktrain.data.tokenizer import train_tokenizer
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", lambda **settings: time.sleep(10))
+    threading.Timer(0.3, _thread.interrupt_main).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        train_tokenizer(["some text"], tmp_path / "tok")
+    assert time.monotonic() - started < 5  # not the 10 s the training takes
+    assert not (tmp_path / "tok" / "spm.model").exists()
