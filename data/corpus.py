@@ -49,11 +49,11 @@ class CorpusStats:
 
     def skip(self, reason: str, where: str, strict: bool, detail: str = "") -> None:
         """`where`: path, with :line (and :column) where there is one; `detail`: what the reader said."""
-        place = f"{where} ({detail})" if detail else where
+        said = f" ({detail})" if detail else ""
         if strict:
-            raise InputError(f"{where}: {reason}" + (f" ({detail})" if detail else ""))
+            raise InputError(f"{where}: {reason}{said}")
         self.skipped[reason] += 1
-        self.first.setdefault(reason, place)
+        self.first.setdefault(reason, where + said)
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
