@@ -294,6 +294,7 @@ RATE_KEYS = ("rate", "final_rate", "schedule")
 
 
 def raw_masking(raw: dict) -> dict:
+    """The data.masking section of a config tree (YAML, overrides or OBJECTIVE_DEFAULTS), {} when it has none."""
     data = raw.get("data")
     masking = data.get("masking") if isinstance(data, dict) else None
     return masking if isinstance(masking, dict) else {}
@@ -306,7 +307,7 @@ def objective_defaults(objective: str, raw: dict) -> dict:
     defaults = copy.deepcopy(OBJECTIVE_DEFAULTS.get(objective, {}))
     if any(key in raw_masking(raw) for key in RATE_KEYS):
         for key in RATE_KEYS:
-            defaults.get("data", {}).get("masking", {}).pop(key, None)
+            raw_masking(defaults).pop(key, None)
     return defaults
 
 
@@ -317,7 +318,7 @@ def unset_start_rate(objective: str, raw: dict) -> str | None:
     masking = raw_masking(raw)
     if "rate" in masking or ("final_rate" not in masking and masking.get("schedule") in (None, "constant")):
         return None
-    default = OBJECTIVE_DEFAULTS.get(objective, {}).get("data", {}).get("masking", {}).get("rate")
+    default = raw_masking(OBJECTIVE_DEFAULTS.get(objective, {})).get("rate")
     theirs = f" (the {objective} default starts at {default})" if default else ""
     return (f"data.masking.rate: unset, while data.masking.final_rate or schedule is set; the three replace the "
             f"objective's rate schedule together{theirs}, so set the rate to start from")
