@@ -270,6 +270,32 @@ def validate(cfg: Config) -> list[str]:
     return problems
 
 
+def schedule_notes(cfg: Config) -> list[str]:
+    """Schedules that do not finish within trainer.max_steps, for the log. Not errors: a short trial of a
+    full-size recipe (bert-base with trainer.max_steps=40) runs as asked, but a run that never reaches its peak
+    LR or its final masking rate should say so at start, not leave it to be read off the curves a week later."""
+    from masktrain.data.schedules import rate_schedule
+    from masktrain.trainer.lr import lr_at
+
+    notes = []
+    last, o, m = cfg.trainer.max_steps - 1, cfg.optim, cfg.data.masking
+    if o.warmup_steps > cfg.trainer.max_steps:
+        notes.append(f"optim.warmup_steps ({o.warmup_steps}) > trainer.max_steps ({cfg.trainer.max_steps}): the "
+                     f"learning rate ends its warmup at {lr_at(last, o, cfg.trainer.max_steps):.3g}, never reaching "
+                     f"optim.lr ({o.lr:g}), and never decays")
+    if m.schedule != "constant" and m.final_rate is not None and m.final_rate != m.rate:
+        rates = rate_schedule(m, cfg.trainer.max_steps)
+        if rates.warmup >= cfg.trainer.max_steps:
+            notes.append(f"data.masking.warmup_steps ({m.warmup_steps}) >= trainer.max_steps "
+                         f"({cfg.trainer.max_steps}): the masking rate stays at {m.rate} and never moves to "
+                         f"final_rate ({m.final_rate})")
+        elif rates.warmup + rates.steps > cfg.trainer.max_steps:
+            notes.append(f"data.masking.warmup_steps + schedule_steps ({m.warmup_steps} + {m.schedule_steps}) > "
+                         f"trainer.max_steps ({cfg.trainer.max_steps}): the masking rate ends at {rates(last):.3g}, "
+                         f"never reaching final_rate ({m.final_rate})")
+    return notes
+
+
 def deepspeed_refusal(cfg: Config) -> str | None:
     """What DeepSpeed's own config classes refuse in the run's DeepSpeed config (the preset, the run's settings
     and the user's JSON, merged as the ranks merge them), or None. Without this check they would raise it in

@@ -14,6 +14,7 @@ from masktrain.data.masking import candidates
 from masktrain.data.schedules import RateSchedule, rate_schedule
 from masktrain.launcher.config import MaskingConfig, objective_defaults
 from masktrain.launcher.loading import ConfigError, load_config
+from masktrain.launcher.validate import schedule_notes
 from test_masking import VOCAB, packed_rows
 
 
@@ -70,6 +71,27 @@ def test_config_schedule_spans_the_run_after_warmup_unless_told():
     assert rate_schedule(masking, max_steps=110).steps == 100
     masking.schedule_steps = 40
     assert rate_schedule(masking, max_steps=110)(50) == pytest.approx(0.15)
+
+
+def test_schedules_that_do_not_finish_within_the_run_are_named_at_start():
+    # A short trial of a full-size recipe: bert-base warms its LR up over 10,000 steps.
+    (lr,) = schedule_notes(load_config("bert-base", ["trainer.max_steps=40"]))
+    assert lr.startswith("optim.warmup_steps (10000) > trainer.max_steps (40): the learning rate ends its warmup at "
+                         "8e-07, never reaching optim.lr (0.0002)")
+    moving = ["trainer.max_steps=100", "optim.warmup_steps=10", "data.masking.schedule=linear",
+              "data.masking.rate=0.3", "data.masking.final_rate=0.1"]
+    assert schedule_notes(load_config("smoke", moving + ["data.masking.schedule_steps=100"])) == []
+    (short,) = schedule_notes(load_config("smoke", moving + ["data.masking.warmup_steps=50",
+                                                              "data.masking.schedule_steps=100"]))
+    assert short == ("data.masking.warmup_steps + schedule_steps (50 + 100) > trainer.max_steps (100): the masking "
+                     "rate ends at 0.202, never reaching final_rate (0.1)")
+    (held,) = schedule_notes(load_config("smoke", moving + ["data.masking.warmup_steps=100"]))
+    assert held.endswith("the masking rate stays at 0.3 and never moves to final_rate (0.1)")
+    # The default schedule length fills the run after its warmup, and a constant rate has no end to reach.
+    assert schedule_notes(load_config("smoke", moving + ["data.masking.warmup_steps=99"])) == []
+    assert schedule_notes(load_config("smoke", ["trainer.max_steps=100", "optim.warmup_steps=10",
+                                                "data.masking.schedule=constant", "data.masking.rate=0.2",
+                                                "data.masking.warmup_steps=500"])) == []
 
 
 def test_each_objective_gets_its_papers_defaults(tmp_path):

@@ -30,6 +30,7 @@ from masktrain.data.schedules import rate_schedule
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
+from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
 from masktrain.trainer.lr import lr_at
@@ -194,8 +195,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     engine = eng.build_engine(cfg, model, runtime, dtype, ds)
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
-    if is_main and (note := loader.uneven_epochs()):
-        print(f"[masktrain] data: {note}", flush=True)
+    if is_main:
+        if note := loader.uneven_epochs():
+            print(f"[masktrain] data: {note}", flush=True)
+        for note in schedule_notes(cfg):
+            print(f"[masktrain] schedule: {note}", flush=True)
     val_skips = Skips(cfg.data.strict)
     validation: tuple[list[dict], dict] | None = None  # read on first use
     torch.manual_seed(seed_int(cfg.run.seed, runtime.rank, 1))  # dropout differs per rank
