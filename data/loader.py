@@ -125,7 +125,9 @@ class SlotStream:
                     # failed this time), and the next document must then start from its first token.
                     s.in_block = s.in_doc = 0
                 s.unit += 1
-                s.block_start = 0
+                # All three: a unit resumed part-way that came back empty left its position within a block,
+                # which would skip the next unit's first documents.
+                s.block_start = s.in_block = s.in_doc = 0
                 dry = set() if found else dry | {unit_id}
                 # A slot's units change every epoch, so one that read nothing may just have drawn the empty
                 # parts of a shard; only once it has tried every unit is there nothing left to find.

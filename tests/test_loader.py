@@ -230,6 +230,31 @@ def test_a_shard_cut_short_before_a_restart_is_counted_and_packing_restarts_clea
         assert rows[end - 1] == END and len(set(rows[begin + 1:end - 1])) == 1 and end - begin == 7
 
 
+def test_a_shard_that_comes_back_empty_at_a_restart_leaves_the_next_shard_whole(tmp_path):
+    """Stopped inside a shard's first block, the restart finds nothing left in it (truncated, or its `pipe:`
+    failed this time): the position within that block must not carry into the next shard, whose first
+    documents it would skip, uncounted."""
+    urls = write_shards(tmp_path, [[5] * 6, [5] * 6])
+    spec = spec_for(urls, seq_len=8, shuffle_block=6)
+    batches, states = take(Loader(spec, plain_batcher()), 2)
+    state = states[1]
+    assert state["slots"][0]["block_start"] == 0 and state["slots"][0]["in_block"] >= 2
+    first = int(batches[0]["input_ids"][0, 1]) - FIRST_ID  # the number of the first document read
+    current, following = (urls[0], urls[1]) if first < 6 else (urls[1], urls[0])
+    with tarfile.open(current) as archive:
+        cut = archive.getmembers()[0].offset_data + 4  # inside the first document: none comes back
+    Path(current).write_bytes(Path(current).read_bytes()[:cut])
+    resumed = Loader(spec, plain_batcher())
+    resumed.load_state_dict(state)
+    stream = torch.cat([b["input_ids"] for b in take(resumed, 3)[0]]).reshape(-1).numpy()[:6 * 7]
+    documents = stream.reshape(6, 7)
+    assert (documents[:, 0] == START).all() and (documents[:, -1] == END).all()
+    numbers = sorted(int(n) - FIRST_ID for n in documents[:, 1])
+    assert numbers == (list(range(6, 12)) if following == urls[1] else list(range(6)))
+    assert all(len(set(row[1:-1])) == 1 for row in documents)
+    assert resumed.skipped()["truncated shard"] >= 1
+
+
 def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_lie(tmp_path):
     urls = write_shards(tmp_path / "a", [[5] * 6, [9] * 4, [3] * 8])
     expected, states = take(Loader(spec_for(urls), plain_batcher()), 8)
