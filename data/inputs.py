@@ -37,13 +37,17 @@ def shard_urls(cfg: Config, split: str) -> list[str]:
     return manifest_urls(cfg.data.dir, split)
 
 
+def manifest_shards(cfg: Config, split: str) -> list[dict] | None:
+    """The manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards come from
+    it, else None."""
+    return None if cfg.data.train_shards else read_manifest(cfg.data.dir)["splits"][split]["shards"]
+
+
 def shard_contents(cfg: Config, split: str) -> str:
-    """A digest of the manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards
-    come from it, else "": two corpora prepared alike name their shards alike."""
-    if cfg.data.train_shards:
-        return ""
-    record = json.dumps(read_manifest(cfg.data.dir)["splits"][split]["shards"], sort_keys=True)
-    return hashlib.sha256(record.encode()).hexdigest()[:16]
+    """A digest of the manifest's record of a split's shards, or "": two corpora prepared alike name their
+    shards alike."""
+    record = manifest_shards(cfg, split)
+    return "" if record is None else hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_ready(cfg: Config) -> None:
@@ -139,6 +143,13 @@ def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: To
     batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
                       cfg.run.seed, rank, cfg.grad_accum)
     return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)
+
+
+def uneven_epochs(cfg: Config, loader: Loader) -> str:
+    """The loader's note on how unevenly an epoch spreads over its slots, weighed by the manifest's tokens."""
+    shards = manifest_shards(cfg, "train")
+    return loader.uneven_epochs(None if shards is None else [shard["tokens"] for shard in shards],
+                                cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.data.seq_len)
 
 
 def eval_rate(cfg: Config) -> float:

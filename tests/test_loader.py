@@ -137,8 +137,29 @@ def test_a_unit_count_that_slots_do_not_divide_is_reported_with_what_it_costs(tm
             seen.update(document_numbers(next(loader)["input_ids"].numpy()))
     assert 0.12 <= (100 - len(seen)) / 100 <= 0.16 and any(count > 1 for count in seen.values())
     assert loaders[0].uneven_epochs().startswith("5 read units over 4 loader slots (1.25 each per epoch): when an "
-                                                 "epoch's worth of tokens has been read, about 15% of its documents")
+                                                 "epoch's worth of tokens has been read, about 15% of its tokens")
     assert Loader(spec_for(urls[:4], world_size=4), plain_batcher()).uneven_epochs() == ""
+
+
+def test_shards_of_unequal_tokens_are_reported_even_when_their_count_divides_evenly(tmp_path):
+    """Two shards over two slots, one holding three times the other's tokens (shards are cut by bytes, and
+    short documents spend most of theirs on tar headers): when both slots have read half the epoch, a quarter
+    of it is still unread. Counting units alone saw nothing."""
+    urls = write_shards(tmp_path, [[14] * 30, [14] * 10])
+    loaders = [Loader(spec_for(urls, rank=rank, world_size=2, micro_batch_size=1), plain_batcher(rank))
+               for rank in range(2)]
+    seen = Counter()
+    for _ in range(20):
+        for loader in loaders:
+            seen.update(document_numbers(next(loader)["input_ids"].numpy()))
+    assert 40 - len(seen) == 10
+    assert loaders[0].uneven_epochs() == ""
+    assert loaders[0].uneven_epochs([30 * 16, 10 * 16]).startswith(
+        "2 read units over 2 loader slots (1.00 each per epoch, weighed by their tokens): when an epoch's worth of "
+        "tokens has been read, about 25% of its tokens are still unread")
+    # A run that ends within its first epoch reads nothing twice.
+    assert loaders[0].uneven_epochs([30 * 16, 10 * 16], run_tokens=39 * 16) == ""
+    assert loaders[0].uneven_epochs([30 * 16, 10 * 16], run_tokens=40 * 16) != ""
 
 
 def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
@@ -558,3 +579,18 @@ def test_a_data_folder_prepared_again_from_other_text_is_another_shard_list(tiny
     resumed = next(old_style)["input_ids"]
     assert torch.equal(resumed, next(saved)["input_ids"])  # at the saved position, not the start
     assert not torch.equal(resumed, next(loader(other))["input_ids"])
+
+
+def test_a_run_reports_its_uneven_epochs_by_the_manifests_tokens_once_it_reads_a_whole_epoch(tiny_data):
+    from masktrain.data import inputs
+    from masktrain.data.tokenizer import Tokenizer
+    from masktrain.launcher.loading import load_config
+    from masktrain.trainer.objectives import OBJECTIVES
+
+    def note(max_steps: int) -> str:
+        cfg = load_config("smoke", [*tiny_data, f"trainer.max_steps={max_steps}"])
+        loader = inputs.train_loader(cfg, OBJECTIVES["mlm"].batch, True, Tokenizer(inputs.tokenizer_dir(cfg)), 0, 4)
+        return inputs.uneven_epochs(cfg, loader)
+
+    assert "weighed by their tokens): when an epoch's worth of tokens has been read, about" in note(100_000)
+    assert note(1) == ""
