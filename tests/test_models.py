@@ -232,6 +232,11 @@ def test_model_info_counts_without_building(capsys):
     # The stage the run uses: a DeepSpeed JSON of the user's overrides trainer.zero_stage.
     zero3 = "trainer.deepspeed_config=" + str(configs.deepspeed_preset(3))
     assert "ZeRO-3 over 2 ranks" in model_info(load_config("smoke", ["trainer.zero_stage=2", zero3]))
+    # The precision the run trains in: an explicit one wherever it runs; auto's depends on the GPU.
+    assert "(bf16 weights" in model_info(load_config("smoke", ["trainer.precision=bf16"]))
+    assert "(fp32 weights" in model_info(load_config("smoke", ["launch.accelerator=cpu"]))
+    auto = model_info(load_config("smoke", ["launch.accelerator=cuda", "trainer.precision=auto"]))
+    assert "(bf16 weights" in auto and "trainer.precision auto: fp32 on GPUs without native bf16" in auto
 
 
 def test_mae_lm_refuses_a_corruption_that_removes_nothing():

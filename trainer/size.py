@@ -123,7 +123,11 @@ def model_info(cfg: Config) -> str:
         width, feed_forward, heads = m.decoder_shape()
         if width != m.hidden_size:
             shape += f" of hidden {width}, {heads} heads, ffn {feed_forward}"
-    precision = "fp32" if cfg.trainer.precision == "fp32" or cfg.launch.accelerator == "cpu" else "bf16"
+    # As engine.precision resolves it, except that auto's answer depends on the GPU the ranks get.
+    precision, assumed = cfg.trainer.precision, ""
+    if precision == "auto":
+        precision = "fp32" if cfg.launch.accelerator == "cpu" else "bf16"
+        assumed = "" if precision == "fp32" else "; trainer.precision auto: fp32 on GPUs without native bf16"
     # The stage the run will use: a trainer.deepspeed_config JSON may set another than trainer.zero_stage.
     stage = zero_stage(deepspeed_config(cfg, precision))
     per_rank = state_bytes_per_rank(parameter_count(model), precision, stage, cfg.world_size)
@@ -132,5 +136,5 @@ def model_info(cfg: Config) -> str:
         f"vocabulary: {ids.size} from {source}",
         f"parameters: {describe(model)}{exported_size(model)}",
         f"training state per rank: {per_rank / 2**30:.2f} GiB ({precision} weights/gradients/AdamW under "
-        f"ZeRO-{stage} over {cfg.world_size} ranks; activations not included)",
+        f"ZeRO-{stage} over {cfg.world_size} ranks; activations not included{assumed})",
     ])
