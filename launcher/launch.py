@@ -27,10 +27,14 @@ def check_resume_compatible(cfg: Config) -> None:
     """Fail before spawning anything when the checkpoint the ranks will resume from was made with a different
     config."""
     from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
+    from masktrain.trainer.engine import deepspeed_config
+    from masktrain.trainer.models import zero_stage
 
     source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
     if source is not None and (source / "config.yaml").is_file():
-        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
+        precision = None if cfg.trainer.precision == "auto" else cfg.trainer.precision  # auto: the ranks check
+        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change,
+                        zero_stage(deepspeed_config(cfg, precision or "fp32")), precision)
 
 
 def write_run_config(cfg: Config) -> Path:

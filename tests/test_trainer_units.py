@@ -3,6 +3,7 @@ the DeepSpeed JSON and the launcher's reading of how a run ended."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import yaml
 from conftest import scalars
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, StopForwarding, outcome, rank_environment
-from masktrain.launcher.loading import ConfigError, load_config, to_dict
+from masktrain.launcher.loading import ConfigError, load_config, merge, to_dict
 from masktrain.trainer.checkpoint import Checkpointer, config_changes, resume_point, saved_config, tag_for
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
@@ -402,17 +403,57 @@ def test_a_zero_checkpoint_resumes_only_on_the_ranks_it_is_split_over_even_when_
     saved = to_dict(load_config("smoke", []))  # 2 ranks
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     torch.save({}, tmp_path / "mp_rank_00_model_states.pt")  # a whole file, as check_intact asks
+    (tmp_path / "meta.json").write_text('{"serial": 1}')  # saved before meta.json recorded stage and precision
     one_rank = to_dict(load_config("smoke", ["launch.nproc_per_node=1"]))
-    check_resumable(tmp_path, one_rank, allowed=True)  # ZeRO-0: the full state is in one file
+    check_resumable(tmp_path, one_rank, True, 0, None)  # ZeRO-0: the full state is in one file
     for prefix in ("", "bf16_"):  # DeepSpeed names them so in bf16
         for rank in range(2):
             torch.save({}, tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
         with pytest.raises(SystemExit, match=f"cannot resume from {tmp_path} on 1 ranks: its ZeRO optimizer state "
                                              "is split over 2 ranks"):
-            check_resumable(tmp_path, one_rank, allowed=True)
+            check_resumable(tmp_path, one_rank, True, 0, None)
         for rank in range(2):
             (tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").unlink()
-    check_resumable(tmp_path, to_dict(load_config("smoke", ["launch.nnodes=2", "launch.nproc_per_node=1"])), False)
+    check_resumable(tmp_path, to_dict(load_config("smoke", ["launch.nnodes=2", "launch.nproc_per_node=1"])), False, 0,
+                    None)
+
+
+def test_a_checkpoint_resumes_only_under_a_zero_stage_and_precision_deepspeed_can_load_it_with(tmp_path):
+    """Saved under ZeRO-2 in fp32: ZeRO-1 loads it; ZeRO-0 and 3 and bf16 would fail in every rank after
+    start-up, so they are refused first, whatever is allowed. The DeepSpeed JSON's contents count as config."""
+    from masktrain.trainer.checkpoint import check_resumable, deepspeed_json
+
+    ds_file = tmp_path / "ds.json"
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": False}}))
+    config = to_dict(load_config("smoke", [f"trainer.deepspeed_config={ds_file}"]))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.save({}, ckpt / "mp_rank_00_model_states.pt")
+    (ckpt / "meta.json").write_text(json.dumps({"serial": 1, "zero_stage": 2, "precision": "fp32",
+                                                 "deepspeed_json": deepspeed_json(config)}))
+    for stage, precision in ((2, "fp32"), (1, "fp32"), (2, None)):
+        check_resumable(ckpt, config, False, stage, precision)
+    for stage in (0, 3):
+        with pytest.raises(SystemExit, match=f"cannot resume from {ckpt} under ZeRO-{stage}: it was saved under "
+                                             "ZeRO-2, and DeepSpeed loads its state files only under ZeRO-1/2; set "
+                                             "trainer.zero_stage=2 .* even with trainer.allow_config_change"):
+            check_resumable(ckpt, config, True, stage, "fp32")
+    with pytest.raises(SystemExit, match="in bf16: it was saved in fp32, .* set trainer.precision=fp32, even with"):
+        check_resumable(ckpt, config, True, 2, "bf16")
+    ds_file.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True}}))
+    with pytest.raises(SystemExit, match="trainer.deepspeed_config contents: zero_optimization.overlap_comm: False "
+                                         "-> True"):
+        check_resumable(ckpt, config, False, 2, "fp32")
+    check_resumable(ckpt, config, True, 2, "fp32")
+    # What allow_config_change then does to the data is said before it is allowed.
+    with pytest.raises(SystemExit, match=r"(?s)data.num_workers: 1 -> 2\n.*allow_config_change=true \(with "
+                                         "data.num_workers changed, the data stream then starts again from its "
+                                         "beginning"):
+        check_resumable(ckpt, merge(copy.deepcopy(config), {"data": {"num_workers": 2}}), False, 2, "fp32")
+    with pytest.raises(SystemExit) as refused:
+        check_resumable(ckpt, merge(copy.deepcopy(config), {"optim": {"lr": 0.5}}), False, 2, "fp32")
+    assert "starts again" not in str(refused.value)
 
 
 def test_export_consolidates_a_bf16_zero_checkpoint_from_its_partitions(tmp_path, monkeypatch):

@@ -71,6 +71,11 @@ def comparable(config: dict) -> dict[str, object]:
 WORLD_SIZE = "ranks (launch.nnodes x launch.nproc_per_node)"
 
 
+DATA_POSITION_KEYS = (WORLD_SIZE, "data.num_workers", "data.shuffle_block", "run.seed", "data.dir",
+                      "data.train_shards")
+"""Keys a saved data position belongs to: after a change allowed in one, the data stream starts again."""
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
     """Keys (outside RESUME_SAFE and data.prepare) whose value differs, as 'key: old -> new'. A key the saved
     config lacks, added to masktrain since, counts as its default: what the code that saved it did. (Otherwise
@@ -313,21 +318,61 @@ def check_intact(path: Path, saved: dict) -> None:
                          "trainer.resume=<its folder>)")
 
 
-def check_resumable(path: Path, config: dict, allowed: bool) -> None:
+STAGE_LAYOUTS = {0: "ZeRO-0", 1: "ZeRO-1/2", 2: "ZeRO-1/2", 3: "ZeRO-3"}
+"""The state-file layout each ZeRO stage saves; DeepSpeed loads a checkpoint only under a stage of its layout."""
+
+
+def deepspeed_json(config: dict) -> dict | None:
+    """The contents of the run's trainer.deepspeed_config file, None without one. Kept in meta.json: the file
+    can be edited between launches, which changes the run under an unchanged config."""
+    from masktrain.launcher.validate import read_json_object
+
+    path = config.get("trainer", {}).get("deepspeed_config")
+    if not path:
+        return None
+    value, error = read_json_object(path)
+    if error is not None:
+        raise SystemExit(f"trainer.deepspeed_config: {path}: {error}")
+    return value
+
+
+def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precision: str | None) -> None:
     """Refuse to resume from `path` with a config that would change what the run computes, and, whatever is
-    allowed, on another number of ranks than a ZeRO checkpoint is split over: DeepSpeed cannot load that."""
+    allowed, what DeepSpeed cannot load: another number of ranks than a ZeRO checkpoint is split over, a ZeRO
+    stage of another layout, another precision. `stage` and `precision` are the run's as its DeepSpeed config
+    resolves them (precision None where not yet known: auto, before the ranks see their device). Checkpoints
+    saved before meta.json recorded them are only checked for their rank count."""
     saved = saved_config(path)
     check_intact(path, saved)
     ranks, now = partitioned_over(path), comparable(config)[WORLD_SIZE]
+    even = "even with trainer.allow_config_change"
     if ranks and ranks != now:
         raise SystemExit(f"cannot resume from {path} on {now} ranks: its ZeRO optimizer state is split over {ranks} "
                          f"ranks, and DeepSpeed loads it only on {ranks} (any launch.nnodes x launch.nproc_per_node "
-                         f"= {ranks}), even with trainer.allow_config_change")
+                         f"= {ranks}), {even}")
+    meta = read_meta(path)
+    saved_stage, saved_precision = meta.get("zero_stage"), meta.get("precision")
+    if saved_stage in STAGE_LAYOUTS and STAGE_LAYOUTS[saved_stage] != STAGE_LAYOUTS.get(stage):
+        raise SystemExit(f"cannot resume from {path} under ZeRO-{stage}: it was saved under ZeRO-{saved_stage}, and "
+                         f"DeepSpeed loads its state files only under {STAGE_LAYOUTS[saved_stage]}; set "
+                         f"trainer.zero_stage={saved_stage} (and no other stage in trainer.deepspeed_config), {even}")
+    if saved_precision and precision and saved_precision != precision:
+        raise SystemExit(f"cannot resume from {path} in {precision}: it was saved in {saved_precision}, and DeepSpeed "
+                         f"loads its optimizer state only in {saved_precision}; set "
+                         f"trainer.precision={saved_precision}, {even}")
     changes = config_changes(saved, config)
+    if "deepspeed_json" in meta:
+        old, new = flatten(meta["deepspeed_json"] or {}), flatten(deepspeed_json(config) or {})
+        changes += [f"trainer.deepspeed_config contents: {key}: {old.get(key)!r} -> {new.get(key)!r}"
+                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
     if changes and not allowed:
+        restart = [key for key in DATA_POSITION_KEYS if any(change.startswith(f"{key}: ") for change in changes)]
         raise SystemExit(f"cannot resume from {path}: the config differs in keys that change the run:\n  "
                          + "\n  ".join(changes)
-                         + "\nrestore them, use a new run.output_dir, or set trainer.allow_config_change=true")
+                         + "\nrestore them, use a new run.output_dir, or set trainer.allow_config_change=true"
+                         + (f" (with {', '.join(restart)} changed, the data stream then starts again from its "
+                            "beginning: its position is kept per rank and loader worker of one shard order, so the "
+                            "documents of the steps done so far are read again)" if restart else ""))
 
 
 def write_atomic(path: Path, content: str | bytes, tmp_name: str = "") -> None:

@@ -32,10 +32,10 @@ from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
-from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
+from masktrain.trainer.checkpoint import Checkpointer, check_resumable, deepspeed_json, resume_point
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
-from masktrain.trainer.models import TokenIds, build_model
+from masktrain.trainer.models import TokenIds, build_model, zero_stage
 from masktrain.trainer.objectives import OBJECTIVES
 from masktrain.trainer.progress import Progress, peak_flops
 from masktrain.trainer.signals import StopRequest
@@ -210,7 +210,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     state = TrainState()
     source, origin = resume_point(cfg.trainer.resume, ckpt)
     if source is not None:
-        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change)
+        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change, zero_stage(ds), dtype)
         client = ckpt.load(engine, source)
         state = TrainState(**client["state"])
         try:
@@ -240,7 +240,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         dist.all_gather_object(ranks, {"data": loader.state_dict(), "rng": rng_state()})
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
-                "objective": cfg.model.objective, "resumed_from": origin}
+                "objective": cfg.model.objective, "resumed_from": origin, "zero_stage": zero_stage(ds),
+                "precision": dtype, "deepspeed_json": deepspeed_json(to_dict(cfg))}
         # The tokenizer travels with the weights: export needs no data folder, and cannot pick up another one.
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta,
                          files={f"tokenizer/{MODEL_FILE}": tokenizer.model_bytes})
