@@ -334,6 +334,25 @@ def test_mae_visible_set_is_exactly_the_complement_of_the_removed_set_among_real
         assert torch.equal(batch["attention_mask"], ids != PAD), "the decoder is told where the padding is"
 
 
+def test_mae_80_10_10_removes_the_mask_share_and_shows_the_rest_as_corrupted():
+    """Of the selected tokens, the [MASK] share (80%) leaves the encoder input; the other 20% stay visible, half
+    of them as a random token and half unchanged, as BERT's corruption would show them."""
+    ids = packed_rows(rows=64, length=512)
+    batch = batches.mae_batch(ids, MaskSpec(vocab=VOCAB, mask_prob=0.8, random_prob=0.1), 0.3, generator(8))
+    selected = batch["labels"] != IGNORE
+    assert abs(int(batch["removed"].sum()) / int(selected.sum()) - 0.8) < 0.02
+    shown, original = [], []
+    for r in range(ids.shape[0]):
+        visible = batch["visible_pos"][r][batch["visible_mask"][r]]
+        kept_selected = selected[r, visible]
+        shown.append(batch["visible_ids"][r][batch["visible_mask"][r]][kept_selected])
+        original.append(ids[r, visible][kept_selected])
+    shown, original = torch.cat(shown), torch.cat(original)
+    assert abs(len(shown) / int(selected.sum()) - 0.2) < 0.02
+    assert abs(float((shown != original).double().mean()) - 0.5) < 0.05
+    assert not (shown == MASK).any()
+
+
 def test_pmi_masks_collocated_words_as_one_unit():
     ids = packed_rows(rows=16, length=256)
     cand = candidates(ids, VOCAB)
