@@ -89,6 +89,27 @@ def test_every_policy_hits_the_rate_and_never_touches_specials_or_padding(policy
             assert torch.equal(selected.sum(dim=1), target_counts(cand, rate))
 
 
+def test_independent_importance_draws_keep_the_rate_on_rows_that_are_half_padding():
+    """The per-token probability is rate x weight / the mean weight of the row's candidates: a mean over every
+    position (padding and specials weigh 0) would inflate the rate of the padded last rows."""
+    ids = packed_rows(rows=256, length=256)
+    ids[:, 128:] = PAD
+    cand = candidates(ids, VOCAB)
+    opts = PolicyOptions(exact=False, importance=torch.ones(SIZE))
+    selected = POLICIES["importance"](ids, VOCAB, 0.15, generator(2), opts)
+    assert abs(selected.sum().item() / cand.sum().item() - 0.15) < 0.006
+
+
+def test_exact_counts_round_rate_times_candidates_as_bert_does():
+    """The exact policies are checked against target_counts: its own rounding needs numbers of its own."""
+    rows = torch.ones((3, 126), dtype=torch.bool)
+    rows[1, 100:] = False  # 100 candidates
+    rows[2, 10:] = False  # 10 candidates
+    assert target_counts(rows, 0.05).tolist() == [6, 5, 0]  # 6.3, 5.0, 0.5 (half to even)
+    assert target_counts(rows, 0.159).tolist() == [20, 16, 2]  # 20.03, 15.9, 1.59
+    assert target_counts(torch.zeros((1, 8), dtype=torch.bool), 0.5).tolist() == [0]
+
+
 @pytest.mark.parametrize("policy", sorted(POLICIES))
 def test_independent_draws_have_no_rounding_offset_on_short_rows(policy):
     """exact: false promises rate * n on average; round(rate * n) would mask 6 of 126 candidates (4.8%) at 5%."""

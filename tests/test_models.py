@@ -14,7 +14,7 @@ from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
 from masktrain.launcher.loading import ConfigError, load_config, to_dict
 from masktrain.trainer.checkpoint import config_changes
-from masktrain.trainer.models import BUILDERS, TokenIds, build_model
+from masktrain.trainer.models import BUILDERS, TokenIds, build_model, token_loss
 from masktrain.trainer.objectives import OBJECTIVES
 from masktrain.trainer.size import model_info, parameter_count
 
@@ -162,6 +162,15 @@ def test_mae_rows_of_a_padded_batch_compute_what_each_row_computes_alone(tiny_da
             loss_sums.append(model(**alone)["loss_sum"])
             torch.testing.assert_close(decoded[-1], per_row[row])
     torch.testing.assert_close(sum(loss_sums), together["loss_sum"])
+
+
+def test_token_loss_counts_targets_and_correct_predictions():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
+    out = token_loss(logits, torch.tensor([0, 1, 2, 1]))  # the last one is wrong
+    assert int(out["tokens"]) == 4 and int(out["correct"]) == 3
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 1]), reduction="sum")
+    torch.testing.assert_close(out["loss_sum"], expected)
+    torch.testing.assert_close(out["loss"], expected / 4)
 
 
 @pytest.mark.parametrize("objective,arch", [("mlm", "bert"), ("mlm", "roberta"), ("ntp", "llama"),

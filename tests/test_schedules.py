@@ -146,6 +146,24 @@ def test_bad_masking_settings_are_all_reported_with_valid_names():
         load_config("smoke", ["data.masking.policy=span", "data.masking.share_across_batch=true"])
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["data.masking.mask_prob=0.9", "data.masking.random_prob=0.3"],
+     "data.masking.mask_prob: mask_prob + random_prob must be <= 1 (the rest is kept), got 0.9 + 0.3"),
+    (["data.masking.share_across_batch=true", "data.masking.eval_policy=span"],
+     "data.masking.share_across_batch: one pattern for the whole batch only works with policy random"),
+    (["data.masking.span_mean=12", "data.masking.span_max=10"],
+     "data.masking.span_mean: must be within [1, span_max (10)], got 12"),
+    (["data.seq_len=4"], "data.seq_len: must be at least 8, got 4"),
+    (["data.prepare.val_fraction=1.0"], "data.prepare.val_fraction: must be within [0, 1), got 1.0"),
+])
+def test_settings_that_would_train_something_else_are_refused(overrides, message):
+    """Each would otherwise run: 90/10/0 instead of 90/30, spans all of span_max, rows without room for a
+    document, no training data at all, or a failure in the first batch instead of at the config."""
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", overrides)
+    assert any(problem.startswith(message) for problem in err.value.problems), err.value.problems
+
+
 @pytest.mark.parametrize("policy", ["random", "whole_word", "span"])
 def test_realized_rate_follows_the_schedule_step_by_step(policy):
     """Batches built the way the loader builds them (rate from step = batch index // grad_accum)."""

@@ -167,6 +167,38 @@ def test_resume_check_ignores_keys_that_do_not_change_the_run(tmp_path):
                                                      "trainer.global_batch_size: 256 -> 16"]
 
 
+def test_no_key_that_changes_what_a_run_computes_is_resume_safe():
+    """RESUME_SAFE keys are dropped from the comparison: one that changes the model, the optimizer, the masking,
+    the batches or the data order there would let a resume change the run without a word."""
+    from masktrain.trainer.checkpoint import RESUME_SAFE, flatten
+
+    flat = flatten(to_dict(load_config("smoke", [])))
+    computing = {key for key in flat if key.split(".")[0] in ("model", "optim") or key.startswith("data.masking.")}
+    computing |= {"data.seq_len", "data.micro_batch_size", "data.dir", "data.train_shards", "data.num_workers",
+                  "data.shuffle_block", "trainer.max_steps", "trainer.global_batch_size", "trainer.zero_stage",
+                  "trainer.precision", "trainer.deepspeed_config", "run.seed"}
+    assert computing <= set(flat) and not computing & RESUME_SAFE
+    assert RESUME_SAFE <= set(flat), "a resume-safe key that no longer exists"
+
+
+def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    from masktrain.trainer import checkpoint
+
+    path = tmp_path / "meta.json"
+    path.write_text("old")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.write_atomic(path, "new")
+    assert path.read_text() == "old"
+    monkeypatch.undo()
+    checkpoint.write_atomic(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
+
+
 def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_json(tmp_path):
     first = Metrics(tmp_path, True, 0)
     for step in (1, 2, 3, 4):
