@@ -21,9 +21,9 @@ import hashlib
 import math
 import multiprocessing.util
 import signal
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import numpy as np
 import torch
@@ -56,6 +56,11 @@ class SlotState:
     unit_skipped: dict[str, int] = field(default_factory=dict)
     """`skipped` when the current unit began. A restart re-reads the unit from its start and counts its bad data
     again from there: once in all, and a problem that is new this time (a pipe failing) is counted too."""
+    carry: list[list[int]] = field(default_factory=list)
+    """Units other slots left part-read when the run moved to another layout (`Loader.resume`), as [epoch,
+    unit, block_start, in_block, in_doc], read first; the first one's position is then the fields above."""
+    done: dict[int, list[int]] = field(default_factory=dict)
+    """Per epoch, units of this slot's share that slots of an earlier layout read (or that one carries)."""
 
 
 def units_for(urls: list[str], n_slots: int) -> list[Unit]:
@@ -78,6 +83,11 @@ def seed_int(*key: int) -> int:
     return int(masking.generator(*key).initial_seed())
 
 
+def epoch_order(seed: int, epoch: int, units: int) -> np.ndarray:
+    """The units in the order of `epoch`: slot s of n reads every n-th from the s-th on."""
+    return np.random.default_rng(seed_int(seed, epoch)).permutation(units)
+
+
 @dataclass
 class Packing:
     seq_len: int
@@ -96,48 +106,64 @@ class SlotStream:
         self.skips = Skips(strict, state.unit_skipped)
 
     def epoch_units(self, epoch: int) -> list[int]:
-        order = np.random.default_rng(seed_int(self.seed, epoch)).permutation(len(self.units))
-        return order[self.slot::self.n_slots].tolist()
+        return epoch_order(self.seed, epoch, len(self.units))[self.slot::self.n_slots].tolist()
 
     def documents(self) -> Iterator[np.ndarray]:
-        """Documents with boundary tokens, in shuffled order, from the saved position on. While a document is
-        out, the state's epoch/unit/block fields point at it; `in_doc` is the packer's to advance."""
-        s, p = self.state, self.packing
+        """Documents with boundary tokens, in shuffled order, from the saved position on: first the carried
+        units, then this slot's share of each epoch. While a document is out, the state points at it (the
+        epoch/unit fields, or the first carried unit) and its block fields; `in_doc` is the packer's to advance."""
+        s = self.state
         dry: set[int] = set()  # units read since this slot last found a document
         while True:
+            while s.carry:
+                epoch, unit_id = s.carry[0][:2]
+                yield from self.read(epoch, unit_id)
+                s.carry.pop(0)
+                if s.carry:  # its bad data up to there was counted by the slot that began it
+                    s.block_start, s.in_block, s.in_doc = s.carry[0][2:]
+                    s.unit_skipped = dict(self.skips.counts)
             units = self.epoch_units(s.epoch)
+            done = set(s.done.get(s.epoch, ()))
             while s.unit < len(units):
                 unit_id = units[s.unit]
-                found = s.block_start > 0  # a unit resumed part-way had documents
-                if s.block_start == s.in_block == s.in_doc == 0:  # a fresh unit, not one resumed part-way
-                    s.unit_skipped = dict(self.skips.counts)
-                docs = read_unit(self.units[unit_id], self.skips, self.vocab_size)
-                for _ in zip(range(s.block_start), docs):
-                    pass
-                while block := [d for _, d in zip(range(self.shuffle_block), docs)]:
-                    found = True
-                    key = (self.seed, s.epoch, unit_id, s.block_start)
-                    order = np.random.default_rng(seed_int(*key)).permutation(len(block))
-                    while s.in_block < len(block):
-                        yield np.concatenate(([p.start_id], block[order[s.in_block]], [p.end_id])).astype(np.int64)
-                        s.in_block += 1
-                        s.in_doc = 0
-                    s.block_start += len(block)
-                    # Zeroed here too: a block re-read after a restart can come back shorter (a pipe that
-                    # failed this time), and the next document must then start from its first token.
-                    s.in_block = s.in_doc = 0
+                if unit_id not in done:
+                    found = yield from self.read(s.epoch, unit_id)
+                    dry = set() if found else dry | {unit_id}
+                    # A slot's units change every epoch, so one that read nothing may just have drawn the empty
+                    # parts of a shard; only once it has tried every unit is there nothing left to find.
+                    if len(dry) == len(self.units):
+                        raise DataError(f"slot {self.slot}: no readable document in any of the {len(self.units)} "
+                                        f"units (skipped: {dict(self.skips.counts) or 'none'})")
                 s.unit += 1
-                # All three: a unit resumed part-way that came back empty left its position within a block,
-                # which would skip the next unit's first documents.
-                s.block_start = s.in_block = s.in_doc = 0
-                dry = set() if found else dry | {unit_id}
-                # A slot's units change every epoch, so one that read nothing may just have drawn the empty
-                # parts of a shard; only once it has tried every unit is there nothing left to find.
-                if len(dry) == len(self.units):
-                    raise DataError(f"slot {self.slot}: no readable document in any of the {len(self.units)} "
-                                    f"units (skipped: {dict(self.skips.counts) or 'none'})")
+            s.done.pop(s.epoch, None)
             s.epoch += 1
             s.unit = 0
+
+    def read(self, epoch: int, unit_id: int) -> Generator[np.ndarray, None, bool]:
+        """A unit's documents from the state's block position on; returns whether it had any."""
+        s, p = self.state, self.packing
+        found = s.block_start > 0  # a unit resumed part-way had documents
+        if s.block_start == s.in_block == s.in_doc == 0:  # a fresh unit, not one resumed part-way
+            s.unit_skipped = dict(self.skips.counts)
+        docs = read_unit(self.units[unit_id], self.skips, self.vocab_size)
+        for _ in zip(range(s.block_start), docs):
+            pass
+        while block := [d for _, d in zip(range(self.shuffle_block), docs)]:
+            found = True
+            key = (self.seed, epoch, unit_id, s.block_start)
+            order = np.random.default_rng(seed_int(*key)).permutation(len(block))
+            while s.in_block < len(block):
+                yield np.concatenate(([p.start_id], block[order[s.in_block]], [p.end_id])).astype(np.int64)
+                s.in_block += 1
+                s.in_doc = 0
+            s.block_start += len(block)
+            # Zeroed here too: a block re-read after a restart can come back shorter (a pipe that failed this
+            # time), and the next document must then start from its first token.
+            s.in_block = s.in_doc = 0
+        # All three: a unit resumed part-way that came back empty left its position within a block, which would
+        # skip the next unit's first documents.
+        s.block_start = s.in_block = s.in_doc = 0
+        return found
 
     def rows(self) -> Iterator[np.ndarray]:
         """Packed rows of seq_len tokens; a document runs on across row boundaries."""
@@ -345,7 +371,7 @@ class Loader:
             return ""
         shares = []
         for epoch in range(EPOCHS_SAMPLED):
-            order = np.random.default_rng(seed_int(self.spec.seed, epoch)).permutation(units)
+            order = epoch_order(self.spec.seed, epoch, units)
             per_slot = np.bincount(np.arange(units) % slots, weights=tokens[order], minlength=slots)  # as epoch_units
             shares.append(np.clip(per_slot - total / slots, 0, None).sum() / total)
         share = float(np.mean(shares))
@@ -387,3 +413,79 @@ class Loader:
         self.states = [SlotState(**s) for s in state["slots"]]
         self.consumed = state["consumed"]
         self.iterator = None
+
+    def resume(self, saved: list[dict]) -> str:
+        """Position this rank from a checkpoint's loader states of every rank: exactly where this rank left off
+        when the layout (ranks x workers) is the same; else continued (see `continue_layout`), and a note for
+        the log says so. ValueError when neither can be done (other shards, seed or shuffle block)."""
+        if len(saved) == self.spec.world_size and saved[0].get("num_workers") == self.spec.num_workers:
+            self.load_state_dict(saved[self.spec.rank])
+            return ""
+        return self.continue_layout(saved)
+
+    def continue_layout(self, saved: list[dict]) -> str:
+        """Continue the data of a run that had another layout from its ranks' states, without reading a document
+        twice or leaving one out. Across all new slots: units the old slots finished in their current epochs
+        are skipped (`SlotState.done`), those they were part-way through are finished first from where they
+        stopped (`SlotState.carry`, dealt round-robin), and the rest of those epochs is read by the new slots'
+        shares as usual. Batch indices (and with them mask seeds) go on from the saved count. Skip counts add
+        up in rank 0's first slot."""
+        first = saved[0]
+        for key, value in {"version": STATE_VERSION, **self.recorded()}.items():
+            if key in first and first[key] != value:
+                raise ValueError(f"cannot continue the data position: {key} was {first[key]} now {value}")
+        old_slots = first["world_size"] * max(1, first["num_workers"])
+        if len(saved) != first["world_size"] or [state["rank"] for state in saved] != list(range(len(saved))):
+            raise ValueError("cannot continue the data position: the checkpoint lacks some ranks' loader states")
+        if units_for(expand_urls(self.spec.urls), old_slots) != self.units:
+            raise ValueError(f"cannot continue the data position: with {old_slots} loader slots the shards were "
+                             f"split into other parts than over {self.spec.world_size * self.spec.slots_per_rank}")
+        old = [SlotState(**slot) for state in saved for slot in state["slots"]]
+        units, seed = len(self.units), self.spec.seed
+
+        def share(epoch: int, slot: int, slots: int) -> list[int]:
+            return epoch_order(seed, epoch, units)[slot::slots].tolist()
+
+        low = min(min([c[0] for c in st.carry], default=st.epoch) for st in old)
+        read: defaultdict[int, set[int]] = defaultdict(set)  # per epoch from `low` on: units no one is to begin
+        part_read: list[list[int]] = []
+        base: Counter = Counter()
+        for slot, st in enumerate(old):
+            inside = bool(st.carry) or (st.block_start, st.in_block, st.in_doc) != (0, 0, 0)
+            # A part-read unit is read again from its start by the slot that finishes it, counting its bad data.
+            base.update(st.unit_skipped if inside else st.skipped)
+            part_read += [[*c[:2], st.block_start, st.in_block, st.in_doc] if i == 0 else list(c)
+                          for i, c in enumerate(st.carry)]
+            for epoch in range(low, st.epoch):
+                read[epoch].update(share(epoch, slot, old_slots))
+            current = share(st.epoch, slot, old_slots)
+            read[st.epoch].update(current[:st.unit])
+            if inside and not st.carry:
+                part_read.append([st.epoch, current[st.unit], st.block_start, st.in_block, st.in_doc])
+            for epoch, done in st.done.items():
+                read[epoch].update(done)
+        for epoch, unit, *_ in part_read:
+            read[epoch].add(unit)  # finished by its carrier, not by the slot whose share it is
+        part_read.sort()
+
+        slots, per_rank = self.spec.world_size * self.spec.slots_per_rank, self.spec.slots_per_rank
+        consumed = max(state["consumed"] for state in saved)
+        self.states = []
+        for local in range(per_rank):
+            slot = self.spec.rank * per_rank + local
+            carry = part_read[slot::slots]
+            done = {epoch: sorted(read[epoch].intersection(share(epoch, slot, slots))) for epoch in read}
+            skipped = dict(base) if slot == 0 else {}
+            # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
+            batches = consumed // per_rank + (local < consumed % per_rank)
+            block_start, in_block, in_doc = carry[0][2:] if carry else (0, 0, 0)
+            self.states.append(SlotState(epoch=low, unit=0, block_start=block_start, in_block=in_block,
+                                         in_doc=in_doc, batches=batches, skipped=skipped, unit_skipped=dict(skipped),
+                                         carry=carry, done={e: units for e, units in done.items() if units}))
+        self.consumed = consumed
+        self.iterator = None
+        epochs = f"{low}" if max(read, default=low) == low else f"{low}-{max(read)}"
+        plural = "s" * (old_slots > 1)
+        return (f"data position continued from {old_slots} loader slot{plural} on {slots}: of epoch {epochs}, "
+                f"{sum(map(len, read.values())) - len(part_read)} units already read are skipped and "
+                f"{len(part_read)} part-read ones are finished first")

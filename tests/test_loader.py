@@ -25,7 +25,8 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from masktrain.data.batches import MaskSpec, mlm_batch
-from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing, SlotState, SlotStream, units_for
+from masktrain.data.loader import (Batcher, Loader, LoaderSpec, Packing, SlotState, SlotStream, epoch_order,
+                                   units_for)
 from masktrain.data.masking import Vocab
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
 
@@ -645,3 +646,88 @@ def test_a_run_reports_its_uneven_epochs_by_the_manifests_tokens_once_it_reads_a
 
     assert "weighed by their tokens): when an epoch's worth of tokens has been read, about" in note(100_000)
     assert note(1) == ""
+
+
+def epoch_of(slot: dict) -> int:
+    """The epoch of the document a slot's state points at: a carried unit's own, else the slot's."""
+    return slot["carry"][0][0] if slot["carry"] else slot["epoch"]
+
+
+def read_by_epoch(loaders: list[Loader], batches: int, counts: dict[int, Counter]) -> None:
+    """Take `batches` from each loader (one slot each, one row a batch), counting each document's tokens under
+    the epoch it was read in. Documents fill whole rows, so a row never holds two epochs."""
+    for loader in loaders:
+        for _ in range(batches):
+            tokens = next(loader)["input_ids"].numpy().reshape(-1)
+            # Batch i of a rank comes from its slot i % slots.
+            epoch = epoch_of(loader.states[(loader.consumed - 1) % loader.spec.slots_per_rank].__dict__)
+            counts.setdefault(epoch, Counter()).update(int(t) - FIRST_ID for t in tokens if t >= FIRST_ID)
+
+
+@pytest.mark.parametrize("layouts,batches", [
+    ((3, 2), (9,)), ((3, 2), (20,)), ((3, 4), (26,)), ((2, 5), (11,)), ((4, 3, 2), (5, 9)),
+    ((3, 5, 2, 1), (20, 3, 7))])
+def test_a_run_moved_to_other_ranks_reads_every_document_of_each_epoch_once(tmp_path, layouts, batches):
+    """Stopped after some batches on one layout and resumed on another (and again), the slots of the new one
+    finish what the old ones left part-read, skip what they read, and read the rest: over all layouts, each
+    epoch reads every document exactly once. Shards of unequal size put old slots in different epochs."""
+    urls = write_shards(tmp_path, [[14] * n for n in (16, 2, 3, 2, 2, 9)])  # 16 tokens with boundaries: 2 rows
+    total = 34
+
+    def loaders(world: int) -> list[Loader]:
+        return [Loader(spec_for(urls, rank=rank, world_size=world, micro_batch_size=1, seq_len=8,
+                                shuffle_block=3), plain_batcher(rank)) for rank in range(world)]
+
+    counts: dict[int, Counter] = {}
+    current = loaders(layouts[0])
+    for world, taken in zip(layouts[1:], batches):
+        read_by_epoch(current, taken, counts)
+        saved = [loader.state_dict() for loader in current]
+        current = loaders(world)
+        notes = {loader.resume(saved) for loader in current}
+        assert len(notes) == 1 and notes.pop().startswith(f"data position continued from {saved[0]['world_size']} "
+                                                          f"loader slots on {world}: of epoch ")
+    reached = max(counts)
+    while min(epoch_of(loader.state_dict()["slots"][0]) for loader in current) <= reached:
+        read_by_epoch(current, 1, counts)
+    for epoch in range(reached + 1):
+        assert counts[epoch] == Counter({n: 14 for n in range(total)}), f"epoch {epoch}"
+
+
+def test_a_run_moved_to_another_worker_count_goes_on_in_order_and_counts_bad_data_once(tmp_path):
+    """Worker processes are slots too: 2 workers -> none -> 3 workers on one rank, with a truncated shard read
+    before the first move. Batches keep their order (the index goes on from the saved count), every document of
+    each epoch is read once, and the truncated shard is counted once per epoch read."""
+    urls = write_shards(tmp_path, [[14] * n for n in (5, 2, 3, 4, 3)])
+    with tarfile.open(urls[-1]) as archive:
+        offset = archive.getmembers()[2].offset  # documents 14 and 15 survive, 16 is cut off
+    Path(urls[-1]).write_bytes(Path(urls[-1]).read_bytes()[:offset])
+
+    def loader(workers: int) -> Loader:
+        spec = spec_for(urls, num_workers=workers, micro_batch_size=1, seq_len=8, shuffle_block=3)
+        return Loader(spec, plain_batcher())
+
+    counts: dict[int, Counter] = {}
+    current = loader(2)
+    for workers, taken in ((0, 9), (3, 11)):
+        read_by_epoch([current], taken, counts)
+        saved = current.state_dict()
+        current.close()
+        current = loader(workers)
+        assert current.resume([saved]).startswith(f"data position continued from 2 loader slots on {max(1, workers)}"
+                                                  if workers == 0 else "data position continued from 1 loader")
+        assert current.consumed == saved["consumed"]
+    while min(epoch_of(state.__dict__) for state in current.states) == 0:
+        read_by_epoch([current], 1, counts)
+    current.close()
+    assert counts[0] == Counter({n: 14 for n in range(16)})
+
+    # Slots already past epoch 0 that read through the cut shard again have counted it again.
+    cut, again = len(urls) - 1, 0
+    for slot, state in enumerate(current.states):
+        for epoch in range(1, state.epoch + 1):
+            share = epoch_order(7, epoch, len(urls))[slot::3].tolist()
+            if cut in share:
+                assert (epoch, share.index(cut)) != (state.epoch, state.unit), "in the cut shard: a count unsure"
+                again += (epoch, share.index(cut)) < (state.epoch, state.unit)
+    assert current.skipped() == {"truncated shard": 1 + again}

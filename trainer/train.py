@@ -114,21 +114,21 @@ def crashed(what: str, err: Exception, out_dir: Path) -> NoReturn:
     raise SystemExit(1) from None
 
 
-def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str | None:
-    """Put this rank's data position and RNG state back. Returns why they were not restored, which only
-    trainer.allow_config_change permits (otherwise the config check stops such a resume earlier)."""
+def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str:
+    """Put this rank's data position and RNG state back: exactly, or on another layout of ranks and loader
+    workers continued from every rank's position (which only trainer.allow_config_change permits: otherwise
+    the config check stops such a resume earlier). Returns a note for the log when not exactly."""
     ranks = client["ranks"]
-    if len(ranks) != runtime.world_size:
-        return f"the checkpoint has {len(ranks)} ranks, this run {runtime.world_size}"
-    mine = ranks[runtime.rank]
     try:
-        loader.load_state_dict(mine["data"])
+        note = loader.resume([rank["data"] for rank in ranks])
     except ValueError as err:
         if not allowed:  # every rank fails alike, so the run ends in order, as for bad data
             raise DataError(str(err)) from None
-        return str(err)
-    set_rng_state(mine["rng"])
-    return None
+        return f"data stream and RNG restart from the beginning: {err}"
+    if len(ranks) != runtime.world_size:
+        return f"{note}; RNG states restart (the checkpoint has {len(ranks)} ranks, this run {runtime.world_size})"
+    set_rng_state(ranks[runtime.rank]["rng"])
+    return note
 
 
 def micro_steps(engine, batches: list[dict], runtime: eng.Runtime) -> torch.Tensor:
@@ -214,13 +214,13 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         client = ckpt.load(engine, source)
         state = TrainState(**client["state"])
         try:
-            not_restored = restore_rank_state(client, loader, runtime, cfg.trainer.allow_config_change)
+            note = restore_rank_state(client, loader, runtime, cfg.trainer.allow_config_change)
         except DataError as err:
             failed(out_dir, state.step, err)
         if is_main:
             print(f"[masktrain] resumed from {source} at step {state.step}", flush=True)
-            if not_restored:
-                print(f"[masktrain] data stream and RNG restart from the beginning: {not_restored}", flush=True)
+            if note:
+                print(f"[masktrain] {note}", flush=True)
     loader.align(state.step)
 
     metrics = Metrics(out_dir, is_main, state.step)
