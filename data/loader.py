@@ -441,10 +441,12 @@ class Loader:
             raise ValueError(f"cannot continue the data position: with {old_slots} loader slots the shards were "
                              f"split into other parts than over {self.spec.world_size * self.spec.slots_per_rank}")
         old = [SlotState(**slot) for state in saved for slot in state["slots"]]
-        units, seed = len(self.units), self.spec.seed
+        orders: dict[int, np.ndarray] = {}
 
         def share(epoch: int, slot: int, slots: int) -> list[int]:
-            return epoch_order(seed, epoch, units)[slot::slots].tolist()
+            if epoch not in orders:
+                orders[epoch] = epoch_order(self.spec.seed, epoch, len(self.units))
+            return orders[epoch][slot::slots].tolist()
 
         low = min(min([c[0] for c in st.carry], default=st.epoch) for st in old)
         read: defaultdict[int, set[int]] = defaultdict(set)  # per epoch from `low` on: units no one is to begin
@@ -481,7 +483,7 @@ class Loader:
             block_start, in_block, in_doc = carry[0][2:] if carry else (0, 0, 0)
             self.states.append(SlotState(epoch=low, unit=0, block_start=block_start, in_block=in_block,
                                          in_doc=in_doc, batches=batches, skipped=skipped, unit_skipped=dict(skipped),
-                                         carry=carry, done={e: units for e, units in done.items() if units}))
+                                         carry=carry, done={e: ids for e, ids in done.items() if ids}))
         self.consumed = consumed
         self.iterator = None
         epochs = f"{low}" if max(read, default=low) == low else f"{low}-{max(read)}"
