@@ -448,7 +448,8 @@ class Loader:
                 orders[epoch] = epoch_order(self.spec.seed, epoch, len(self.units))
             return orders[epoch][slot::slots].tolist()
 
-        low = min(min([c[0] for c in st.carry], default=st.epoch) for st in old)
+        # A slot moved here before begins at its own epoch; what it carries may come from later ones.
+        low = min(min([st.epoch] + [c[0] for c in st.carry]) for st in old)
         read: defaultdict[int, set[int]] = defaultdict(set)  # per epoch from `low` on: units no one is to begin
         part_read: list[list[int]] = []
         base: Counter = Counter()
