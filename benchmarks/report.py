@@ -109,7 +109,9 @@ def with_unit(value: float, unit: str) -> str:
 
 
 def describe(machine: dict) -> str:
-    device = machine.get("cuda") or "no GPU"
+    # Every benchmark and experiment here runs on CPU (one thread for the model timings): a GPU in the machine
+    # is named, but as unused, so the figures are not read as its.
+    device = f"{machine['cuda']} present but unused" if machine.get("cuda") else "no GPU"
     return (f"{machine.get('cores', '?')} cores {machine.get('cpu', '?')}, {device}, "
             f"torch {machine.get('torch', '?')}, "
             f"deepspeed {machine.get('deepspeed', '?')}, transformers {machine.get('transformers', '?')}")

@@ -39,13 +39,14 @@ OUTPUTS = ("benchmarks/results", "README.md")
 
 
 def code_version(checkout: Path = CHECKOUT) -> dict | None:
-    """The commit the measured code came from and whether tracked files other than the results differed from
-    it; None outside a git checkout (an installed wheel)."""
+    """The commit the measured code came from and whether files other than the results differed from it (new
+    files not yet committed included: a module a benchmark imports counts; ignored outputs do not); None outside
+    a git checkout (an installed wheel)."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
-        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+        changed = git("status", "--porcelain", "--", ".",
                       *(f":(exclude){path}" for path in OUTPUTS))
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
     except (OSError, subprocess.CalledProcessError):

@@ -157,22 +157,31 @@ def test_provenance_names_the_measured_commit_and_local_changes():
     assert f"code at {'a' * 10}, {'b' * 10} + changes." in line
     older = report.Result("c", {"date": "2026-11-29", "machine": machine})
     assert "code at unknown" in report.provenance([older])[0]
+    # The figures are CPU measurements wherever they ran: a GPU in the machine is not what they measured.
+    assert "on 2 cores cpu, no GPU, torch t" in report.provenance([clean])[0]
+    gpu = report.Result("d", {"date": "2026-11-29", "machine": {**machine, "cuda": "NVIDIA H200"}})
+    assert "on 2 cores cpu, NVIDIA H200 present but unused, torch t" in report.provenance([gpu])[0]
 
 
-def test_code_version_reads_the_commit_and_whether_tracked_files_changed(tmp_path):
+def test_code_version_reads_the_commit_and_whether_files_changed(tmp_path):
     assert code_version(tmp_path) is None
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "f").write_text("1")
-    subprocess.run([*git, "add", "f"], check=True)
+    (tmp_path / ".gitignore").write_text("out/\n")
+    subprocess.run([*git, "add", "f", ".gitignore"], check=True)
     subprocess.run([*git, "commit", "-qm", "c"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert code_version(tmp_path) == {"commit": head, "dirty": False}
-    (tmp_path / "untracked").write_text("x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "log").write_text("x")  # ignored outputs are no code
+    (tmp_path / "README.md").write_text("table")  # nor are results a benchmark run rewrites
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "new.json").write_text("{}")
     assert code_version(tmp_path)["dirty"] is False
-    (tmp_path / "README.md").write_text("table")  # results a benchmark run rewrites are no code change
-    subprocess.run([*git, "add", "README.md"], check=True)
-    assert code_version(tmp_path)["dirty"] is False
+    (tmp_path / "helper.py").write_text("x = 1")  # a new module a benchmark may import is
+    assert code_version(tmp_path) == {"commit": head, "dirty": True}
+    (tmp_path / "helper.py").unlink()
     (tmp_path / "f").write_text("2")
     assert code_version(tmp_path) == {"commit": head, "dirty": True}
 
