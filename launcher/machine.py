@@ -31,7 +31,9 @@ def machine() -> dict:
     return {"cores": len(os.sched_getaffinity(0)), "cpu": cpu_model(),
             "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "transformers": transformers.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            # What else ran: wall-clock figures with several threads (text to shards) fall with free cores.
+            "load_average": round(os.getloadavg()[0], 2)}
 
 
 # What a measurement writes, and so changes while it runs: not a change to the code it measures.

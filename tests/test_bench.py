@@ -163,6 +163,14 @@ def test_provenance_names_the_measured_commit_and_local_changes():
     assert "on 2 cores cpu, NVIDIA H200 present but unused, torch t" in report.provenance([gpu])[0]
 
 
+def test_a_stamp_says_when_where_what_and_how_busy_the_machine_was():
+    from masktrain.launcher.machine import stamp
+
+    header = stamp()
+    assert {"date", "machine", "code", "command"} <= set(header)
+    assert header["machine"]["cores"] >= 1 and header["machine"]["load_average"] >= 0
+
+
 def test_code_version_reads_the_commit_and_whether_files_changed(tmp_path):
     assert code_version(tmp_path) is None
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
