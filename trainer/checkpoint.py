@@ -71,9 +71,9 @@ def comparable(config: dict) -> dict[str, object]:
 WORLD_SIZE = "ranks (launch.nnodes x launch.nproc_per_node)"
 
 
-DATA_POSITION_KEYS = ("data.shuffle_block", "run.seed", "data.dir", "data.train_shards")
+DATA_POSITION_KEYS = ("data.shuffle_block", "run.seed")
 """Keys a saved data position belongs to: after a change allowed in one, the data stream starts again. (Other
-ranks or loader workers continue it: `Loader.resume`.)"""
+ranks or loader workers continue it, and the same shards in another folder resume it: `Loader.resume`.)"""
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
@@ -371,8 +371,8 @@ def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precisi
                          + "\n  ".join(changes)
                          + "\nrestore them, use a new run.output_dir, or set trainer.allow_config_change=true"
                          + (f" (with {', '.join(restart)} changed, the data stream then starts again from its "
-                            "beginning: its position holds only for one shard order, so the documents of the steps "
-                            "done so far are read again)" if restart else ""))
+                            "beginning: its position holds only for one order of the documents, so those of the "
+                            "steps done so far are read again)" if restart else ""))
 
 
 def write_atomic(path: Path, content: str | bytes, tmp_name: str = "") -> None:
