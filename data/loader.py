@@ -119,8 +119,10 @@ class SlotStream:
                 epoch, unit_id = s.carry[0][:2]
                 yield from self.read(epoch, unit_id)
                 s.carry.pop(0)
-                if s.carry:  # its bad data up to there was counted by the slot that began it
+                if s.carry:
                     s.block_start, s.in_block, s.in_doc = s.carry[0][2:]
+                    # Part-read, so `read` keeps the baseline; this one is re-read (and its bad data counted)
+                    # from its start, and a restart goes back to the counts before it.
                     s.unit_skipped = dict(self.skips.counts)
             units = self.epoch_units(s.epoch)
             done = set(s.done.get(s.epoch, ()))
