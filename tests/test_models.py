@@ -240,14 +240,17 @@ def meta_size(config: str, *overrides: str) -> tuple[int, int]:
     return parameter_count(model), parameter_count(model.exported())
 
 
-# Published sizes. TinyLlama-1.1B: 1,100,048,384. BERT-base / -large (vocab 30522, with the pooler and two token
-# types): 109,482,240 / 335,141,888; masktrain's encoders have neither pooler nor a second token type.
+# Published sizes. BERT-base / -large (vocab 30522, with the pooler and two token types): 109,482,240 /
+# 335,141,888; masktrain's encoders have neither pooler nor a second token type. MEAP's 1.1B (tiny_LLaMA_1b_mask):
+# 24 layers of attention (2 of 32 heads for keys and values) and a SwiGLU FFN of 5632, untied embeddings.
+MEAP_1B_LAYER = 2 * 2048 * 2048 + 2 * 2048 * 128 + 3 * 2048 * 5632 + 2 * 2048
 BERT_BASE_ENCODER = 109_482_240 - (768 * 768 + 768) - 768
 BERT_LARGE_ENCODER = 335_141_888 - (1024 * 1024 + 1024) - 1024
 
 
 def test_presets_have_their_published_sizes():
-    assert meta_size("ntp-1b") == (1_100_048_384, 1_100_048_384)
+    meap_1b = 24 * MEAP_1B_LAYER + 2 * 32000 * 2048 + 2048
+    assert meta_size("ntp-1b") == (meap_1b, meap_1b) == (1_175_554_048,) * 2
     assert meta_size("meap-1b") == meta_size("ntp-1b")
     bert_vocab = "data.prepare.vocab_size=30522"
     mae_total, mae_encoder = meta_size("mae-lm-base", bert_vocab)
