@@ -189,6 +189,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     dtype = eng.precision(cfg, runtime)
     # Given the DeepSpeed config, ZeRO-3 builds the model partitioned: no rank ever holds all of it.
     ds = eng.deepspeed_config(cfg, dtype)
+    user_json = deepspeed_json(to_dict(cfg))  # as the run read it: the file may be edited while it trains
     model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer), ds)
     if is_main:
         print(f"[masktrain] model: {cfg.model.objective} on {cfg.model.arch}, {describe(model)}", flush=True)
@@ -241,7 +242,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
                 "objective": cfg.model.objective, "resumed_from": origin, "zero_stage": zero_stage(ds),
-                "precision": dtype, "deepspeed_json": deepspeed_json(to_dict(cfg))}
+                "precision": dtype, "deepspeed_json": user_json}
         # The tokenizer travels with the weights: export needs no data folder, and cannot pick up another one.
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta,
                          files={f"tokenizer/{MODEL_FILE}": tokenizer.model_bytes})
