@@ -660,7 +660,7 @@ def read_by_epoch(loaders: list[Loader], batches: int, counts: dict[int, Counter
         for _ in range(batches):
             tokens = next(loader)["input_ids"].numpy().reshape(-1)
             # Batch i of a rank comes from its slot i % slots.
-            epoch = epoch_of(loader.states[(loader.consumed - 1) % loader.spec.slots_per_rank].__dict__)
+            epoch = epoch_of(asdict(loader.states[(loader.consumed - 1) % loader.spec.slots_per_rank]))
             counts.setdefault(epoch, Counter()).update(int(t) - FIRST_ID for t in tokens if t >= FIRST_ID)
 
 
@@ -755,7 +755,7 @@ def test_a_run_moved_to_another_worker_count_goes_on_in_order_and_counts_bad_dat
         assert current.resume([saved]).startswith(f"data position continued from 2 loader slots on {max(1, workers)}"
                                                   if workers == 0 else "data position continued from 1 loader")
         assert current.consumed == saved["consumed"]
-    while min(epoch_of(state.__dict__) for state in current.states) == 0:
+    while min(epoch_of(asdict(state)) for state in current.states) == 0:
         read_by_epoch([current], 1, counts)
     current.close()
     assert counts[0] == Counter({n: 14 for n in range(16)})
