@@ -13,6 +13,7 @@ from pathlib import Path
 
 from masktrain.data.corpus import DataError, InputError
 from masktrain.launcher.loading import ConfigError
+from masktrain.launcher.run_lock import RunInUse
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -227,6 +228,13 @@ def cmd_slurm_node(args) -> int:
     return slurm_errors(lambda: node(args.run_config))
 
 
+def cmd_slurm_hold(args) -> int:
+    from masktrain.launcher.run_lock import hold
+
+    hold(args.run_dir, fd=args.fd, pid=os.getppid())
+    return 0
+
+
 def cmd_slurm_status(args) -> int:
     from masktrain.launcher.slurm import status
 
@@ -349,6 +357,11 @@ def parser() -> argparse.ArgumentParser:
     p = slurm.add_parser("node", help="(run by the job script on every node) start this node's ranks")
     p.add_argument("run_config", help="<run>/config.yaml")
     p.set_defaults(func=cmd_slurm_node)
+    p = slurm.add_parser("hold", help="(run by the job script) lock the run folder for this job, or fail naming "
+                                      "the launch that has it")
+    p.add_argument("run_dir")
+    p.add_argument("--fd", type=int, required=True, help="a descriptor of <run>/run.lock the script keeps open")
+    p.set_defaults(func=cmd_slurm_hold)
     p = slurm.add_parser("status", help="(read by the job script) print the run's last state and step")
     p.add_argument("run_dir")
     # Job scripts rendered before --full read two fields, and a requeue runs the script it was submitted with.
@@ -373,8 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         code = 2
     # Bad data (the message names the file and line or member), a missing input or a folder this user may not
     # write (the message has its path).
-    except (InputError, DataError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as err:
+    except (InputError, DataError, RunInUse, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError) as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:  # what a command writes appears whole or not at all: the folders are as they were

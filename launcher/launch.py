@@ -17,6 +17,7 @@ from typing import Callable
 
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
+from masktrain.launcher.run_lock import holding
 from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status, shell_code, write_status
 
 # torchrun's own defaults plus SIGUSR1, the signal SLURM jobs are commonly given ahead of their time limit.
@@ -113,9 +114,11 @@ class StopForwarding:
             raise StoppedBeforeStart(name)
         self.process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
 
-    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, command: list[str], env: dict[str, str], keep: tuple[int, ...] = ()) -> subprocess.Popen:
+        """Start torchrun; `keep`: descriptors it inherits."""
         prctl = ctypes.CDLL(None, use_errno=True).prctl
-        self.process = subprocess.Popen(command, env=env, process_group=0, preexec_fn=stop_with_parent(prctl))
+        self.process = subprocess.Popen(command, env=env, process_group=0, preexec_fn=stop_with_parent(prctl),
+                                        pass_fds=keep)
         return self.process
 
     def __exit__(self, *exc) -> None:
@@ -144,18 +147,21 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
             check_gpus(cfg, cuda, "masktrain train")
             check_resume_compatible(cfg)
             check_ready(cfg)
-            config_path = write_run_config(cfg)
-            (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
-            if cfg.launch.master_port:
-                rendezvous = ["--nnodes=1", "--rdzv-backend=c10d",
-                              f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
-            else:
-                rendezvous = ["--standalone"]
-            process = stop.start(torchrun_command(cfg, config_path, rendezvous), rank_environment(cfg, cuda))
+            with holding(cfg.output_dir) as lock:
+                config_path = write_run_config(cfg)
+                (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
+                if cfg.launch.master_port:
+                    rendezvous = ["--nnodes=1", "--rdzv-backend=c10d",
+                                  f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
+                else:
+                    rendezvous = ["--standalone"]
+                # torchrun holds the folder too: were the launcher killed, the ranks it stops still checkpoint.
+                process = stop.start(torchrun_command(cfg, config_path, rendezvous), rank_environment(cfg, cuda),
+                                     keep=(lock,) if lock is not None else ())
+                # The verdict is written before the folder is let go.
+                return outcome(cfg.output_dir, process.wait(), stop.received)
         except StoppedBeforeStart as err:
             return stopped_before_start(err)
-        code = process.wait()
-    return outcome(cfg.output_dir, code, stop.received)
 
 
 def use_cuda(cfg: Config) -> bool:

@@ -24,6 +24,7 @@ from masktrain.launcher.config import Config
 from masktrain.launcher.launch import (check_gpus, check_resume_compatible, rank_environment, torchrun_command,
                                        use_cuda)
 from masktrain.launcher.loading import ConfigError, dump_yaml, load_config, read_run_config
+from masktrain.launcher.run_lock import check_free
 from masktrain.trainer.status import REQUEUE_EXIT, read_status
 
 TEMPLATE = Path(slurm_files.__file__).parent / "train.sbatch"
@@ -225,6 +226,7 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
     """Render, write and submit `spec.chain` jobs; returns their ids in order."""
     from masktrain.data.inputs import check_ready  # imports torch: only for a submission
 
+    check_free(run_dir(cfg))  # a job that would start beside a running launch of this run only to be refused
     check_resume_compatible(cfg)
     check_ready(cfg)  # here, not after the queue wait
     script = write_script(cfg, render(cfg, spec))

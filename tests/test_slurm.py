@@ -18,6 +18,7 @@ import pytest
 from conftest import run_cli
 from masktrain import slurm as slurm_files
 from masktrain.launcher.loading import ConfigError, load_config
+from masktrain.launcher.run_lock import holding
 from masktrain.launcher.slurm import JobSpec, job_config, node_command
 
 LOCAL_CLUSTER = Path(slurm_files.__file__).parent / "local-cluster.sh"
@@ -245,6 +246,28 @@ echo $((100 + n))
     assert "QOSMaxSubmitJobPerUserLimit" in result.stderr
     assert "jobs 101, 102 of the chain were already submitted: cancelled them" in result.stderr
     assert (stubs / "scancel-calls").read_text() == "101 102\n"
+
+
+def test_a_run_in_use_is_neither_submitted_nor_started_by_a_job(tmp_path, stubs, tiny_data):
+    run = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    run_cli("slurm", "render", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=1",
+            *JOB_ARGS, f"--out={script}", check=True)
+    (run / "status.json").write_text('{"state": "running", "step": 3}')
+    with holding(run):  # another launch of this run, e.g. the same job submitted twice
+        submitted = run_cli("slurm", "submit", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1",
+                            "--gpus-per-node=1", *JOB_ARGS, env=job_env(stubs=stubs))
+        assert submitted.returncode == 1 and f"masktrain: {run} is in use by another launch" in submitted.stderr
+        assert not (stubs / "sbatch-calls").exists()
+        started = run_script(script, stubs, nodes=1, STUB_STATE="completed")
+        assert started.returncode == 1 and "SRUN" not in started.stdout, started.stdout
+        assert "not starting: the run folder is taken" in started.stdout
+        assert f"{run} is in use by another launch (host" in started.stderr
+        assert not (run / "config.yaml").exists()
+        assert (run / "status.json").read_text() == '{"state": "running", "step": 3}'
+    started = run_script(script, stubs, nodes=1, STUB_STATE="completed")
+    assert started.returncode == 0 and "SRUN" in started.stdout, started.stdout + started.stderr
+    assert json.loads((run / "run.lock").read_text())["job"] == "123456"
 
 
 def test_a_rendered_script_can_be_submitted_as_it_is(tmp_path, stubs):

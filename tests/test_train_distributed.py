@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MASKTRAIN, run_cli
+from masktrain.launcher.run_lock import RunInUse, check_free
 from masktrain.trainer.checkpoint import Checkpointer
 
 pytestmark = pytest.mark.slow
@@ -295,6 +296,8 @@ def test_a_launcher_killed_outright_still_has_the_ranks_checkpoint(tiny_data, tm
     launch.wait_for_step(1)
     launch.process.kill()
     launch.process.wait()
+    with pytest.raises(RunInUse):  # the run folder stays taken while torchrun has its ranks save
+        check_free(run)
     deadline = time.monotonic() + 120
     while json.loads((run / "status.json").read_text())["state"] == "running":
         assert time.monotonic() < deadline, launch.text()[-3000:]

@@ -1,0 +1,108 @@
+"""One launch per run folder: `<run>/run.lock`, locked with flock for as long as the launch lives.
+
+Two launches into one folder (a job submitted twice, a `masktrain train` beside a SLURM job of the same run)
+would both resume from the same checkpoint, then write the same step-N checkpoints, metrics and status.json
+over each other. flock rather than a pid file: the kernel (the file server, for a node that is gone) drops the
+lock when its holder ends, so a killed launch never leaves the folder locked and nothing needs breaking by
+hand. The file's text only names the holder, for the refusal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+LOCK = "run.lock"
+# How filesystems without flock answer (Lustre mounted without -o flock, some FUSE ones): the run goes on
+# unprotected rather than not at all.
+UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+
+
+class RunInUse(RuntimeError):
+    """Another launch holds the run folder."""
+
+
+def holder(run_dir: str | Path) -> str:
+    """Who holds the folder, as its lock file says."""
+    try:
+        record = json.loads((Path(run_dir) / LOCK).read_text())
+        job = f"SLURM job {record['job']}, " if record.get("job") else ""
+        return f"another launch ({job}host {record['host']}, pid {record['pid']}, since {record['since']})"
+    except (OSError, ValueError, KeyError, TypeError):  # taken an instant ago, its record not yet written
+        return "another launch"
+
+
+def refusal(run_dir: str | Path) -> RunInUse:
+    return RunInUse(f"{run_dir} is in use by {holder(run_dir)}: two launches into one run folder would write the "
+                    "same checkpoints over each other. Wait for it to end or stop it, or give this run another "
+                    "run.name (or run.output_dir)")
+
+
+def try_lock(fd: int, path: Path) -> bool | None:
+    """flock `fd`: True when taken, False when someone else holds it, None where the filesystem has no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as err:
+        if err.errno not in UNSUPPORTED:
+            raise
+        print(f"masktrain: {path}: no file locks on this filesystem ({err.strerror}): a second launch into this "
+              "run folder would not be refused", file=sys.stderr)
+        return None
+
+
+def hold(run_dir: str | Path, fd: int | None = None, pid: int | None = None) -> int | None:
+    """Take the run folder for this launch, or raise RunInUse naming who has it. The lock lasts while `fd` is
+    open, here or in a process that inherited it: without `fd` one is opened here (not inherited by children);
+    a job script passes the descriptor it holds open, with its own `pid`. Returns the descriptor held, None
+    where the filesystem has no locks."""
+    path = Path(run_dir) / LOCK
+    if fd is None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    taken = try_lock(fd, path)
+    if not taken:
+        os.close(fd)
+        if taken is None:
+            return None
+        raise refusal(run_dir)
+    record = {"host": socket.gethostname(), "pid": pid or os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+    return fd
+
+
+@contextlib.contextmanager
+def holding(run_dir: str | Path):
+    """The run folder is this launch's inside the block; gives the descriptor that holds it (None: no locks)."""
+    fd = hold(run_dir)
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def check_free(run_dir: str | Path) -> None:
+    """Raise RunInUse when a launch holds the folder now (for a submission, which starts nothing yet)."""
+    path = Path(run_dir) / LOCK
+    try:
+        # Opened for writing: NFS emulates flock with a byte-range write lock, which a read-only file refuses.
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        if try_lock(fd, path) is False:
+            raise refusal(run_dir)
+    finally:
+        os.close(fd)  # also releases the lock this took

@@ -1,0 +1,97 @@
+"""One launch per run folder: a second launch, submission or job of a run in use is refused, naming the
+holder, and the folder is free again however its holder ended."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import MASKTRAIN, run_cli
+from masktrain.launcher import run_lock
+from masktrain.launcher.run_lock import RunInUse, check_free, hold, holding
+
+HOLD_IN_CHILD = textwrap.dedent("""
+    import sys, time
+    from masktrain.launcher.run_lock import hold
+    hold(sys.argv[1])
+    print("held", flush=True)
+    time.sleep(120)
+""")
+
+
+def start_holder(command: list[str], env: dict | None = None) -> subprocess.Popen:
+    holder = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_held_folder_is_refused_naming_its_holder_and_free_once_the_holder_is_killed(tmp_path):
+    run = tmp_path / "run"
+    holder = start_holder([sys.executable, "-c", HOLD_IN_CHILD, str(run)], env={"SLURM_JOB_ID": "4242"})
+    try:
+        for attempt in (lambda: hold(run), lambda: check_free(run)):
+            with pytest.raises(RunInUse, match=rf"{run} is in use by another launch \(SLURM job 4242, host \S+, "
+                                               rf"pid {holder.pid}, since 20\d\d-.*\): two launches"):
+                attempt()
+    finally:
+        holder.send_signal(signal.SIGKILL)  # no clean-up of its own: the lock must go with the process
+        holder.wait()
+    check_free(run)
+    with holding(run) as fd:
+        assert fd is not None
+        assert json.loads((run / "run.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(RunInUse):  # another open of the file, even in this process
+            hold(run)
+    check_free(run)
+
+
+def test_a_job_script_holds_the_folder_through_an_inherited_descriptor(tmp_path):
+    """The job script's way: the shell opens the lock file, `masktrain slurm hold` locks its descriptor and
+    exits, and the lock stays with the shell (and whatever it starts) until they end."""
+    run = tmp_path / "run"
+    run.mkdir()
+    script = (f'exec 9>>"{run}/run.lock"; "{MASKTRAIN}" slurm hold --fd 9 "{run}" || exit 3; echo held; '
+              "sleep 120")
+    shell = start_holder(["bash", "-c", script])
+    try:
+        with pytest.raises(RunInUse, match=rf"host \S+, pid {shell.pid}, since"):
+            check_free(run)
+        second = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 3 and f"masktrain: {run} is in use by another launch" in second.stderr
+    finally:
+        shell.kill()
+        shell.wait()
+    check_free(run)
+
+
+def test_without_file_locks_the_run_goes_on_unprotected_and_says_so(tmp_path, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    with holding(tmp_path / "run") as fd:
+        assert fd is None
+    assert "no file locks on this filesystem" in capsys.readouterr().err
+
+
+def test_a_second_local_launch_is_refused_before_it_writes_anything(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    holder = start_holder([sys.executable, "-c", HOLD_IN_CHILD, str(run)])
+    try:
+        (run / "status.json").write_text('{"state": "running", "step": 3}')
+        result = run_cli("train", "smoke", *tiny_data, f"run.output_dir={run}", "launch.nproc_per_node=1",
+                         timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1, result.stderr
+    assert f"masktrain: {run} is in use by another launch (host" in result.stderr
+    assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
+    assert (run / "status.json").read_text() == '{"state": "running", "step": 3}'  # the holder's, untouched
