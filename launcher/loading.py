@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from masktrain import configs as builtin_configs
-from masktrain.launcher.config import Config, objective_defaults, unset_start_rate
+from masktrain.launcher.config import Config, objective_defaults, raw_masking, unset_start_rate
 
 
 class ConfigError(ValueError):
@@ -192,7 +192,7 @@ def override_value(text: str) -> Any:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read, merge, type-check and validate a run configuration."""
-    from masktrain.launcher.validate import validate
+    from masktrain.launcher.validate import inert_policy_options, validate
 
     source = str(path)
     raw = read_yaml(resolve_path(str(path)))
@@ -204,7 +204,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     problems += [unset] if (unset := unset_start_rate(objective, raw)) else []
     cfg = build(Config, layered, "", problems)
     # Fields with a type error keep their defaults, so validating anyway reports every problem at once.
-    problems += validate(cfg)
+    # Inert options are judged from what the user wrote, which a saved config (with every key) no longer tells.
+    problems += validate(cfg) + inert_policy_options(cfg, raw_masking(raw))
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from masktrain.launcher.config import Config
+from masktrain.launcher.config import Config, MaskingConfig
 
 ENCODER_ARCHS = ("bert", "roberta")
 DECODER_ARCHS = ("llama",)
@@ -268,6 +268,28 @@ def validate(cfg: Config) -> list[str]:
             refusal = deepspeed_refusal(cfg)
             check(refusal is None, "trainer.deepspeed_config", f"{t.deepspeed_config}: DeepSpeed refuses it: {refusal}")
     return problems
+
+
+# Options that one selection policy alone reads. (The table paths are not here: `masktrain data importance`
+# and `data collocations` write them whatever the run's policy.)
+POLICY_OPTIONS = {"span": ("span_mean", "span_max"), "importance": ("importance_power",)}
+
+
+def inert_policy_options(cfg: Config, masking: dict) -> list[str]:
+    """Policy options that `masking` (the data.masking the user wrote: YAML with overrides) sets to other than
+    their defaults while neither the training nor the evaluation policy reads them: `span_mean: 5` under policy
+    random trained random masking without a word. Defaults pass, as in a full config (`config show`, a run
+    folder's config.yaml) used as a file. NTP is let be: it reads no masking option, and a MEAP config switched
+    to NTP by model.objective is the baseline run as it is."""
+    if cfg.model.objective == "ntp":
+        return []
+    m, default = cfg.data.masking, MaskingConfig()
+    used = {m.policy, m.eval_policy or m.policy}
+    return [f"data.masking.{key}: {getattr(m, key)}, but only the {policy} policy reads it, and data.masking.policy "
+            f"is {m.policy}{f' (eval_policy {m.eval_policy})' if m.eval_policy else ''}; set policy or eval_policy "
+            f"to {policy}, or drop the option"
+            for policy, keys in POLICY_OPTIONS.items() if policy not in used
+            for key in keys if key in masking and getattr(m, key) != getattr(default, key)]
 
 
 def schedule_notes(cfg: Config) -> list[str]:

@@ -146,6 +146,21 @@ def test_bad_masking_settings_are_all_reported_with_valid_names():
         load_config("smoke", ["data.masking.policy=span", "data.masking.share_across_batch=true"])
 
 
+def test_a_policy_option_no_policy_of_the_run_reads_is_refused():
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", ["data.masking.span_mean=5", "data.masking.importance_power=2"])
+    assert err.value.problems == [
+        "data.masking.span_mean: 5.0, but only the span policy reads it, and data.masking.policy is random; set "
+        "policy or eval_policy to span, or drop the option",
+        "data.masking.importance_power: 2.0, but only the importance policy reads it, and data.masking.policy is "
+        "random; set policy or eval_policy to importance, or drop the option"]
+    # Read by the evaluation's policy; a default written out (a full config used as a file); NTP, which reads
+    # no masking option, so that the MEAP config it was switched from runs as it is.
+    for overrides in (["data.masking.span_mean=5", "data.masking.eval_policy=span"], ["data.masking.span_max=10"],
+                      ["data.masking.span_mean=5", "model.objective=ntp"]):
+        load_config("smoke", overrides)
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["data.masking.mask_prob=0.9", "data.masking.random_prob=0.3"],
      "data.masking.mask_prob: mask_prob + random_prob must be <= 1 (the rest is kept), got 0.9 + 0.3"),

@@ -157,8 +157,9 @@ def test_resume_check_ignores_keys_that_do_not_change_the_run(tmp_path):
     older = to_dict(load_config("smoke", []))
     del older["data"]["masking"]["span_max"], older["model"]["decoder_hidden_size"]
     assert config_changes(older, saved) == []
-    assert config_changes(older, to_dict(load_config("smoke", ["data.masking.span_max=4"]))) == [
-        "data.masking.span_max: 10 -> 4"]
+    span = ["data.masking.eval_policy=span", "data.masking.span_max=4"]
+    assert config_changes(older, to_dict(load_config("smoke", span))) == [
+        "data.masking.eval_policy: '' -> 'span'", "data.masking.span_max: 10 -> 4"]
     # The same ranks on other nodes compute the same run; other ranks do not.
     four_by_eight = to_dict(load_config("smoke", ["launch.nnodes=4", "launch.nproc_per_node=8", "trainer.global_batch_size=256"]))
     eight_by_four = to_dict(load_config("smoke", ["launch.nnodes=8", "launch.nproc_per_node=4", "trainer.global_batch_size=256"]))
