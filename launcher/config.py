@@ -211,6 +211,9 @@ class TrainerConfig:
     """Save every N steps (0: only at the end and on a signal)."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
+    keep_every: int = 0
+    """Also save at every multiple of this many steps, and never prune those saves (0: none): the model as it
+    trained, to export, probe or evaluate later."""
     eval_every: int = 0
     """Evaluate every N steps on the validation shards (0: only at the end)."""
     eval_batches: int = 0

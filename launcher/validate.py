@@ -229,7 +229,7 @@ def validate(cfg: Config) -> list[str]:
     positive(t.global_batch_size, "trainer.global_batch_size")
     choice(t.zero_stage, "trainer.zero_stage", (0, 1, 2, 3))
     choice(t.precision, "trainer.precision", ("auto", "fp32", "bf16"))
-    for key in ("checkpoint_every", "eval_every", "eval_batches", "stop_after_steps"):
+    for key in ("checkpoint_every", "keep_every", "eval_every", "eval_batches", "stop_after_steps"):
         non_negative(getattr(t, key), f"trainer.{key}")
     positive(t.keep_last, "trainer.keep_last")
     positive(t.log_every, "trainer.log_every")

@@ -23,7 +23,8 @@ from conftest import scalars
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, StopForwarding, outcome, rank_environment
 from masktrain.launcher.loading import ConfigError, load_config, merge, to_dict
-from masktrain.trainer.checkpoint import Checkpointer, config_changes, resume_point, saved_config, tag_for
+from masktrain.trainer.checkpoint import (Checkpointer, config_changes, resume_point, save_due, saved_config,
+                                          tag_for)
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
@@ -112,6 +113,22 @@ def test_a_checkpoint_is_named_by_its_folder_or_by_its_run_from_anywhere(tmp_pat
     (ckpt.dir / "step-00000010").rename(ckpt.dir / "old")
     (ckpt.dir / "latest").write_text("mine")
     assert ckpt.latest() == ckpt.dir / "mine"
+
+
+def test_milestones_are_saved_on_their_steps_and_never_pruned(tmp_path):
+    trainer = load_config("smoke", ["trainer.checkpoint_every=4", "trainer.keep_every=10"]).trainer
+    assert [step for step in range(1, 25) if save_due(step, trainer)] == [4, 8, 10, 12, 16, 20, 24]
+    trainer.checkpoint_every = 0
+    assert [step for step in range(1, 25) if save_due(step, trainer)] == [10, 20]
+
+    ckpt = Checkpointer(tmp_path, keep_last=2, is_main=True, keep_every=10)
+    for step in (4, 8, 10, 12, 16, 20, 24, 28):
+        staging = ckpt.dir / f"{tag_for(step)}.partial"
+        staging.mkdir(parents=True)
+        ckpt.publish(staging, step, {"run": {}}, {})
+    assert [p.name for p in ckpt.complete()] == ["step-00000010", "step-00000020", "step-00000024",
+                                                 "step-00000028"]
+    assert ckpt.latest().name == "step-00000028"
 
 
 def test_after_a_rollback_the_new_line_is_kept_and_resumed_from_not_the_higher_steps_it_abandoned(tmp_path):

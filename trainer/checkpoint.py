@@ -27,7 +27,7 @@ from typing import Iterator
 
 import yaml
 
-from masktrain.launcher.config import Config
+from masktrain.launcher.config import Config, TrainerConfig
 from masktrain.launcher.loading import merge, to_dict, to_yaml
 
 LATEST = "latest"
@@ -37,7 +37,8 @@ CLIENT_KEY = "masktrain"
 # Keys whose change does not alter what a resumed run computes.
 RESUME_SAFE = {
     "run.name", "run.output_dir",
-    "trainer.checkpoint_every", "trainer.keep_last", "trainer.eval_every", "trainer.eval_batches",
+    "trainer.checkpoint_every", "trainer.keep_last", "trainer.keep_every", "trainer.eval_every",
+    "trainer.eval_batches",
     "trainer.log_every", "trainer.max_bad_steps", "trainer.resume", "trainer.allow_config_change",
     "trainer.peak_tflops", "trainer.progress_bar", "trainer.stop_after_steps",
     "data.strict", "data.mask_in_workers", "launch.master_port", "launch.shutdown_timeout",
@@ -47,6 +48,11 @@ RESUME_SAFE = {
 
 def tag_for(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def save_due(step: int, trainer: TrainerConfig) -> bool:
+    """Whether `step` saves on schedule: every checkpoint_every steps, and at the kept milestones."""
+    return any(every and step % every == 0 for every in (trainer.checkpoint_every, trainer.keep_every))
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -86,9 +92,10 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str | Path, keep_last: int, is_main: bool):
+    def __init__(self, run_dir: str | Path, keep_last: int, is_main: bool, keep_every: int = 0):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
+        self.keep_every = keep_every
         self.is_main = is_main
         self.damaged: set[Path] = set()
 
@@ -180,7 +187,14 @@ class Checkpointer:
 
     def prune(self) -> None:
         for old in self.complete()[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not self.milestone(old):
+                shutil.rmtree(old, ignore_errors=True)
+
+    def milestone(self, path: Path) -> bool:
+        """A save keep_every keeps. One of a line a rollback abandoned stays until the new line saves its step
+        over it, which it does: milestones are saved whatever checkpoint_every says."""
+        step = path.name.removeprefix("step-")
+        return bool(self.keep_every) and step.isdigit() and int(step) % self.keep_every == 0
 
     def load(self, engine, path: Path) -> dict:
         """Restore engine state (model, optimizer) and return masktrain's client state."""

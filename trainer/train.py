@@ -32,7 +32,8 @@ from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
-from masktrain.trainer.checkpoint import Checkpointer, check_resumable, deepspeed_json, resume_point
+from masktrain.trainer.checkpoint import (Checkpointer, check_resumable, deepspeed_json, resume_point,
+                                          save_due)
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.models import TokenIds, build_model, zero_stage
@@ -205,7 +206,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     validation: tuple[list[dict], dict] | None = None  # read on first use
     torch.manual_seed(seed_int(cfg.run.seed, runtime.rank, 1))  # dropout differs per rank
 
-    ckpt = Checkpointer(out_dir, cfg.trainer.keep_last, is_main)
+    ckpt = Checkpointer(out_dir, cfg.trainer.keep_last, is_main, cfg.trainer.keep_every)
     ckpt.clean_partial()
     dist.barrier()
     state = TrainState()
@@ -324,7 +325,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
             leaving = stops > 0 and not final
-            if final or leaving or (cfg.trainer.checkpoint_every and state.step % cfg.trainer.checkpoint_every == 0):
+            if final or leaving or save_due(state.step, cfg.trainer):
                 # A resume keeps the logs up to this checkpoint: on disk before it, they survive losing the node.
                 metrics.flush()
                 try:
