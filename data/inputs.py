@@ -22,6 +22,7 @@ from masktrain.data.shards import manifest_urls, read_manifest
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.data.validation import validation_batches
 from masktrain.launcher.config import Config
+from masktrain.trainer.objectives import OBJECTIVES
 
 
 def tokenizer_dir(cfg: Config) -> Path:
@@ -120,7 +121,8 @@ def mask_spec(cfg: Config, tokenizer: Tokenizer, policy: str = "") -> MaskSpec:
     """The masking of a run, with `policy` (default: the training one); the policy's table, if it needs one, is
     loaded (and checked) here, once per rank."""
     m = cfg.data.masking
-    policy = policy or m.policy
+    # An objective that masks nothing (NTP) reads no table: the MEAP config it was switched from runs as it is.
+    policy = (policy or m.policy) if OBJECTIVES[cfg.model.objective].masked else "random"
     weights = pairs = None
     if policy == "importance":
         weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power

@@ -129,6 +129,17 @@ def test_importance_table_from_the_cli_weights_the_selection(tiny_data, tmp_path
     assert rare_rate > 1.5 * common_rate, (rare_rate, common_rate)
 
 
+def test_a_policy_table_is_needed_by_the_objectives_that_mask_only(tiny_data, tmp_path):
+    """A MEAP ablation's NTP baseline is the same config with model.objective=ntp: it selects nothing."""
+    table = f"data.masking.importance_table={tmp_path / 'absent.npy'}"
+    meap = load_config("smoke", [*tiny_data, "model.objective=meap", "data.masking.policy=importance", table])
+    with pytest.raises(DataError, match=r"absent.npy.*masktrain data importance"):
+        inputs.check_ready(meap)
+    meap.model.objective = "ntp"
+    inputs.check_ready(meap)
+    assert inputs.mask_spec(meap, Tokenizer(inputs.tokenizer_dir(meap))).options.importance is None
+
+
 def test_importance_table_problems_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="masktrain data importance"):
         importance.load_table(tmp_path / "missing.npy", 100)
