@@ -40,6 +40,13 @@ def cmd_smoke(args) -> int:
     return smoke(args.config, args.overrides, fresh_data=args.fresh)
 
 
+def cmd_status(args) -> int:
+    from masktrain.launcher.overview import overview
+
+    print("\n\n".join(overview(run) for run in args.runs))
+    return 0
+
+
 def cmd_config_show(args) -> int:
     from masktrain.launcher.loading import dump_yaml, load_config
 
@@ -272,6 +279,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--fresh", action="store_true", help="rebuild the tokenizer and shards too")
     p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("status", help="where runs stand: held by a launch or not, step, losses, speed, time left, "
+                                      "checkpoints")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders, e.g. runs/smoke")
+    p.set_defaults(func=cmd_status)
 
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     p = config.add_parser("show", help="print the resolved config")

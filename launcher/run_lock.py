@@ -93,16 +93,21 @@ def holding(run_dir: str | Path):
             os.close(fd)
 
 
-def check_free(run_dir: str | Path) -> None:
-    """Raise RunInUse when a launch holds the folder now (for a submission, which starts nothing yet)."""
+def in_use(run_dir: str | Path) -> str | None:
+    """Who holds the folder now (see `holder`), None when no launch does."""
     path = Path(run_dir) / LOCK
     try:
         # Opened for writing: NFS emulates flock with a byte-range write lock, which a read-only file refuses.
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return
+        return None
     try:
-        if try_lock(fd, path) is False:
-            raise refusal(run_dir)
+        return holder(run_dir) if try_lock(fd, path) is False else None
     finally:
         os.close(fd)  # also releases the lock this took
+
+
+def check_free(run_dir: str | Path) -> None:
+    """Raise RunInUse when a launch holds the folder now (for a submission, which starts nothing yet)."""
+    if in_use(run_dir) is not None:
+        raise refusal(run_dir)

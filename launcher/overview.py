@@ -1,0 +1,119 @@
+"""`masktrain status RUN...`: where a run stands, read from its folder alone (no rank, no torch), for a person
+checking on a run of days: whether a launch holds it now, its step, last losses, speed, time left and saves.
+
+"running" in status.json says only what the last launch wrote; whether something still runs is the run lock's
+to say. A folder marked running that no launch holds was left by one that ended without a verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import yaml
+
+from masktrain.launcher.run_lock import in_use
+from masktrain.trainer.checkpoint import Checkpointer, meta_or_none
+from masktrain.trainer.status import read_status
+
+TAIL_BYTES = 16 * 2**20
+"""How much of metrics.jsonl's end is read for the last rows (the last evaluation may lie thousands of log
+lines back)."""
+
+
+def last_rows(path: Path, keys: tuple[str, ...]) -> dict[str, dict]:
+    """For each key, the last row of the JSON-lines file `path` that has it, from its last TAIL_BYTES."""
+    found: dict[str, dict] = {}
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - TAIL_BYTES))
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return found
+    for line in reversed(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:  # the cut first line of the tail, or a line a crash left half-written
+            continue
+        for key in keys:
+            if isinstance(row, dict) and key in row and key not in found:
+                found[key] = row
+        if len(found) == len(keys):
+            break
+    return found
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(0, int(seconds))}s"
+    minutes = int(seconds // 60)
+    days, hours, minutes = minutes // 1440, minutes // 60 % 24, minutes % 60
+    return f"{days}d {hours}h" if days else f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
+
+
+def run_config(run: Path) -> dict:
+    try:
+        config = yaml.safe_load((run / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def overview(run_dir: str | Path, now: float | None = None) -> str:
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no such run folder")
+    now = time.time() if now is None else now
+    config = run_config(run)
+    trainer, data = config.get("trainer", {}), config.get("data", {})
+    max_steps = trainer.get("max_steps")
+    status = read_status(run)
+    state, step = status.get("state", "not started"), status.get("step", 0)
+    try:
+        holder = in_use(run)
+    except OSError as err:  # another user's folder, a file system gone read-only
+        holder = f"unknown ({err.strerror})"
+    lines = [f"{run}: {state}" + (f": {status['reason'].splitlines()[0]}" if status.get("reason") else "")]
+    if holder is not None:
+        lines.append(f"  held by {holder}")
+    elif state == "running":
+        lines.append("  no launch holds the folder: the last one ended without a verdict (killed, or its node lost); "
+                     f"a restart goes on from step {step}")
+
+    rows = last_rows(run / "metrics.jsonl", ("train/loss", "val/loss"))
+    train, val = rows.get("train/loss"), rows.get("val/loss")
+    logged = train["step"] if train else step
+    if max_steps:
+        lines.append(f"  step {logged} of {max_steps} ({100 * logged / max_steps:.1f}%)")
+    if train:
+        speed = train.get("train/tokens_per_s")
+        parts = [f"train loss {train['train/loss']:.4f} at step {train['step']}", f"lr {train['train/lr']:.3g}"]
+        if "train/mask_rate" in train:
+            parts.append(f"mask rate {train['train/mask_rate']:.3f}")
+        if speed:
+            parts.append(f"{speed:,.0f} tokens/s")
+        if "train/mfu" in train:
+            parts.append(f"MFU {100 * train['train/mfu']:.1f}%")
+        lines.append("  " + ", ".join(parts))
+        tokens_per_step = trainer.get("global_batch_size", 0) * data.get("seq_len", 0)
+        if speed and max_steps and tokens_per_step and state != "completed":
+            left = (max_steps - train["step"]) * tokens_per_step / speed
+            lines.append(f"  about {duration(left)} of training left at that speed (evaluation and saves not "
+                         "counted)")
+    if val:
+        accuracy = f", accuracy {val['val/accuracy']:.4f}" if "val/accuracy" in val else ""
+        lines.append(f"  validation loss {val['val/loss']:.4f}{accuracy} at step {val['step']}")
+
+    checkpoints = Checkpointer(run, 1, False, trainer.get("keep_every", 0))
+    latest = checkpoints.latest()
+    if latest is None:
+        lines.append("  no checkpoint yet")
+    else:
+        meta = meta_or_none(latest) or {}
+        age = now - (latest / "meta.json").stat().st_mtime
+        lines.append(f"  last checkpoint {latest} (step {meta.get('step', '?')}, {duration(age)} ago)")
+        if milestones := [path.name for path in checkpoints.complete() if checkpoints.milestone(path)]:
+            lines.append(f"  kept milestones: {', '.join(milestones)}")
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""`masktrain status`: a run's standing from its folder, live or left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import yaml
+
+from conftest import run_cli
+from masktrain.launcher.overview import duration, last_rows, overview
+from masktrain.trainer.checkpoint import Checkpointer, tag_for
+from masktrain.trainer.status import write_status
+from test_run_lock import HOLD_IN_CHILD, start_holder
+
+
+def fake_run(run, state: str, step: int) -> None:
+    """A run folder as training leaves it: config, status, metrics (one evaluation far back), two saves."""
+    run.mkdir(parents=True)
+    config = {"trainer": {"max_steps": 1000, "global_batch_size": 64, "keep_every": 100}, "data": {"seq_len": 512}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    write_status(run, state, step, start=0)
+    rows = [{"step": 100, "val/loss": 3.5, "val/accuracy": 0.4}]
+    rows += [{"step": s, "train/loss": 3.0 + 1 / s, "train/lr": 1e-4, "train/mask_rate": 0.15,
+              "train/tokens_per_s": 16384.0} for s in range(101, 251)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 251, "train/lo')
+    ckpt = Checkpointer(run, 1, True, keep_every=100)
+    for saved in (100, 200, 250):
+        staging = ckpt.dir / f"{tag_for(saved)}.partial"
+        staging.mkdir(parents=True)
+        ckpt.publish(staging, saved, {}, {})
+    os.utime(ckpt.dir / tag_for(250) / "meta.json", (1_000_000.0, 1_000_000.0))
+
+
+def test_a_live_run_is_held_and_shows_step_losses_time_left_and_saves(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, "running", 250)
+    holder = start_holder([sys.executable, "-c", HOLD_IN_CHILD, str(run)], env={"SLURM_JOB_ID": "77"})
+    try:
+        text = overview(run, now=1_000_000.0 + 3 * 3600 + 120)
+    finally:
+        holder.kill()
+        holder.wait()
+    lines = text.splitlines()
+    assert lines[0] == f"{run}: running"
+    assert lines[1].startswith("  held by another launch (SLURM job 77, host ") and f"pid {holder.pid}" in lines[1]
+    assert lines[2] == "  step 250 of 1000 (25.0%)"
+    assert lines[3] == "  train loss 3.0040 at step 250, lr 0.0001, mask rate 0.150, 16,384 tokens/s"
+    # 750 steps x 64 x 512 tokens at 16,384 tokens/s: 1,500 s.
+    assert lines[4] == "  about 25m of training left at that speed (evaluation and saves not counted)"
+    assert lines[5] == "  validation loss 3.5000, accuracy 0.4000 at step 100"
+    assert lines[6] == f"  last checkpoint {run}/checkpoints/step-00000250 (step 250, 3h 02m ago)"
+    assert lines[7] == "  kept milestones: step-00000100, step-00000200"
+
+
+def test_a_run_marked_running_that_no_launch_holds_was_killed_and_says_where_it_goes_on(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, "running", 250)
+    text = overview(run)
+    assert ("no launch holds the folder: the last one ended without a verdict (killed, or its node lost); a restart "
+            "goes on from step 250") in text
+    write_status(run, "failed", 250, "too many non-finite steps\n(5 in a row)")
+    assert overview(run).splitlines()[:2] == [f"{run}: failed: too many non-finite steps", "  step 250 of 1000 (25.0%)"]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert overview(fresh) == f"{fresh}: not started\n  no checkpoint yet"
+    result = run_cli("status", str(run), str(tmp_path / "absent"))
+    assert result.returncode == 1 and f"masktrain: {tmp_path / 'absent'}: no such run folder" in result.stderr
+
+
+def test_durations_read_at_a_glance():
+    assert [duration(s) for s in (-3, 42, 60, 3599, 3600 + 61, 86400 * 3 + 7200 + 59)] == [
+        "0s", "42s", "1m", "59m", "1h 01m", "3d 2h"]
+
+
+def test_the_last_rows_are_found_from_the_end_of_a_large_log(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": 1, "val/loss": 2.0}] + [{"step": s, "train/loss": 1.0} for s in range(2, 5000)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert last_rows(path, ("train/loss", "val/loss")) == {"train/loss": rows[-1], "val/loss": rows[0]}
+    monkeypatch.setattr("masktrain.launcher.overview.TAIL_BYTES", 1000)  # the evaluation lies beyond the tail
+    assert last_rows(path, ("train/loss", "val/loss")) == {"train/loss": rows[-1]}
