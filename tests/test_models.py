@@ -292,7 +292,9 @@ def test_mae_lm_refuses_a_corruption_that_removes_nothing():
         load_config("mae-lm-base", ["data.masking.mask_prob=0"])
 
 
+# mask_prob 0.8: the random and kept tenths of the targets stay in MAE-LM's encoder input.
 @pytest.mark.parametrize("objective,extra", [("mlm", []), ("mae_lm", []), ("mae_lm", [NARROW_DECODER]),
+                                             ("mae_lm", ["data.masking.mask_prob=0.8", "data.masking.random_prob=0.1"]),
                                              ("meap", []), ("ntp", [])])
 def test_flops_per_token_is_what_torch_counts_for_a_training_step(tiny_data, objective, extra):
     """The MFU numerator: heads run at the targets only and MAE-LM's encoder on the visible tokens, so 6 x params
@@ -310,8 +312,8 @@ def test_flops_per_token_is_what_torch_counts_for_a_training_step(tiny_data, obj
     tokens = batch["labels"].numel()
     share = float((batch["labels"] != -100).float().mean())
     assert share == pytest.approx(0.4 if objective in ("mlm", "mae_lm") else 1.0, abs=0.02)
-    assert model.flops_per_token(share, cfg.data.seq_len) == pytest.approx(counter.get_total_flops() / tokens,
-                                                                           rel=0.02)
+    assert model.flops_per_token(share, cfg.data.seq_len, cfg.data.masking.mask_prob) == pytest.approx(
+        counter.get_total_flops() / tokens, rel=0.02)
 
 
 def test_peak_flops_match_the_longest_gpu_name_and_the_training_precision(monkeypatch):

@@ -88,12 +88,13 @@ class MaeLM(nn.Module):
 
     targets = staticmethod(MaskedLM.targets)  # labels only at the removed positions
 
-    def flops_per_token(self, rate: float, seq_len: int) -> float:
-        """Training FLOPs per input token when a `rate` share is masked: the encoder (and the map into a narrower
+    def flops_per_token(self, rate: float, seq_len: int, mask_prob: float = 1.0) -> float:
+        """Training FLOPs per input token when a `rate` share is selected: the encoder (and the map into a narrower
         decoder) runs on the visible tokens, attending to visible ones; the decoder on every position, except the
-        last layer's projections after attention, the map back and the head, which run at the masked ones (see
-        `decode`)."""
-        visible = 1.0 - rate
+        last layer's projections after attention, the map back and the head, which run at the selected ones (see
+        `decode`). Only the `mask_prob` share of the selected tokens is removed: the random and kept ones of an
+        80/10/10 split stay in the encoder's input."""
+        visible = 1.0 - rate * mask_prob
         encoder = self.hf.base_model
         *body, last = self.decoder.encoder.layer
         everywhere = sum(weights(layer) for layer in body) + weights(last.attention.self)

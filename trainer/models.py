@@ -91,9 +91,9 @@ class MaskedLM(nn.Module):
         """How many targets `batch` holds (known before the forward)."""
         return (batch["labels"] != IGNORE).sum()
 
-    def flops_per_token(self, rate: float, seq_len: int) -> float:
+    def flops_per_token(self, rate: float, seq_len: int, mask_prob: float = 1.0) -> float:
         """Training FLOPs per input token when a `rate` share of positions carries a target: the head runs there
-        only."""
+        only. How the targets are corrupted (`mask_prob`) changes nothing here; it does for MAE-LM."""
         base = self.hf.base_model
         return body_flops(base, base.embeddings, seq_len) + 6.0 * weights(getattr(self.hf, self.head_name)) * rate
 
@@ -123,8 +123,8 @@ class CausalLM(nn.Module):
         """How many targets `batch` holds (known before the forward): each position's next token."""
         return (batch["labels"][:, 1:] != IGNORE).sum()
 
-    def flops_per_token(self, rate: float, seq_len: int) -> float:
-        """Training FLOPs per input token; every position predicts, whatever share MEAP masks (`rate`)."""
+    def flops_per_token(self, rate: float, seq_len: int, mask_prob: float = 1.0) -> float:
+        """Training FLOPs per input token; every position predicts, whatever share MEAP masks (`rate`, `mask_prob`)."""
         model = self.hf.model
         return body_flops(model, model.embed_tokens, seq_len) + 6.0 * weights(self.hf.lm_head)
 

@@ -291,7 +291,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                           "train/tokens_seen": state.tokens,
                           # The FLOPs of what ran: heads (and MAE-LM's encoder) depend on the share of targets.
                           "train/mfu": engine.module.flops_per_token(interval.targets / interval.tokens,
-                                                                     cfg.data.seq_len)
+                                                                     cfg.data.seq_len, cfg.data.masking.mask_prob)
                           * throughput / (peak * runtime.world_size) if peak else None,
                           **count_metrics("train/skipped", skipped_by_reason)}
                 metrics.log(state.step, {k: (float(v) if v is not None else None) for k, v in values.items()})
