@@ -220,10 +220,10 @@ class TrainerConfig:
     """Validation batches per evaluation, shared by all ranks (0: the whole validation split): the same
     batches, with the same masks, at any world size."""
     log_every: int = 1
-    """Log every N steps (and each launch's first step, skipped steps, the last one). Loss, tokens/s, data wait
-    and MFU cover all the steps since the previous log: loss per target over the steps with a finite loss,
-    speed over the time in training steps (evaluation and checkpoints left out). lr, grad norm and counts are
-    the logged step's."""
+    """Log every N steps (and each launch's first step, skipped steps, each checkpoint's step, the last one). Loss,
+    tokens/s, data wait and MFU cover all the steps since the previous log: loss per target over the steps with
+    a finite loss, speed over the time in training steps (evaluation and checkpoints left out). lr, grad norm
+    and counts are the logged step's."""
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped and counted)."""
     resume: str = "auto"

@@ -355,6 +355,16 @@ def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tm
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
 
 
+def test_every_checkpoint_closes_a_logged_interval(tiny_data, tmp_path):
+    """A resume starts a new interval at its checkpoint, so the steps since the last log must be logged at the
+    checkpoint: here steps 4 (a periodic save) and 5 (a stop), off the log_every=3 grid. One rank, to be quick."""
+    run = tmp_path / "run"
+    run_cli("train", "smoke", *tiny_data, f"run.output_dir={run}", "launch.nproc_per_node=1",
+            "trainer.global_batch_size=8", "model.objective=ntp", "trainer.max_steps=7", "trainer.log_every=3",
+            "trainer.checkpoint_every=4", "trainer.stop_after_steps=5", "trainer.eval_every=0")
+    assert sorted(losses(run)) == [1, 3, 4, 5]
+
+
 def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_data, tmp_path):
     """The trainer feeds every step to the logged interval: with log_every=3, step 3's loss is the mean of
     steps 2 and 3 (step 1 is logged on its own, as every launch's first step). NTP on packed rows gives every

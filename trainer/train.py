@@ -278,8 +278,12 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
             interval.add(loss_sum, targets, tokens_per_step, time.perf_counter() - started, waited)
             first_of_launch = state.step == launch_start + 1
             aborting = state.bad_in_row >= cfg.trainer.max_bad_steps
-            if (state.step % cfg.trainer.log_every == 0 or first_of_launch or state.step == cfg.trainer.max_steps
-                    or bad or aborting):
+            final = state.step == cfg.trainer.max_steps
+            leaving = stops > 0 and not final
+            saving = final or leaving or save_due(state.step, cfg.trainer)
+            # A checkpoint closes the interval: a resume from it starts a new one, and the steps since the last log
+            # would be in no logged point.
+            if state.step % cfg.trainer.log_every == 0 or first_of_launch or saving or bad or aborting:
                 # Loss, throughput, data wait and MFU cover the steps since the last log; the rest is this step's.
                 throughput = interval.tokens_per_s
                 values = {"train/loss": interval.loss, "train/lr": lr,
@@ -311,7 +315,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 progress.message(f"aborting: {reason}")
                 break
 
-            final = state.step == cfg.trainer.max_steps
             if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
                 if validation is None:
                     validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
@@ -324,8 +327,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 metrics.log(state.step, results)
                 progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
-            leaving = stops > 0 and not final
-            if final or leaving or save_due(state.step, cfg.trainer):
+            if saving:
                 # A resume keeps the logs up to this checkpoint: on disk before it, they survive losing the node.
                 metrics.flush()
                 try:
