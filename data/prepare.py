@@ -122,7 +122,9 @@ def tokenizer_recipe(p: PrepareConfig, seed: int) -> dict:
 def input_documents(p: PrepareConfig, strict: bool) -> tuple[Iterator[str], CorpusStats]:
     """The documents of `p.inputs` (at most p.max_docs), with the stats that count them as they are read."""
     stats = CorpusStats()
-    return itertools.islice(documents(p.inputs, p.text_field, strict, stats), p.max_docs or None), stats
+    # The first max_docs documents (a trial on part of a large corpus) need no .gz decompressed to its end first.
+    docs = documents(p.inputs, p.text_field, strict, stats, check_gz=not p.max_docs)
+    return itertools.islice(docs, p.max_docs or None), stats
 
 
 def no_documents(p: PrepareConfig, stats: CorpusStats) -> InputError:

@@ -155,6 +155,23 @@ def test_bad_input_is_counted_and_strict_fails_naming_file_and_line(tokenizer, t
         list(documents([str(lines)], strict=True))
 
 
+def test_a_corrupt_or_truncated_gz_is_skipped_whole_not_read_up_to_its_error(tmp_path):
+    """Gzip finds a corrupt file only by its CRC, at the end: its garbage text reached the tokenizer and the
+    shards while the file was counted as an unreadable file skipped."""
+    text = "".join(f"document number {n} of the file\n\n" for n in range(200)).encode()
+    packed = gzip.compress(text, compresslevel=0)  # stored: a changed byte decompresses to other text
+    middle = packed.index(b"document number 100")
+    (tmp_path / "corrupt.txt.gz").write_bytes(packed[:middle] + b"X" + packed[middle + 1:])
+    (tmp_path / "truncated.txt.gz").write_bytes(packed[:middle])
+    for name in ("corrupt.txt.gz", "truncated.txt.gz"):
+        stats = CorpusStats()
+        assert list(documents([str(tmp_path / name)], stats=stats)) == []
+        assert stats.skipped == {"unreadable file": 1} and stats.first["unreadable file"].startswith(
+            str(tmp_path / name))
+    # A trial on the first documents (data.prepare.max_docs) reads only as far as it needs.
+    assert next(documents([str(tmp_path / "truncated.txt.gz")], check_gz=False)) == "document number 0 of the file"
+
+
 def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
     """A folder and a glob inside it name its files twice; a folder linked into the corpus is part of it, and
     a link back up to the corpus ends there."""
