@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,8 +19,8 @@ from tqdm import tqdm
 
 from masktrain.data.corpus import BUILTIN, LONG_DOCUMENT_LINES, CorpusStats, InputError, documents, expand_inputs
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
-from masktrain.data.shards import (MANIFEST, discard_staged, publish_dataset, read_manifest, tokenize_stream,
-                                   write_dataset)
+from masktrain.data.shards import (MANIFEST, STAGING, discard_staged, publish_dataset, read_manifest,
+                                   tokenize_stream, write_dataset)
 from masktrain.data.tables import read_json, write_json
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
 from masktrain.launcher.config import Config, PrepareConfig
@@ -135,22 +136,39 @@ def no_documents(p: PrepareConfig, stats: CorpusStats) -> InputError:
 
 def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bool = False,
                     template: str | None = None, log=print) -> Tokenizer:
-    """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files."""
+    """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files and the recipe."""
     started = time.perf_counter()
     sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
     sample = sample_documents(docs, p.tokenizer_sample_docs, seed, p.tokenizer_sample_chars)
     if not sample:  # sentencepiece's own message would say nothing of where the text came from
         raise no_documents(p, stats)
-    train_tokenizer(sample, out_dir, p.vocab_size, p.tokenizer_type, seed)
+    staging = Path(out_dir) / STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # a write that died before
+    try:
+        train_tokenizer(sample, staging, p.vocab_size, p.tokenizer_type, seed)
+        Tokenizer(staging).save_hf(staging, template)
+        write_json(staging / TOKENIZER_RECIPE, {**tokenizer_recipe(p, seed), "input_sizes": sizes})
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_tokenizer(staging, Path(out_dir))
     tokenizer = Tokenizer(out_dir)
-    tokenizer.save_hf(out_dir, template)
-    write_json(Path(out_dir) / TOKENIZER_RECIPE, {**tokenizer_recipe(p, seed), "input_sizes": sizes})
     log(f"data: trained a {len(tokenizer)}-piece {p.tokenizer_type} tokenizer on {len(sample):,} of "
         f"{stats.documents:,} documents in {time.perf_counter() - started:.1f}s (skipped {skipped_text(stats)}) "
         f"-> {out_dir}")
     log_reading_notes(stats, log)
     return tokenizer
+
+
+def publish_tokenizer(staging: Path, out_dir: Path) -> None:
+    """Move a staged tokenizer's files into `out_dir`, the model last, after taking out the earlier one: prepare
+    reuses a folder's model by the recipe beside it, and a prepare killed between writing the two left a model
+    without one, which the next prepare reused for any settings and inputs."""
+    (out_dir / MODEL_FILE).unlink(missing_ok=True)
+    for path in sorted(staging.iterdir(), key=lambda path: path.name == MODEL_FILE):
+        path.replace(out_dir / path.name)
+    staging.rmdir()
 
 
 def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Path, seed: int,

@@ -30,7 +30,8 @@ from masktrain.data.tables import write_json
 MANIFEST = "manifest.json"
 STAGING = ".writing"
 """The folder in each split's folder where `write_dataset` puts new shards until they replace the earlier ones
-(on the split folder's own file system, which may be another's than the dataset folder's, so renames work)."""
+(on the split folder's own file system, which may be another's than the dataset folder's, so renames work);
+in a tokenizer's folder, where `build_tokenizer` writes its files."""
 SPLITS = ("train", "val")
 SHARD_PATTERN = "shard-{:06d}.tar"
 TAR_BLOCK = 512

@@ -306,6 +306,29 @@ def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_pat
     check_ready(config("data.prepare.shard_bytes=100000"))
 
 
+def test_a_prepare_killed_before_the_tokenizer_recipe_leaves_no_tokenizer_to_reuse(tmp_path, monkeypatch):
+    """The model was written first and its recipe last: a prepare killed in between left a model that the next
+    prepare, with other settings, reused unchecked (a model without a recipe may be one of before recipes)."""
+    from masktrain.data import prepare
+    from masktrain.launcher.loading import load_config
+
+    def config(size: int):
+        return load_config("smoke", ["data.prepare.max_docs=300", f"data.prepare.vocab_size={size}",
+                                     f"data.dir={tmp_path}"])
+
+    def killed(path, record):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(prepare, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.prepare(config(400), log=lambda text: None)
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["tokenizer"]
+    monkeypatch.undo()
+    logged = []
+    prepare.prepare(config(500), log=logged.append)
+    assert logged[0].startswith("data: trained a 500-piece") and len(Tokenizer(tmp_path / "tokenizer")) == 500
+    assert not (tmp_path / "tokenizer" / ".writing").exists()
+
+
 def test_prepare_refuses_a_folder_whose_input_files_changed_since(tmp_path):
     from masktrain.data.prepare import prepare
     from masktrain.launcher.loading import load_config
