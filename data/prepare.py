@@ -7,6 +7,7 @@ differently, or from inputs that have changed since, is refused rather than sile
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import shutil
@@ -98,6 +99,19 @@ def input_sizes(inputs: list[str]) -> dict[str, int | str | None]:
             for path in expand_inputs(inputs)}
 
 
+def refuse_output_in_inputs(out_dir: str | Path, inputs: list[str]) -> None:
+    """Raise InputError when `out_dir` lies in an input folder (or holds an input file): the tokenizer's and the
+    manifest's JSON written there were read back as documents (skipped by the thousand as invalid JSON), and
+    the next prepare found them new inputs and refused the folder for good."""
+    out = Path(out_dir).resolve()
+    for item in inputs:
+        for path in [] if item == BUILTIN else [item] if Path(item).exists() else glob.glob(item, recursive=True):
+            real = Path(path).resolve()
+            if (real.is_dir() and out.is_relative_to(real)) or real.is_relative_to(out):
+                raise InputError(f"{out_dir}: inside the input {item}, which would read what is written there as "
+                                 "documents; write it outside the inputs")
+
+
 def input_changes(built: dict[str, int | str | None], now: dict[str, int | str | None]) -> str:
     """How the input files differ from the recorded ones, as 'path: what' (the first three, and a count)."""
     def change(path: str) -> str:
@@ -138,6 +152,7 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
                     template: str | None = None, log=print) -> Tokenizer:
     """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files and the recipe."""
     started = time.perf_counter()
+    refuse_output_in_inputs(out_dir, p.inputs)
     sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
     sample = sample_documents(docs, p.tokenizer_sample_docs, seed, p.tokenizer_sample_chars)
@@ -175,6 +190,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
                  strict: bool = False, log=print) -> dict:
     """Tokenize `p.inputs` into train/val shards under `out_dir` with a manifest; returns the manifest."""
     started = time.perf_counter()
+    refuse_output_in_inputs(out_dir, p.inputs)
     tokenizer = Tokenizer(tokenizer_path)
     sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
@@ -214,6 +230,7 @@ def prepare(cfg: Config, log=print) -> dict:
     p = cfg.data.prepare
     root = Path(cfg.data.dir)
     tok_dir = tokenizer_dir(cfg)
+    refuse_output_in_inputs(root, p.inputs)  # before the reuse checks, which would name its own files
     has_tokenizer = (tok_dir / MODEL_FILE).is_file()
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -327,6 +328,23 @@ def test_a_prepare_killed_before_the_tokenizer_recipe_leaves_no_tokenizer_to_reu
     prepare.prepare(config(500), log=logged.append)
     assert logged[0].startswith("data: trained a 500-piece") and len(Tokenizer(tmp_path / "tokenizer")) == 500
     assert not (tmp_path / "tokenizer" / ".writing").exists()
+
+
+def test_prepare_refuses_a_data_folder_inside_an_input_folder(tmp_path):
+    """It read its own tokenizer's JSON files back as documents, and its next run refused the folder: its
+    manifest was a new input file."""
+    from masktrain.data.prepare import prepare
+    from masktrain.launcher.loading import load_config
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("\n\n".join(f"document {n} is about the number {n}" for n in range(300)))
+    for inputs in (corpus, corpus / "*"):
+        config = load_config("smoke", [f"data.prepare.inputs=[{inputs}]", "data.prepare.vocab_size=400",
+                                       f"data.dir={corpus / 'prepared'}"])
+        (corpus / "prepared").mkdir(exist_ok=True)  # a glob matches it once it is there
+        with pytest.raises(InputError, match=re.escape(f"{corpus / 'prepared'}: inside the input {inputs}, which")):
+            prepare(config, log=lambda text: None)
 
 
 def test_prepare_refuses_a_folder_whose_input_files_changed_since(tmp_path):
