@@ -56,15 +56,16 @@ class CorpusStats:
         self.first.setdefault(reason, where + said)
 
 
-def expand_inputs(inputs: list[str]) -> list[str]:
+def expand_inputs(inputs: list[str], other_files: list[str] | None = None) -> list[str]:
     """Files in a stable order; directories are walked, globs expanded; a missing path is an error. A file
-    named twice (a folder and a glob inside it) is read once, where it first comes."""
+    named twice (a folder and a glob inside it) is read once, where it first comes. The files in folders that
+    are not read (`directory_files`) are added to `other_files`."""
     files: list[str] = []
     for item in inputs:
         if item == BUILTIN:
             files.append(item)
         elif Path(item).is_dir():  # before globbing: "[" is legal in a file name
-            files.extend(directory_files(item))
+            files.extend(directory_files(item, other_files))
         elif Path(item).is_file():
             files.append(item)
         elif any(ch in item for ch in "*?["):
@@ -72,7 +73,7 @@ def expand_inputs(inputs: list[str]) -> list[str]:
             if not matches:
                 raise InputError(f"{item}: the pattern matches no file")
             for match in matches:
-                files.extend(directory_files(match) if Path(match).is_dir() else [match])
+                files.extend(directory_files(match, other_files) if Path(match).is_dir() else [match])
         else:
             raise InputError(f"{item}: no such file or directory")
     unique, seen = [], set()
@@ -83,10 +84,11 @@ def expand_inputs(inputs: list[str]) -> list[str]:
     return unique
 
 
-def directory_files(directory: str) -> list[str]:
+def directory_files(directory: str, other_files: list[str] | None = None) -> list[str]:
     """The text files below `directory`, sorted, through linked folders too (each real folder once, by the
     first of its names in sorted order, so a link to a parent ends); other files (images, archives) are not
-    documents. A broken link is kept: reading it counts it as an unreadable file."""
+    documents, and go to `other_files` to be counted. A broken link is kept: reading it counts it as an
+    unreadable file."""
     found, visited = [], set()
     for folder, subfolders, names in os.walk(directory, followlinks=True):
         subfolders.sort()  # the listing's order is the file system's
@@ -94,8 +96,11 @@ def directory_files(directory: str) -> list[str]:
             subfolders.clear()
             continue
         visited.add(real)
-        found += [path for name in names
-                  if is_text_file(path := Path(folder) / name) and (path.is_file() or path.is_symlink())]
+        for path in (Path(folder) / name for name in names):
+            if is_text_file(path) and (path.is_file() or path.is_symlink()):
+                found.append(path)
+            elif other_files is not None and path.is_file():
+                other_files.append(str(path))
     found = sorted(map(str, found))
     if not found:
         raise InputError(f"{directory}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")
@@ -112,7 +117,13 @@ def documents(inputs: list[str], text_field: str = "text", strict: bool = False,
     """Every document of every input, in order. Empty and undecodable documents are skipped and counted.
     `check_gz`: decompress each .gz whole before reading it (`check_gzip`); False for a reader that stops early."""
     stats = stats if stats is not None else CorpusStats()
-    for path in expand_inputs(inputs):
+    other_files: list[str] = []
+    paths = expand_inputs(inputs, other_files)
+    # Counted even under strict, never fatal (a folder may hold pictures beside its text): uncounted, a folder of
+    # .parquet or .jsonl.zst parts beside a README trained on the README alone, "skipped nothing".
+    for path in sorted({os.path.realpath(path): path for path in other_files}.values()):
+        stats.skip("file of another kind", path, False, f"read are {', '.join(TEXT_SUFFIXES)} and their .gz")
+    for path in paths:
         if path == BUILTIN:
             source = ((f"{BUILTIN} #{index}", text) for index, text in enumerate(builtin_documents()))
         else:

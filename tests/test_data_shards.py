@@ -79,7 +79,7 @@ def split_urls(out: Path, manifest: dict, split: str) -> list[str]:
 def test_every_input_kind_is_read_and_plain_webdataset_reads_it_back(inputs, tokenizer, docs, tmp_path):
     out = tmp_path / "out"
     manifest = build(inputs, tokenizer, out, "--seed", "5")
-    assert manifest["input_documents"] == len(docs) and manifest["input_skipped"] == {}
+    assert manifest["input_documents"] == len(docs) and manifest["input_skipped"] == {"file of another kind": 1}
     sp = Tokenizer(tokenizer)
     decoded: Counter = Counter()
     for split in ("train", "val"):
@@ -197,6 +197,18 @@ def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
     stats = CorpusStats()
     assert list(documents([str(corpus)], stats=stats)) == ["document a", "document c", "document b"]
     assert stats.skipped == {"unreadable file": 1}
+
+
+def test_files_of_other_kinds_in_a_folder_are_counted_and_the_first_named(tmp_path):
+    """A folder of compressed or tabular parts beside a README trained on the README alone, "skipped nothing"."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "README.md").write_text("the corpus, in parts\n")
+    (tmp_path / "data" / "part-0.jsonl.xz").write_bytes(b"\xfd7zXZ")
+    (tmp_path / "data" / "part-1.csv").write_text("text\na document\n")
+    stats = CorpusStats()
+    assert list(documents([str(tmp_path)], strict=True, stats=stats)) == ["the corpus, in parts"]
+    assert stats.skipped == {"file of another kind": 2}
+    assert stats.first["file of another kind"].startswith(f"{tmp_path / 'data' / 'part-0.jsonl.xz'} (read are .txt")
 
 
 def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
