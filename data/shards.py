@@ -12,6 +12,7 @@ byte-identical shards.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -123,6 +124,14 @@ class SplitWriter:
             shard = self.info.shards[-1]
             shard.bytes = staged(self.root, shard.path).stat().st_size
 
+    def abandon(self) -> None:
+        """Close the open shard after a failed write, once: tarfile would try to flush it again when collected, and
+        print that error too."""
+        if self.writer is not None:
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            self.writer = None
+
     def close(self) -> None:
         for pick in self.rng.permutation(len(self.held)):
             self.write(self.held[pick])
@@ -150,8 +159,12 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
             writers["val" if is_validation(text, val_fraction) else "train"].add(np.asarray(tokens, dtype=dtype))
         for writer in writers.values():
             writer.close()
-    except BaseException:
+    except BaseException as err:
+        for writer in writers.values():
+            writer.abandon()
         discard_staged(root)
+        if isinstance(err, OSError):  # a full disk or quota: its message names no file, and came as a traceback
+            raise DataError(f"{root}: writing the shards failed ({err}); the folder is as it was") from None
         raise
     manifest = {
         "version": 1,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -487,6 +488,17 @@ def test_ctrl_c_during_shards_is_one_line_and_leaves_the_folder_as_it_was(tokeni
     stdout, stderr = job.communicate(timeout=60)
     assert job.returncode == 130 and stderr.strip() == "masktrain: interrupted", stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_full_disk_while_writing_shards_is_one_line_naming_the_folder(tokenizer, tmp_path):
+    """Its OSError names no file, and came as a traceback, then a second one from tarfile flushing the shard."""
+    out = tmp_path / "out"
+    job = subprocess.run([MASKTRAIN, "data", "shards", "builtin:python-docs", "--max-docs", "50", "--tokenizer",
+                          str(tokenizer), "--out", str(out)], capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)))
+    assert job.returncode == 1 and job.stderr == (f"masktrain: {out}: writing the shards failed ([Errno 27] File too "
+                                                  "large); the folder is as it was\n"), job.stderr
+    assert not list(out.rglob("*.tar"))
 
 
 def test_a_text_file_of_one_document_per_line_is_pointed_out(tokenizer, tmp_path, capsys):
