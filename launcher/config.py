@@ -233,8 +233,9 @@ class TrainerConfig:
     For fixed-size pieces of a long run, and for trying resumption."""
     allow_config_change: bool = False
     """Resume even when the checkpoint's config differs in keys that change the run's meaning. Another rank count
-    (ZeRO-0) or data.num_workers continues the data position; after a change of data.shuffle_block, run.seed or
-    to other shards, the data stream starts again from its beginning."""
+    (at ZeRO 1-3 through DeepSpeed's universal checkpoint format) or data.num_workers continues the data position;
+    after a change of data.shuffle_block, run.seed or to other shards, the data stream starts again from its
+    beginning."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the MFU estimate; 0 looks the device up (CPU: no estimate)."""
     progress_bar: bool = True

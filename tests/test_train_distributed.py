@@ -11,14 +11,18 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import MASKTRAIN, run_cli
+from masktrain.launcher.loading import load_config
 from masktrain.launcher.run_lock import RunInUse, check_free
 from masktrain.trainer.checkpoint import Checkpointer
+from masktrain.trainer.status import REQUEUE_EXIT
 
 pytestmark = pytest.mark.slow
 
@@ -353,6 +357,46 @@ def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tm
     assert "; RNG states restart (the checkpoint has 2 ranks, this run 1)" in moved.stdout
     assert sorted(losses(run)) == list(range(1, 7))
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
+LOADED_STATE = Path(__file__).parent / "loaded_state.py"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_zero_checkpoint_loads_on_another_rank_count_with_the_state_it_loads_on_its_own(tiny_data, tmp_path, stage):
+    """DeepSpeed loads a ZeRO 1-3 checkpoint only on the ranks that saved it, except through its universal
+    format: one rank given a 2-rank checkpoint gets every weight and Adam moment the 2 ranks get, bit for bit."""
+    from masktrain.launcher.launch import rank_environment, write_run_config
+
+    run = tmp_path / "run"
+    common = [*tiny_data, f"run.output_dir={run}", f"trainer.zero_stage={stage}", "trainer.max_steps=3",
+              "trainer.checkpoint_every=0", "trainer.eval_every=0"]
+    assert run_cli("train", "smoke", *common, "trainer.stop_after_steps=2").returncode == REQUEUE_EXIT
+    saved = run / "checkpoints" / "step-00000002"
+    states = {}
+    for ranks in (2, 1):
+        cfg = load_config("smoke", [*common, f"launch.nproc_per_node={ranks}"])
+        loaded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 f"--nproc-per-node={ranks}", str(LOADED_STATE), str(write_run_config(cfg)),
+                                 str(saved), str(tmp_path / f"{ranks}.pt")],
+                                env=rank_environment(cfg, cuda=False), capture_output=True, text=True, timeout=600)
+        assert loaded.returncode == 0, loaded.stdout[-3000:] + loaded.stderr[-3000:]
+        states[ranks] = torch.load(tmp_path / f"{ranks}.pt")
+    assert "writing its universal copy" in loaded.stdout
+    assert states[1].keys() == states[2].keys() and len(states[1]) > 30
+    for key, value in states[2].items():
+        assert torch.equal(states[1][key], value), key
+    assert float(states[1]["hf.bert.embeddings.word_embeddings.weight:exp_avg_sq"].abs().sum()) > 0
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["latest", "step-00000002", "zero_to_fp32.py",
+                                                               "zero_to_torch.py"]  # the copy is gone
+
+    if stage == 2:  # the run itself, moved: refused unless allowed (the rank count is part of the run)
+        refused = run_cli("train", "smoke", *common, "launch.nproc_per_node=1")
+        assert refused.returncode != 0 and "ranks (launch.nnodes x launch.nproc_per_node): 2 -> 1" in refused.stderr
+        moved = run_cli("train", "smoke", *common, "launch.nproc_per_node=1", "trainer.allow_config_change=true",
+                        check=True)
+        assert f"resumed from {saved} at step 2" in moved.stdout
+        assert json.loads((run / "status.json").read_text())["state"] == "completed"
 
 
 def test_every_checkpoint_closes_a_logged_interval(tiny_data, tmp_path):

@@ -445,23 +445,25 @@ def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypat
     assert precision(cfg, Runtime(0, 0, 1, torch.device("cpu"))) == "fp32"
 
 
-def test_a_zero_checkpoint_resumes_only_on_the_ranks_it_is_split_over_even_when_changes_are_allowed(tmp_path):
-    """DeepSpeed cannot load ZeRO 1-3 optimizer partitions on another count: refused before any rank starts,
-    rather than a traceback per rank after `allow_config_change` was suggested."""
-    from masktrain.trainer.checkpoint import check_resumable
+def test_a_zero_checkpoint_on_another_rank_count_is_a_change_to_allow_and_loads_through_the_universal_format(
+        tmp_path):
+    """DeepSpeed loads ZeRO 1-3 optimizer partitions on another count only through its universal format; the rank
+    count changes the run, so the move is allowed or refused as any change is. ZeRO-0 holds the full state."""
+    from masktrain.trainer.checkpoint import check_resumable, needs_universal
 
     saved = to_dict(load_config("smoke", []))  # 2 ranks
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
     torch.save({}, tmp_path / "mp_rank_00_model_states.pt")  # a whole file, as check_intact asks
     (tmp_path / "meta.json").write_text('{"serial": 1}')  # saved before meta.json recorded stage and precision
     one_rank = to_dict(load_config("smoke", ["launch.nproc_per_node=1"]))
-    check_resumable(tmp_path, one_rank, True, 0, None)  # ZeRO-0: the full state is in one file
+    assert not needs_universal(tmp_path, 1)  # ZeRO-0: the full state is in one file
     for prefix in ("", "bf16_"):  # DeepSpeed names them so in bf16
         for rank in range(2):
             torch.save({}, tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-        with pytest.raises(SystemExit, match=f"cannot resume from {tmp_path} on 1 ranks: its ZeRO optimizer state "
-                                             "is split over 2 ranks"):
-            check_resumable(tmp_path, one_rank, True, 0, None)
+        assert needs_universal(tmp_path, 1) and needs_universal(tmp_path, 4) and not needs_universal(tmp_path, 2)
+        check_resumable(tmp_path, one_rank, True, 2, None)
+        with pytest.raises(SystemExit, match=r"ranks \(launch.nnodes x launch.nproc_per_node\): 2 -> 1"):
+            check_resumable(tmp_path, one_rank, False, 2, None)
         for rank in range(2):
             (tmp_path / f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").unlink()
     check_resumable(tmp_path, to_dict(load_config("smoke", ["launch.nnodes=2", "launch.nproc_per_node=1"])), False, 0,

@@ -32,6 +32,9 @@ from masktrain.launcher.loading import merge, to_dict, to_yaml
 
 LATEST = "latest"
 PARTIAL = ".partial"
+UNIVERSAL = ".universal" + PARTIAL
+"""Suffix of the universal copy a checkpoint is loaded through on another rank count: a .partial, so that the
+next start removes one a crash left behind."""
 CLIENT_KEY = "masktrain"
 
 # Keys whose change does not alter what a resumed run computes.
@@ -197,11 +200,33 @@ class Checkpointer:
         return bool(self.keep_every) and step.isdigit() and int(step) % self.keep_every == 0
 
     def load(self, engine, path: Path) -> dict:
-        """Restore engine state (model, optimizer) and return masktrain's client state."""
-        _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+        """Restore engine state (model, optimizer) and return masktrain's client state. A ZeRO 1-3 checkpoint
+        saved by another number of ranks (see `needs_universal`; the engine built with `load_universal`) is
+        loaded through DeepSpeed's universal format: rank 0 writes that copy beside it, every rank loads it, and
+        it is removed again, as the run's next save is in its own layout."""
+        import torch.distributed as dist
+
+        if not engine.load_universal_checkpoint():
+            return self.load_tag(engine, path.parent, path.name)
+        # One level down: the converter also writes a `latest_universal` file beside the folder it writes.
+        staging = self.dir / (path.name + UNIVERSAL)
+        if self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            to_universal(path, staging / "universal")
+        dist.barrier()
+        try:
+            return self.load_tag(engine, staging, "universal")
+        finally:
+            dist.barrier()
+            if self.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    @staticmethod
+    def load_tag(engine, folder: Path, tag: str) -> dict:
+        _, client = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=False)
         if client is None or CLIENT_KEY not in client:
-            raise RuntimeError(f"{path}: not a masktrain checkpoint (no {CLIENT_KEY!r} client state)")
+            raise RuntimeError(f"{folder / tag}: not a masktrain checkpoint (no {CLIENT_KEY!r} client state)")
         return client[CLIENT_KEY]
 
 
@@ -299,6 +324,33 @@ def saved_config(path: Path) -> dict:
     return config
 
 
+def needs_universal(path: Path, world_size: int) -> bool:
+    """Whether a checkpoint loads on `world_size` ranks only through DeepSpeed's universal format: its ZeRO 1-3
+    optimizer state is split over another number of ranks."""
+    return partitioned_over(path) not in (0, world_size)
+
+
+def to_universal(path: Path, target: Path) -> None:
+    """Convert checkpoint `path` into DeepSpeed's universal format in `target` (one file per parameter and
+    state, whole; loadable on any rank count) with DeepSpeed's own converter, in a process of its own: its
+    worker pool forked from a rank (threads of torch and the process group running) hangs."""
+    import subprocess
+    import time
+
+    print(f"[masktrain] {path}: saved by {partitioned_over(path)} ranks; writing its universal copy {target}",
+          flush=True)
+    started = time.monotonic()
+    workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))
+    # masktrain records no universal_checkpoint_info (no tensor or pipeline parallelism): the converter injects it.
+    done = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+                           "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", workers,
+                           "--num_merge_workers", workers], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"DeepSpeed's universal conversion of {path} failed (exit {done.returncode}):\n"
+                           f"{(done.stdout + done.stderr)[-4000:]}")
+    print(f"[masktrain] universal copy written in {time.monotonic() - started:.0f} s", flush=True)
+
+
 def partitioned_over(path: Path) -> int:
     """The ranks a ZeRO 1-3 checkpoint's optimizer state is split over (one file each, named with a bf16_ prefix
     in bf16); 0 for ZeRO-0."""
@@ -358,12 +410,7 @@ def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precisi
     saved before meta.json recorded them are only checked for their rank count."""
     saved = saved_config(path)
     check_intact(path, saved)
-    ranks, now = partitioned_over(path), comparable(config)[WORLD_SIZE]
     even = "even with trainer.allow_config_change"
-    if ranks and ranks != now:
-        raise SystemExit(f"cannot resume from {path} on {now} ranks: its ZeRO optimizer state is split over {ranks} "
-                         f"ranks, and DeepSpeed loads it only on {ranks} (any launch.nnodes x launch.nproc_per_node "
-                         f"= {ranks}), {even}")
     meta = read_meta(path)
     saved_stage, saved_precision = meta.get("zero_stage"), meta.get("precision")
     if saved_stage in STAGE_LAYOUTS and STAGE_LAYOUTS[saved_stage] != STAGE_LAYOUTS.get(stage):

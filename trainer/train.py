@@ -32,8 +32,8 @@ from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
-from masktrain.trainer.checkpoint import (Checkpointer, check_resumable, deepspeed_json, resume_point,
-                                          save_due)
+from masktrain.trainer.checkpoint import (Checkpointer, check_resumable, deepspeed_json, needs_universal,
+                                          resume_point, save_due)
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.models import TokenIds, build_model, zero_stage
@@ -191,6 +191,14 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     # Given the DeepSpeed config, ZeRO-3 builds the model partitioned: no rank ever holds all of it.
     ds = eng.deepspeed_config(cfg, dtype)
     user_json = deepspeed_json(to_dict(cfg))  # as the run read it: the file may be edited while it trains
+    ckpt = Checkpointer(out_dir, cfg.trainer.keep_last, is_main, cfg.trainer.keep_every)
+    ckpt.clean_partial()
+    dist.barrier()
+    source, origin = resume_point(cfg.trainer.resume, ckpt)
+    if source is not None:
+        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change, zero_stage(ds), dtype)
+        if needs_universal(source, runtime.world_size):
+            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer), ds)
     if is_main:
         print(f"[masktrain] model: {cfg.model.objective} on {cfg.model.arch}, {describe(model)}", flush=True)
@@ -206,13 +214,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     validation: tuple[list[dict], dict] | None = None  # read on first use
     torch.manual_seed(seed_int(cfg.run.seed, runtime.rank, 1))  # dropout differs per rank
 
-    ckpt = Checkpointer(out_dir, cfg.trainer.keep_last, is_main, cfg.trainer.keep_every)
-    ckpt.clean_partial()
-    dist.barrier()
     state = TrainState()
-    source, origin = resume_point(cfg.trainer.resume, ckpt)
     if source is not None:
-        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change, zero_stage(ds), dtype)
         client = ckpt.load(engine, source)
         state = TrainState(**client["state"])
         try:
