@@ -23,6 +23,9 @@ LOCK = "run.lock"
 # How filesystems without flock answer (Lustre mounted without -o flock, some FUSE ones): the run goes on
 # unprotected rather than not at all.
 UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+PROBE_WAIT = 0.5
+"""Seconds a launch retries a lock it finds taken: `in_use` (status, submit) takes it for an instant to look,
+which must not refuse a launch, whereas a launch holds it for as long as it runs."""
 
 
 class RunInUse(RuntimeError):
@@ -45,10 +48,11 @@ def refusal(run_dir: str | Path) -> RunInUse:
                     "run.name (or run.output_dir)")
 
 
-def try_lock(fd: int, path: Path) -> bool | None:
-    """flock `fd`: True when taken, False when someone else holds it, None where the filesystem has no locks."""
+def try_lock(fd: int, path: Path, shared: bool = False) -> bool | None:
+    """flock `fd` (`shared`: alongside other shared holders): True when taken, False when someone else holds it,
+    None where the filesystem has no locks."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
@@ -69,7 +73,9 @@ def hold(run_dir: str | Path, fd: int | None = None, pid: int | None = None) -> 
     if fd is None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    taken = try_lock(fd, path)
+    deadline = time.monotonic() + PROBE_WAIT
+    while (taken := try_lock(fd, path)) is False and time.monotonic() < deadline:
+        time.sleep(0.01)
     if not taken:
         os.close(fd)
         if taken is None:
@@ -97,12 +103,14 @@ def in_use(run_dir: str | Path) -> str | None:
     """Who holds the folder now (see `holder`), None when no launch does."""
     path = Path(run_dir) / LOCK
     try:
-        # Opened for writing: NFS emulates flock with a byte-range write lock, which a read-only file refuses.
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        # Read-only is enough for a shared lock (NFS emulates it with a byte-range read lock): another user's run
+        # can be looked at too.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     try:
-        return holder(run_dir) if try_lock(fd, path) is False else None
+        # Shared: two lookers at once (a status beside a submit) must not see each other as a launch.
+        return holder(run_dir) if try_lock(fd, path, shared=True) is False else None
     finally:
         os.close(fd)  # also releases the lock this took
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import MASKTRAIN, run_cli
 from masktrain.launcher import run_lock
-from masktrain.launcher.run_lock import RunInUse, check_free, hold, holding
+from masktrain.launcher.run_lock import RunInUse, check_free, hold, holding, in_use
 
 HOLD_IN_CHILD = textwrap.dedent("""
     import sys, time
@@ -69,6 +69,33 @@ def test_a_job_script_holds_the_folder_through_an_inherited_descriptor(tmp_path)
         shell.kill()
         shell.wait()
     check_free(run)
+
+
+LOOK_IN_CHILD = textwrap.dedent("""
+    import sys, time
+    from masktrain.launcher.run_lock import in_use
+    print("held", flush=True)
+    end = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < end:
+        in_use(sys.argv[1])
+""")
+
+
+def test_looking_at_a_run_refuses_no_launch_and_sees_no_other_looker_as_one(tmp_path):
+    """`masktrain status` (or a submission's check) takes the lock for an instant to look: a launch starting then
+    was refused, naming the launch before it, and two lookers at once saw each other as a launch."""
+    run = tmp_path / "run"
+    with holding(run):
+        pass  # leaves a holder's record behind, as every ended launch does
+    looker = start_holder([sys.executable, "-c", LOOK_IN_CHILD, str(run), "3"])
+    try:
+        seen = [in_use(run) for _ in range(3000)]
+        for _ in range(300):
+            os.close(hold(run))
+    finally:
+        looker.kill()
+        looker.wait()
+    assert [s for s in seen if s is not None] == []
 
 
 def test_without_file_locks_the_run_goes_on_unprotected_and_says_so(tmp_path, monkeypatch, capsys):
