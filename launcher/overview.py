@@ -106,7 +106,7 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
         accuracy = f", accuracy {val['val/accuracy']:.4f}" if "val/accuracy" in val else ""
         lines.append(f"  validation loss {val['val/loss']:.4f}{accuracy} at step {val['step']}")
 
-    checkpoints = Checkpointer(run, 1, False, trainer.get("keep_every", 0))
+    checkpoints = Checkpointer(run, 1, False)
     latest = checkpoints.latest()
     if latest is None:
         lines.append("  no checkpoint yet")

@@ -131,6 +131,19 @@ def test_milestones_are_saved_on_their_steps_and_never_pruned(tmp_path):
     assert ckpt.latest().name == "step-00000028"
 
 
+def test_milestones_stay_when_a_resume_changes_keep_every(tmp_path):
+    """keep_every may change on resume (it changes nothing the run computes): the milestones saved under the old
+    value were pruned at the next save, judged by the new one."""
+    for keep_every, steps in ((100, range(50, 401, 50)), (1000, (450,)), (0, (500,))):
+        ckpt = Checkpointer(tmp_path, keep_last=2, is_main=True, keep_every=keep_every)
+        for step in steps:
+            staging = ckpt.dir / f"{tag_for(step)}.partial"
+            staging.mkdir(parents=True)
+            ckpt.publish(staging, step, {"run": {}}, {})
+    assert [p.name for p in ckpt.complete()] == ["step-00000100", "step-00000200", "step-00000300",
+                                                 "step-00000400", "step-00000450", "step-00000500"]
+
+
 def test_after_a_rollback_the_new_line_is_kept_and_resumed_from_not_the_higher_steps_it_abandoned(tmp_path):
     ckpt = Checkpointer(tmp_path, keep_last=3, is_main=True)
 

@@ -175,8 +175,11 @@ class Checkpointer:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(staging / name, content)
         write_atomic(staging / "config.yaml", to_yaml(config))
-        write_atomic(staging / "meta.json",
-                     json.dumps({"tag": tag, "step": step, "serial": serial, **meta}, indent=2))
+        # Recorded, not judged later from keep_every: a resume may change it (it is resume-safe), and must not
+        # prune the milestones saved before.
+        milestone = bool(self.keep_every) and step % self.keep_every == 0
+        write_atomic(staging / "meta.json", json.dumps({"tag": tag, "step": step, "serial": serial,
+                                                        "milestone": milestone, **meta}, indent=2))
         if final.exists():
             # A run resumed from an older checkpoint passes this step again: the new state replaces the
             # old one. Renamed as a partial first, so a crash here leaves nothing that looks complete.
@@ -193,11 +196,12 @@ class Checkpointer:
             if not self.milestone(old):
                 shutil.rmtree(old, ignore_errors=True)
 
-    def milestone(self, path: Path) -> bool:
-        """A save keep_every keeps. One of a line a rollback abandoned stays until the new line saves its step
-        over it, which it does: milestones are saved whatever checkpoint_every says."""
-        step = path.name.removeprefix("step-")
-        return bool(self.keep_every) and step.isdigit() and int(step) % self.keep_every == 0
+    @staticmethod
+    def milestone(path: Path) -> bool:
+        """A save keep_every kept when it was saved. One of a line a rollback abandoned stays until the new line
+        saves its step over it, which it does under the same keep_every: milestones are saved whatever
+        checkpoint_every says."""
+        return bool((meta_or_none(path) or {}).get("milestone"))
 
     def load(self, engine, path: Path) -> dict:
         """Restore engine state (model, optimizer) and return masktrain's client state. A ZeRO 1-3 checkpoint
