@@ -32,6 +32,7 @@ from masktrain.data.synthetic import RetrievalTask, training_documents, write_co
 from masktrain.launcher.launch import launch_local
 from masktrain.launcher.loading import dump_yaml, load_config
 from masktrain.launcher.machine import stamp
+from masktrain.launcher.run_lock import start_afresh
 from masktrain.launcher.smoke import series
 from masktrain.trainer.checkpoint import Checkpointer, write_atomic
 
@@ -61,7 +62,7 @@ def train_arm(config: str, overrides: list[str], arm: Arm, out: Path) -> tuple[P
     """Train one arm from scratch in `out/<arm>`; returns (its final checkpoint, facts for the report)."""
     run_dir = out / folder_name(arm)
     cfg = load_config(config, [*overrides, *arm.overrides, f"run.output_dir={run_dir}"])
-    shutil.rmtree(run_dir, ignore_errors=True)
+    start_afresh(run_dir)
     log(f"{arm.name}: {cfg.trainer.max_steps} steps, {cfg.world_size} ranks -> {run_dir}")
     started = time.perf_counter()
     code = launch_local(cfg)

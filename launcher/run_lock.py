@@ -14,6 +14,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 import time
@@ -119,3 +120,17 @@ def check_free(run_dir: str | Path) -> None:
     """Raise RunInUse when a launch holds the folder now (for a submission, which starts nothing yet)."""
     if in_use(run_dir) is not None:
         raise refusal(run_dir)
+
+
+def start_afresh(run_dir: str | Path) -> None:
+    """Empty the run folder for a run from scratch (smoke, repro), or raise RunInUse while a launch holds it:
+    removed whole under a running launch, it lost its lock file with the rest, and the next launch locked a new
+    file and trained beside the running one."""
+    with holding(run_dir):
+        for path in Path(run_dir).iterdir():
+            if path.name == LOCK:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)

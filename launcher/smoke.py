@@ -13,6 +13,7 @@ from pathlib import Path
 
 from masktrain.launcher.launch import REQUEUE_EXIT, launch_local
 from masktrain.launcher.loading import load_config
+from masktrain.launcher.run_lock import start_afresh
 from masktrain.trainer.status import read_status
 
 
@@ -29,9 +30,9 @@ def smoke(config: str = "smoke", overrides: list[str] | None = None, fresh_data:
     started = time.perf_counter()
     cfg = load_config(config, overrides or [])
     run_dir = Path(cfg.output_dir)
+    start_afresh(run_dir)  # first: a run of it in progress may be reading the data too
     if fresh_data:
         shutil.rmtree(cfg.data.dir, ignore_errors=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
     prepare(cfg, log=lambda text: print(f"[smoke] {text}", flush=True))
 
     half = cfg.trainer.max_steps // 2

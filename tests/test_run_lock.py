@@ -122,3 +122,31 @@ def test_a_second_local_launch_is_refused_before_it_writes_anything(tmp_path, ti
     assert f"masktrain: {run} is in use by another launch (host" in result.stderr
     assert not (run / "config.yaml").exists() and not (run / "checkpoints").exists()
     assert (run / "status.json").read_text() == '{"state": "running", "step": 3}'  # the holder's, untouched
+
+
+def test_smoke_and_repro_leave_a_held_run_folder_alone(tmp_path):
+    """Both start from an empty run folder: they removed a running launch's folder, its lock file with it, and
+    trained beside it (the running launch crashed on its vanished files)."""
+    from masktrain.launcher.repro import Arm, train_arm
+    from masktrain.launcher.smoke import smoke
+
+    out, data = tmp_path / "repro", tmp_path / "data"
+    (data / "tokenizer").mkdir(parents=True)  # a running launch reads it: --fresh must not remove it either
+    fresh = ["smoke", [f"run.output_dir={tmp_path / 'run'}", f"data.dir={data}"]]
+    for run, attempt in ((tmp_path / "run", lambda run: smoke(*fresh, fresh_data=True)),
+                         (out / "a", lambda run: train_arm("smoke", [f"data.dir={data}"], Arm("a", ()), out))):
+        holder = start_holder([sys.executable, "-c", HOLD_IN_CHILD, str(run)])
+        try:
+            (run / "status.json").write_text('{"state": "running", "step": 3}')
+            with pytest.raises(RunInUse):
+                attempt(run)
+        finally:
+            holder.kill()
+            holder.wait()
+        assert sorted(p.name for p in run.iterdir()) == ["run.lock", "status.json"]
+    assert (data / "tokenizer").is_dir()
+    (out / "a" / "checkpoints").mkdir()
+    with holding(out / "a"):
+        pass
+    run_lock.start_afresh(out / "a")
+    assert [p.name for p in (out / "a").iterdir()] == ["run.lock"]
