@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from masktrain.data.corpus import BUILTIN, LONG_DOCUMENT_LINES, CorpusStats, InputError, documents, expand_inputs
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
-from masktrain.data.shards import (MANIFEST, STAGING, discard_staged, publish_dataset, read_manifest,
+from masktrain.data.shards import (MANIFEST, SPLITS, STAGING, discard_staged, publish_dataset, read_manifest,
                                    tokenize_stream, write_dataset)
 from masktrain.data.tables import read_json, write_json
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
@@ -99,17 +99,27 @@ def input_sizes(inputs: list[str]) -> dict[str, int | str | None]:
             for path in expand_inputs(inputs)}
 
 
-def refuse_output_in_inputs(out_dir: str | Path, inputs: list[str]) -> None:
-    """Raise InputError when `out_dir` lies in an input folder (or holds an input file): the tokenizer's and the
-    manifest's JSON written there were read back as documents (skipped by the thousand as invalid JSON), and
-    the next prepare found them new inputs and refused the folder for good."""
+def refuse_output_in_inputs(out_dir: str | Path, inputs: list[str], written: list[Path] | None = None) -> None:
+    """Raise InputError when `out_dir` lies in an input folder, or an input lies in what is written there
+    (`written`; default: all of `out_dir`): the tokenizer's and the manifest's JSON written there were read back
+    as documents (skipped by the thousand as invalid JSON), and the next prepare found them new inputs and
+    refused the folder for good. Inputs beside what is written (`data.dir/raw`) are no such thing."""
     out = Path(out_dir).resolve()
+    outputs = [Path(path).resolve() for path in written or [out]]
     for item in inputs:
         for path in [] if item == BUILTIN else [item] if Path(item).exists() else glob.glob(item, recursive=True):
             real = Path(path).resolve()
-            if (real.is_dir() and out.is_relative_to(real)) or real.is_relative_to(out):
+            if real.is_dir() and out.is_relative_to(real):
                 raise InputError(f"{out_dir}: inside the input {item}, which would read what is written there as "
                                  "documents; write it outside the inputs")
+            if inside := next((output for output in outputs if real.is_relative_to(output)), None):
+                raise InputError(f"{item}: {path} lies in {inside}, which prepare writes, and would be read as "
+                                 "documents; keep the inputs out of it")
+
+
+def shard_outputs(out_dir: str | Path) -> list[Path]:
+    """What writing shards into `out_dir` writes there."""
+    return [Path(out_dir) / name for name in (*SPLITS, MANIFEST)]
 
 
 def input_changes(built: dict[str, int | str | None], now: dict[str, int | str | None]) -> str:
@@ -190,7 +200,7 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
                  strict: bool = False, log=print) -> dict:
     """Tokenize `p.inputs` into train/val shards under `out_dir` with a manifest; returns the manifest."""
     started = time.perf_counter()
-    refuse_output_in_inputs(out_dir, p.inputs)
+    refuse_output_in_inputs(out_dir, p.inputs, shard_outputs(out_dir))
     tokenizer = Tokenizer(tokenizer_path)
     sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
@@ -230,7 +240,8 @@ def prepare(cfg: Config, log=print) -> dict:
     p = cfg.data.prepare
     root = Path(cfg.data.dir)
     tok_dir = tokenizer_dir(cfg)
-    refuse_output_in_inputs(root, p.inputs)  # before the reuse checks, which would name its own files
+    # Before the reuse checks, which would name its own files.
+    refuse_output_in_inputs(root, p.inputs, [*shard_outputs(root), tok_dir])
     has_tokenizer = (tok_dir / MODEL_FILE).is_file()
     if (root / MANIFEST).is_file():
         manifest = read_manifest(root)

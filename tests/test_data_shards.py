@@ -360,6 +360,22 @@ def test_prepare_refuses_a_data_folder_inside_an_input_folder(tmp_path):
             prepare(config, log=lambda text: None)
 
 
+def test_prepare_reads_inputs_kept_in_the_data_folder_but_not_what_it_wrote_there(tmp_path):
+    """data.dir holding its raw text (`data.dir/raw`) was refused as 'inside the input', the wrong way round;
+    a glob over data.dir would read the tokenizer prepare wrote there, and is refused."""
+    from masktrain.data.prepare import prepare
+    from masktrain.launcher.loading import load_config
+
+    data = tmp_path / "data"
+    (data / "raw").mkdir(parents=True)
+    (data / "raw" / "a.txt").write_text("\n\n".join(f"document {n} is about the number {n}" for n in range(300)))
+    settings = ["data.prepare.vocab_size=400", f"data.dir={data}"]
+    prepare(load_config("smoke", [f"data.prepare.inputs=[{data / 'raw'}]", *settings]), log=lambda text: None)
+    assert (data / "manifest.json").is_file()
+    with pytest.raises(InputError, match=re.escape(f"{data / '*'}: {data}/") + r"\S+ lies in"):
+        prepare(load_config("smoke", [f"data.prepare.inputs=[{data / '*'}]", *settings]), log=lambda text: None)
+
+
 def test_prepare_refuses_a_folder_whose_input_files_changed_since(tmp_path):
     from masktrain.data.prepare import prepare
     from masktrain.launcher.loading import load_config
