@@ -16,6 +16,7 @@ counts publications in this folder.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from masktrain.launcher.loading import merge, to_dict, to_yaml
 LATEST = "latest"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal" + PARTIAL
+CONVERSION_TIMEOUT = datetime.timedelta(hours=3)
 """Suffix of the universal copy a checkpoint is loaded through on another rank count: a .partial, so that the
 next start removes one a crash left behind."""
 CLIENT_KEY = "masktrain"
@@ -214,10 +216,13 @@ class Checkpointer:
             return self.load_tag(engine, path.parent, path.name)
         # One level down: the converter also writes a `latest_universal` file beside the folder it writes.
         staging = self.dir / (path.name + UNIVERSAL)
+        # The others wait on a group of their own: a large model's conversion outlasts the collectives' timeout.
+        patient = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
         if self.is_main:
             shutil.rmtree(staging, ignore_errors=True)
             to_universal(path, staging / "universal")
-        dist.barrier()
+        dist.barrier(group=patient)
+        dist.destroy_process_group(patient)
         try:
             return self.load_tag(engine, staging, "universal")
         finally:
@@ -341,8 +346,9 @@ def to_universal(path: Path, target: Path) -> None:
     import subprocess
     import time
 
-    print(f"[masktrain] {path}: saved by {partitioned_over(path)} ranks; writing its universal copy {target}",
-          flush=True)
+    ranks = partitioned_over(path)
+    print(f"[masktrain] {path}: saved by {ranks} rank{'s' if ranks != 1 else ''}; writing its universal copy "
+          f"{target}", flush=True)
     started = time.monotonic()
     workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))
     # masktrain records no universal_checkpoint_info (no tensor or pipeline parallelism): the converter injects it.
