@@ -238,7 +238,7 @@ def cmd_slurm_node(args) -> int:
 def cmd_slurm_hold(args) -> int:
     from masktrain.launcher.run_lock import hold
 
-    hold(args.run_dir, fd=args.fd, pid=os.getppid())
+    hold(args.run_dir, fd=args.fd, pid=os.getppid(), job_script=True)
     return 0
 
 

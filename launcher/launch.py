@@ -17,7 +17,7 @@ from typing import Callable
 
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
-from masktrain.launcher.run_lock import holding
+from masktrain.launcher.run_lock import check_free, holding
 from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status, shell_code, write_status
 
 # torchrun's own defaults plus SIGUSR1, the signal SLURM jobs are commonly given ahead of their time limit.
@@ -147,6 +147,7 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
             check_gpus(cfg, cuda, "masktrain train")
             check_resume_compatible(cfg)
             check_ready(cfg)
+            check_free(cfg.output_dir)  # a requeued job of this run waiting to take it back is not holding it yet
             with holding(cfg.output_dir) as lock:
                 config_path = write_run_config(cfg)
                 (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from masktrain.launcher.run_lock import in_use
+from masktrain.launcher.run_lock import in_use, queued
 from masktrain.trainer.checkpoint import Checkpointer, meta_or_none
 from masktrain.trainer.status import read_status
 
@@ -76,8 +76,12 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
     except OSError as err:  # another user's folder, a file system gone read-only
         holder = f"unknown ({err.strerror})"
     lines = [f"{run}: {state}" + (f": {status['reason'].splitlines()[0]}" if status.get("reason") else "")]
+    waiting = queued(run) if holder is None else None
     if holder is not None:
         lines.append(f"  held by {holder}")
+    elif waiting is not None:
+        lines.append(f"  SLURM job {waiting[0]} is in the queue again ({waiting[1]}): it goes on from the last "
+                     "checkpoint when it starts")
     elif state == "running":
         lines.append("  no launch holds the folder: the last one ended without a verdict (killed, or its node lost); "
                      f"a restart goes on from step {step}")

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,10 @@ which must not refuse a launch, whereas a launch holds it for as long as it runs
 
 class RunInUse(RuntimeError):
     """Another launch holds the run folder."""
+
+
+# squeue's states of a job that has yet to start, or has started (again) and may not have taken the folder yet.
+QUEUED = {"PENDING", "CONFIGURING", "RUNNING", "RESIZING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"}
 
 
 def holder(run_dir: str | Path) -> str:
@@ -65,11 +70,12 @@ def try_lock(fd: int, path: Path, shared: bool = False) -> bool | None:
         return None
 
 
-def hold(run_dir: str | Path, fd: int | None = None, pid: int | None = None) -> int | None:
+def hold(run_dir: str | Path, fd: int | None = None, pid: int | None = None,
+         job_script: bool = False) -> int | None:
     """Take the run folder for this launch, or raise RunInUse naming who has it. The lock lasts while `fd` is
     open, here or in a process that inherited it: without `fd` one is opened here (not inherited by children);
-    a job script passes the descriptor it holds open, with its own `pid`. Returns the descriptor held, None
-    where the filesystem has no locks."""
+    a job script passes the descriptor it holds open, with its own `pid`, and `job_script` (see `queued`). Returns
+    the descriptor held, None where the filesystem has no locks."""
     path = Path(run_dir) / LOCK
     if fd is None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -83,7 +89,7 @@ def hold(run_dir: str | Path, fd: int | None = None, pid: int | None = None) -> 
             return None
         raise refusal(run_dir)
     record = {"host": socket.gethostname(), "pid": pid or os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **({"job_script": True} if job_script else {})}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     return fd
@@ -116,10 +122,39 @@ def in_use(run_dir: str | Path) -> str | None:
         os.close(fd)  # also releases the lock this took
 
 
+def queued(run_dir: str | Path) -> tuple[str, str] | None:
+    """(job id, its state) when the SLURM job that last held the folder is in the queue again: a job requeued
+    (preempted, or its ranks lost after a checkpoint) lets the folder go while it waits, then takes it back to
+    resume the run. Only a job script's hold counts: a `masktrain train` run inside an allocation (salloc) records
+    its job too, which runs on after the train ended. None when no job script held the folder, its job left the
+    queue, or squeue cannot tell (no SLURM here)."""
+    try:
+        record = json.loads((Path(run_dir) / LOCK).read_text())
+        job = record.get("job") if record.get("job_script") else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not job or shutil.which("squeue") is None:
+        return None
+    try:
+        listed = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    state = listed.stdout.strip()
+    return (str(job), state.lower()) if listed.returncode == 0 and state in QUEUED else None
+
+
 def check_free(run_dir: str | Path) -> None:
-    """Raise RunInUse when a launch holds the folder now (for a submission, which starts nothing yet)."""
+    """Raise RunInUse when a launch holds the folder now, or a requeued SLURM job waits to take it back (for a
+    submission, which starts nothing yet, and a local launch: either would leave that job to be refused)."""
     if in_use(run_dir) is not None:
         raise refusal(run_dir)
+    if (waiting := queued(run_dir)) is not None:
+        job, state = waiting
+        raise RunInUse(f"{run_dir} is to be resumed by SLURM job {job} ({state}), in the queue again after it let the "
+                       "folder go: it takes the run up when it starts, and would be refused were another launch "
+                       f"holding it then. Wait for it, or cancel it first (scancel {job}), or give this run another "
+                       "run.name (or run.output_dir)")
 
 
 def start_afresh(run_dir: str | Path) -> None:

@@ -270,6 +270,45 @@ def test_a_run_in_use_is_neither_submitted_nor_started_by_a_job(tmp_path, stubs,
     assert json.loads((run / "run.lock").read_text())["job"] == "123456"
 
 
+def test_a_run_whose_requeued_job_waits_in_the_queue_is_neither_submitted_nor_trained(tmp_path, stubs, tiny_data):
+    """A requeued job lets the folder go while it waits (seconds on an idle cluster, hours on a busy one), then
+    takes it back: a submission or a local train of the run meanwhile started beside it (the job found the
+    folder taken when it started, and failed), and `masktrain status` said nothing of the job."""
+    run = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    run_cli("slurm", "render", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=1",
+            *JOB_ARGS, f"--out={script}", check=True)
+    # An attempt that got USR1: its ranks checkpointed, the script requeued the job and let the folder go.
+    assert run_script(script, stubs, nodes=1, STUB_STATE="preempted").returncode == 0
+    assert (stubs / "requeued").read_text().split() == ["123456"]
+    write_stub(stubs, "squeue", '[[ "$*" == "-h -j 123456 -o %T" ]] && cat "$(dirname "$0")/job-state"\n')
+    (stubs / "job-state").write_text("PENDING\n")
+    submit = ["slurm", "submit", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=1",
+              *JOB_ARGS]
+    submitted = run_cli(*submit, env=job_env(stubs=stubs))
+    assert submitted.returncode == 1, submitted.stdout + submitted.stderr
+    assert f"masktrain: {run} is to be resumed by SLURM job 123456 (pending), in the queue again" in submitted.stderr
+    assert "scancel 123456" in submitted.stderr and not (stubs / "sbatch-calls").exists()
+    trained = run_cli("train", "smoke", *tiny_data, f"run.output_dir={run}", "launch.nproc_per_node=1",
+                      env=job_env(stubs=stubs), timeout=300)
+    assert trained.returncode == 1 and "is to be resumed by SLURM job 123456" in trained.stderr, trained.stderr
+    assert json.loads((run / "status.json").read_text())["state"] == "preempted"  # the job's, untouched
+    status = run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
+    assert ("  SLURM job 123456 is in the queue again (pending): it goes on from the last checkpoint when it starts"
+            in status), status
+    # Once the job has left the queue (done, cancelled, failed), the run is free.
+    (stubs / "job-state").write_text("")
+    assert "in the queue again" not in run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
+    run_cli(*submit, env=job_env(stubs=stubs), check=True)
+    # A `masktrain train` inside an allocation records its job too, which runs on after it: that holds nothing.
+    record = json.loads((run / "run.lock").read_text())
+    assert record["job_script"] is True
+    del record["job_script"]
+    (run / "run.lock").write_text(json.dumps(record))
+    (stubs / "job-state").write_text("RUNNING\n")
+    run_cli(*submit, env=job_env(stubs=stubs), check=True)
+
+
 def test_a_rendered_script_can_be_submitted_as_it_is(tmp_path, stubs):
     run = tmp_path / "run"
     result = run_cli("slurm", "render", "smoke", f"run.output_dir={run}", "--nodes=2", "--gpus-per-node=1",
