@@ -483,6 +483,87 @@ def test_a_zero_checkpoint_on_another_rank_count_is_a_change_to_allow_and_loads_
                     None)
 
 
+CONVERTING_RANK = """
+import sys
+from pathlib import Path
+from masktrain.trainer import checkpoint
+from masktrain.trainer.signals import StopRequest
+stop = StopRequest().install()  # as a rank does first
+checkpoint.to_universal(Path(sys.argv[1]), Path(sys.argv[2]))
+print("converted; stop requested by", stop.signal_name)
+"""
+
+FAKE_CONVERTER = """
+import os, signal, sys, time
+os.killpg(0, signal.SIGUSR1)  # a preemption, which torchrun passes to the ranks' whole process group
+time.sleep(0.5)
+out = sys.argv[sys.argv.index("--output_folder") + 1]
+os.makedirs(out)
+open(os.path.join(out, "done"), "w").close()
+"""
+
+
+SLOW_CONVERTER = """
+import os, sys, time
+out = sys.argv[sys.argv.index("--output_folder") + 1]
+os.makedirs(out)
+with open(os.path.join(out, "pid"), "w") as handle:
+    handle.write(str(os.getpid()))
+time.sleep(120)
+"""
+
+
+def test_a_preemption_during_the_universal_conversion_leaves_it_to_finish_and_the_rank_to_stop_after(tmp_path):
+    """On the local SLURM cluster a USR1 sent while rank 0 converted a 2-rank checkpoint for 1 killed the
+    converter (exit -10), and the rank with it ('DeepSpeed's universal conversion ... failed'): the converter
+    ignores the stop signals, as loader workers do, and the rank honours the stop after its first step."""
+    # DeepSpeed's converter, as the rank's subprocess finds it first on its path.
+    fake = tmp_path / "fake" / "deepspeed" / "checkpoint"
+    fake.mkdir(parents=True)
+    for package in (fake.parent, fake):
+        (package / "__init__.py").write_text("")
+    (fake / "ds_to_universal.py").write_text(FAKE_CONVERTER)
+    target = tmp_path / "copy" / "universal"
+    # A session of its own: the signal goes to the whole process group, as torchrun sends it.
+    rank = subprocess.run([sys.executable, "-c", CONVERTING_RANK, str(tmp_path), str(target)], capture_output=True,
+                          text=True, timeout=120, start_new_session=True,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent.parent),
+                                                                             os.environ.get("PYTHONPATH", "")])})
+    assert rank.returncode == 0, rank.stdout + rank.stderr
+    assert "converted; stop requested by SIGUSR1" in rank.stdout
+    assert (target / "done").is_file()
+
+    # Ignoring them, it must not outlive a rank killed outright, writing into what the next start converts into.
+    (fake / "ds_to_universal.py").write_text(SLOW_CONVERTER)
+    target = tmp_path / "copy2" / "universal"
+    rank = subprocess.Popen([sys.executable, "-c", CONVERTING_RANK, str(tmp_path), str(target)],
+                            stdout=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(fake.parent.parent)})
+    deadline = time.monotonic() + 60
+    while not (target / "pid").is_file() or not (target / "pid").read_text():
+        assert time.monotonic() < deadline and rank.poll() is None, "the converter did not start"
+        time.sleep(0.1)
+    converter = Path("/proc") / (target / "pid").read_text()
+    rank.kill()
+    rank.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while running(converter):
+            assert time.monotonic() < deadline, "the converter outlived its rank"
+            time.sleep(0.1)
+    finally:
+        if running(converter):
+            os.kill(int(converter.name), signal.SIGKILL)
+
+
+def running(process: Path) -> bool:
+    """Whether /proc/<pid> `process` is a process that has not ended (a zombie has)."""
+    try:
+        return "\tZ" not in (process / "status").read_text()
+    except FileNotFoundError:
+        return False
+
+
 def test_a_checkpoint_resumes_only_under_a_zero_stage_and_precision_deepspeed_can_load_it_with(tmp_path):
     """Saved under ZeRO-2 in fp32: ZeRO-1 loads it; ZeRO-0 and 3 and bf16 would fail in every rank after
     start-up, so they are refused first, whatever is allowed. The DeepSpeed JSON's contents count as config."""
