@@ -147,7 +147,7 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
             check_gpus(cfg, cuda, "masktrain train")
             check_resume_compatible(cfg)
             check_ready(cfg)
-            check_free(cfg.output_dir)  # a requeued job of this run waiting to take it back is not holding it yet
+            check_free(cfg.output_dir)  # a job of this run waiting in the SLURM queue is not holding it yet
             with holding(cfg.output_dir) as lock:
                 config_path = write_run_config(cfg)
                 (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)

@@ -80,8 +80,7 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
     if holder is not None:
         lines.append(f"  held by {holder}")
     elif waiting is not None:
-        lines.append(f"  SLURM job {waiting[0]} is in the queue again ({waiting[1]}): it goes on from the last "
-                     "checkpoint when it starts")
+        lines.append(f"  SLURM job {waiting[0]} is in the queue ({waiting[1]}): it takes the run up when it starts")
     elif state == "running":
         lines.append("  no launch holds the folder: the last one ended without a verdict (killed, or its node lost); "
                      f"a restart goes on from step {step}")

@@ -89,7 +89,8 @@ def hold(run_dir: str | Path, fd: int | None = None, pid: int | None = None,
             return None
         raise refusal(run_dir)
     record = {"host": socket.gethostname(), "pid": pid or os.getpid(), "job": os.environ.get("SLURM_JOB_ID"),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **({"job_script": True} if job_script else {})}
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              **({"job_script": True, "job_name": os.environ.get("SLURM_JOB_NAME")} if job_script else {})}
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     return fd
@@ -122,39 +123,68 @@ def in_use(run_dir: str | Path) -> str | None:
         os.close(fd)  # also releases the lock this took
 
 
+SUBMITTED = Path("slurm") / "submitted"
+"""The ids of the jobs `masktrain slurm submit` sent for the run, one a line, oldest first (see `queued`)."""
+RECENT = 32
+"""How many of the last submitted ids `queued` asks squeue about."""
+
+
+def note_submitted(run_dir: str | Path, job: str, name: str) -> None:
+    path = Path(run_dir) / SUBMITTED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(f"{job} {name}\n")
+
+
 def queued(run_dir: str | Path) -> tuple[str, str] | None:
-    """(job id, its state) when the SLURM job that last held the folder is in the queue again: a job requeued
-    (preempted, or its ranks lost after a checkpoint) lets the folder go while it waits, then takes it back to
-    resume the run. Only a job script's hold counts: a `masktrain train` run inside an allocation (salloc) records
-    its job too, which runs on after the train ended. None when no job script held the folder, its job left the
-    queue, or squeue cannot tell (no SLURM here)."""
+    """(job id, its state) of a SLURM job of the run that is in the queue without holding the folder: submitted and
+    waiting to start (a chain's later jobs too), or requeued (preempted, or its ranks lost after a checkpoint),
+    which lets the folder go while it waits and takes it back to go on. Candidates: the jobs `slurm submit` noted
+    (`SUBMITTED`) and the job whose script held the folder last (a script sbatch'ed by hand). Only a job script's
+    hold counts: a `masktrain train` inside an allocation (salloc) records its job too, which runs on after the
+    train ended. A job counts under its own name only: a folder on a file system that two clusters share may name
+    a job id that the other cluster gave another job. None when there is none, or squeue cannot tell (no SLURM)."""
+    run = Path(run_dir)
+    jobs: dict[str, str | None] = {}  # id: name (None: not recorded)
     try:
-        record = json.loads((Path(run_dir) / LOCK).read_text())
-        job = record.get("job") if record.get("job_script") else None
+        record = json.loads((run / LOCK).read_text())
+        if record.get("job_script") and record.get("job"):
+            jobs[str(record["job"])] = record.get("job_name")
     except (OSError, ValueError, AttributeError):
-        return None
-    if not job or shutil.which("squeue") is None:
+        pass
+    try:
+        for line in (run / SUBMITTED).read_text().splitlines()[-RECENT:]:
+            job, _, name = line.strip().partition(" ")
+            if job:
+                jobs[job] = name or None
+    except OSError:
+        pass
+    if not jobs or shutil.which("squeue") is None:
         return None
     try:
-        listed = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True, text=True,
-                                timeout=60)
+        listed = subprocess.run(["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T %j"], capture_output=True,
+                                text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    state = listed.stdout.strip()
-    return (str(job), state.lower()) if listed.returncode == 0 and state in QUEUED else None
+    if listed.returncode != 0:
+        return None
+    for line in listed.stdout.splitlines():
+        job, state, name = (line.split(maxsplit=2) + ["", ""])[:3]
+        if job in jobs and state in QUEUED and jobs[job] in (None, name):
+            return job, state.lower()
+    return None
 
 
 def check_free(run_dir: str | Path) -> None:
-    """Raise RunInUse when a launch holds the folder now, or a requeued SLURM job waits to take it back (for a
-    submission, which starts nothing yet, and a local launch: either would leave that job to be refused)."""
+    """Raise RunInUse when a launch holds the folder now, or a SLURM job of the run waits in the queue to take it
+    (for a submission, which starts nothing yet, and a local launch: either would leave that job to be refused)."""
     if in_use(run_dir) is not None:
         raise refusal(run_dir)
     if (waiting := queued(run_dir)) is not None:
         job, state = waiting
-        raise RunInUse(f"{run_dir} is to be resumed by SLURM job {job} ({state}), in the queue again after it let the "
-                       "folder go: it takes the run up when it starts, and would be refused were another launch "
-                       f"holding it then. Wait for it, or cancel it first (scancel {job}), or give this run another "
-                       "run.name (or run.output_dir)")
+        raise RunInUse(f"{run_dir} is to be taken up by SLURM job {job} ({state}), in the queue: it trains the run "
+                       "when it starts, and would be refused were another launch holding it then. Wait for it, or "
+                       f"cancel it first (scancel {job}), or give this run another run.name (or run.output_dir)")
 
 
 def start_afresh(run_dir: str | Path) -> None:

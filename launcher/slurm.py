@@ -24,7 +24,7 @@ from masktrain.launcher.config import Config
 from masktrain.launcher.launch import (check_gpus, check_resume_compatible, rank_environment, torchrun_command,
                                        use_cuda)
 from masktrain.launcher.loading import ConfigError, dump_yaml, load_config, read_run_config
-from masktrain.launcher.run_lock import check_free
+from masktrain.launcher.run_lock import check_free, note_submitted
 from masktrain.trainer.status import REQUEUE_EXIT, read_status
 
 TEMPLATE = Path(slurm_files.__file__).parent / "train.sbatch"
@@ -230,6 +230,7 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
     check_resume_compatible(cfg)
     check_ready(cfg)  # here, not after the queue wait
     script = write_script(cfg, render(cfg, spec))
+    name = job_name(cfg, spec)
     ids: list[str] = []
     for index in range(spec.chain):
         args = [f"--dependency=afterany:{ids[-1]}"] if ids else []
@@ -241,6 +242,7 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
             args.append(f"--export={','.join(['ALL', *exports])}")
         try:
             ids.append(sbatch([*args, str(script)]))
+            note_submitted(run_dir(cfg), ids[-1], name)  # a second submission while it waits is refused
         except SlurmError as err:
             if not ids:
                 raise
@@ -251,7 +253,6 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
                                 f"{' '.join(ids)}")) from None
         after = f", starts after job {ids[-2]} ends" if len(ids) > 1 else ""
         log(f"submitted job {ids[-1]} ({index + 1} of {spec.chain}{after})")
-    name = job_name(cfg, spec)
     log(f"script: {script}")
     for job in ids:
         log(f"log of job {job}: {log_pattern(cfg).parent / f'{name}-{job}.out'} (every attempt appends)")

@@ -65,6 +65,10 @@ echo $((100 + $(wc -l <"$(dirname "$0")/sbatch-calls")))
     return folder
 
 
+QUEUE_STUB = '[[ $1 == -h && $2 == -j && $4 == -o && $5 == "%i %T %j" ]] && cat "$(dirname "$0")/queue"\n'
+"""squeue as the tests need it: what the file `queue` beside it lists (lines of job id, state and name)."""
+
+
 def run_script(script: Path, stubs: Path, nodes: int, **extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": str(nodes),
            "SLURM_JOB_NODELIST": "gpu[07-10]", **extra}
@@ -278,35 +282,58 @@ def test_a_run_whose_requeued_job_waits_in_the_queue_is_neither_submitted_nor_tr
     script = tmp_path / "job.sbatch"
     run_cli("slurm", "render", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=1",
             *JOB_ARGS, f"--out={script}", check=True)
-    # An attempt that got USR1: its ranks checkpointed, the script requeued the job and let the folder go.
-    assert run_script(script, stubs, nodes=1, STUB_STATE="preempted").returncode == 0
+    # An attempt that got USR1 (the script sbatch'ed by hand): its ranks checkpointed, the script requeued the job
+    # and let the folder go.
+    assert run_script(script, stubs, nodes=1, STUB_STATE="preempted", SLURM_JOB_NAME="smoke").returncode == 0
     assert (stubs / "requeued").read_text().split() == ["123456"]
-    write_stub(stubs, "squeue", '[[ "$*" == "-h -j 123456 -o %T" ]] && cat "$(dirname "$0")/job-state"\n')
-    (stubs / "job-state").write_text("PENDING\n")
+    write_stub(stubs, "squeue", QUEUE_STUB)
+    (stubs / "queue").write_text("123456 PENDING smoke\n")
     submit = ["slurm", "submit", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=1",
               *JOB_ARGS]
     submitted = run_cli(*submit, env=job_env(stubs=stubs))
     assert submitted.returncode == 1, submitted.stdout + submitted.stderr
-    assert f"masktrain: {run} is to be resumed by SLURM job 123456 (pending), in the queue again" in submitted.stderr
+    assert f"masktrain: {run} is to be taken up by SLURM job 123456 (pending), in the queue" in submitted.stderr
     assert "scancel 123456" in submitted.stderr and not (stubs / "sbatch-calls").exists()
     trained = run_cli("train", "smoke", *tiny_data, f"run.output_dir={run}", "launch.nproc_per_node=1",
                       env=job_env(stubs=stubs), timeout=300)
-    assert trained.returncode == 1 and "is to be resumed by SLURM job 123456" in trained.stderr, trained.stderr
+    assert trained.returncode == 1 and "is to be taken up by SLURM job 123456" in trained.stderr, trained.stderr
     assert json.loads((run / "status.json").read_text())["state"] == "preempted"  # the job's, untouched
     status = run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
-    assert ("  SLURM job 123456 is in the queue again (pending): it goes on from the last checkpoint when it starts"
-            in status), status
+    assert "  SLURM job 123456 is in the queue (pending): it takes the run up when it starts" in status, status
     # Once the job has left the queue (done, cancelled, failed), the run is free.
-    (stubs / "job-state").write_text("")
-    assert "in the queue again" not in run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
+    (stubs / "queue").write_text("")
+    assert "in the queue" not in run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
     run_cli(*submit, env=job_env(stubs=stubs), check=True)
     # A `masktrain train` inside an allocation records its job too, which runs on after it: that holds nothing.
     record = json.loads((run / "run.lock").read_text())
     assert record["job_script"] is True
     del record["job_script"]
     (run / "run.lock").write_text(json.dumps(record))
-    (stubs / "job-state").write_text("RUNNING\n")
+    (stubs / "queue").write_text("123456 RUNNING smoke\n")
     run_cli(*submit, env=job_env(stubs=stubs), check=True)
+
+
+def test_a_run_whose_submitted_jobs_wait_in_the_queue_is_not_submitted_again(tmp_path, stubs, tiny_data):
+    """On the local cluster, a run submitted while its first job still waited for nodes was accepted: both jobs
+    waited, and the second, started once the first held the folder, failed ("not starting: the run folder is
+    taken"); status said "not started". A chain's later jobs wait the same way, to go on with the run."""
+    run = tmp_path / "run"
+    submit = ["slurm", "submit", "smoke", *tiny_data, f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=1",
+              *JOB_ARGS]
+    write_stub(stubs, "squeue", QUEUE_STUB)
+    run_cli(*submit, "--chain=2", env=job_env(stubs=stubs), check=True)
+    for queue, job in (("101 PENDING smoke\n102 PENDING smoke\n", "101"), ("102 PENDING smoke\n", "102")):
+        (stubs / "queue").write_text(queue)
+        again = run_cli(*submit, env=job_env(stubs=stubs))
+        assert again.returncode == 1 and f"is to be taken up by SLURM job {job} (pending)" in again.stderr, again.stderr
+        status = run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
+        assert status.splitlines()[:2] == [f"{run}: not started", f"  SLURM job {job} is in the queue (pending): it "
+                                           "takes the run up when it starts"], status
+    assert len((stubs / "sbatch-calls").read_text().splitlines()) == 2
+    assert (run / "slurm" / "submitted").read_text() == "101 smoke\n102 smoke\n"
+    # Done (or cancelled); and a job of another name under one of its ids is another cluster's (a shared folder).
+    (stubs / "queue").write_text("102 PENDING other-run\n")
+    assert "submitted job 103" in run_cli(*submit, env=job_env(stubs=stubs), check=True).stdout
 
 
 def test_a_rendered_script_can_be_submitted_as_it_is(tmp_path, stubs):
