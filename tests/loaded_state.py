@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
 from masktrain.data import inputs
@@ -43,6 +44,9 @@ def main(config_path: str, checkpoint: str, out: str) -> None:
             state[f"{name}:{moment}"] = safe_get_full_optimizer_state(param, moment)
     if runtime.is_main:
         torch.save(state, out)
+    # Ended as the trainer ends: a rank leaving with the process group alive may abort in gloo's teardown.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -339,28 +339,11 @@ def needs_universal(path: Path, world_size: int) -> bool:
     return partitioned_over(path) not in (0, world_size)
 
 
-IGNORING_STOP_SIGNALS = """import ctypes, os, runpy, signal, sys
-ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: dies with the rank
-if os.getppid() != {parent}:
-    sys.exit("the rank converting the checkpoint has ended")
-for sig in {signals}:
-    signal.signal(sig, signal.SIG_IGN)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signals})
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-"""
-"""Runs the module named first, with the rest as its arguments, ignoring the stop signals, which it starts with
-blocked (one that came before this ran waited, and ignoring it discards it), and killed when its parent, the rank,
-ends: a rank killed outright (torchrun's shutdown timeout) must not leave it writing into the folder that the next
-start removes and converts into again."""
-
-
 def to_universal(path: Path, target: Path) -> None:
     """Convert checkpoint `path` into DeepSpeed's universal format in `target` (one file per parameter and
     state, whole; loadable on any rank count) with DeepSpeed's own converter, in a process of its own: its
-    worker pool forked from a rank (threads of torch and the process group running) hangs. The converter ignores
-    the stop signals, as loader workers do (`masktrain.data.loader.ignore_stop_signals`): SLURM and torchrun
-    signal the ranks' whole process group, and a converter killed by a preemption crashed its rank, with a
-    traceback blaming the conversion, where the rank is to finish starting, take its first step and save."""
+    worker pool forked from a rank (threads of torch and the process group running) hangs. The process ignores
+    the stop signals and dies with the rank (`masktrain.trainer.converter`)."""
     import signal
     import subprocess
     import time
@@ -372,11 +355,10 @@ def to_universal(path: Path, target: Path) -> None:
           f"{target}", flush=True)
     started = time.monotonic()
     workers = str(max(1, min(4, len(os.sched_getaffinity(0)))))
-    signals = tuple(int(sig) for sig in STOP_SIGNALS)
     # masktrain records no universal_checkpoint_info (no tensor or pipeline parallelism): the converter injects it.
-    command = [sys.executable, "-c", IGNORING_STOP_SIGNALS.format(signals=signals, parent=os.getpid()),
-               "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path), "--output_folder", str(target),
-               "--inject_missing_state", "--num_extract_workers", workers, "--num_merge_workers", workers]
+    command = [sys.executable, "-m", "masktrain.trainer.converter", str(os.getpid()), "--input_folder", str(path),
+               "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", workers,
+               "--num_merge_workers", workers]
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited: blocked until it ignores them
     try:
         converter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
