@@ -229,7 +229,7 @@ def decode_block(block: list[bytes], path: str, line: int, strict: bool,
         yield f"{path}:{line}", raw.decode("utf-8").strip()
     except UnicodeDecodeError as err:  # named at the bad byte's line: the block may be a whole file
         bad_line = line + raw.count(b"\n", 0, err.start)
-        stats.skip("invalid UTF-8", f"{path}:{bad_line}", strict, f"the document from line {line} is skipped")
+        stats.skip("invalid UTF-8", f"{path}:{bad_line}", strict, f"in the document that starts at line {line}")
 
 
 def builtin_documents() -> Iterator[str]:

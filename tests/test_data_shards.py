@@ -143,7 +143,7 @@ def test_bad_input_is_counted_and_strict_fails_naming_file_and_line(tokenizer, t
     assert "skipped 1 empty document, 1 invalid JSON, 3 invalid UTF-8, 1 missing text field" in logged
     # Without --strict too, each kind of skip can be found: the first of each is named.
     assert (f"skipped, the first of each kind: empty document at {bad_json}:2; invalid JSON at {bad_json}:3:1 "
-            f"(Expecting value); invalid UTF-8 at {bad_text}:3 (the document from line 3 is skipped); missing text "
+            f"(Expecting value); invalid UTF-8 at {bad_text}:3 (in the document that starts at line 3); missing text "
             f"field at {bad_json}:4 (no string field 'text')") in logged
 
     assert shards(str(bad_text), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "strict"), "--strict") == 1
@@ -153,7 +153,7 @@ def test_bad_input_is_counted_and_strict_fails_naming_file_and_line(tokenizer, t
     # A file of one document per line (read as one document: no blank lines) names the bad byte's own line.
     lines = tmp_path / "lines.txt"
     lines.write_bytes(b"".join(b"line %d\n" % n for n in range(1, 40)) + b"caf\xe9\n" + b"last line\n")
-    with pytest.raises(InputError, match=rf"{lines}:40: invalid UTF-8 \(the document from line 1 is skipped\)"):
+    with pytest.raises(InputError, match=rf"{lines}:40: invalid UTF-8 \(in the document that starts at line 1\)"):
         list(documents([str(lines)], strict=True))
 
 
