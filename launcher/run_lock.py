@@ -35,7 +35,10 @@ class RunInUse(RuntimeError):
 
 
 # squeue's states of a job that has yet to start, or has started (again) and may not have taken the folder yet.
-QUEUED = {"PENDING", "CONFIGURING", "RUNNING", "RESIZING", "SUSPENDED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD"}
+# COMPLETING too: a requeued job passes through it on its way back to PENDING (a job ending for good as well, for
+# the seconds it takes, when a refusal only asks to wait).
+QUEUED = {"PENDING", "COMPLETING", "CONFIGURING", "RUNNING", "RESIZING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
+          "REQUEUE_HOLD"}
 
 
 def holder(run_dir: str | Path) -> str:

@@ -300,6 +300,10 @@ def test_a_run_whose_requeued_job_waits_in_the_queue_is_neither_submitted_nor_tr
     assert json.loads((run / "status.json").read_text())["state"] == "preempted"  # the job's, untouched
     status = run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
     assert "  SLURM job 123456 is in the queue (pending): it takes the run up when it starts" in status, status
+    # On its way back to the queue, the requeued job is COMPLETING for a moment (squeue's CG).
+    (stubs / "queue").write_text("123456 COMPLETING smoke\n")
+    submitted = run_cli(*submit, env=job_env(stubs=stubs))
+    assert submitted.returncode == 1 and "SLURM job 123456 (completing)" in submitted.stderr, submitted.stderr
     # Once the job has left the queue (done, cancelled, failed), the run is free.
     (stubs / "queue").write_text("")
     assert "in the queue" not in run_cli("status", str(run), env=job_env(stubs=stubs), check=True).stdout
