@@ -162,7 +162,6 @@ def build_tokenizer(p: PrepareConfig, out_dir: str | Path, seed: int, strict: bo
                     template: str | None = None, log=print) -> Tokenizer:
     """Train on `p.inputs` and write `<out_dir>/spm.model` plus the Hugging Face files and the recipe."""
     started = time.perf_counter()
-    refuse_output_in_inputs(out_dir, p.inputs)
     sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
     sample = sample_documents(docs, p.tokenizer_sample_docs, seed, p.tokenizer_sample_chars)
@@ -200,7 +199,6 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
                  strict: bool = False, log=print) -> dict:
     """Tokenize `p.inputs` into train/val shards under `out_dir` with a manifest; returns the manifest."""
     started = time.perf_counter()
-    refuse_output_in_inputs(out_dir, p.inputs, shard_outputs(out_dir))
     tokenizer = Tokenizer(tokenizer_path)
     sizes = input_sizes(p.inputs)  # before reading: what was read is at most this
     docs, stats = input_documents(p, strict)
@@ -240,7 +238,8 @@ def prepare(cfg: Config, log=print) -> dict:
     p = cfg.data.prepare
     root = Path(cfg.data.dir)
     tok_dir = tokenizer_dir(cfg)
-    # Before the reuse checks, which would name its own files.
+    # Once, for the tokenizer and the shards both, before the reuse checks (which would name its own files); the
+    # `data tokenizer` and `data shards` commands check their own outputs.
     refuse_output_in_inputs(root, p.inputs, [*shard_outputs(root), tok_dir])
     has_tokenizer = (tok_dir / MODEL_FILE).is_file()
     if (root / MANIFEST).is_file():

@@ -92,17 +92,19 @@ def prepare_settings(args) -> dict:
 
 
 def cmd_data_tokenizer(args) -> int:
-    from masktrain.data.prepare import build_tokenizer, command_config
+    from masktrain.data.prepare import build_tokenizer, command_config, refuse_output_in_inputs
 
     cfg = command_config({**prepare_settings(args), "inputs": args.inputs}, args.seed, args.strict)
+    refuse_output_in_inputs(args.out, cfg.data.prepare.inputs)
     build_tokenizer(cfg.data.prepare, args.out, cfg.run.seed, args.strict, args.template)
     return 0
 
 
 def cmd_data_shards(args) -> int:
-    from masktrain.data.prepare import build_shards, command_config
+    from masktrain.data.prepare import build_shards, command_config, refuse_output_in_inputs, shard_outputs
 
     cfg = command_config({**prepare_settings(args), "inputs": args.inputs}, args.seed, args.strict)
+    refuse_output_in_inputs(args.out, cfg.data.prepare.inputs, shard_outputs(args.out))
     build_shards(cfg.data.prepare, args.tokenizer, args.out, cfg.run.seed, args.strict)
     return 0
 
