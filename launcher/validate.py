@@ -279,9 +279,12 @@ def inert_policy_options(cfg: Config, masking: dict) -> list[str]:
     """Policy options that `masking` (the data.masking the user wrote: YAML with overrides) sets to other than
     their defaults while neither the training nor the evaluation policy reads them: `span_mean: 5` under policy
     random trained random masking without a word. Defaults pass, as in a full config (`config show`, a run
-    folder's config.yaml) used as a file. NTP is let be: it reads no masking option, and a MEAP config switched
-    to NTP by model.objective is the baseline run as it is."""
-    if cfg.model.objective == "ntp":
+    folder's config.yaml) used as a file. An objective that masks nothing (NTP) is let be: it reads no masking
+    option, and a MEAP config switched to NTP by model.objective is the baseline run as it is."""
+    from masktrain.trainer.objectives import OBJECTIVES
+
+    objective = OBJECTIVES.get(cfg.model.objective)  # an unknown one: `validate` says so
+    if objective is not None and not objective.masked:
         return []
     m, default = cfg.data.masking, MaskingConfig()
     used = {m.policy, m.eval_policy or m.policy}
