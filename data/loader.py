@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import math
 import multiprocessing.util
-import signal
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Generator, Iterator
@@ -31,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from masktrain.data import masking
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
-from masktrain.trainer.signals import STOP_SIGNALS
+from masktrain.trainer.signals import ignore_stops, stops_deferred
 
 STATE_VERSION = 2
 EPOCHS_SAMPLED = 8
@@ -267,11 +266,8 @@ class SlotDataset(IterableDataset):
 def ignore_stop_signals(worker_id: int) -> None:
     """Loader workers ignore preemption signals. SLURM signals every process of a job; a worker that died of
     it would crash its rank before the rank had saved its checkpoint. `Loader.close` stops them instead.
-    Workers start with these signals blocked (`Loader.start`): one that arrived before this ran has waited,
-    and ignoring it discards it."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    Workers start with these signals blocked (`Loader.start`)."""
+    ignore_stops()
 
 
 def stop_workers(workers: list) -> None:
@@ -324,10 +320,8 @@ class Loader:
         dataset = SlotDataset(self.spec, self.units, self.states, rotate,
                               self.batcher if self.mask_in_workers else None)
         workers = self.spec.num_workers
-        # Workers inherit this blocked mask, so a preemption signal reaching one before its worker_init_fn
-        # waits instead of killing it. This process only defers its own signals until the workers exist.
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
+        # A preemption signal reaching a worker before its worker_init_fn waits instead of killing it.
+        with stops_deferred():
             iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                        prefetch_factor=self.prefetch if workers else None,
                                        persistent_workers=False,
@@ -335,8 +329,6 @@ class Loader:
                                        # global RNG, which would shift dropout after every (re)start.
                                        generator=torch.Generator(),
                                        worker_init_fn=ignore_stop_signals))
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         if workers:
             # Multiprocessing's exit hook terminates, then joins, all children: workers ignoring SIGTERM would
             # be waited for forever. Its finalizers of priority >= 0 run first (in the main process and in

@@ -34,9 +34,10 @@ from masktrain.launcher.loading import merge, to_dict, to_yaml
 LATEST = "latest"
 PARTIAL = ".partial"
 UNIVERSAL = ".universal" + PARTIAL
-CONVERSION_TIMEOUT = datetime.timedelta(hours=3)
 """Suffix of the universal copy a checkpoint is loaded through on another rank count: a .partial, so that the
 next start removes one a crash left behind."""
+CONVERSION_TIMEOUT = datetime.timedelta(hours=3)
+"""How long the other ranks wait for rank 0's conversion (the collectives' own timeout is DeepSpeed's 10 min)."""
 CLIENT_KEY = "masktrain"
 
 # Keys whose change does not alter what a resumed run computes.
@@ -344,11 +345,10 @@ def to_universal(path: Path, target: Path) -> None:
     state, whole; loadable on any rank count) with DeepSpeed's own converter, in a process of its own: its
     worker pool forked from a rank (threads of torch and the process group running) hangs. The process ignores
     the stop signals and dies with the rank (`masktrain.trainer.converter`)."""
-    import signal
     import subprocess
     import time
 
-    from masktrain.trainer.signals import STOP_SIGNALS
+    from masktrain.trainer.signals import stops_deferred
 
     ranks = partitioned_over(path)
     print(f"[masktrain] {path}: saved by {ranks} rank{'s' if ranks != 1 else ''}; writing its universal copy "
@@ -359,11 +359,8 @@ def to_universal(path: Path, target: Path) -> None:
     command = [sys.executable, "-m", "masktrain.trainer.converter", str(os.getpid()), "--input_folder", str(path),
                "--output_folder", str(target), "--inject_missing_state", "--num_extract_workers", workers,
                "--num_merge_workers", workers]
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # inherited: blocked until it ignores them
-    try:
+    with stops_deferred():
         converter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a signal that came meanwhile reaches the rank now
     stdout, stderr = converter.communicate()
     if converter.returncode != 0:
         raise RuntimeError(f"DeepSpeed's universal conversion of {path} failed (exit {converter.returncode}):\n"
@@ -423,11 +420,11 @@ def deepspeed_json(config: dict) -> dict | None:
 
 
 def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precision: str | None) -> None:
-    """Refuse to resume from `path` with a config that would change what the run computes, and, whatever is
-    allowed, what DeepSpeed cannot load: another number of ranks than a ZeRO checkpoint is split over, a ZeRO
-    stage of another layout, another precision. `stage` and `precision` are the run's as its DeepSpeed config
-    resolves them (precision None where not yet known: auto, before the ranks see their device). Checkpoints
-    saved before meta.json recorded them are only checked for their rank count."""
+    """Refuse to resume from `path` with a config that would change what the run computes (the rank count among
+    it), and, whatever is allowed, what DeepSpeed cannot load: a ZeRO stage of another layout, another precision.
+    `stage` and `precision` are the run's as its DeepSpeed config resolves them (precision None where not yet
+    known: auto, before the ranks see their device); checkpoints saved before meta.json recorded them are not
+    checked for these."""
     saved = saved_config(path)
     check_intact(path, saved)
     even = "even with trainer.allow_config_change"
