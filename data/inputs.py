@@ -51,16 +51,17 @@ def shard_contents(cfg: Config, split: str) -> str:
     return "" if record is None else hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_ready(cfg: Config) -> None:
+def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool = True) -> None:
     """Raise DataError naming what is missing or mismatched (tokenizer, shards, the masking policy's table) and
     how to make it: run by launchers before any rank starts, where it is one message instead of a traceback per
-    rank."""
+    rank. `tokenizer`: the one the shards must match (default: the config's); `training=False` checks only
+    what validation reads."""
     problems = []
     try:
-        tokenizer = Tokenizer(tokenizer_dir(cfg))
+        tokenizer = tokenizer or Tokenizer(tokenizer_dir(cfg))
     except (OSError, InputError) as err:
         raise DataError(f"tokenizer: {err}") from None
-    for split in ("train", "val"):
+    for split in ("train", "val") if training else ("val",):
         try:
             urls = expand_urls(shard_urls(cfg, split))
         except (OSError, ValueError, KeyError, DataError) as err:
@@ -81,7 +82,8 @@ def check_ready(cfg: Config) -> None:
             manifest = {}  # reported above
         if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
             problems.append(mismatch)
-    for policy in dict.fromkeys((cfg.data.masking.policy, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
+    policies = (cfg.data.masking.policy,) if training else ()
+    for policy in dict.fromkeys((*policies, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
         try:
             mask_spec(cfg, tokenizer, policy)
         except (OSError, ValueError) as err:

@@ -134,6 +134,36 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import json
+
+    import torch
+
+    from masktrain.trainer.checkpoint import write_atomic
+    from masktrain.trainer.evaluation import checkpoints_of, eval_changes, evaluate_checkpoint, split_items, summary
+
+    given, overrides = split_items(args.items + args.overrides)
+    if not given:
+        raise FileNotFoundError("no checkpoint or run folder given (only overrides: " + " ".join(overrides) + ")")
+    changes = eval_changes(overrides, "the command line")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for checkpoint in checkpoints_of(given, args.all):
+        try:
+            results.append(evaluate_checkpoint(checkpoint, changes, device))
+        except FileNotFoundError:
+            if not args.all or checkpoint.exists():
+                raise
+            # A run still training prunes its checkpoints (trainer.keep_last) while the others are scored.
+            print(f"masktrain: {checkpoint} was removed while it was read (pruned): skipped", file=sys.stderr)
+            continue
+        print(summary(results[-1]), flush=True)
+    if args.out:
+        write_atomic(Path(args.out), json.dumps({"overrides": overrides, "results": results}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import subprocess
 
@@ -331,6 +361,16 @@ def parser() -> argparse.ArgumentParser:
                                       "folder (its newest complete checkpoint)")
     p.add_argument("out_dir")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="validation loss (and accuracy or perplexity) of saved checkpoints, as training "
+                                    "computes it, or on other data or masking")
+    p.add_argument("items", nargs="+", metavar="CHECKPOINT|KEY=VALUE",
+                   help="checkpoint folders or run folders (their newest complete checkpoint), and overrides of what "
+                        "is scored: data.dir, data.val_shards, data.micro_batch_size, data.strict, data.masking.*, "
+                        "trainer.eval_batches (e.g. data.masking.eval_rate=0.15)")
+    p.add_argument("--all", action="store_true", help="every complete checkpoint of each run folder, oldest first")
+    p.add_argument("--out", help="also write the results to this JSON file")
+    p.set_defaults(func=cmd_eval, overrides=[])  # main adds overrides that follow the options
 
     # The runner parses its own options (masktrain bench --help shows them).
     p = sub.add_parser("bench", add_help=False, help="run benchmarks/bench_*.py and rebuild the README results table")

@@ -7,15 +7,18 @@ full module state in one file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from masktrain.data.inputs import tokenizer_dir
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
-from masktrain.launcher.loading import config_from_dict
+from masktrain.launcher.config import Config
+from masktrain.launcher.loading import config_from_dict, merge
 from masktrain.trainer.checkpoint import check_intact, partitioned_over, resolve_checkpoint, saved_config
 from masktrain.trainer.models import TokenIds, build_model, max_positions
 from masktrain.trainer.objectives import OBJECTIVES
@@ -30,7 +33,9 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+            # Its progress prints go to stderr: the commands' own stdout stays what they report (`eval | jq`).
+            with contextlib.redirect_stdout(sys.stderr):
+                return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
         except ValueError as err:
             # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation) partitions like ZeRO but
             # records no stage, which zero_to_fp32 refuses; its module file holds the whole model.
@@ -40,20 +45,32 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     return states["module"]
 
 
-def load_trained(checkpoint: str | Path):
-    """(config, tokenizer, objective model with the checkpoint's weights) for a complete checkpoint folder."""
+def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple[Path, Config, Tokenizer]:
+    """(the complete checkpoint folder, its config, its tokenizer) for a checkpoint or run folder; the config
+    with `changes` (a nested dict of keys that do not change the model) merged in and validated."""
     checkpoint = resolve_checkpoint(checkpoint)
     raw = saved_config(checkpoint)
     check_intact(checkpoint, raw)
     # Exported, not trained from: files only training reads may be gone, as a rollback target keep_last pruned
     # or a DeepSpeed JSON named relative to where training ran.
     raw.setdefault("trainer", {}).update(resume="auto", deepspeed_config="")
-    cfg = config_from_dict(raw, str(checkpoint / "config.yaml"))
+    saved = config_from_dict(raw, str(checkpoint / "config.yaml"))
+    cfg = config_from_dict(merge(raw, changes), str(checkpoint / "config.yaml")) if changes else saved
     embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
-    tokenizer = Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(cfg))
+    return checkpoint, cfg, Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(saved))
+
+
+def trained_model(checkpoint: Path, cfg: Config, tokenizer: Tokenizer) -> torch.nn.Module:
+    """The objective model with the checkpoint's weights, in eval mode."""
     model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
     model.load_state_dict(consolidated_state_dict(checkpoint))
-    return cfg, tokenizer, model.eval()
+    return model.eval()
+
+
+def load_trained(checkpoint: str | Path):
+    """(config, tokenizer, objective model with the checkpoint's weights) for a complete checkpoint folder."""
+    checkpoint, cfg, tokenizer = trained_config(checkpoint)
+    return cfg, tokenizer, trained_model(checkpoint, cfg, tokenizer)
 
 
 def model_card(cfg, model, checkpoint: Path) -> str:

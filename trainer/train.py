@@ -7,7 +7,6 @@ checkpoint -> stop check.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import shutil
@@ -34,6 +33,7 @@ from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import (Checkpointer, check_resumable, deepspeed_json, needs_universal,
                                           resume_point, save_due)
+from masktrain.trainer.evaluation import forward_sums, to_device, val_metrics
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.models import TokenIds, build_model, zero_stage
@@ -75,10 +75,6 @@ def all_reduce(values: list[float], device: torch.device, op=dist.ReduceOp.SUM) 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=op)
     return tensor.tolist()
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def gather_counts(counts: dict[str, int]) -> dict[str, int]:
@@ -154,24 +150,13 @@ def micro_steps(engine, batches: list[dict], runtime: eng.Runtime) -> torch.Tens
 
 
 def evaluate(engine, batches: list[dict], empty: dict, runtime: eng.Runtime, encoder: bool) -> dict[str, float]:
-    """Masked-token loss and accuracy (encoders) or loss and perplexity (decoders) over the validation split;
-    every rank runs the same number of forwards."""
+    """The validation metrics over every rank's batches; every rank runs the same number of forwards."""
     (count,) = all_reduce([len(batches)], runtime.device, dist.ReduceOp.MAX)
-    sums = torch.zeros(3, dtype=torch.float64, device=runtime.device)
     engine.eval()
-    with torch.no_grad():
-        for i in range(int(count)):
-            out = engine(**to_device(batches[i] if i < len(batches) else empty, runtime.device))
-            sums += torch.stack([out["loss_sum"], out["tokens"], out["correct"]]).double()
+    sums = forward_sums(engine, batches, int(count), empty, runtime.device)
     engine.train()
     dist.all_reduce(sums)
-    loss_sum, tokens, correct = sums.tolist()
-    if tokens == 0:  # no validation data (or none left after skipping bad data): no loss to report, not 0
-        return {"val/tokens": 0.0}
-    loss = loss_sum / tokens
-    if encoder:
-        return {"val/loss": loss, "val/accuracy": correct / tokens, "val/tokens": tokens}
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": tokens}
+    return val_metrics(sums, encoder)
 
 
 def train(cfg: Config, stop: StopRequest | None = None) -> None:

@@ -1,0 +1,115 @@
+"""`masktrain eval` after real 2-rank DeepSpeed runs (gloo, CPU): a checkpoint scored on one process gives the
+validation loss the run logged at that step, and scores it on other masking or data only where asked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_export import train
+
+from masktrain.launcher import cli
+from masktrain.trainer import evaluation
+
+
+def logged(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row for row in rows if "val/loss" in row}
+
+
+def evaluated(*args: str) -> list[dict]:
+    out = Path(args[0]).parent / "eval.json"
+    done = run_cli("eval", *args, "--out", str(out), check=True)
+    results = json.loads(out.read_text())["results"]
+    # stdout is the summaries and the file written, nothing else (DeepSpeed's consolidation notes go to stderr).
+    assert done.stdout.splitlines() == [evaluation.summary(r) for r in results] + [f"wrote {out}"]
+    return results
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tiny_data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("eval") / "mlm"
+    train(tiny_data, run, "trainer.zero_stage=2", "trainer.max_steps=4", "trainer.checkpoint_every=2",
+          "trainer.eval_every=2")
+    return run
+
+
+def test_every_checkpoint_of_a_run_scores_what_training_logged(mlm_run):
+    results = evaluated(str(mlm_run), "--all")
+    assert [r["step"] for r in results] == [2, 4]
+    for result in results:
+        row = logged(mlm_run)[result["step"]]
+        assert result["val/loss"] == pytest.approx(row["val/loss"], rel=1e-6)
+        assert result["val/accuracy"] == pytest.approx(row["val/accuracy"], rel=1e-6)
+        assert result["val/tokens"] == row["val/tokens"]
+        assert (result["objective"], result["policy"], result["rate"], result["skipped"]) == ("mlm", "random", 0.15, {})
+    # Without --all, a run folder means its newest checkpoint.
+    assert evaluated(str(mlm_run))[0]["step"] == 4
+
+
+def test_masking_and_batches_change_only_where_asked(mlm_run):
+    usual = evaluated(str(mlm_run))[0]
+    (changed,) = evaluated(str(mlm_run), "data.masking.eval_rate=0.45", "trainer.eval_batches=2")
+    assert changed["rate"] == 0.45 and changed["batches"] == 2 < usual["batches"]
+    per_batch = (changed["val/tokens"] / changed["batches"]) / (usual["val/tokens"] / usual["batches"])
+    assert 2.4 < per_batch < 3.6  # three times the masked targets per batch, within the draw's spread
+    assert changed["val/loss"] != usual["val/loss"]
+
+
+def test_what_would_change_the_model_is_refused_before_any_weights_are_read(mlm_run):
+    refused = run_cli("eval", str(mlm_run), "model.hidden_size=64", "optim.lr=1", "data.masking.eval_rate=0.2")
+    assert refused.returncode == 2 and "Processing zero checkpoint" not in refused.stderr
+    assert "model.hidden_size: an evaluation can change only what it reads and how that is masked" in refused.stderr
+    assert "optim.lr:" in refused.stderr and "data.masking.eval_rate" not in refused.stderr.split("(")[0]
+    bad_value = run_cli("eval", str(mlm_run), "data.masking.eval_rate=2")
+    assert bad_value.returncode == 2 and "data.masking.eval_rate" in bad_value.stderr
+
+
+def test_another_data_folder_must_share_the_checkpoints_tokenizer(mlm_run, tiny_data, tmp_path):
+    data_dir = Path(next(o for o in tiny_data if o.startswith("data.dir=")).split("=", 1)[1])
+    copy = tmp_path / "held-out"
+    shutil.copytree(data_dir, copy)
+    (same,) = evaluated(str(mlm_run), f"data.dir={copy}")
+    assert same["data"] == str(copy) and same["val/loss"] == evaluated(str(mlm_run))[0]["val/loss"]
+
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["tokenizer_sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    other = run_cli("eval", str(mlm_run), f"data.dir={copy}")
+    assert other.returncode == 1 and f"the shards in {copy} were written with another tokenizer" in other.stderr
+    missing = run_cli("eval", str(mlm_run), f"data.dir={tmp_path / 'none'}")
+    assert missing.returncode == 1 and "manifest.json: no manifest" in missing.stderr
+
+
+def test_a_checkpoint_pruned_while_the_others_are_scored_is_skipped(mlm_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(mlm_run, run)
+    score = evaluation.evaluate_checkpoint
+
+    def pruned_first(checkpoint, changes, device):
+        if checkpoint.name == "step-00000002":
+            shutil.rmtree(checkpoint)  # as keep_last does in a run still training
+        return score(checkpoint, changes, device)
+
+    monkeypatch.setattr(evaluation, "evaluate_checkpoint", pruned_first)
+    monkeypatch.setattr(sys, "argv", ["masktrain", "eval", str(run), "--all"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert ended.value.code == 0
+    assert "step-00000002 was removed while it was read (pruned): skipped" in err
+    assert [line.split(" (step ")[1].split(")")[0] for line in out.splitlines()] == ["4"]
+
+
+def test_a_decoder_under_zero3_scores_what_training_logged(tiny_data, tmp_path):
+    run = tmp_path / "meap"
+    train(tiny_data, run, "trainer.zero_stage=3", "model.objective=meap")
+    (result,) = evaluated(str(run))
+    row = logged(run)[result["step"]]
+    assert result["val/loss"] == pytest.approx(row["val/loss"], rel=1e-6)
+    assert result["val/ppl"] == pytest.approx(row["val/ppl"], rel=1e-6)
+    assert result["objective"] == "meap" and result["policy"] is not None
