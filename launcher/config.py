@@ -209,6 +209,10 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     checkpoint_every: int = 20
     """Save every N steps (0: only at the end and on a signal)."""
+    checkpoint_minutes: float = 0.0
+    """Also save once this many minutes have passed since the launch's last save (or its start), whatever the
+    step (0: off). Bounds the work that a node lost without a signal costs, in time rather than steps, which
+    change speed with the node count, the model or the data."""
     keep_last: int = 3
     """Checkpoints kept; older ones are deleted once a newer one is complete."""
     keep_every: int = 0

@@ -235,6 +235,7 @@ def validate(cfg: Config) -> list[str]:
     positive(t.log_every, "trainer.log_every")
     positive(t.max_bad_steps, "trainer.max_bad_steps")
     non_negative(t.peak_tflops, "trainer.peak_tflops")
+    non_negative(t.checkpoint_minutes, "trainer.checkpoint_minutes")
     if t.resume not in ("auto", "never"):
         from masktrain.trainer.checkpoint import is_complete, taken_rollback
 

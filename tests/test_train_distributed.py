@@ -21,7 +21,7 @@ import torch
 from conftest import MASKTRAIN, run_cli
 from masktrain.launcher.loading import load_config
 from masktrain.launcher.run_lock import RunInUse, check_free
-from masktrain.trainer.checkpoint import Checkpointer
+from masktrain.trainer.checkpoint import Checkpointer, read_meta
 from masktrain.trainer.status import REQUEUE_EXIT
 
 pytestmark = pytest.mark.slow
@@ -425,3 +425,13 @@ def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_da
     assert interval[1] == step[1]
     assert interval[3] == pytest.approx((step[2] + step[3]) / 2, rel=1e-6)
     assert interval[6] == pytest.approx((step[4] + step[5] + step[6]) / 3, rel=1e-6)
+
+
+def test_checkpoint_minutes_saves_on_rank_0s_clock_on_every_rank(tiny_data, tmp_path):
+    """A save is collective: rank 0's clock decides for both ranks (were they to disagree, the save would hang).
+    At 1e-5 minutes (0.6 ms) every step is due, whatever checkpoint_every says."""
+    run = tmp_path / "run"
+    run_cli("train", "smoke", *tiny_data, f"run.output_dir={run}", "model.objective=ntp", "trainer.max_steps=3",
+            "trainer.checkpoint_every=0", "trainer.checkpoint_minutes=1e-5", "trainer.keep_last=5",
+            "trainer.eval_every=0", check=True)
+    assert [read_meta(path)["step"] for path in Checkpointer(run, 5, False).complete()] == [1, 2, 3]

@@ -43,7 +43,7 @@ CLIENT_KEY = "masktrain"
 # Keys whose change does not alter what a resumed run computes.
 RESUME_SAFE = {
     "run.name", "run.output_dir",
-    "trainer.checkpoint_every", "trainer.keep_last", "trainer.keep_every", "trainer.eval_every",
+    "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.keep_last", "trainer.keep_every", "trainer.eval_every",
     "trainer.eval_batches",
     "trainer.log_every", "trainer.max_bad_steps", "trainer.resume", "trainer.allow_config_change",
     "trainer.peak_tflops", "trainer.progress_bar", "trainer.stop_after_steps",

@@ -221,6 +221,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     peak = peak_flops(cfg, runtime, dtype)
     progress = Progress(is_main, cfg.trainer.progress_bar, state.step, cfg.trainer.max_steps)
     launch_start = state.step
+    last_save = time.monotonic()
     ended, reason = "completed", None
     if is_main:
         write_status(out_dir, "running", state.step, start=launch_start)
@@ -244,14 +245,16 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
             batches = [to_device(next(loader), runtime.device) for _ in range(cfg.grad_accum)]
             waited = time.perf_counter() - started
             # Summed on the device and read once per step: a host sync per micro-batch would stall GPUs.
-            stats = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+            stats = torch.zeros(6, dtype=torch.float64, device=runtime.device)
             stats[:3] = micro_steps(engine, batches, runtime)
-            # One collective agrees on the loss, bad steps, skipped data and stop requests before the update.
+            # One collective agrees on the loss, bad steps, skipped data, stop requests and rank 0's clock (the
+            # ranks' clocks differ) before the update.
             wants_stop = stop.requested or (cfg.trainer.stop_after_steps > 0
                                             and state.step + 1 - launch_start >= cfg.trainer.stop_after_steps)
-            stats[3], stats[4] = sum(loader.skipped().values()), float(wants_stop)
+            time_due = is_main and 0 < cfg.trainer.checkpoint_minutes * 60 <= time.monotonic() - last_save
+            stats[3:] = torch.tensor([sum(loader.skipped().values()), wants_stop, time_due], dtype=torch.float64)
             dist.all_reduce(stats)
-            loss_sum, targets, nonfinite, skipped_data, stops = stats.tolist()
+            loss_sum, targets, nonfinite, skipped_data, stops, timed = stats.tolist()
             # DeepSpeed skips the update when the gradient norm is not finite (see engine.FiniteAdamW for ZeRO-0).
             engine.step()
             bad = nonfinite > 0 or not engine.was_step_applied()
@@ -268,7 +271,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
             aborting = state.bad_in_row >= cfg.trainer.max_bad_steps
             final = state.step == cfg.trainer.max_steps
             leaving = stops > 0 and not final
-            saving = final or leaving or save_due(state.step, cfg.trainer)
+            saving = final or leaving or timed > 0 or save_due(state.step, cfg.trainer)
             # A checkpoint closes the interval: a resume from it starts a new one, and the steps since the last log
             # would be in no logged point.
             if state.step % cfg.trainer.log_every == 0 or first_of_launch or saving or bad or aborting:
@@ -322,6 +325,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                     path = save()
                 except RuntimeError as err:  # torch.save's failed writes; the last checkpoint stays `latest`
                     crashed(f"the checkpoint save of step {state.step}", err, out_dir)
+                last_save = time.monotonic()
                 progress.message(f"step {state.step}: checkpoint {path}")
                 if is_main:  # where a restart would go on from, should this launch end without a verdict
                     write_status(out_dir, "running", state.step, start=launch_start)
