@@ -12,9 +12,6 @@ from pathlib import Path
 
 from masktrain.launcher.config import Config, MaskingConfig
 
-ENCODER_ARCHS = ("bert", "roberta")
-DECODER_ARCHS = ("llama",)
-
 
 def read_json_object(path: str) -> tuple[dict | None, str | None]:
     """(the JSON object in `path`, None), or (None, why it is not one): DeepSpeed reads it only inside the
