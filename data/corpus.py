@@ -224,7 +224,8 @@ def decode_block(block: list[bytes], path: str, line: int, strict: bool,
                  stats: CorpusStats) -> Iterator[tuple[str, str]]:
     if len(block) > LONG_DOCUMENT_LINES:
         stats.long_documents.setdefault(path, len(block))
-    raw = b"".join(block)
+    # A Windows file's line ends are the file's, not the document's: kept, each "\r" became a byte token.
+    raw = b"".join(block).replace(b"\r\n", b"\n")
     try:
         yield f"{path}:{line}", raw.decode("utf-8").strip()
     except UnicodeDecodeError as err:  # named at the bad byte's line: the block may be a whole file

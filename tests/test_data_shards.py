@@ -230,6 +230,14 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
         "first", "second", "first paragraph", "second \ufeff kept inside"]
 
 
+def test_a_windows_text_file_gives_the_documents_of_its_unix_copy(tmp_path):
+    text = "first line\nof the first\n\n\nsecond \r inside\n"
+    (tmp_path / "unix.txt").write_text(text)
+    (tmp_path / "windows.txt").write_bytes(text.replace("\n", "\r\n").encode())
+    unix, windows = (list(documents([str(tmp_path / name)], strict=True)) for name in ("unix.txt", "windows.txt"))
+    assert windows == unix == ["first line\nof the first", "second \r inside"]
+
+
 def test_a_corpus_without_documents_is_an_error_naming_it(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
