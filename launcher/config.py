@@ -256,6 +256,11 @@ class LaunchConfig:
     """Rendezvous port for local launches; 0 picks a free one."""
     shutdown_timeout: int = 300
     """Seconds torchrun waits for ranks to checkpoint after a signal before killing them."""
+    collective_timeout: int = 600
+    """Seconds a rank waits in a collective (a step, validation, a checkpoint save) for the others before it fails
+    and the run ends as crashed (a SLURM job that saved a checkpoint since it started is then requeued). 600 is
+    DeepSpeed's default; raise it when a large model's save on a slow file system takes longer, lower it to
+    notice a hung rank sooner."""
     threads_per_rank: int = 0
     """OMP/MKL threads per rank; 0 divides the cores evenly."""
 

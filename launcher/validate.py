@@ -251,6 +251,7 @@ def validate(cfg: Config) -> list[str]:
     check(la.master_port == 0 or 1024 <= la.master_port < 65536, "launch.master_port",
           f"must be 0 or a port within [1024, 65535], got {la.master_port}")
     positive(la.shutdown_timeout, "launch.shutdown_timeout")
+    positive(la.collective_timeout, "launch.collective_timeout")
     non_negative(la.threads_per_rank, "launch.threads_per_rank")
     if d.micro_batch_size > 0 and la.nproc_per_node > 0 and la.nnodes > 0:
         per_step = d.micro_batch_size * cfg.world_size

@@ -37,18 +37,18 @@ UNIVERSAL = ".universal" + PARTIAL
 """Suffix of the universal copy a checkpoint is loaded through on another rank count: a .partial, so that the
 next start removes one a crash left behind."""
 CONVERSION_TIMEOUT = datetime.timedelta(hours=3)
-"""How long the other ranks wait for rank 0's conversion (the collectives' own timeout is DeepSpeed's 10 min)."""
+"""How long the other ranks wait for rank 0's conversion (the collectives' own is launch.collective_timeout)."""
 CLIENT_KEY = "masktrain"
 
 # Keys whose change does not alter what a resumed run computes.
 RESUME_SAFE = {
     "run.name", "run.output_dir",
-    "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.keep_last", "trainer.keep_every", "trainer.eval_every",
-    "trainer.eval_batches",
+    "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.keep_last", "trainer.keep_every",
+    "trainer.eval_every", "trainer.eval_batches",
     "trainer.log_every", "trainer.max_bad_steps", "trainer.resume", "trainer.allow_config_change",
     "trainer.peak_tflops", "trainer.progress_bar", "trainer.stop_after_steps",
     "data.strict", "data.mask_in_workers", "launch.master_port", "launch.shutdown_timeout",
-    "launch.threads_per_rank",
+    "launch.collective_timeout", "launch.threads_per_rank",
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -41,7 +42,14 @@ def init_distributed(cfg: Config) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if cuda:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(seconds=cfg.launch.collective_timeout)
+    # The timeout given here reaches the world group only. DeepSpeed makes its ZeRO groups with new_group(ranks),
+    # which takes torch's module default (30 min for gloo), so a hung rank held the others there; every group
+    # made after this takes the run's.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Runtime(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
 
