@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
+import signal
 import sys
 from pathlib import Path
 
@@ -424,6 +426,18 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def stdout_gone() -> bool:
+    """Whether nothing reads stdout any more (`masktrain ... | head -1` once head has its line): the write end
+    of a pipe whose reader has closed polls as an error."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # no stdout, or one that is no file (replaced, closed)
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
 def main(argv: list[str] | None = None) -> None:
     root = parser()
     args, extra = root.parse_known_args(argv)
@@ -435,6 +449,14 @@ def main(argv: list[str] | None = None) -> None:
         root.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         code = args.func(args)
+        sys.stdout.flush()  # here, where a reader that left is handled, rather than at exit ('Exception ignored')
+    except BrokenPipeError:
+        if not stdout_gone():  # another pipe (a child's): a real error
+            raise
+        # Python ignores SIGPIPE, which ends other commands quietly there: end as they do, with the shell's code for
+        # it. What is still buffered goes to /dev/null, or the flush at exit would report the pipe again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     except ConfigError as err:
         print(f"masktrain: {err}", file=sys.stderr)
         code = 2

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import MASKTRAIN, run_cli
 from masktrain.launcher.loading import ConfigError, ConfigLoader, load_config, parse_overrides
 
 
@@ -151,6 +153,31 @@ def test_config_show_prints_the_resolved_config():
     shown = yaml.safe_load(result.stdout)
     assert shown["trainer"]["max_steps"] == 33
     assert shown["model"]["objective"] == "mlm"
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_output_piped_into_a_reader_that_stopped_ends_quietly(unbuffered):
+    """`masktrain config show smoke | head -1`: a pipe whose reader has left printed BrokenPipeError's traceback
+    (unbuffered: from the print) or an 'Exception ignored' (buffered: from the flush at exit)."""
+    read, write = os.pipe()
+    os.close(read)  # as `head -1` does once it has its line
+    try:
+        result = subprocess.run([MASKTRAIN, "config", "show", "smoke"], stdout=write, stderr=subprocess.PIPE,
+                                text=True, timeout=120, env={**os.environ, "PYTHONUNBUFFERED": unbuffered})
+    finally:
+        os.close(write)
+    assert result.returncode == 141 and result.stderr == "", result.stderr  # 128 + SIGPIPE, as the shell has it
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_not_hidden(monkeypatch):
+    from masktrain.launcher import cli
+
+    def child_gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_config_show", child_gone)
+    with pytest.raises(BrokenPipeError):
+        cli.main(["config", "show", "smoke"])
 
 
 def test_a_dumped_config_reads_back_the_same_as_a_config_file_and_as_a_run_folders_config(tmp_path):
