@@ -317,6 +317,30 @@ def test_a_run_whose_requeued_job_waits_in_the_queue_is_neither_submitted_nor_tr
     run_cli(*submit, env=job_env(stubs=stubs), check=True)
 
 
+def test_a_complete_run_is_neither_trained_nor_submitted_again_until_it_is_extended(tmp_path, stubs, tiny_data):
+    """Both started it again (the ranks, or a job after its wait in the queue) only to find nothing to train.
+    Raising trainer.max_steps, allowed as a change, extends it."""
+    run = tmp_path / "run"
+    args = ["smoke", *tiny_data, f"run.output_dir={run}", "launch.nproc_per_node=1", "trainer.global_batch_size=8",
+            "trainer.max_steps=2", "trainer.eval_every=0"]
+    submit = ["slurm", "submit", *args, "--nodes=1", "--gpus-per-node=1", *JOB_ARGS]
+    run_cli("train", *args, check=True)
+    status = (run / "status.json").read_text()
+    complete = (f"{run}: the run is complete: its checkpoint {run / 'checkpoints' / 'step-00000002'} is at step 2, "
+                "trainer.max_steps is 2. To train it further, raise trainer.max_steps with "
+                "trainer.allow_config_change=true")
+    for refused in (run_cli("train", *args, timeout=300), run_cli(*submit, env=job_env(stubs=stubs))):
+        assert refused.returncode == 1 and refused.stderr.startswith(complete), refused.stderr
+        assert refused.stderr.count("\n") == 1, refused.stderr
+    assert (run / "status.json").read_text() == status and not (stubs / "sbatch-calls").exists()
+
+    extended = run_cli("train", *args, "trainer.max_steps=3", "trainer.allow_config_change=true", check=True)
+    assert f"resumed from {run / 'checkpoints' / 'step-00000002'} at step 2" in extended.stdout
+    assert json.loads((run / "status.json").read_text())["step"] == 3
+    run_cli(*submit, "trainer.max_steps=4", "trainer.allow_config_change=true", env=job_env(stubs=stubs), check=True)
+    assert len((stubs / "sbatch-calls").read_text().splitlines()) == 1
+
+
 def test_a_run_whose_submitted_jobs_wait_in_the_queue_is_not_submitted_again(tmp_path, stubs, tiny_data):
     """On the local cluster, a run submitted while its first job still waited for nodes was accepted: both jobs
     waited, and the second, started once the first held the folder, failed ("not starting: the run folder is
