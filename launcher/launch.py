@@ -212,7 +212,8 @@ def last_checkpoint_step(run_dir: str | Path) -> int:
 
 def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
     """The launcher's exit code from how the ranks said the run ended (torchrun's own code says little), given
-    the stop signal the launcher passed on, if any. A run whose ranks wrote no verdict is marked crashed."""
+    the stop signal the launcher passed on, if any. A run whose ranks wrote no verdict is marked crashed, as the
+    ranks mark it themselves for a failure they can name (a checkpoint's universal conversion)."""
     status = read_status(run_dir)
     state = status.get("state")
     code = shell_code(code)
@@ -220,8 +221,8 @@ def outcome(run_dir: str | Path, code: int, stopped: str | None = None) -> int:
         return REQUEUE_EXIT
     if state == "completed":
         return 0
-    if state == "failed":
-        print(f"masktrain: training failed at step {status['step']}: {status['reason']}", file=sys.stderr)
+    if state in ("failed", "crashed"):  # crashed by the ranks' own verdict: a restart may not meet it again
+        print(f"masktrain: training {state} at step {status['step']}: {status['reason']}", file=sys.stderr)
         return code or 1
     if stopped is not None:  # the ranks were stopped before they could checkpoint: the last one stands
         print(f"masktrain: stopped on {stopped} before the ranks could checkpoint; a restart resumes from the last "

@@ -393,6 +393,21 @@ def test_a_zero_checkpoint_loads_on_another_rank_count_with_the_state_it_loads_o
     if stage == 2:  # the run itself, moved: refused unless allowed (the rank count is part of the run)
         refused = run_cli("train", "smoke", *common, "launch.nproc_per_node=1")
         assert refused.returncode != 0 and "ranks (launch.nnodes x launch.nproc_per_node): 2 -> 1" in refused.stderr
+        # A conversion that fails (on an optimizer shard that is a whole file but none of DeepSpeed's) ends the run
+        # crashed, for a restart to convert again (a full disk may be over by then), and says it was the
+        # conversion: the ranks do not end without a verdict.
+        shard = saved / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        whole = shard.read_bytes()
+        torch.save({}, shard)
+        broken = run_cli("train", "smoke", *common, "launch.nproc_per_node=1", "trainer.allow_config_change=true")
+        status = json.loads((run / "status.json").read_text())
+        assert broken.returncode == 1 and status == {**status, "state": "crashed", "step": 2, "start": 2}, status
+        assert status["reason"].startswith(f"DeepSpeed's universal conversion of checkpoint {saved} failed (exit 1: ")
+        assert status["reason"].endswith("the converter's output is in the launch's log; a restart converts it again")
+        assert broken.stderr.endswith(f"masktrain: training crashed at step 2: {status['reason']}\n"), broken.stderr
+        assert "DeepSpeed's universal converter exited 1; the end of its output:" in broken.stderr
+        assert not list(saved.parent.glob("*.partial"))  # its half-written copy is not left to fill the disk
+        shard.write_bytes(whole)
         moved = run_cli("train", "smoke", *common, "launch.nproc_per_node=1", "trainer.allow_config_change=true",
                         check=True)
         assert f"resumed from {saved} at step 2" in moved.stdout

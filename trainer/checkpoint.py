@@ -30,6 +30,7 @@ import yaml
 
 from masktrain.launcher.config import Config, TrainerConfig
 from masktrain.launcher.loading import merge, to_dict, to_yaml
+from masktrain.trainer.status import shell_code
 
 LATEST = "latest"
 PARTIAL = ".partial"
@@ -210,7 +211,8 @@ class Checkpointer:
         """Restore engine state (model, optimizer) and return masktrain's client state. A ZeRO 1-3 checkpoint
         saved by another number of ranks (see `needs_universal`; the engine built with `load_universal`) is
         loaded through DeepSpeed's universal format: rank 0 writes that copy beside it, every rank loads it, and
-        it is removed again, as the run's next save is in its own layout."""
+        it is removed again, as the run's next save is in its own layout. A failed conversion raises
+        ConversionFailed in every rank."""
         import torch.distributed as dist
 
         if not engine.load_universal_checkpoint():
@@ -219,11 +221,19 @@ class Checkpointer:
         staging = self.dir / (path.name + UNIVERSAL)
         # The others wait on a group of their own: a large model's conversion outlasts the collectives' timeout.
         patient = dist.new_group(backend="gloo", timeout=CONVERSION_TIMEOUT)
+        failure = [None]
         if self.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-            to_universal(path, staging / "universal")
-        dist.barrier(group=patient)
+            try:
+                to_universal(path, staging / "universal")
+            except ConversionFailed as err:
+                shutil.rmtree(staging, ignore_errors=True)  # a full disk is freed now, not at the next start
+                failure = [str(err)]
+        # Every rank ends alike when there is nothing to load, rather than in a collective rank 0 left.
+        dist.broadcast_object_list(failure, src=0, group=patient)
         dist.destroy_process_group(patient)
+        if failure[0] is not None:
+            raise ConversionFailed(failure[0])
         try:
             return self.load_tag(engine, staging, "universal")
         finally:
@@ -340,6 +350,10 @@ def needs_universal(path: Path, world_size: int) -> bool:
     return partitioned_over(path) not in (0, world_size)
 
 
+class ConversionFailed(RuntimeError):
+    """`to_universal` failed; the message is one line, and the converter's output went to the rank's stderr."""
+
+
 def to_universal(path: Path, target: Path) -> None:
     """Convert checkpoint `path` into DeepSpeed's universal format in `target` (one file per parameter and
     state, whole; loadable on any rank count) with DeepSpeed's own converter, in a process of its own: its
@@ -363,8 +377,13 @@ def to_universal(path: Path, target: Path) -> None:
         converter = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = converter.communicate()
     if converter.returncode != 0:
-        raise RuntimeError(f"DeepSpeed's universal conversion of {path} failed (exit {converter.returncode}):\n"
-                           f"{(stdout + stderr)[-4000:]}")
+        code = shell_code(converter.returncode)
+        # The output goes to the log; the reason, which status.json keeps, is one line that points there.
+        print(f"[masktrain] DeepSpeed's universal converter exited {code}; the end of its output:\n"
+              f"{(stdout + stderr)[-4000:]}", file=sys.stderr, flush=True)
+        said = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message")
+        raise ConversionFailed(f"DeepSpeed's universal conversion of checkpoint {path} failed (exit {code}: {said}); "
+                               "the converter's output is in the launch's log; a restart converts it again")
     print(f"[masktrain] universal copy written in {time.monotonic() - started:.0f} s", flush=True)
 
 

@@ -31,8 +31,8 @@ from masktrain.launcher.config import Config
 from masktrain.launcher.loading import read_run_config, to_dict
 from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
-from masktrain.trainer.checkpoint import (Checkpointer, check_resumable, deepspeed_json, needs_universal,
-                                          resume_point, save_due)
+from masktrain.trainer.checkpoint import (Checkpointer, ConversionFailed, check_resumable, deepspeed_json,
+                                          needs_universal, read_meta, resume_point, save_due)
 from masktrain.trainer.evaluation import forward_sums, to_device, val_metrics
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
@@ -88,13 +88,16 @@ def count_metrics(prefix: str, counts: dict[str, int]) -> dict[str, float]:
     return {f"{prefix}/{reason.replace(' ', '_')}": float(n) for reason, n in sorted(counts.items())}
 
 
-def failed(out_dir: Path, step: int, err: Exception) -> NoReturn:
+def failed(out_dir: Path, step: int, err: Exception, retry: bool = False) -> NoReturn:
     """End this rank with the reason in status.json, which the launcher prints once, rather than this rank's
-    traceback among torchrun's."""
+    traceback among torchrun's. `retry`, for a failure before this launch's first step that the next attempt may
+    not meet (a full disk): the run is marked crashed instead, which a restart goes on from, and as started at
+    `step`, which tells the SLURM job script that a requeue now would repeat this attempt."""
+    state = "crashed" if retry else "failed"
     try:
-        write_status(out_dir, "failed", step, str(err))
+        write_status(out_dir, state, step, str(err), start=step if retry else None)
     except OSError:  # the disk may refuse even this: the verdict goes to the log instead
-        print(f"[masktrain] training failed at step {step}: {err}", file=sys.stderr, flush=True)
+        print(f"[masktrain] training {state} at step {step}: {err}", file=sys.stderr, flush=True)
     raise SystemExit(1) from None
 
 
@@ -201,7 +204,10 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
 
     state = TrainState()
     if source is not None:
-        client = ckpt.load(engine, source)
+        try:
+            client = ckpt.load(engine, source)
+        except ConversionFailed as err:
+            failed(out_dir, read_meta(source)["step"], err, retry=True)
         state = TrainState(**client["state"])
         try:
             note = restore_rank_state(client, loader, runtime, cfg.trainer.allow_config_change)
