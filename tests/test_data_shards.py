@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import resource
 import shutil
@@ -503,13 +504,24 @@ def test_ctrl_c_during_shards_is_one_line_and_leaves_the_folder_as_it_was(tokeni
     out = tmp_path / "out"
     assert shards("builtin:python-docs", "--max-docs", "50", "--tokenizer", str(tokenizer), "--out", str(out)) == 0
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    job = subprocess.Popen([MASKTRAIN, "data", "shards", "builtin:python-docs", "--tokenizer", str(tokenizer),
-                            "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not (out / "train" / ".writing").exists():  # writing the new shards
-        assert job.poll() is None, job.communicate()
-        time.sleep(0.01)
-    job.send_signal(signal.SIGINT)
-    stdout, stderr = job.communicate(timeout=60)
+    # Its text comes through a pipe that this test holds open, so the job cannot end before the signal comes,
+    # however long this process waits for a core: the Python docs it read before, a few seconds' work, now and
+    # then were done first under load. A glob names it, as a pipe is no regular file.
+    text = tmp_path / "text"
+    text.mkdir()
+    os.mkfifo(text / "docs.txt")
+    writer = os.open(text / "docs.txt", os.O_RDWR)  # O_RDWR: open without waiting for the job to open it
+    try:
+        os.write(writer, b"A document the job reads.\n\nAnd another, before it waits for more.\n")
+        job = subprocess.Popen([MASKTRAIN, "data", "shards", str(text / "*.txt"), "--tokenizer", str(tokenizer),
+                                "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not (out / "train" / ".writing").exists():  # writing the new shards
+            assert job.poll() is None, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGINT)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        os.close(writer)
     assert job.returncode == 130 and stderr.strip() == "masktrain: interrupted", stderr
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
