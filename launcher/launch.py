@@ -26,25 +26,31 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 
 def check_resume_compatible(cfg: Config) -> None:
     """Fail before spawning anything when the checkpoint the ranks will resume from was made with a different
-    config, or is already at trainer.max_steps."""
-    from masktrain.trainer.checkpoint import Checkpointer, check_resumable, read_meta, resume_point
+    config."""
+    from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
     from masktrain.trainer.engine import deepspeed_config
     from masktrain.trainer.models import zero_stage
 
     source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
-    if source is None:
-        return
-    if (source / "config.yaml").is_file():
+    if source is not None and (source / "config.yaml").is_file():
         precision = None if cfg.trainer.precision == "auto" else cfg.trainer.precision  # auto: the ranks check
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change,
                         zero_stage(deepspeed_config(cfg, precision or "fp32")), precision)
-    # The ranks would start (minutes for a large model, or a wait in the SLURM queue) to train no step.
-    step = read_meta(source).get("step", 0)
-    if step >= cfg.trainer.max_steps:
-        raise SystemExit(f"{cfg.output_dir}: the run is complete: its checkpoint {source} is at step {step}, "
-                         f"trainer.max_steps is {cfg.trainer.max_steps}. To train it further, raise "
-                         "trainer.max_steps with trainer.allow_config_change=true (the LR and masking schedules "
-                         "stretch to the new end); to train it again, use a new run.output_dir")
+
+
+def already_complete(cfg: Config) -> str | None:
+    """Why the run has nothing left to train (its checkpoint is at trainer.max_steps), or None. Said before the
+    ranks start (minutes for a large model) or a job waits in the SLURM queue, only to train no step."""
+    from masktrain.trainer.checkpoint import Checkpointer, read_meta, resume_point
+
+    source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
+    step = read_meta(source).get("step", 0) if source is not None else 0
+    if step < cfg.trainer.max_steps:
+        return None
+    return (f"{cfg.output_dir}: the run is complete: its checkpoint {source} is at step {step}, trainer.max_steps "
+            f"is {cfg.trainer.max_steps}. To train it further, raise trainer.max_steps with "
+            "trainer.allow_config_change=true (the LR and masking schedules stretch to the new end); to train it "
+            "again, use a new run.output_dir")
 
 
 def write_run_config(cfg: Config) -> Path:
@@ -155,6 +161,9 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
             cuda = use_cuda(cfg)
             check_gpus(cfg, cuda, "masktrain train")
             check_resume_compatible(cfg)
+            if done := already_complete(cfg):  # nothing to do, as a rerun of a finished job expects: not an error
+                print(f"masktrain: {done}")
+                return 0
             check_ready(cfg)
             check_free(cfg.output_dir)  # a job of this run waiting in the SLURM queue is not holding it yet
             with holding(cfg.output_dir) as lock:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from masktrain import slurm as slurm_files
 from masktrain.launcher.config import Config
-from masktrain.launcher.launch import (check_gpus, check_resume_compatible, rank_environment, torchrun_command,
+from masktrain.launcher.launch import (already_complete, check_gpus, check_resume_compatible, rank_environment, torchrun_command,
                                        use_cuda)
 from masktrain.launcher.loading import ConfigError, dump_yaml, load_config, read_run_config
 from masktrain.launcher.run_lock import check_free, note_submitted
@@ -228,6 +228,8 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
 
     check_free(run_dir(cfg))  # a job that would start beside a running launch of this run only to be refused
     check_resume_compatible(cfg)
+    if done := already_complete(cfg):  # a job would wait in the queue to do nothing
+        raise SystemExit(f"{done}; nothing submitted")
     check_ready(cfg)  # here, not after the queue wait
     script = write_script(cfg, render(cfg, spec))
     name = job_name(cfg, spec)

@@ -319,6 +319,7 @@ def test_a_run_whose_requeued_job_waits_in_the_queue_is_neither_submitted_nor_tr
 
 def test_a_complete_run_is_neither_trained_nor_submitted_again_until_it_is_extended(tmp_path, stubs, tiny_data):
     """Both started it again (the ranks, or a job after its wait in the queue) only to find nothing to train.
+    `train` now says so at once and succeeds (a rerun of a finished job is not a failure); `slurm submit` refuses.
     Raising trainer.max_steps, allowed as a change, extends it."""
     run = tmp_path / "run"
     args = ["smoke", *tiny_data, f"run.output_dir={run}", "launch.nproc_per_node=1", "trainer.global_batch_size=8",
@@ -329,9 +330,12 @@ def test_a_complete_run_is_neither_trained_nor_submitted_again_until_it_is_exten
     complete = (f"{run}: the run is complete: its checkpoint {run / 'checkpoints' / 'step-00000002'} is at step 2, "
                 "trainer.max_steps is 2. To train it further, raise trainer.max_steps with "
                 "trainer.allow_config_change=true")
-    for refused in (run_cli("train", *args, timeout=300), run_cli(*submit, env=job_env(stubs=stubs))):
-        assert refused.returncode == 1 and refused.stderr.startswith(complete), refused.stderr
-        assert refused.stderr.count("\n") == 1, refused.stderr
+    again = run_cli("train", *args, timeout=300)  # a finished job run again has nothing to do: no error
+    assert again.returncode == 0 and again.stdout.startswith(f"masktrain: {complete}"), again.stdout
+    assert "model:" not in again.stdout + again.stderr  # no rank started
+    refused = run_cli(*submit, env=job_env(stubs=stubs))
+    assert refused.returncode == 1 and refused.stderr.startswith(complete), refused.stderr
+    assert refused.stderr.count("\n") == 1 and "; nothing submitted" in refused.stderr, refused.stderr
     assert (run / "status.json").read_text() == status and not (stubs / "sbatch-calls").exists()
 
     extended = run_cli("train", *args, "trainer.max_steps=3", "trainer.allow_config_change=true", check=True)
