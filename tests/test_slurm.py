@@ -177,6 +177,15 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
         (stubs / "got-usr1").unlink(missing_ok=True)
         (stubs / "requeued").unlink(missing_ok=True)
 
+    # A crash the ranks name (a failed universal conversion) is said in the log, here and by the chain's next job.
+    why = "DeepSpeed's universal conversion of checkpoint step-00000007 failed (exit 1: KeyError)"
+    named = run_script(script, stubs, nodes=1, STUB_STATE="crashed", STUB_START="7", STUB_REASON=why)
+    assert named.returncode == 1 and not (stubs / "requeued").exists(), named.stdout
+    assert f"crashed ({why}) and without a checkpoint since this attempt started at step 7" in named.stdout
+    after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
+    assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
+    assert f"job 101 ended crashed ({why}) and without a checkpoint since step 7; not restarting" in after.stdout
+
     # A chained job that finds the run complete starts nothing.
     (run / "status.json").write_text(json.dumps({"state": "completed", "step": 60}))
     done = run_script(script, stubs, nodes=1)

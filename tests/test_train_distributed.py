@@ -403,7 +403,7 @@ def test_a_zero_checkpoint_loads_on_another_rank_count_with_the_state_it_loads_o
         status = json.loads((run / "status.json").read_text())
         assert broken.returncode == 1 and status == {**status, "state": "crashed", "step": 2, "start": 2}, status
         assert status["reason"].startswith(f"DeepSpeed's universal conversion of checkpoint {saved} failed (exit 1: ")
-        assert status["reason"].endswith("the converter's output is in the launch's log; a restart converts it again")
+        assert status["reason"].endswith("the converter's output is in the log above; once the cause is fixed, the next start converts it afresh")
         assert broken.stderr.endswith(f"masktrain: training crashed at step 2: {status['reason']}\n"), broken.stderr
         assert "DeepSpeed's universal converter exited 1; the end of its output:" in broken.stderr
         assert not list(saved.parent.glob("*.partial"))  # its half-written copy is not left to fill the disk
