@@ -38,19 +38,20 @@ def check_resume_compatible(cfg: Config) -> None:
                         zero_stage(deepspeed_config(cfg, precision or "fp32")), precision)
 
 
-def already_complete(cfg: Config) -> str | None:
-    """Why the run has nothing left to train (its checkpoint is at trainer.max_steps), or None. Said before the
-    ranks start (minutes for a large model) or a job waits in the SLURM queue, only to train no step."""
+def already_complete(cfg: Config) -> tuple[int, str] | None:
+    """(the step, why the run has nothing left to train) when its checkpoint is at trainer.max_steps, else None.
+    Said before the ranks start (minutes for a large model) or a job waits in the SLURM queue, only to train no
+    step."""
     from masktrain.trainer.checkpoint import Checkpointer, read_meta, resume_point
 
     source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
     step = read_meta(source).get("step", 0) if source is not None else 0
     if step < cfg.trainer.max_steps:
         return None
-    return (f"{cfg.output_dir}: the run is complete: its checkpoint {source} is at step {step}, trainer.max_steps "
-            f"is {cfg.trainer.max_steps}. To train it further, raise trainer.max_steps with "
-            "trainer.allow_config_change=true (the LR and masking schedules stretch to the new end); to train it "
-            "again, use a new run.output_dir")
+    return step, (f"{cfg.output_dir}: the run is complete: its checkpoint {source} is at step {step}, "
+                  f"trainer.max_steps is {cfg.trainer.max_steps}. To train it further, raise trainer.max_steps with "
+                  "trainer.allow_config_change=true (the LR and masking schedules stretch to the new end); to train "
+                  "it again, use a new run.output_dir")
 
 
 def write_run_config(cfg: Config) -> Path:
@@ -161,8 +162,14 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
             cuda = use_cuda(cfg)
             check_gpus(cfg, cuda, "masktrain train")
             check_resume_compatible(cfg)
-            if done := already_complete(cfg):  # nothing to do, as a rerun of a finished job expects: not an error
-                print(f"masktrain: {done}")
+            if complete := already_complete(cfg):  # nothing to do, as a rerun of a finished job expects: no error
+                step, message = complete
+                check_free(cfg.output_dir)
+                with holding(cfg.output_dir):
+                    # Left crashed, had the ranks died after the final save: that save was the run's end.
+                    if read_status(cfg.output_dir).get("state") != "completed":
+                        write_status(cfg.output_dir, "completed", step)
+                print(f"masktrain: {message}")
                 return 0
             check_ready(cfg)
             check_free(cfg.output_dir)  # a job of this run waiting in the SLURM queue is not holding it yet

@@ -228,8 +228,8 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
 
     check_free(run_dir(cfg))  # a job that would start beside a running launch of this run only to be refused
     check_resume_compatible(cfg)
-    if done := already_complete(cfg):  # a job would wait in the queue to do nothing
-        raise SystemExit(f"{done}; nothing submitted")
+    if complete := already_complete(cfg):  # a job would wait in the queue to do nothing
+        raise SystemExit(f"{complete[1]}; nothing submitted")
     check_ready(cfg)  # here, not after the queue wait
     script = write_script(cfg, render(cfg, spec))
     name = job_name(cfg, spec)

@@ -335,13 +335,18 @@ def test_a_complete_run_is_neither_trained_nor_submitted_again_until_it_is_exten
             "trainer.max_steps=2", "trainer.eval_every=0"]
     submit = ["slurm", "submit", *args, "--nodes=1", "--gpus-per-node=1", *JOB_ARGS]
     run_cli("train", *args, check=True)
-    status = (run / "status.json").read_text()
     complete = (f"{run}: the run is complete: its checkpoint {run / 'checkpoints' / 'step-00000002'} is at step 2, "
                 "trainer.max_steps is 2. To train it further, raise trainer.max_steps with "
                 "trainer.allow_config_change=true")
-    again = run_cli("train", *args, timeout=300)  # a finished job run again has nothing to do: no error
+    # A finished job run again has nothing to do: no error. Had the ranks died after the final save (the run
+    # left crashed), that save was the run's end all the same.
+    (run / "status.json").write_text(json.dumps({"state": "crashed", "step": 2, "start": 0, "reason": "lost"}))
+    again = run_cli("train", *args, timeout=300)
     assert again.returncode == 0 and again.stdout.startswith(f"masktrain: {complete}"), again.stdout
     assert "model:" not in again.stdout + again.stderr  # no rank started
+    assert {k: v for k, v in json.loads((run / "status.json").read_text()).items() if k in ("state", "step")} == {
+        "state": "completed", "step": 2}
+    status = (run / "status.json").read_text()
     refused = run_cli(*submit, env=job_env(stubs=stubs))
     assert refused.returncode == 1 and refused.stderr.startswith(complete), refused.stderr
     assert refused.stderr.count("\n") == 1 and "; nothing submitted" in refused.stderr, refused.stderr
