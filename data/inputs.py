@@ -71,8 +71,8 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             problems.append(f"{split} shards: an empty URL in the list")
         absent = [url for url in urls if url and not url.startswith("pipe:") and "://" not in url
                   and not Path(url).exists()]
-        if split == "train" and not urls:
-            problems.append("no train shards (data.train_shards, or the manifest in data.dir)")
+        if not urls and (split == "train" or not training):  # without validation shards, training has none
+            problems.append(f"no {split} shards (data.{split}_shards, or the manifest in data.dir)")
         if absent:
             problems.append(f"{split} shards missing: {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
     if not cfg.data.train_shards:

@@ -142,12 +142,15 @@ def cmd_eval(args) -> int:
     import torch
 
     from masktrain.trainer.checkpoint import write_atomic
-    from masktrain.trainer.evaluation import checkpoints_of, eval_changes, evaluate_checkpoint, split_items, summary
+    from masktrain.trainer.evaluation import (check_out, checkpoints_of, eval_changes, evaluate_checkpoint,
+                                              split_items, summary)
 
     given, overrides = split_items(args.items + args.overrides)
     if not given:
-        raise FileNotFoundError("no checkpoint or run folder given (only overrides: " + " ".join(overrides) + ")")
+        raise FileNotFoundError(f"no checkpoint or run folder given, only overrides ({' '.join(overrides)}); a "
+                                "folder named like one is given as ./NAME")
     changes = eval_changes(overrides, "the command line")
+    check_out(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     for checkpoint in checkpoints_of(given, args.all):

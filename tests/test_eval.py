@@ -67,6 +67,28 @@ def test_what_would_change_the_model_is_refused_before_any_weights_are_read(mlm_
     assert "optim.lr:" in refused.stderr and "data.masking.eval_rate" not in refused.stderr.split("(")[0]
     bad_value = run_cli("eval", str(mlm_run), "data.masking.eval_rate=2")
     assert bad_value.returncode == 2 and "data.masking.eval_rate" in bad_value.stderr
+    # An --out that could not be written is refused before hours of scoring, not after.
+    for out, why in ((mlm_run.parent / "none" / "e.json", "no folder"), (mlm_run.parent, "a folder")):
+        unwritable = run_cli("eval", str(mlm_run), "--out", str(out))
+        assert unwritable.returncode == 1 and f"--out {out}: {why}" in unwritable.stderr
+        assert "Processing zero checkpoint" not in unwritable.stderr
+    assert not list(mlm_run.parent.parent.glob("*.tmp"))
+
+
+def test_any_micro_batch_size_scores_the_validation_split(mlm_run):
+    """The training job's batch size had to be a multiple of it; one process scoring has no such bound. The same
+    rows, in more batches, each masked by its own draw."""
+    usual = evaluated(str(mlm_run))[0]
+    (odd,) = evaluated(str(mlm_run), "data.micro_batch_size=3")
+    assert odd["batches"] > 2 * usual["batches"] and odd["rate"] == usual["rate"]
+    assert odd["val/tokens"] == pytest.approx(usual["val/tokens"], rel=0.1)
+
+
+def test_a_folder_named_like_an_override_is_a_folder(mlm_run, tmp_path):
+    odd = tmp_path / "sweep.lr=high"
+    shutil.copytree(mlm_run, odd)
+    done = run_cli("eval", odd.name, cwd=tmp_path, check=True)
+    assert "(step 4)" in done.stdout
 
 
 def test_another_data_folder_must_share_the_checkpoints_tokenizer(mlm_run, tiny_data, tmp_path):
@@ -83,6 +105,22 @@ def test_another_data_folder_must_share_the_checkpoints_tokenizer(mlm_run, tiny_
     assert other.returncode == 1 and f"the shards in {copy} were written with another tokenizer" in other.stderr
     missing = run_cli("eval", str(mlm_run), f"data.dir={tmp_path / 'none'}")
     assert missing.returncode == 1 and "manifest.json: no manifest" in missing.stderr
+
+
+def test_another_data_folder_is_read_for_a_run_trained_on_listed_shards(tiny_data, tmp_path):
+    """Such a run's shard lists win over data.dir, so the override would have scored its own shards again."""
+    data_dir = Path(next(o for o in tiny_data if o.startswith("data.dir=")).split("=", 1)[1])
+    listed = tmp_path / "listed"
+    shutil.copytree(data_dir, listed)
+    run = tmp_path / "run"
+    train(tiny_data, run, f"data.train_shards=[{listed}/train/shard-000000.tar]",
+          f"data.val_shards=[{listed}/train/shard-000001.tar]")
+    (own,) = evaluated(str(run))
+    assert own["data"] == [f"{listed}/train/shard-000001.tar"]
+    (other,) = evaluated(str(run), f"data.dir={data_dir}")
+    assert other["data"] == str(data_dir) and other["val/tokens"] != own["val/tokens"]
+    gone = run_cli("eval", str(run), f"data.dir={tmp_path / 'none'}")
+    assert gone.returncode == 1 and "manifest.json: no manifest" in gone.stderr
 
 
 def test_a_checkpoint_pruned_while_the_others_are_scored_is_skipped(mlm_run, tmp_path, monkeypatch, capsys):

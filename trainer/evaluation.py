@@ -61,13 +61,14 @@ def val_metrics(sums: torch.Tensor, encoder: bool) -> dict[str, float]:
 
 
 def split_items(items: list[str]) -> tuple[list[str], list[str]]:
-    """(checkpoints or run folders, overrides) from the command line's positional items."""
-    overrides = [item for item in items if OVERRIDE.match(item)]
+    """(checkpoints or run folders, overrides) from the command line's positional items; a folder that exists is
+    a folder, whatever its name looks like."""
+    overrides = [item for item in items if OVERRIDE.match(item) and not Path(item).exists()]
     return [item for item in items if item not in overrides], overrides
 
 
 def eval_changes(overrides: list[str], source: str) -> dict:
-    """The overrides as a nested dict; ConfigError naming any key outside EVAL_KEYS."""
+    """The overrides as a nested dict, with what they imply; ConfigError naming any key outside EVAL_KEYS."""
     tree, problems = parse_overrides(overrides)
     for key in flatten(tree):
         if not any(key == allowed or (allowed.endswith(".") and key.startswith(allowed)) for allowed in EVAL_KEYS):
@@ -75,7 +76,26 @@ def eval_changes(overrides: list[str], source: str) -> dict:
                             f"({', '.join(k + '*' if k.endswith('.') else k for k in EVAL_KEYS)})")
     if problems:
         raise ConfigError(source, problems)
+    data = tree.get("data", {})
+    if "dir" in data and "val_shards" not in data:
+        # Another folder's validation split, also for a run trained on listed shards (whose lists win over it).
+        data.update(train_shards=[], val_shards=[])
+    if "micro_batch_size" in data:
+        # One process scores: the training job's shape, which the batch size had to divide, is not this one.
+        tree.setdefault("trainer", {})["global_batch_size"] = data["micro_batch_size"]
+        tree["launch"] = {"nnodes": 1, "nproc_per_node": 1}
     return tree
+
+
+def check_out(path: str | None) -> None:
+    """Refuse an --out file that could not be written before any checkpoint is scored (hours for many large
+    ones), rather than after."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"--out {path}: a folder; give a file name")
+    if not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"--out {path}: no folder {Path(path).parent} to write it in")
 
 
 def checkpoints_of(given: list[str], every: bool) -> list[Path]:
@@ -122,5 +142,6 @@ def summary(result: dict) -> str:
     masking = f", {result['policy']} masking at {result['rate']:.3g}" if result["policy"] else ""
     scores = " ".join(f"{key}={result[key]:.6g}" for key in ("val/loss", "val/accuracy", "val/ppl") if key in result)
     skipped = f", skipped {result['skipped']}" if result["skipped"] else ""
+    data = ", ".join(result["data"]) if isinstance(result["data"], list) else result["data"]
     return (f"{result['checkpoint']} (step {result['step']}): {scores} over {result['val/tokens']:,.0f} targets "
-            f"in {result['batches']} batches{masking}{skipped}")
+            f"in {result['batches']} batches of {data}{masking}{skipped}")
