@@ -260,7 +260,7 @@ class LaunchConfig:
     """Seconds a rank waits in a collective (a step, validation, a checkpoint save) for the others before it fails
     and the run ends as crashed (a SLURM job that saved a checkpoint since it started is then requeued). 600 is
     DeepSpeed's default; raise it when a large model's save on a slow file system takes longer, lower it to
-    notice a hung rank sooner."""
+    notice a hung rank sooner. It applies to DeepSpeed's groups too, in place of DEEPSPEED_TIMEOUT."""
     threads_per_rank: int = 0
     """OMP/MKL threads per rank; 0 divides the cores evenly."""
 
