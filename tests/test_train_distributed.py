@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util.tensor_util import make_ndarray
 
 from conftest import MASKTRAIN, run_cli
 from masktrain.launcher.loading import load_config
@@ -422,6 +424,11 @@ def test_every_checkpoint_closes_a_logged_interval(tiny_data, tmp_path):
             "trainer.global_batch_size=8", "model.objective=ntp", "trainer.max_steps=7", "trainer.log_every=3",
             "trainer.checkpoint_every=4", "trainer.stop_after_steps=5", "trainer.eval_every=0")
     assert sorted(losses(run)) == [1, 3, 4, 5]
+    # The config is in TensorBoard's text tab too, as indented (code) text.
+    (text,) = [make_ndarray(value.tensor).item().decode() for path in (run / "tb").glob("*tfevents*")
+               for event in EventFileLoader(str(path)).Load() for value in event.summary.value
+               if value.tag == "config/text_summary"]
+    assert "    model:\n      objective: ntp\n" in text
 
 
 def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_data, tmp_path):

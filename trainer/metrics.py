@@ -89,6 +89,12 @@ class Metrics:
         with open(self.jsonl, "a") as handle:
             handle.write(json.dumps({"step": step, **row}, allow_nan=False) + "\n")
 
+    def config(self, step: int, text: str) -> None:
+        """The run's config in TensorBoard's text tab, at each launch's first step: runs compared there are told
+        apart there. Indented, it shows as the YAML it is, not as Markdown."""
+        if self.enabled:
+            self.writer.add_text("config", "    " + text.rstrip("\n").replace("\n", "\n    "), step)
+
     def flush(self) -> None:
         """Writes out the events SummaryWriter still holds and syncs both logs to disk."""
         if self.writer is None:

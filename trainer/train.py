@@ -28,7 +28,7 @@ from masktrain.data.reader import DataError, Skips
 from masktrain.data.schedules import rate_schedule
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
-from masktrain.launcher.loading import read_run_config, to_dict
+from masktrain.launcher.loading import dump_yaml, read_run_config, to_dict
 from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import (Checkpointer, ConversionFailed, check_resumable, deepspeed_json,
@@ -220,6 +220,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     loader.align(state.step)
 
     metrics = Metrics(out_dir, is_main, state.step)
+    metrics.config(state.step, dump_yaml(cfg))
     interval = Interval()
     skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
