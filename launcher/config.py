@@ -240,6 +240,9 @@ class TrainerConfig:
     (at ZeRO 1-3 through DeepSpeed's universal checkpoint format) or data.num_workers continues the data position;
     after a change of data.shuffle_block, run.seed or to other shards, the data stream starts again from its
     beginning."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: profile these steps (1-based, inclusive) with torch.profiler on every rank; Chrome traces go
+    to <run>/profile/, the slowest operators to the log. Empty: no profiling."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the MFU estimate; 0 looks the device up (CPU: no estimate)."""
     progress_bar: bool = True

@@ -233,6 +233,10 @@ def validate(cfg: Config) -> list[str]:
     positive(t.max_bad_steps, "trainer.max_bad_steps")
     non_negative(t.peak_tflops, "trainer.peak_tflops")
     non_negative(t.checkpoint_minutes, "trainer.checkpoint_minutes")
+    if t.profile_steps:
+        check(len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps,
+              "trainer.profile_steps", f"must be [first, last] with 1 <= first <= last <= trainer.max_steps "
+              f"({t.max_steps}), got {t.profile_steps}")
     if t.resume not in ("auto", "never"):
         from masktrain.trainer.checkpoint import is_complete, taken_rollback
 

@@ -480,3 +480,20 @@ def test_a_hung_rank_ends_the_run_after_launch_collective_timeout(tiny_data, tmp
     assert time.monotonic() - hung < 120
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "crashed" and status["step"] >= 2, (status, launch.text()[-3000:])
+
+
+def test_profile_steps_write_a_trace_per_rank_and_the_slowest_operators(tiny_data, tmp_path):
+    """A stop inside the window writes what it profiled; the resume profiles the window's rest."""
+    run = tmp_path / "run"
+    args = ["smoke", *tiny_data, f"run.output_dir={run}", "model.objective=ntp", "trainer.max_steps=5",
+            "trainer.checkpoint_every=0", "trainer.eval_every=0", "trainer.profile_steps=[2,4]"]
+    first = run_cli("train", *args, "trainer.stop_after_steps=2")
+    assert first.returncode == REQUEUE_EXIT, first.stderr[-3000:]
+    second = run_cli("train", *args, check=True)
+    assert sorted(p.name for p in (run / "profile").iterdir()) == [
+        "steps-2-4-rank0.json", "steps-2-4-rank1.json", "steps-3-4-rank0.json", "steps-3-4-rank1.json"]
+    for trace in (run / "profile").iterdir():
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert any(event.get("name", "").startswith("aten::") for event in events)
+    for launch in (first, second):
+        assert "Self CPU time total" in launch.stdout and f"profile: {run / 'profile'}" in launch.stdout

@@ -47,7 +47,7 @@ RESUME_SAFE = {
     "trainer.checkpoint_every", "trainer.checkpoint_minutes", "trainer.keep_last", "trainer.keep_every",
     "trainer.eval_every", "trainer.eval_batches",
     "trainer.log_every", "trainer.max_bad_steps", "trainer.resume", "trainer.allow_config_change",
-    "trainer.peak_tflops", "trainer.progress_bar", "trainer.stop_after_steps",
+    "trainer.peak_tflops", "trainer.progress_bar", "trainer.stop_after_steps", "trainer.profile_steps",
     "data.strict", "data.mask_in_workers", "launch.master_port", "launch.shutdown_timeout",
     "launch.collective_timeout", "launch.threads_per_rank",
 }

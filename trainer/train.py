@@ -38,6 +38,7 @@ from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.models import TokenIds, build_model, zero_stage
 from masktrain.trainer.objectives import OBJECTIVES
+from masktrain.trainer.profiling import StepProfiler
 from masktrain.trainer.progress import Progress, peak_flops
 from masktrain.trainer.signals import StopRequest
 from masktrain.trainer.size import describe
@@ -229,6 +230,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     progress = Progress(is_main, cfg.trainer.progress_bar, state.step, cfg.trainer.max_steps)
     launch_start = state.step
     last_save = time.monotonic()
+    profiler = StepProfiler(cfg.trainer.profile_steps, out_dir, runtime.rank, runtime.device)
     ended, reason = "completed", None
     if is_main:
         write_status(out_dir, "running", state.step, start=launch_start)
@@ -246,6 +248,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
 
     try:
         while state.step < cfg.trainer.max_steps:
+            profiler.before(state.step + 1)
             lr = lr_at(state.step, cfg.optim, cfg.trainer.max_steps)
             eng.set_lr(engine, lr)
             started = time.perf_counter()
@@ -346,6 +349,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 reason = stop.signal_name or ("stop_after_steps" if wants_stop else "a signal to another rank")
                 progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
                 break
+            profiler.after(state.step)
     except DataError as err:
         # Bad data under data.strict, or none readable at all. The other ranks wait in a collective, so this one
         # cannot end the run in order.
@@ -353,6 +357,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     except OSError as err:  # a full disk or a lost mount, writing logs or a checkpoint
         crashed("a write (logs or a checkpoint)", err, out_dir)
 
+    profiler.close()  # a run that stopped inside the window: what it profiled
     if is_main:
         write_status(out_dir, ended, state.step, reason, start=launch_start)
     if ended == "completed":
