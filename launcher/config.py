@@ -241,8 +241,9 @@ class TrainerConfig:
     after a change of data.shuffle_block, run.seed or to other shards, the data stream starts again from its
     beginning."""
     profile_steps: list[int] = field(default_factory=list)
-    """[first, last]: profile these steps (1-based, inclusive) with torch.profiler on every rank; Chrome traces go
-    to <run>/profile/, the slowest operators to the log. Empty: no profiling."""
+    """[first, last]: profile these steps (1-based, inclusive, at most 10: a window is held in memory) with
+    torch.profiler on every rank; Chrome traces go to <run>/profile/, the slowest operators to the log. Empty: no
+    profiling."""
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the MFU estimate; 0 looks the device up (CPU: no estimate)."""
     progress_bar: bool = True

@@ -234,9 +234,12 @@ def validate(cfg: Config) -> list[str]:
     non_negative(t.peak_tflops, "trainer.peak_tflops")
     non_negative(t.checkpoint_minutes, "trainer.checkpoint_minutes")
     if t.profile_steps:
-        check(len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1] <= t.max_steps,
+        from masktrain.trainer.profiling import MAX_WINDOW
+
+        first, last = (t.profile_steps * 2)[:2]
+        check(len(t.profile_steps) == 2 and 1 <= first <= last <= t.max_steps and last - first < MAX_WINDOW,
               "trainer.profile_steps", f"must be [first, last] with 1 <= first <= last <= trainer.max_steps "
-              f"({t.max_steps}), got {t.profile_steps}")
+              f"({t.max_steps}), at most {MAX_WINDOW} steps (a window is held in memory), got {t.profile_steps}")
     if t.resume not in ("auto", "never"):
         from masktrain.trainer.checkpoint import is_complete, taken_rollback
 

@@ -119,6 +119,8 @@ def test_another_data_folder_is_read_for_a_run_trained_on_listed_shards(tiny_dat
     assert own["data"] == [f"{listed}/train/shard-000001.tar"]
     (other,) = evaluated(str(run), f"data.dir={data_dir}")
     assert other["data"] == str(data_dir) and other["val/tokens"] != own["val/tokens"]
+    (emptied,) = evaluated(str(run), f"data.dir={data_dir}", "data.val_shards=[]")  # [] means the manifest's
+    assert emptied["val/loss"] == other["val/loss"]
     gone = run_cli("eval", str(run), f"data.dir={tmp_path / 'none'}")
     assert gone.returncode == 1 and "manifest.json: no manifest" in gone.stderr
 

@@ -425,10 +425,8 @@ def test_every_checkpoint_closes_a_logged_interval(tiny_data, tmp_path):
             "trainer.checkpoint_every=4", "trainer.stop_after_steps=5", "trainer.eval_every=0")
     assert sorted(losses(run)) == [1, 3, 4, 5]
     # The config is in TensorBoard's text tab too, as indented (code) text.
-    (text,) = [make_ndarray(value.tensor).item().decode() for path in (run / "tb").glob("*tfevents*")
-               for event in EventFileLoader(str(path)).Load() for value in event.summary.value
-               if value.tag == "config/text_summary"]
-    assert "    model:\n      objective: ntp\n" in text
+    (step, text), = config_texts(run)
+    assert step == 1 and "    model:\n      objective: ntp\n" in text
 
 
 def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_data, tmp_path):
@@ -482,18 +480,35 @@ def test_a_hung_rank_ends_the_run_after_launch_collective_timeout(tiny_data, tmp
     assert status["state"] == "crashed" and status["step"] >= 2, (status, launch.text()[-3000:])
 
 
+def config_texts(run: Path) -> list[tuple[int, str]]:
+    """(step, text) of the config in TensorBoard's text tab, as its event files hold them."""
+    return sorted((event.step, make_ndarray(value.tensor).item().decode())
+                  for path in (run / "tb").glob("*tfevents*") for event in EventFileLoader(str(path)).Load()
+                  for value in event.summary.value if value.tag == "config/text_summary")
+
+
 def test_profile_steps_write_a_trace_per_rank_and_the_slowest_operators(tiny_data, tmp_path):
-    """A stop inside the window writes what it profiled; the resume profiles the window's rest."""
+    """A stop inside the window writes what it profiled, named by the steps it holds; the resume profiles the
+    window's rest. Each launch's config is in TensorBoard at its first step, so a rollback drops the config of the
+    launch it abandons with that launch's other events."""
     run = tmp_path / "run"
     args = ["smoke", *tiny_data, f"run.output_dir={run}", "model.objective=ntp", "trainer.max_steps=5",
             "trainer.checkpoint_every=0", "trainer.eval_every=0", "trainer.profile_steps=[2,4]"]
     first = run_cli("train", *args, "trainer.stop_after_steps=2")
     assert first.returncode == REQUEUE_EXIT, first.stderr[-3000:]
-    second = run_cli("train", *args, check=True)
+    assert json.loads((run / "status.json").read_text())["state"] == "preempted"
+    second = run_cli("train", *args, "trainer.log_every=2", check=True)
     assert sorted(p.name for p in (run / "profile").iterdir()) == [
-        "steps-2-4-rank0.json", "steps-2-4-rank1.json", "steps-3-4-rank0.json", "steps-3-4-rank1.json"]
+        "steps-2-2-rank0.json", "steps-2-2-rank1.json", "steps-3-4-rank0.json", "steps-3-4-rank1.json"]
     for trace in (run / "profile").iterdir():
         events = json.loads(trace.read_text())["traceEvents"]
         assert any(event.get("name", "").startswith("aten::") for event in events)
     for launch in (first, second):
         assert "Self CPU time total" in launch.stdout and f"profile: {run / 'profile'}" in launch.stdout
+    assert [(step, "log_every: 2" in text) for step, text in config_texts(run)] == [(1, False), (3, True)]
+
+    run_cli("train", *args, f"trainer.resume={run / 'checkpoints' / 'step-00000002'}", "trainer.log_every=3",
+            "trainer.profile_steps=[]", check=True)
+    assert [(step, "log_every: 3" in text) for step, text in config_texts(run)] == [(1, False), (3, True)]
+    too_long = run_cli("train", *args, "trainer.max_steps=50", "trainer.profile_steps=[1,11]")
+    assert too_long.returncode == 2 and "at most 10 steps (a window is held in memory)" in too_long.stderr

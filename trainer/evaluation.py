@@ -77,9 +77,10 @@ def eval_changes(overrides: list[str], source: str) -> dict:
     if problems:
         raise ConfigError(source, problems)
     data = tree.get("data", {})
-    if "dir" in data and "val_shards" not in data:
-        # Another folder's validation split, also for a run trained on listed shards (whose lists win over it).
-        data.update(train_shards=[], val_shards=[])
+    if "dir" in data:
+        # Another folder's validation split, also for a run trained on listed shards (whose lists win over it),
+        # unless validation shards are listed with it.
+        data.update(train_shards=[], val_shards=data.get("val_shards") or [])
     if "micro_batch_size" in data:
         # One process scores: the training job's shape, which the batch size had to divide, is not this one.
         tree.setdefault("trainer", {})["global_batch_size"] = data["micro_batch_size"]

@@ -221,7 +221,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     loader.align(state.step)
 
     metrics = Metrics(out_dir, is_main, state.step)
-    metrics.config(state.step, dump_yaml(cfg))
+    # At the launch's first step: a resume from an earlier checkpoint drops it with the rest of this launch.
+    metrics.config(state.step + 1, dump_yaml(cfg))
     interval = Interval()
     skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
@@ -357,9 +358,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     except OSError as err:  # a full disk or a lost mount, writing logs or a checkpoint
         crashed("a write (logs or a checkpoint)", err, out_dir)
 
-    profiler.close()  # a run that stopped inside the window: what it profiled
     if is_main:
         write_status(out_dir, ended, state.step, reason, start=launch_start)
+    profiler.close(state.step)  # a run that stopped inside the window: what it profiled, after the verdict
     if ended == "completed":
         progress.message(f"done: {state.step} steps, {state.tokens} tokens, {state.bad_steps} skipped steps, "
                          f"skipped data: {skipped_by_reason or 'none'}")
