@@ -37,6 +37,8 @@ def scalars(tb_dir: Path, files: list[Path] | None = None) -> dict[str, list[tup
     for path in tb_dir.glob("*tfevents*") if files is None else files:
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
+                if value.metadata.plugin_data.plugin_name == "text":  # the run's config, not a scalar
+                    continue
                 number = float(make_ndarray(value.tensor)) if value.HasField("tensor") else value.simple_value
                 points.setdefault(value.tag, []).append((event.step, number))
     return {tag: sorted(values) for tag, values in points.items()}
