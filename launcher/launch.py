@@ -24,9 +24,9 @@ from masktrain.trainer.status import REQUEUE_EXIT, STATUS, read_status, shell_co
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1)
 
 
-def check_resume_compatible(cfg: Config) -> None:
+def check_resume_compatible(cfg: Config) -> Path | None:
     """Fail before spawning anything when the checkpoint the ranks will resume from was made with a different
-    config."""
+    config. Returns that checkpoint (None: the run starts from scratch)."""
     from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
     from masktrain.trainer.engine import deepspeed_config
     from masktrain.trainer.models import zero_stage
@@ -36,15 +36,15 @@ def check_resume_compatible(cfg: Config) -> None:
         precision = None if cfg.trainer.precision == "auto" else cfg.trainer.precision  # auto: the ranks check
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change,
                         zero_stage(deepspeed_config(cfg, precision or "fp32")), precision)
+    return source
 
 
-def already_complete(cfg: Config) -> tuple[int, str] | None:
-    """(the step, why the run has nothing left to train) when its checkpoint is at trainer.max_steps, else None.
-    Said before the ranks start (minutes for a large model) or a job waits in the SLURM queue, only to train no
-    step."""
-    from masktrain.trainer.checkpoint import Checkpointer, read_meta, resume_point
+def already_complete(cfg: Config, source: Path | None) -> tuple[int, str] | None:
+    """(the step, why the run has nothing left to train) when `source`, the checkpoint it resumes from (see
+    `check_resume_compatible`), is at trainer.max_steps, else None. Said before the ranks start (minutes for a
+    large model) or a job waits in the SLURM queue, only to train no step."""
+    from masktrain.trainer.checkpoint import read_meta
 
-    source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
     step = read_meta(source).get("step", 0) if source is not None else 0
     if step < cfg.trainer.max_steps:
         return None
@@ -161,8 +161,8 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
 
             cuda = use_cuda(cfg)
             check_gpus(cfg, cuda, "masktrain train")
-            check_resume_compatible(cfg)
-            if complete := already_complete(cfg):  # nothing to do, as a rerun of a finished job expects: no error
+            source = check_resume_compatible(cfg)
+            if complete := already_complete(cfg, source):  # nothing to do, as a rerun of a finished job expects
                 step, message = complete
                 check_free(cfg.output_dir)
                 with holding(cfg.output_dir):

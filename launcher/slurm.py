@@ -21,8 +21,8 @@ from pathlib import Path
 
 from masktrain import slurm as slurm_files
 from masktrain.launcher.config import Config
-from masktrain.launcher.launch import (already_complete, check_gpus, check_resume_compatible, rank_environment, torchrun_command,
-                                       use_cuda)
+from masktrain.launcher.launch import (already_complete, check_gpus, check_resume_compatible, rank_environment,
+                                       torchrun_command, use_cuda)
 from masktrain.launcher.loading import ConfigError, dump_yaml, load_config, read_run_config
 from masktrain.launcher.run_lock import check_free, note_submitted
 from masktrain.trainer.status import REQUEUE_EXIT, read_status
@@ -227,8 +227,7 @@ def submit(cfg: Config, spec: JobSpec, log=print) -> list[str]:
     from masktrain.data.inputs import check_ready  # imports torch: only for a submission
 
     check_free(run_dir(cfg))  # a job that would start beside a running launch of this run only to be refused
-    check_resume_compatible(cfg)
-    if complete := already_complete(cfg):  # a job would wait in the queue to do nothing
+    if complete := already_complete(cfg, check_resume_compatible(cfg)):  # a job would wait in the queue for nothing
         raise SystemExit(f"{complete[1]}; nothing submitted")
     check_ready(cfg)  # here, not after the queue wait
     script = write_script(cfg, render(cfg, spec))

@@ -383,7 +383,8 @@ def to_universal(path: Path, target: Path) -> None:
               f"{(stdout + stderr)[-4000:]}", file=sys.stderr, flush=True)
         said = next((line.strip() for line in reversed(stderr.splitlines()) if line.strip()), "no message")
         raise ConversionFailed(f"DeepSpeed's universal conversion of checkpoint {path} failed (exit {code}: {said}); "
-                               "the converter's output is in the log above; once the cause is fixed, the next start converts it afresh")
+                               "the converter's output is in the log above; once the cause is fixed, the next start "
+                               "converts it afresh")
     print(f"[masktrain] universal copy written in {time.monotonic() - started:.0f} s", flush=True)
 
 
