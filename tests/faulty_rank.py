@@ -4,6 +4,7 @@ Run under torchrun in place of `-m masktrain.trainer.rank`. The faults come from
   FAULT_NAN_RANK, FAULT_NAN_STEPS  that rank's loss is NaN on these (1-based, comma-separated) steps
   FAULT_NAN_FROM                   every rank's loss is NaN from this step on
   FAULT_SIGNAL_IN_SAVE             RANK:STEP, that rank gets SIGUSR1 while it saves the checkpoint of STEP
+  FAULT_HANG                       RANK:STEP, that rank hangs in its forward of STEP (sleeps until killed)
   FAULT_LOG                        folder for rank<r>.jsonl: a weight checksum at the start of every step, and
                                    fsync-rank<r>.txt: every path that rank fsyncs
 """
@@ -14,6 +15,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from masktrain.trainer import checkpoint
 from masktrain.trainer import train as train_module
 
 
-class NonFiniteLoss(nn.Module):
+class FaultyModel(nn.Module):
     def __init__(self, inner: nn.Module, grad_accum: int):
         super().__init__()
         self.inner = inner
@@ -34,6 +36,8 @@ class NonFiniteLoss(nn.Module):
         mine = int(os.environ.get("FAULT_NAN_RANK", -1)) == self.rank
         self.nan_steps = {int(s) for s in os.environ.get("FAULT_NAN_STEPS", "").split(",") if s and mine}
         self.nan_from = int(os.environ.get("FAULT_NAN_FROM", 0)) or None
+        hang_rank, hang_step = map(int, os.environ.get("FAULT_HANG", "-1:-1").split(":"))
+        self.hang_step = hang_step if hang_rank == self.rank else None
         self.log = Path(os.environ["FAULT_LOG"]) / f"rank{self.rank}.jsonl"
 
     def targets(self, batch):
@@ -49,6 +53,8 @@ class NonFiniteLoss(nn.Module):
             with open(self.log, "a") as handle:
                 handle.write(json.dumps({"step": step, "checksum": checksum}) + "\n")
         self.micro_batches += 1
+        while step == self.hang_step:
+            time.sleep(60)
         if step in self.nan_steps or (self.nan_from is not None and step >= self.nan_from):
             nan = torch.tensor(float("nan"), device=out["loss"].device)
             out = {**out, "loss": out["loss"] * nan, "loss_sum": out["loss_sum"] * nan}
@@ -80,7 +86,7 @@ def noting_fsyncs(fsync):
 def main() -> None:
     cfg = read_run_config(sys.argv[1])
     build = train_module.build_model
-    train_module.build_model = lambda *args, **kwargs: NonFiniteLoss(build(*args, **kwargs), cfg.grad_accum)
+    train_module.build_model = lambda *args, **kwargs: FaultyModel(build(*args, **kwargs), cfg.grad_accum)
     checkpoint.Checkpointer.save = signal_during_save(checkpoint.Checkpointer.save)
     checkpoint.fsync_path = noting_fsyncs(checkpoint.fsync_path)
     train_module.main(sys.argv[1:])

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,30 @@ def test_a_resume_onto_another_shard_list_ends_the_run_as_failed_naming_it(tiny_
     assert result.returncode == 1 and status["state"] == "failed" and status["step"] == 2, status
     assert f"cannot resume the data position exactly: shards was {len(shards)} shards" in status["reason"]
     assert f"masktrain: training failed at step 2: {status['reason'].splitlines()[0]}" in result.stderr
+
+
+def test_a_hung_rank_writes_its_stacks_and_the_run_ends_after_launch_collective_timeout(tiny_data, tmp_path):
+    """Rank 1 hangs in its forward of step 3 (as one stuck reading a dead mount would). Rank 0 waits for it in a
+    ZeRO collective only for launch.collective_timeout, not gloo's 30 minutes (DeepSpeed makes its groups with
+    torch's default), and the run ends crashed at its last checkpoint. Rank 1's own watchdog has written where it
+    hung: nothing else would say, since torchrun kills it."""
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [*tiny_data, f"run.output_dir={run}", "trainer.max_steps=200",
+                                "trainer.checkpoint_every=2", "launch.collective_timeout=5",
+                                "trainer.progress_bar=false"])
+    started = time.monotonic()
+    ranks = run_faulty_ranks(cfg, {"FAULT_LOG": str(tmp_path), "FAULT_HANG": "1:3",
+                                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"})
+    log = ranks.stdout[-3000:] + ranks.stderr[-6000:]
+    # Start-up, two steps, 5 s in the collective and 5 s for the hung rank to take torchrun's SIGTERM.
+    assert time.monotonic() - started < 120, log
+    assert outcome(run, ranks.returncode) == 1, log
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "crashed" and status["step"] == 2, (status, log)
+
+    stacks = run / "stacks" / "rank1.txt"
+    assert (f"[masktrain] rank 1: step 3 has not ended after 5 s (launch.collective_timeout); the stack of each of "
+            f"its threads: {stacks}") in ranks.stderr, log
+    dump = stacks.read_text()
+    assert dump.startswith("rank 1: step 3 has not ended after 5 s (launch.collective_timeout); host "), dump
+    assert re.search(r'File ".*faulty_rank\.py", line \d+ in forward\n(.*\n)*.*line \d+ in micro_steps', dump), dump

@@ -34,6 +34,7 @@ from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import (Checkpointer, ConversionFailed, check_resumable, deepspeed_json,
                                           needs_universal, read_meta, resume_point, save_due)
 from masktrain.trainer.evaluation import forward_sums, to_device, val_metrics
+from masktrain.trainer.hang_dump import HangDump
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.models import TokenIds, build_model, zero_stage
@@ -172,6 +173,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     runtime = eng.init_distributed(cfg)
     is_main = runtime.is_main
     out_dir = Path(cfg.output_dir)
+    hang = HangDump(cfg.launch.collective_timeout, out_dir, runtime.rank)
+    hang.begin("the start-up")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
     tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
@@ -249,6 +252,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
 
     try:
         while state.step < cfg.trainer.max_steps:
+            hang.begin(f"step {state.step + 1}")
             profiler.before(state.step + 1)
             lr = lr_at(state.step, cfg.optim, cfg.trainer.max_steps)
             eng.set_lr(engine, lr)
@@ -358,6 +362,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     except OSError as err:  # a full disk or a lost mount, writing logs or a checkpoint
         crashed("a write (logs or a checkpoint)", err, out_dir)
 
+    hang.begin(f"the end of the run after step {state.step}")
     if is_main:
         write_status(out_dir, ended, state.step, reason, start=launch_start)
     profiler.close(state.step)  # a run that stopped inside the window: what it profiled, after the verdict
@@ -369,6 +374,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     metrics.close()
     dist.barrier()
     dist.destroy_process_group()
+    hang.close()
     if ended == "failed":
         raise SystemExit(1)
 
