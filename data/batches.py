@@ -24,6 +24,9 @@ class MaskSpec:
     random_prob: float = 0.1
     share_across_batch: bool = False
     options: PolicyOptions = field(default_factory=PolicyOptions)
+    document_start: int | None = None
+    """The token each packed document starts with, when documents attend only to themselves
+    (data.document_attention): batches then carry `position_ids` (see `document_positions`)."""
 
     def __post_init__(self):
         if self.policy not in masking.POLICIES:
@@ -46,7 +49,8 @@ def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     """Masked LM: corrupted inputs; labels hold the original token at selected positions only."""
     selected = spec.select(ids, rate, gen)
     inputs, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
-    return {"input_ids": inputs, "labels": labels, **padding_mask(ids != spec.vocab.pad_id)}
+    return {"input_ids": inputs, "labels": labels, **padding_mask(ids != spec.vocab.pad_id),
+            **document_positions(ids, spec)}
 
 
 def padding_mask(real: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -56,16 +60,26 @@ def padding_mask(real: torch.Tensor) -> dict[str, torch.Tensor]:
     return {} if bool(real.all()) else {"attention_mask": real}
 
 
+def document_positions(ids: torch.Tensor, spec: MaskSpec) -> dict[str, torch.Tensor]:
+    """With `spec.document_start`: `position_ids` (int64[B, T]), each token's position within its document,
+    counted from the document's start token, or from the row's start for the rest of a document the row before
+    began. The models keep attention within the runs these number (see `models.document_mask`)."""
+    if spec.document_start is None:
+        return {}
+    index = torch.arange(ids.shape[1]).expand_as(ids)
+    return {"position_ids": index - torch.where(ids == spec.document_start, index, 0).cummax(dim=1).values}
+
+
 def meap_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """MEAP: a fraction of *inputs* become [MASK]; labels are the untouched tokens (plain next-token loss)."""
     selected = spec.select(ids, rate, gen)
     inputs, _ = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
-    return {"input_ids": inputs, "labels": causal_labels(ids, spec.vocab)}
+    return {"input_ids": inputs, "labels": causal_labels(ids, spec.vocab), **document_positions(ids, spec)}
 
 
 def ntp_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """Next-token prediction: inputs are the tokens; the model shifts labels itself."""
-    return {"input_ids": ids, "labels": causal_labels(ids, spec.vocab)}
+    return {"input_ids": ids, "labels": causal_labels(ids, spec.vocab), **document_positions(ids, spec)}
 
 
 def causal_labels(ids: torch.Tensor, vocab: Vocab) -> torch.Tensor:
@@ -81,7 +95,8 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     the [MASK] embedding instead of an encoder output) and `labels` (the original token at every selected
     position). Selected tokens replaced by a random token or kept stay visible, as in 80/10/10; the reference
     recipe (mask_prob 1.0) removes all of them. Padding is neither: rows that have it also get the decoder's
-    `attention_mask` (see `padding_mask`).
+    `attention_mask` (see `padding_mask`). Document attention adds the whole rows' `position_ids`, which number
+    the visible tokens too.
     """
     selected = spec.select(ids, rate, gen)
     corrupted, labels = masking.corrupt(ids, selected, spec.vocab, spec.mask_prob, spec.random_prob, gen)
@@ -98,4 +113,4 @@ def mae_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generat
     visible_mask = torch.arange(width).unsqueeze(0) < counts
     visible_ids = corrupted.gather(1, visible_pos).masked_fill_(~visible_mask, spec.vocab.pad_id)
     return {"visible_ids": visible_ids, "visible_pos": visible_pos, "visible_mask": visible_mask,
-            "removed": removed, "labels": labels, **padding_mask(real)}
+            "removed": removed, "labels": labels, **padding_mask(real), **document_positions(ids, spec)}

@@ -124,7 +124,8 @@ def mask_spec(cfg: Config, tokenizer: Tokenizer, policy: str = "") -> MaskSpec:
     loaded (and checked) here, once per rank."""
     m = cfg.data.masking
     # An objective that masks nothing (NTP) reads no table: the MEAP config it was switched from runs as it is.
-    policy = (policy or m.policy) if OBJECTIVES[cfg.model.objective].masked else "random"
+    objective = OBJECTIVES[cfg.model.objective]
+    policy = (policy or m.policy) if objective.masked else "random"
     weights = pairs = None
     if policy == "importance":
         weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
@@ -133,8 +134,9 @@ def mask_spec(cfg: Config, tokenizer: Tokenizer, policy: str = "") -> MaskSpec:
     # A policy option is the masking key of the same name; the tables are the two loaded from their paths.
     options = PolicyOptions(**{f.name: getattr(m, f.name) for f in fields(PolicyOptions) if hasattr(m, f.name)},
                             importance=weights, collocations=pairs)
+    start = packing(cfg, tokenizer, objective.encoder).start_id if cfg.data.document_attention else None
     return MaskSpec(vocab=tokenizer.vocab(), policy=policy, mask_prob=m.mask_prob, random_prob=m.random_prob,
-                    share_across_batch=m.share_across_batch, options=options)
+                    share_across_batch=m.share_across_batch, options=options, document_start=start)
 
 
 def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: Tokenizer, rank: int,

@@ -132,6 +132,11 @@ class DataConfig:
     """Mask in loader workers (true) or in the training process; both give the same masks."""
     strict: bool = False
     """Fail on the first corrupt shard, bad sample or empty document instead of skipping and counting it."""
+    document_attention: bool = False
+    """Each token attends only to the tokens of its own document, and positions restart at each document's start
+    token, so a packed row trains as the separate documents it holds (as the MAE-LM reference's document-bounded
+    samples, and intra-document causal masking for decoders). Off: a row is one sequence, as BERT and GPT pack
+    them. A mask per row costs memory (batch x seq_len^2) and keeps GPUs off their fastest attention kernel."""
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
 

@@ -145,9 +145,9 @@ def test_a_checkpoint_pruned_while_the_others_are_scored_is_skipped(mlm_run, tmp
     assert [line.split(" (step ")[1].split(")")[0] for line in out.splitlines()] == ["4"]
 
 
-def test_a_decoder_under_zero3_scores_what_training_logged(tiny_data, tmp_path):
+def test_a_decoder_under_zero3_with_document_attention_scores_what_training_logged(tiny_data, tmp_path):
     run = tmp_path / "meap"
-    train(tiny_data, run, "trainer.zero_stage=3", "model.objective=meap")
+    train(tiny_data, run, "trainer.zero_stage=3", "model.objective=meap", "data.document_attention=true")
     (result,) = evaluated(str(run))
     row = logged(run)[result["step"]]
     assert result["val/loss"] == pytest.approx(row["val/loss"], rel=1e-6)

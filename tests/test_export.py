@@ -183,10 +183,11 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
 
 def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
     """With a decoder narrower than the encoder: its maps to and from the encoder's width are not transformers
-    modules, so they are built under zero.Init by masktrain itself, and consolidation must bring them back too."""
+    modules, so they are built under zero.Init by masktrain itself, and consolidation must bring them back too.
+    Trained with document attention, which the exported encoder (one document at a time) does not need."""
     run = tmp_path / "mae"
     stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=mae_lm", "model.arch=roberta",
-                   NARROW_DECODER)
+                   NARROW_DECODER, "data.document_attention=true")
     assert_partitioned(stdout)
     checkpoint = Checkpointer(run, 1, False).latest()
     out = export(checkpoint, run / "export")

@@ -92,7 +92,8 @@ def encoder_features(model, batches: list[dict]) -> tuple[torch.Tensor, torch.Te
     features, targets = [], []
     with torch.no_grad():
         for batch in batches:
-            encoded = model.encode(batch["visible_ids"], batch["visible_pos"], batch["visible_mask"])
+            encoded = model.encode(batch["visible_ids"], batch["visible_pos"], batch["visible_mask"],
+                                   batch.get("position_ids"))
             x, y = neighbour_features(encoded, batch)
             features.append(x)
             targets.append(y)

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from masktrain.data.batches import IGNORE
-from masktrain.trainer.models import MaskedLM, attention_flops, body_flops, token_loss, weights
+from masktrain.trainer.models import MaskedLM, attention_flops, body_flops, document_mask, token_loss, weights
 
 
 def at_positions(values: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
@@ -50,37 +50,47 @@ class MaeLM(nn.Module):
         # embed_tokens.weight[mask_idx]); sharing it also leaves no unused decoder table in the optimizer.
         decoder.set_input_embeddings(hf.get_input_embeddings())
 
-    def encode(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor,
-               visible_mask: torch.Tensor) -> torch.Tensor:
-        """Encoder outputs [B, V, H] of the visible tokens, each at its original position."""
-        return self.hf.base_model(input_ids=visible_ids, attention_mask=visible_mask,
-                                  position_ids=visible_pos + self.position_offset).last_hidden_state
+    def encode(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Encoder outputs [B, V, H] of the visible tokens, each at its original position: in the row, or with
+        document attention in its document (`position_ids` [B, T]), attending to its document's visible tokens."""
+        positions, mask = visible_pos, visible_mask
+        if position_ids is not None:
+            positions = position_ids.gather(1, visible_pos)
+            mask = document_mask(self.hf.config, self.hf.dtype, positions, visible_mask)
+        return self.hf.base_model(input_ids=visible_ids, attention_mask=mask,
+                                  position_ids=positions + self.position_offset).last_hidden_state
 
     def forward(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
-                removed: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """`attention_mask` (bool[B, T]) marks the real tokens of rows that have padding."""
+                removed: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`attention_mask` (bool[B, T]) marks the real tokens of rows that have padding; `position_ids` (document
+        attention) each token's position within its document."""
         # Projected per token, so only the real visible rows are: the same as projecting every slot.
-        encoded = self.to_decoder(self.encode(visible_ids, visible_pos, visible_mask)[visible_mask])
+        encoded = self.to_decoder(self.encode(visible_ids, visible_pos, visible_mask, position_ids)[visible_mask])
         slots = at_positions(encoded, visible_pos, visible_mask, removed.shape[1])
         # Called as a module (not indexed as a weight) so that ZeRO-3 gathers the partitioned table first.
         mask_token = torch.full((1, 1), self.mask_id, dtype=torch.long, device=removed.device)
         mask_embedding = self.to_decoder(self.decoder.get_input_embeddings()(mask_token)).to(slots.dtype)
         slots = torch.where(removed.unsqueeze(-1), mask_embedding, slots)
         where = labels != IGNORE
-        decoded = self.from_decoder(self.decode(slots, where, attention_mask))
+        decoded = self.from_decoder(self.decode(slots, where, attention_mask, position_ids))
         return token_loss(getattr(self.hf, self.head_name)(decoded), labels[where])
 
-    def decode(self, slots: torch.Tensor, where: torch.Tensor,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, slots: torch.Tensor, where: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The decoder's outputs [N, H] at the `where` positions of `slots` [B, T, H], equal to running the whole
         decoder and keeping those rows. The last layer's attention reads every position, but nothing downstream
         reads its other rows, so its output projection and feed-forward (three quarters of its weight matmuls) run
         only where a prediction is made: the reference computes them everywhere and discards the rest."""
         *body, last = self.decoder.encoder.layer
-        hidden = self.decoder.embeddings(inputs_embeds=slots)
-        mask = create_bidirectional_mask(config=self.decoder.config, inputs_embeds=hidden,
-                                         attention_mask=attention_mask)
+        if position_ids is None:
+            hidden = self.decoder.embeddings(inputs_embeds=slots)
+            mask = create_bidirectional_mask(config=self.decoder.config, inputs_embeds=hidden,
+                                             attention_mask=attention_mask)
+        else:
+            hidden = self.decoder.embeddings(inputs_embeds=slots, position_ids=position_ids + self.position_offset)
+            mask = document_mask(self.decoder.config, hidden.dtype, position_ids, attention_mask)
         for layer in body:
             hidden = layer(hidden, attention_mask=mask)
         context, _ = last.attention.self(hidden, attention_mask=mask)

@@ -49,6 +49,20 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.T
             "correct": (logits.detach().argmax(-1) == targets).sum()}
 
 
+def document_mask(config, dtype: torch.dtype, positions: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """A bidirectional attention mask, for `config`'s attention kernel, that keeps each token within its document
+    (data.document_attention) and off padding (`real`: bool[B, T], or None). `positions` [B, T] number the tokens
+    within their documents (`batches.document_positions`); a document starts wherever they do not increase, which
+    also holds for a subset of a row's tokens in order (MAE-LM's visible ones)."""
+    from transformers.masking_utils import create_bidirectional_mask, packed_sequence_mask_function
+
+    starts = torch.ones_like(positions, dtype=torch.bool)
+    starts[:, 1:] = positions[:, 1:] <= positions[:, :-1]
+    states = torch.empty(*positions.shape, 0, dtype=dtype, device=positions.device)  # what the mask is built for
+    return create_bidirectional_mask(config=config, inputs_embeds=states, attention_mask=real,
+                                     and_mask_function=packed_sequence_mask_function(starts.cumsum(dim=1)))
+
+
 def weights(module: nn.Module) -> int:
     """Entries of the weight matrices of `module` (what multiplies; biases and norms only add or scale), counted
     whole where ZeRO-3 has partitioned them."""
@@ -74,14 +88,20 @@ class MaskedLM(nn.Module):
 
     auto_class = "AutoModelForMaskedLM"
 
-    def __init__(self, hf: nn.Module, head: str):
+    def __init__(self, hf: nn.Module, head: str, position_offset: int):
         super().__init__()
         self.hf = hf
         self.head_name = head
+        self.position_offset = position_offset
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`position_ids` (document attention): each token's position within its document."""
+        if position_ids is not None:
+            attention_mask = document_mask(self.hf.config, self.hf.dtype, position_ids, attention_mask)
+            position_ids = position_ids + self.position_offset
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids).last_hidden_state
         where = labels != IGNORE
         logits = getattr(self.hf, self.head_name)(hidden[where])
         return token_loss(logits, labels[where])
@@ -110,9 +130,13 @@ class CausalLM(nn.Module):
         super().__init__()
         self.hf = hf
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`position_ids` (document attention): each token's position within its document; transformers keeps
+        attention within the runs they number. Without a cache: a training model asks for one by default, which
+        then switches that off, and nothing reads it."""
+        hidden = self.hf.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
         targets = labels[:, 1:]
         where = targets != IGNORE
         logits = self.hf.lm_head(hidden[:, :-1][where])
@@ -172,7 +196,8 @@ def position_offset(arch: str, pad_id: int) -> int:
 
 def masked_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
     mlm_class, _, head = encoder_classes(cfg.arch)
-    return MaskedLM(mlm_class._from_config(encoder_config(cfg, seq_len, ids)), head=head)
+    return MaskedLM(mlm_class._from_config(encoder_config(cfg, seq_len, ids)), head=head,
+                    position_offset=position_offset(cfg.arch, ids.pad_id))
 
 
 def mae_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
