@@ -473,3 +473,13 @@ def main(argv: list[str] | None = None) -> None:
         print("masktrain: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def run() -> None:
+    """The `masktrain` command: `main` in a process of its own, which then exits quickly."""
+    from masktrain.trainer.rank import exit_quickly
+
+    try:
+        main()
+    finally:
+        exit_quickly()
