@@ -7,6 +7,7 @@ to say. A folder marked running that no launch holds was left by one that ended 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -16,6 +17,7 @@ import yaml
 
 from masktrain.launcher.run_lock import in_use, queued
 from masktrain.trainer.checkpoint import Checkpointer, meta_or_none
+from masktrain.trainer.hang_dump import STACKS
 from masktrain.trainer.status import read_status
 
 TAIL_BYTES = 16 * 2**20
@@ -119,4 +121,25 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
         lines.append(f"  last checkpoint {latest} (step {meta.get('step', '?')}, {duration(age)} ago)")
         if milestones := [path.name for path in checkpoints.complete() if checkpoints.milestone(path)]:
             lines.append(f"  kept milestones: {', '.join(milestones)}")
+    if dumped := stack_dumps(run, now):
+        lines.append(dumped)
     return "\n".join(lines)
+
+
+def stack_dumps(run: Path, now: float) -> str | None:
+    """A line on the stacks ranks wrote when a step ran as long as a collective may wait (`trainer.hang_dump`):
+    how many, and the latest, which says where a hang was."""
+    dumps = []
+    for path in (run / STACKS).glob("rank*.txt"):
+        with contextlib.suppress(OSError):
+            dumps.append((path.stat().st_mtime, path))
+    if not dumps:
+        return None
+    when, latest = max(dumps)
+    try:
+        with open(latest, errors="replace") as handle:
+            said = handle.readline().split(";")[0].strip()  # "rank 1: step 3 has not ended after 600 s (...)"
+    except OSError as err:
+        said = f"unreadable: {err.strerror}"
+    ranks = f"{len(dumps)} ranks" if len(dumps) > 1 else "1 rank"
+    return f"  stacks written by {ranks}, the latest {duration(now - when)} ago ({said}): {latest}"

@@ -52,6 +52,21 @@ def test_a_live_run_is_held_and_shows_step_losses_time_left_and_saves(tmp_path):
     assert lines[5] == "  validation loss 3.5000, accuracy 0.4000 at step 100"
     assert lines[6] == f"  last checkpoint {run}/checkpoints/step-00000250 (step 250, 3h 02m ago)"
     assert lines[7] == "  kept milestones: step-00000100, step-00000200"
+    assert len(lines) == 8
+
+
+def test_the_stacks_of_ranks_whose_step_ran_long_are_pointed_to_the_latest_first(tmp_path):
+    run = tmp_path / "run"
+    fake_run(run, "crashed", 250)
+    stacks = run / "stacks"
+    stacks.mkdir()
+    for rank, when in ((0, 1_000_000.0), (1, 1_000_060.0), (2, 1_000_030.0)):
+        (stacks / f"rank{rank}.txt").write_text(f"rank {rank}: step 251 has not ended after 600 s "
+                                                "(launch.collective_timeout); host n1, pid 7, 2026-11-30T01:00:00\n")
+        os.utime(stacks / f"rank{rank}.txt", (when, when))
+    assert overview(run, now=1_000_000.0 + 3600).splitlines()[-1] == (
+        "  stacks written by 3 ranks, the latest 59m ago (rank 1: step 251 has not ended after 600 s "
+        f"(launch.collective_timeout)): {stacks / 'rank1.txt'}")
 
 
 def test_a_run_marked_running_that_no_launch_holds_was_killed_and_says_where_it_goes_on(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 from conftest import scalars
 from masktrain.launcher.launch import outcome, rank_environment, write_run_config
 from masktrain.launcher.loading import load_config
+from masktrain.launcher.overview import overview
 
 pytestmark = pytest.mark.slow
 
@@ -205,3 +206,6 @@ def test_a_hung_rank_writes_its_stacks_and_the_run_ends_after_launch_collective_
     dump = stacks.read_text()
     assert dump.startswith("rank 1: step 3 has not ended after 5 s (launch.collective_timeout); host "), dump
     assert re.search(r'File ".*faulty_rank\.py", line \d+ in forward\n(.*\n)*.*line \d+ in micro_steps', dump), dump
+    # Rank 0, waiting in the collective, may have written its own too.
+    assert re.search(r"stacks written by [12] ranks?, the latest \S+ ago \(rank [01]: step 3 has not ended after 5 s "
+                     r"\(launch.collective_timeout\)\): ", overview(run)), overview(run)

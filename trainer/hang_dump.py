@@ -20,11 +20,12 @@ import threading
 import time
 from pathlib import Path
 
+STACKS = "stacks"
 
 class HangDump:
     def __init__(self, seconds: float, run_dir: Path, rank: int):
         self.seconds = seconds
-        self.path = run_dir / "stacks" / f"rank{rank}.txt"
+        self.path = run_dir / STACKS / f"rank{rank}.txt"
         self.rank = rank
         self.what: str | None = None
         self.deadline = 0.0
