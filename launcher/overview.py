@@ -127,7 +127,7 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
 
 
 def stack_dumps(run: Path, now: float) -> str | None:
-    """A line on the stacks ranks wrote when a step ran as long as a collective may wait (`trainer.hang_dump`):
+    """A line on the stacks ranks wrote when a step ran as long as a collective may wait (`masktrain.trainer.hang_dump`):
     how many, and the latest, which says where a hang was."""
     dumps = []
     for path in (run / STACKS).glob("rank*.txt"):

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 STACKS = "stacks"
+"""The run folder's subfolder of the dumps, one file a rank."""
+
 
 class HangDump:
     def __init__(self, seconds: float, run_dir: Path, rank: int):
