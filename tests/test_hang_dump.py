@@ -1,10 +1,13 @@
-"""The hang watchdog of a rank: a dump for each step that runs past the time, none for one that ends in time."""
+"""The hang watchdog of a rank: a dump for each step that runs past the time, taken when the time runs out, none for
+one that ends in time; the log when the file cannot be written or the watchdog cannot run."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
+from masktrain.trainer import hang_dump
 from masktrain.trainer.hang_dump import HangDump
 
 
@@ -32,21 +35,56 @@ def test_a_step_past_its_time_gets_one_dump_of_every_thread_and_a_step_in_time_n
         watchdog.close()
     dump = stacks.read_text()
     assert dump.startswith("rank 3: step 4 has not ended after 0.3 s (launch.collective_timeout); host ")
-    assert "in stuck_in_a_step" in dump and "in wait" in dump  # the main thread and the helper
-    err = capsys.readouterr().err
-    assert err == (f"[masktrain] rank 3: step 4 has not ended after 0.3 s (launch.collective_timeout); the stack of "
-                   f"each of its threads: {stacks}\n")
+    assert "Thread MainThread (most recent call last):" in dump and "in stuck_in_a_step" in dump
+    assert "Thread helper (most recent call last):" in dump and "in wait" in dump
+    assert "masktrain-hang-dump" not in dump  # the watchdog's own stack says nothing
+    assert capsys.readouterr().err == (f"[masktrain] rank 3: step 4 has not ended after 0.3 s "
+                                       f"(launch.collective_timeout); the stack of each of its threads goes to {stacks}\n")
 
 
-def test_a_dump_that_cannot_be_written_goes_to_stderr(tmp_path, capfd):
+def test_the_stacks_are_those_of_the_moment_the_time_ran_out(tmp_path, monkeypatch):
+    """A slow file system delays the write, not the picture: the step that ran long is the one shown."""
+    write = HangDump.dump
+    monkeypatch.setattr(HangDump, "dump", lambda self, said, stacks: (time.sleep(0.5), write(self, said, stacks)))
+    watchdog = HangDump(0.2, tmp_path, rank=0)
+
+    def step_7():
+        watchdog.begin("step 7")
+        time.sleep(0.3)
+
+    def step_8():
+        watchdog.begin("step 8")
+        time.sleep(0.1)
+
+    step_7()
+    step_8()
+    watchdog.close()  # waits for the write under way
+    dump = (tmp_path / "stacks" / "rank0.txt").read_text()
+    assert dump.startswith("rank 0: step 7 has not ended") and "in step_7" in dump and "in step_8" not in dump
+
+
+def test_a_dump_that_cannot_be_written_goes_to_the_log(tmp_path, capsys):
     (tmp_path / "stacks").write_text("a file where the folder would be")
     watchdog = HangDump(0.1, tmp_path, rank=0)
     try:
-        watchdog.begin("the start-up")
+        watchdog.begin("step 1")
         time.sleep(0.5)
     finally:
         watchdog.close()
+    err = capsys.readouterr().err
+    assert f"rank 0: {tmp_path / 'stacks' / 'rank0.txt'} not written (" in err
+    assert "in test_a_dump_that_cannot_be_written_goes_to_the_log" in err.split("the stacks:\n", 1)[1]
+
+
+def test_a_c_call_that_holds_the_interpreter_gets_faulthandlers_dump_in_the_log(tmp_path, capfd, monkeypatch):
+    monkeypatch.setattr(hang_dump, "GRACE", 0.1)
+    watchdog = HangDump(0.1, tmp_path, rank=0)
+    try:
+        watchdog.begin("step 1")
+        started = time.monotonic()
+        re.match(r"(a+)+$", "a" * 26 + "b")  # exponential backtracking in C, the interpreter held throughout
+        assert time.monotonic() - started > 0.5
+    finally:
+        watchdog.close()
     err = capfd.readouterr().err
-    assert "[masktrain] rank 0: the start-up has not ended after 0.1 s (launch.collective_timeout); the stack of each " \
-           f"of its threads ({tmp_path / 'stacks' / 'rank0.txt'} not written: " in err
-    assert "test_a_dump_that_cannot_be_written_goes_to_stderr" in err
+    assert re.search(r"Timeout \(0:00:00\.2\d*\)!\n(.*\n)*.* in match\n.* in test_a_c_call", err), err

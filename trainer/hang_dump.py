@@ -3,14 +3,18 @@
 When one rank hangs (a dead mount, a deadlock, a wait for something that never comes), the others time out in
 a collective after launch.collective_timeout and end the run with their own tracebacks, which only say that they
 were waiting; torchrun then kills the rank that hung without a word about where it was. So each rank watches its
-own steps: one that has not ended after that long writes the stack of each of its threads to
-`<run>/stacks/rank<r>.txt` (the latest such dump of that rank) and says so in the log. The watchdog is a thread, so
-it sees a rank stuck in a collective, a read or Python code; a step that is slow but alive (a large model's save
-on a slow file system) gets a dump too, which shows where its time goes.
+own steps: one that has not ended after that long has its threads' stacks taken at that moment, says so in the log,
+then writes them to `<run>/stacks/rank<r>.txt` (the latest such dump of that rank), or to the log when the file
+cannot be written. The watchdog is a thread: it sees a rank stuck in a collective, a read or Python code. A C call
+that holds the interpreter keeps it from running too; faulthandler's own thread then prints the stacks to the log,
+GRACE seconds later. A step that is slow but alive (a large model's save on a slow file system) gets a dump too,
+which shows where its time goes. The start-up is not watched: a checkpoint's conversion to the universal format
+may take hours there, with a timeout of its own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import faulthandler
 import os
@@ -19,9 +23,32 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import FrameType
 
 STACKS = "stacks"
 """The run folder's subfolder of the dumps, one file a rank."""
+GRACE = 2.0
+"""Seconds past the deadline after which faulthandler prints the stacks itself: the watchdog thread could not
+run that long, so a C call holds the interpreter."""
+CLOSE_WAIT = 1.0
+"""How long `close` waits for a dump being written: one stuck on a dead mount must not keep the rank from ending."""
+
+
+def stack_of(frame: FrameType | None) -> str:
+    """A thread's stack, most recent call last, as a traceback shows it but without the source lines, whose
+    reading could block on the very mount that hangs."""
+    lines = []
+    while frame is not None:
+        lines.append(f'  File "{frame.f_code.co_filename}", line {frame.f_lineno}, in {frame.f_code.co_name}')
+        frame = frame.f_back
+    return "\n".join(reversed(lines))
+
+
+def thread_stacks() -> str:
+    """Every thread's stack but the caller's, now."""
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n\n".join(f"Thread {names.get(ident, ident)} (most recent call last):\n{stack_of(frame)}"
+                       for ident, frame in sys._current_frames().items() if ident != threading.get_ident())
 
 
 class HangDump:
@@ -37,16 +64,18 @@ class HangDump:
         self.thread.start()
 
     def begin(self, what: str) -> None:
-        """`what` (a step, the start-up) starts now; the one before, if any, has ended."""
+        """`what` (a step) starts now; the one before, if any, has ended."""
         with self.wake:
             self.what, self.deadline = what, time.monotonic() + self.seconds
+            faulthandler.dump_traceback_later(self.seconds + GRACE, file=sys.__stderr__)
             self.wake.notify()
 
     def close(self) -> None:
         with self.wake:
             self.closed = True
+            faulthandler.cancel_dump_traceback_later()
             self.wake.notify()
-        self.thread.join()
+        self.thread.join(CLOSE_WAIT)
 
     def watch(self) -> None:
         while True:
@@ -55,21 +84,26 @@ class HangDump:
                     self.wake.wait(None if self.what is None else self.deadline - time.monotonic())
                 if self.closed:
                     return
+                faulthandler.cancel_dump_traceback_later()  # this thread runs: it dumps
                 what, self.what = self.what, None  # once for each thing begun
-            self.dump(what)  # outside the lock: a write to a dead mount must not also hold up the loop
+                stacks = thread_stacks()  # now, before the step can move on
+            # Outside the lock: a write to a dead mount must not also hold up the loop.
+            self.dump(f"rank {self.rank}: {what} has not ended after {self.seconds:g} s (launch.collective_timeout)",
+                      stacks)
 
-    def dump(self, what: str) -> None:
-        said = f"rank {self.rank}: {what} has not ended after {self.seconds:g} s (launch.collective_timeout)"
+    def dump(self, said: str, stacks: str) -> None:
+        # The log first: the file may be on the file system that hangs.
+        print(f"[masktrain] {said}; the stack of each of its threads goes to {self.path}", file=sys.stderr,
+              flush=True)
+        now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        partial = self.path.with_suffix(".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "w") as out:
-                now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-                out.write(f"{said}; host {socket.gethostname()}, pid {os.getpid()}, {now}\n\n")
-                out.flush()  # faulthandler writes to the file descriptor, past Python's buffer
-                faulthandler.dump_traceback(out, all_threads=True)
-        except OSError as err:
-            print(f"[masktrain] {said}; the stack of each of its threads ({self.path} not written: {err}):",
+            with open(partial, "w") as out:
+                out.write(f"{said}; host {socket.gethostname()}, pid {os.getpid()}, {now}\n\n{stacks}\n")
+            partial.replace(self.path)  # whole or not at all: status reads it
+        except OSError as err:  # a full disk: the stacks go to the log instead
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
+            print(f"[masktrain] rank {self.rank}: {self.path} not written ({err}); the stacks:\n{stacks}",
                   file=sys.stderr, flush=True)
-            faulthandler.dump_traceback(sys.stderr, all_threads=True)
-            return
-        print(f"[masktrain] {said}; the stack of each of its threads: {self.path}", file=sys.stderr, flush=True)

@@ -174,7 +174,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     is_main = runtime.is_main
     out_dir = Path(cfg.output_dir)
     hang = HangDump(cfg.launch.collective_timeout, out_dir, runtime.rank)
-    hang.begin("the start-up")
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
     tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
