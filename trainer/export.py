@@ -81,6 +81,9 @@ def model_card(cfg, model, checkpoint: Path) -> str:
     mae = ("\nPre-training removed the masked tokens before the encoder: [MASK] was never an input of this encoder, "
            "and there is no masked-LM head, so fill-mask does not apply (`AutoModelForMaskedLM` would start one "
            "untrained).\n" if cfg.model.objective == "mae_lm" else "")
+    documents = ("\nPre-training packed documents back to back with document attention: each attended only to "
+                 "itself, numbered from position 0, as one document alone in an input is.\n"
+                 if cfg.data.document_attention else "")
     pooler = ("\nLoaded with `AutoModel`, the encoder gets a pooler that pre-training never had: transformers "
               "reports it missing and it starts untrained.\n" if OBJECTIVES[cfg.model.objective].encoder else "")
     return (f"# {cfg.run.name}\n\n"
@@ -88,7 +91,7 @@ def model_card(cfg, model, checkpoint: Path) -> str:
             f"{cfg.model.arch}) and exported from `{checkpoint}`.\n\n"
             f"```python\nfrom transformers import AutoTokenizer, {auto}\n\n"
             f"tokenizer = AutoTokenizer.from_pretrained(PATH)\nmodel = {auto}.from_pretrained(PATH)\n```\n"
-            + pooler + mae
+            + pooler + mae + documents
             + f"\nInputs longer than {max_positions(cfg.model, cfg.data.seq_len)} tokens (the model's positions) "
             "must be cut (`truncation=True`). Text that holds the special tokens' spelling (<s>, </s>, [CLS], [SEP], "
             "[PAD], <unk>) encodes it as those tokens; pre-training's tokenizer spelled it out.\n")
