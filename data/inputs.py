@@ -3,8 +3,10 @@ validation batches of one rank."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable
@@ -82,6 +84,15 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             manifest = {}  # reported above
         if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
             problems.append(mismatch)
+        if resized := resized_shards(cfg.data.dir, manifest, ("train", "val") if training else ("val",)):
+            said = (f"{len(resized)} shard(s) in {cfg.data.dir} differ in size from what its manifest records, e.g. "
+                    f"{resized[0]}: cut short or changed since they were written (`masktrain data verify "
+                    f"{cfg.data.dir}` checks their bytes too)")
+            if cfg.data.strict:
+                problems.append(said)
+            else:
+                print(f"masktrain: {said}; what cannot be read is skipped and counted (data.strict=true refuses "
+                      "instead)", file=sys.stderr)
     policies = (cfg.data.masking.policy,) if training else ()
     for policy in dict.fromkeys((*policies, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
         try:
@@ -90,6 +101,19 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             problems.append(str(err))
     if problems:
         raise DataError("the run's data is not ready:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def resized_shards(data_dir: str | Path, manifest: dict, splits: tuple[str, ...]) -> list[str]:
+    """The shards of `splits` present in `data_dir` whose size is not the manifest's: a stat each, before any
+    rank starts, finds a copy cut short."""
+    found = []
+    for split in splits:
+        for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
+            path = Path(data_dir) / shard["path"]
+            with contextlib.suppress(OSError):  # absent: reported as missing
+                if "bytes" in shard and (size := path.stat().st_size) != shard["bytes"]:
+                    found.append(f"{path} ({size:,} bytes, {shard['bytes']:,} recorded)")
+    return found
 
 
 def other_tokenizer(manifest: dict, tokenizer: Tokenizer, data_dir: str | Path) -> str | None:

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,8 @@ class ShardInfo:
     documents: int = 0
     tokens: int = 0
     bytes: int = 0
+    sha256: str = ""
+    """Of the file as written: `verify_shards` finds a copy cut short or changed."""
 
 
 @dataclass
@@ -122,7 +125,7 @@ class SplitWriter:
             self.writer.close()
             self.writer = None
             shard = self.info.shards[-1]
-            shard.bytes = staged(self.root, shard.path).stat().st_size
+            shard.bytes, shard.sha256 = file_size_and_sha256(staged(self.root, shard.path))
 
     def abandon(self) -> None:
         """Close the open shard after a failed write, once: tarfile would try to flush it again when collected, and
@@ -175,6 +178,40 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
         "skipped": {"no tokens": empty},
     }
     return manifest
+
+
+def file_size_and_sha256(path: Path) -> tuple[int, str]:
+    with open(path, "rb") as handle:
+        return os.fstat(handle.fileno()).st_size, hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def verify_shards(root: str | Path, workers: int = 4) -> tuple[list[str], dict[str, int]]:
+    """(problems, totals) of the shards a dataset folder's manifest lists: each must be there with the size it was
+    written with and, where the manifest records one (shards written before it did have none), the same sha256.
+    Files are hashed `workers` at a time (hashing releases the interpreter)."""
+    root = Path(root)
+    shards = [shard for split in SPLITS for shard in read_manifest(root)["splits"][split]["shards"]]
+
+    def problem(shard: dict) -> str | None:
+        path = root / shard["path"]
+        try:
+            size, digest = (path.stat().st_size, "") if not shard.get("sha256") else file_size_and_sha256(path)
+        except FileNotFoundError:
+            return f"{path}: missing"
+        except OSError as err:
+            return f"{path}: unreadable ({err.strerror or err})"
+        if "bytes" in shard and size != shard["bytes"]:
+            return (f"{path}: {size:,} bytes, the manifest records {shard['bytes']:,}: cut short or changed since "
+                    "it was written")
+        if digest != shard.get("sha256", ""):
+            return (f"{path}: sha256 {digest[:16]}..., the manifest records {shard['sha256'][:16]}...: its bytes "
+                    "changed since it was written")
+        return None
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        problems = [found for found in pool.map(problem, shards) if found]
+    return problems, {"shards": len(shards), "hashed": sum(bool(s.get("sha256")) for s in shards),
+                      "bytes": sum(s.get("bytes", 0) for s in shards)}
 
 
 def staged(root: Path, relative: str) -> Path:

@@ -88,6 +88,20 @@ def cmd_data_collocations(args) -> int:
     return 0
 
 
+def cmd_data_verify(args) -> int:
+    from masktrain.data.shards import verify_shards
+
+    problems, totals = verify_shards(args.dir, args.workers)
+    for problem in problems:
+        print(problem)
+    hashed, count = totals["hashed"], totals["shards"]
+    checked = ("size and sha256" if hashed == count else "size only: the manifest records no sha256 (written "
+               "before manifests did)" if hashed == 0 else f"size, and sha256 for the {hashed} the manifest has one for")
+    print(f"{args.dir}: {totals['shards'] - len(problems)} of {totals['shards']} shards as the manifest records "
+          f"them ({checked}; {totals['bytes']:,} bytes)")
+    return 1 if problems else 0
+
+
 def prepare_settings(args) -> dict:
     """The `data.prepare` fields given as flags (dest `prepare.<field>`); absent ones keep their defaults."""
     return {dest.removeprefix("prepare."): value for dest, value in vars(args).items() if dest.startswith("prepare.")}
@@ -360,6 +374,11 @@ def parser() -> argparse.ArgumentParser:
                   ("shuffle_buffer", int, "documents shuffled together before writing (0: input order)"))
     p.add_argument("--tokenizer", required=True, help="folder of a tokenizer from `masktrain data tokenizer`")
     p.set_defaults(func=cmd_data_shards)
+    p = data.add_parser("verify", help="check that a dataset folder's shards are those its manifest lists (after a "
+                                       "copy to a cluster's file system, say): present, same size, same sha256")
+    p.add_argument("dir", help="dataset folder (with manifest.json)")
+    p.add_argument("--workers", type=int, default=4, help="files hashed at a time")
+    p.set_defaults(func=cmd_data_verify)
 
     p = sub.add_parser("export", help="write a checkpoint as a Hugging Face model folder")
     p.add_argument("checkpoint", help="a checkpoint folder, e.g. runs/smoke/checkpoints/step-00000060, or a run "

@@ -4,6 +4,7 @@ the target shard size, and bad input counted, or failing under --strict with the
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 import webdataset as wds
 
 from conftest import MASKTRAIN
-from masktrain.data.corpus import CorpusStats, InputError, documents, expand_inputs
+from masktrain.data.corpus import CorpusStats, DataError, InputError, documents, expand_inputs
 from masktrain.data.prepare import build_tokenizer, input_changes, input_sizes
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
@@ -277,6 +278,62 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
         result = run_cli("train", "smoke", *overrides, f"run.output_dir={run}")
         assert result.returncode == 1 and message in result.stderr, (name, result.stderr[-2000:])
         assert "Traceback" not in result.stderr and not run.exists(), name
+
+
+def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_them_under_strict(
+        tiny_data, tmp_path, capsys):
+    """A copy to a cluster's file system checked before a run of days: size and sha256 against the manifest."""
+    from masktrain.data.inputs import check_ready
+    from masktrain.launcher.loading import load_config
+
+    data = tmp_path / "data"
+    shutil.copytree(Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2]), data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    train, val = manifest["splits"]["train"]["shards"], manifest["splits"]["val"]["shards"]
+    assert len(train) >= 3
+    for shard in train + val:
+        assert shard["sha256"] == hashlib.sha256((data / shard["path"]).read_bytes()).hexdigest()
+
+    def verify() -> tuple[int, list[str]]:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["data", "verify", str(data), "--workers", "2"])
+        return exit_.value.code, capsys.readouterr().out.splitlines()
+
+    total = len(train) + len(val)
+    size = sum(s["bytes"] for s in train + val)
+    assert verify() == (0, [f"{data}: {total} of {total} shards as the manifest records them (size and sha256; "
+                            f"{size:,} bytes)"])
+
+    changed, cut, gone = (data / train[i]["path"] for i in range(3))
+    payload = bytearray(changed.read_bytes())
+    payload[2000] ^= 1
+    changed.write_bytes(bytes(payload))
+    cut.write_bytes(cut.read_bytes()[:-4096])
+    cfg = load_config("smoke", [*tiny_data, f"data.dir={data}"])
+    check_ready(cfg)  # not strict: said, and the run may start
+    assert (f"1 shard(s) in {data} differ in size from what its manifest records, e.g. {cut} "
+            f"({train[1]['bytes'] - 4096:,} bytes, {train[1]['bytes']:,} recorded)") in capsys.readouterr().err
+    cfg.data.strict = True
+    with pytest.raises(DataError, match=re.escape(f"{cut} ({train[1]['bytes'] - 4096:,} bytes")):
+        check_ready(cfg)
+    gone.unlink()
+    code, lines = verify()
+    assert code == 1 and sorted(lines[:-1]) == sorted([
+        f"{changed}: sha256 {hashlib.sha256(bytes(payload)).hexdigest()[:16]}..., the manifest records "
+        f"{train[0]['sha256'][:16]}...: its bytes changed since it was written",
+        f"{cut}: {train[1]['bytes'] - 4096:,} bytes, the manifest records {train[1]['bytes']:,}: cut short or "
+        "changed since it was written",
+        f"{gone}: missing"])
+    assert lines[-1].startswith(f"{data}: {total - 3} of {total} shards as the manifest records them")
+
+    # Shards written before manifests recorded a sha256 are checked by size.
+    for shard in train + val:
+        del shard["sha256"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    code, lines = verify()
+    assert code == 1 and len(lines) == 3 and "changed since" in lines[0] + lines[1] and "missing" in lines[0] + lines[1]
+    assert lines[-1].endswith("(size only: the manifest records no sha256 (written before manifests did); "
+                              f"{size:,} bytes)")
 
 
 def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_path):
