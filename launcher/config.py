@@ -184,7 +184,7 @@ class OptimConfig:
     lr: float = 1e-3
     """Peak learning rate."""
     schedule: str = "cosine"
-    """LR schedule after warmup: constant, linear, cosine, damped_cosine (see trainer.lr.LR_SCHEDULES)."""
+    """LR schedule after warmup: constant, linear, cosine, damped_cosine, wsd (see trainer.lr.LR_SCHEDULES)."""
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
@@ -192,6 +192,9 @@ class OptimConfig:
     """damped_cosine: number of cosine cycles after warmup."""
     damping: float = 0.5
     """damped_cosine: each cycle's peak is the previous one's times this."""
+    decay_fraction: float = 0.2
+    """wsd (warmup-stable-decay): the last fraction of the steps after warmup, over which the LR falls from the
+    peak to min_lr; before it the LR stays at the peak."""
     weight_decay: float = 0.01
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6

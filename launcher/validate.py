@@ -214,6 +214,7 @@ def validate(cfg: Config) -> list[str]:
     fraction(o.min_lr_ratio, "optim.min_lr_ratio")
     positive(o.cycles, "optim.cycles")
     check(0.0 < o.damping <= 1.0, "optim.damping", f"must be within (0, 1], got {o.damping}")
+    check(0.0 < o.decay_fraction <= 1.0, "optim.decay_fraction", f"must be within (0, 1], got {o.decay_fraction}")
     non_negative(o.weight_decay, "optim.weight_decay")
     check(len(o.betas) == 2 and all(0.0 <= b < 1.0 for b in o.betas), "optim.betas",
           f"must be two values within [0, 1), got {o.betas}")

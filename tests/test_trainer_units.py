@@ -31,7 +31,7 @@ from masktrain.trainer.metrics import Interval, Metrics
 from masktrain.trainer.status import REQUEUE_EXIT, read_status, write_status
 
 
-@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "damped_cosine"])
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine", "damped_cosine", "wsd"])
 def test_lr_warms_up_linearly_then_follows_the_schedule_to_its_floor(schedule):
     optim = OptimConfig(lr=1e-3, warmup_steps=10, schedule=schedule, min_lr_ratio=0.1, cycles=4, damping=0.5)
     lrs = [lr_at(step, optim, 110) for step in range(110)]
@@ -45,6 +45,16 @@ def test_lr_warms_up_linearly_then_follows_the_schedule_to_its_floor(schedule):
 def test_damped_cosine_restarts_each_cycle_at_a_damped_peak():
     optim = OptimConfig(lr=1.0, warmup_steps=0, schedule="damped_cosine", min_lr_ratio=0.0, cycles=4, damping=0.5)
     assert [lr_at(step, optim, 100) for step in (0, 25, 50, 75)] == pytest.approx([1.0, 0.5, 0.25, 0.125])
+
+
+def test_wsd_holds_the_peak_until_its_decay_whatever_the_run_length_then_falls_as_one_minus_sqrt():
+    optim = OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", min_lr_ratio=0.1, decay_fraction=0.25)
+    # 100 steps after warmup: the peak to step 85, then 0.9 * sqrt(u) off it over the last 25.
+    assert [lr_at(step, optim, 110) for step in (10, 50, 85)] == [1.0, 1.0, 1.0]
+    assert lr_at(85 + 25 // 4, optim, 110) == pytest.approx(1.0 - 0.9 * math.sqrt(6 / 25))
+    assert lr_at(110, optim, 110) == pytest.approx(0.1)
+    # A run extended before its decay goes on at the same LR: raised to 210 steps, step 50 to 85 are unchanged.
+    assert [lr_at(step, optim, 210) for step in range(86)] == [lr_at(step, optim, 110) for step in range(86)]
 
 
 def make_checkpoint(ckpt: Checkpointer, step: int, complete: bool = True) -> None:

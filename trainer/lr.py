@@ -18,7 +18,18 @@ LR_SCHEDULES: dict[str, Callable[[float, OptimConfig], float]] = {
     "cosine": lambda t, o: o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t)),
     # `cycles` cosine cycles, each peak `damping` times the previous; all reach min_lr at their end.
     "damped_cosine": lambda t, o: damped_cosine(t, o),
+    "wsd": lambda t, o: warmup_stable_decay(t, o),
 }
+
+
+def warmup_stable_decay(t: float, o: OptimConfig) -> float:
+    """The peak until the last `decay_fraction` of the steps after warmup, then down to min_lr along 1 - sqrt(u)
+    (Hagele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training Durations"). Until the
+    decay the LR does not depend on trainer.max_steps, so a run extended there goes on at the LR it had."""
+    start = 1.0 - o.decay_fraction
+    if t <= start:
+        return 1.0
+    return 1.0 - (1.0 - o.min_lr_ratio) * math.sqrt((t - start) / o.decay_fraction)
 
 
 def damped_cosine(t: float, o: OptimConfig) -> float:
