@@ -6,12 +6,36 @@ of tensors. Labels use -100 (PyTorch's ignore index) at positions that carry no 
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from masktrain.data import masking
 from masktrain.data.masking import IGNORE, PolicyOptions, Vocab
+
+
+def policy_function(name: str) -> Callable[..., torch.Tensor]:
+    """A selection policy by name: one of `masking.POLICIES`, or a researcher's own as `module:function`,
+    importable where the ranks and their loader workers run. It is called as the built-in ones are, (ids, vocab,
+    rate, gen, options), and returns bool[B, T]; it should draw only from `gen`, so that a resumed run masks as
+    the uninterrupted one. Special and padding tokens are never selected, whatever it returns."""
+    if name in masking.POLICIES:
+        return masking.POLICIES[name]
+    module, _, attribute = name.partition(":")
+    if not module or not attribute:
+        raise ValueError(f"unknown masking policy {name!r}: one of {', '.join(sorted(masking.POLICIES))}, or your "
+                         "own as module:function")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except ImportError as err:
+        raise ValueError(f"masking policy {name!r}: cannot import {module} ({err})") from None
+    except AttributeError:
+        raise ValueError(f"masking policy {name!r}: {module} has no {attribute}") from None
+    if not callable(found):
+        raise ValueError(f"masking policy {name!r}: {module}.{attribute} is not a function")
+    return found
 
 
 @dataclass(frozen=True)
@@ -29,8 +53,7 @@ class MaskSpec:
     (data.document_attention): batches then carry `position_ids` (see `document_positions`)."""
 
     def __post_init__(self):
-        if self.policy not in masking.POLICIES:
-            raise ValueError(f"unknown masking policy {self.policy!r}; valid: {', '.join(sorted(masking.POLICIES))}")
+        policy_function(self.policy)
         if self.share_across_batch and self.policy != "random":
             raise ValueError(f"share_across_batch needs the random policy, not {self.policy!r}")
 
@@ -42,7 +65,15 @@ class MaskSpec:
             pattern = masking.take_lowest(masking.random_keys((1, length), gen),
                                           torch.tensor([round(rate * length)]))
             return pattern.expand_as(ids) & masking.candidates(ids, self.vocab)
-        return masking.POLICIES[self.policy](ids, self.vocab, rate, gen, self.options)
+        selected = policy_function(self.policy)(ids, self.vocab, rate, gen, self.options)
+        if self.policy in masking.POLICIES:
+            return selected
+        if not isinstance(selected, torch.Tensor) or selected.dtype != torch.bool or selected.shape != ids.shape:
+            what = (f"{selected.dtype} {tuple(selected.shape)}" if isinstance(selected, torch.Tensor)
+                    else type(selected).__name__)
+            raise ValueError(f"masking policy {self.policy!r} returned {what}; a policy returns a bool tensor shaped "
+                             f"as its ids, {tuple(ids.shape)}")
+        return selected & masking.candidates(ids, self.vocab)
 
 
 def mlm_batch(ids: torch.Tensor, spec: MaskSpec, rate: float, gen: torch.Generator) -> dict[str, torch.Tensor]:

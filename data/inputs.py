@@ -17,7 +17,7 @@ from masktrain.data import collocations, importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.corpus import InputError
 from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
-from masktrain.data.masking import PolicyOptions, generator
+from masktrain.data.masking import POLICIES, PolicyOptions, generator
 from masktrain.data.reader import DataError, Skips, expand_urls
 from masktrain.data.schedules import rate_schedule
 from masktrain.data.shards import manifest_urls, read_manifest
@@ -96,11 +96,26 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
     policies = (cfg.data.masking.policy,) if training else ()
     for policy in dict.fromkeys((*policies, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
         try:
-            mask_spec(cfg, tokenizer, policy)
+            spec = mask_spec(cfg, tokenizer, policy)
         except (OSError, ValueError) as err:
             problems.append(str(err))
+            continue
+        if spec.policy not in POLICIES and (failure := try_policy(spec, packing(cfg, tokenizer,
+                                                                               OBJECTIVES[cfg.model.objective].encoder))):
+            problems.append(failure)
     if problems:
         raise DataError("the run's data is not ready:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def try_policy(spec: MaskSpec, pack: Packing) -> str | None:
+    """Why a masking policy of the researcher's own fails on a small batch, or None: said once before any rank
+    starts, rather than as a traceback in every loader worker."""
+    row = torch.cat([torch.tensor([pack.start_id]), spec.vocab.regular_ids[:62], torch.tensor([pack.end_id])])
+    try:
+        spec.select(torch.stack([row, row.flip(0)]), 0.5, generator(0))
+    except Exception as err:  # the researcher's code: whatever it raises is the reason
+        return f"masking policy {spec.policy!r} fails on a batch of 2 rows: {type(err).__name__}: {err}"
+    return None
 
 
 def resized_shards(data_dir: str | Path, manifest: dict, splits: tuple[str, ...]) -> list[str]:

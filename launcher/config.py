@@ -59,7 +59,8 @@ class MaskingConfig:
     """Which tokens an objective corrupts and how many, as a pure function of the global step."""
 
     policy: str = "random"
-    """Selection policy: random, whole_word, span, importance or pmi (see `masktrain.data.masking.POLICIES`)."""
+    """Selection policy: random, whole_word, span, importance or pmi (see `masktrain.data.masking.POLICIES`), or
+    your own as `module:function` (see `masktrain.data.batches.policy_function`)."""
     rate: float = 0.15
     """Fraction of maskable tokens selected (the schedule's start value)."""
     schedule: str = "constant"

@@ -74,7 +74,7 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
 
 def validate(cfg: Config) -> list[str]:
     """Every problem with `cfg`, as 'key: what is wrong' lines (empty when valid)."""
-    from masktrain.data.masking import POLICIES
+    from masktrain.data.batches import policy_function
     from masktrain.data.schedules import SCHEDULES
     from masktrain.data.tokenizer import MIN_VOCAB_SIZE
     from masktrain.trainer.lr import LR_SCHEDULES
@@ -125,9 +125,12 @@ def validate(cfg: Config) -> list[str]:
     non_negative(p.max_docs, "data.prepare.max_docs")
 
     m = d.masking
-    choice(m.policy, "data.masking.policy", POLICIES)
-    if m.eval_policy:
-        choice(m.eval_policy, "data.masking.eval_policy", POLICIES)
+    for key in ("policy", "eval_policy"):
+        if name := getattr(m, key):  # a policy of the researcher's own is imported here, before any process starts
+            try:
+                policy_function(name)
+            except ValueError as err:
+                check(False, f"data.masking.{key}", str(err))
     choice(m.schedule, "data.masking.schedule", SCHEDULES)
     for key in ("rate", "final_rate", "eval_rate", "mask_prob", "random_prob"):
         fraction(getattr(m, key), f"data.masking.{key}")
@@ -293,8 +296,12 @@ def inert_policy_options(cfg: Config, masking: dict) -> list[str]:
     objective = OBJECTIVES.get(cfg.model.objective)  # an unknown one: `validate` says so
     if objective is not None and not objective.masked:
         return []
+    from masktrain.data.masking import POLICIES
+
     m, default = cfg.data.masking, MaskingConfig()
     used = {m.policy, m.eval_policy or m.policy}
+    if used - POLICIES.keys():  # a policy of the researcher's own may read any option
+        return []
     return [f"data.masking.{key}: {getattr(m, key)}, but only the {policy} policy reads it, and data.masking.policy "
             f"is {m.policy}{f' (eval_policy {m.eval_policy})' if m.eval_policy else ''}; set policy or eval_policy "
             f"to {policy}, or drop the option"

@@ -227,5 +227,6 @@ def test_eval_policy_gives_runs_of_other_policies_the_same_validation_masks(tiny
     span_judged_as_random = labels("data.masking.policy=span", "data.masking.eval_policy=random")
     assert len(random) == 3 and all(torch.equal(a, b) for a, b in zip(random, span_judged_as_random))
     assert not all(torch.equal(a, b) for a, b in zip(random, span))
-    with pytest.raises(Exception, match="data.masking.eval_policy: unknown value 'spans'"):
+    with pytest.raises(Exception, match="data.masking.eval_policy: unknown masking policy 'spans': one of importance, "
+                                        "pmi, random, span, whole_word"):
         load_config("smoke", [*tiny_data, "data.masking.eval_policy=spans"])

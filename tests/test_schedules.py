@@ -137,7 +137,8 @@ def test_bad_masking_settings_are_all_reported_with_valid_names():
                               "data.masking.final_rate=0.0", "data.masking.schedule=step",
                               "data.masking.step_count=1"])
     text = "\n".join(err.value.problems)
-    assert "data.masking.policy: unknown value 'spans'; valid: importance, pmi, random, span, whole_word" in text
+    assert ("data.masking.policy: unknown masking policy 'spans': one of importance, pmi, random, span, whole_word, or "
+            "your own as module:function") in text
     assert "data.masking.span_mean: must be within [1, span_max (10)], got 0.5" in text
     assert "data.masking.final_rate: objective mlm needs a masking rate > 0" in text
     assert "data.masking.step_count: the step schedule needs at least 2 plateaus" in text
