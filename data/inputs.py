@@ -31,26 +31,34 @@ def tokenizer_dir(cfg: Config) -> Path:
     return Path(cfg.data.tokenizer or Path(cfg.data.dir) / "tokenizer")
 
 
+def from_manifest(cfg: Config, split: str) -> bool:
+    """Whether a split's shards are the manifest's: not when the config lists them, and training shards given
+    without validation shards mean no validation, not data.dir's."""
+    return not (cfg.data.train_shards if split == "train" else cfg.data.val_shards or cfg.data.train_shards)
+
+
 def shard_urls(cfg: Config, split: str) -> list[str]:
-    """A split's shards: the config's list, else the manifest's. Training shards given without validation
-    shards mean no validation, not data.dir's."""
-    urls = cfg.data.train_shards if split == "train" else cfg.data.val_shards
-    if urls or (split == "val" and cfg.data.train_shards):
-        return urls
-    return manifest_urls(cfg.data.dir, split)
+    """A split's shards: the config's list, else the manifest's (see `from_manifest`)."""
+    if from_manifest(cfg, split):
+        return manifest_urls(cfg.data.dir, split)
+    return cfg.data.train_shards if split == "train" else cfg.data.val_shards
 
 
 def manifest_shards(cfg: Config, split: str) -> list[dict] | None:
     """The manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards come from
     it, else None."""
-    return None if cfg.data.train_shards else read_manifest(cfg.data.dir)["splits"][split]["shards"]
+    return read_manifest(cfg.data.dir)["splits"][split]["shards"] if from_manifest(cfg, split) else None
 
 
 def shard_contents(cfg: Config, split: str) -> str:
     """A digest of the manifest's record of a split's shards, or "": two corpora prepared alike name their
-    shards alike."""
+    shards alike. Their sha256 is left out: manifests before it was recorded gave the same shards another
+    digest, and a run resumed on the same data prepared again would have been refused."""
     record = manifest_shards(cfg, split)
-    return "" if record is None else hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+    if record is None:
+        return ""
+    counts = [{key: value for key, value in shard.items() if key != "sha256"} for shard in record]
+    return hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool = True) -> None:
@@ -84,7 +92,8 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             manifest = {}  # reported above
         if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
             problems.append(mismatch)
-        if resized := resized_shards(cfg.data.dir, manifest, ("train", "val") if training else ("val",)):
+        read = [split for split in (("train", "val") if training else ("val",)) if from_manifest(cfg, split)]
+        if resized := resized_shards(cfg.data.dir, manifest, tuple(read)):
             said = (f"{len(resized)} shard(s) in {cfg.data.dir} differ in size from what its manifest records, e.g. "
                     f"{resized[0]}: cut short or changed since they were written (`masktrain data verify "
                     f"{cfg.data.dir}` checks their bytes too)")

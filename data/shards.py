@@ -195,7 +195,11 @@ def verify_shards(root: str | Path, workers: int = 4) -> tuple[list[str], dict[s
     def problem(shard: dict) -> str | None:
         path = root / shard["path"]
         try:
-            size, digest = (path.stat().st_size, "") if not shard.get("sha256") else file_size_and_sha256(path)
+            if shard.get("sha256"):
+                size, digest = file_size_and_sha256(path)
+            else:  # opened all the same: a file this user cannot read is no shard to train on
+                with open(path, "rb") as handle:
+                    size, digest = os.fstat(handle.fileno()).st_size, ""
         except FileNotFoundError:
             return f"{path}: missing"
         except OSError as err:

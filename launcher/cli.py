@@ -89,9 +89,16 @@ def cmd_data_collocations(args) -> int:
 
 
 def cmd_data_verify(args) -> int:
-    from masktrain.data.shards import verify_shards
+    from masktrain.data.shards import MANIFEST, verify_shards
 
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"{args.dir}: no such folder")
+    if not (Path(args.dir) / MANIFEST).is_file():
+        raise FileNotFoundError(f"{args.dir}: no {MANIFEST}, so not a dataset folder of `masktrain data prepare` or "
+                                "`data shards`")
     problems, totals = verify_shards(args.dir, args.workers)
+    if totals["shards"] == 0:
+        problems.append(f"{Path(args.dir) / MANIFEST}: lists no shard")
     for problem in problems:
         print(problem)
     hashed, count = totals["hashed"], totals["shards"]

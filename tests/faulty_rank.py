@@ -5,6 +5,8 @@ Run under torchrun in place of `-m masktrain.trainer.rank`. The faults come from
   FAULT_NAN_FROM                   every rank's loss is NaN from this step on
   FAULT_SIGNAL_IN_SAVE             RANK:STEP, that rank gets SIGUSR1 while it saves the checkpoint of STEP
   FAULT_HANG                       RANK:STEP, that rank hangs in its forward of STEP (sleeps until killed)
+  FAULT_BAD_DATA_RANK              that rank's loader finds a corrupt shard at its first batch (DataError)
+  FAULT_SLOW_RUNNING               seconds rank 0 takes to write the "running" status (a slow file system)
   FAULT_LOG                        folder for rank<r>.jsonl: a weight checksum at the start of every step, and
                                    fsync-rank<r>.txt: every path that rank fsyncs
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from masktrain.data.reader import DataError
 from masktrain.launcher.loading import read_run_config
 from masktrain.trainer import checkpoint
 from masktrain.trainer import train as train_module
@@ -72,6 +75,36 @@ def signal_during_save(save):
     return saving
 
 
+class BadData:
+    """A rank's loader whose first batch is in a corrupt shard; the rest it delegates."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __next__(self):
+        raise DataError("corrupt shard: injected.tar: after member 0000000001.tokens.npy")
+
+
+def bad_data_on(rank: int, train_loader):
+    def loader(*args, **kwargs):
+        real = train_loader(*args, **kwargs)
+        return BadData(real) if int(os.environ["RANK"]) == rank else real
+
+    return loader
+
+
+def slow_running_status(write_status, seconds: float):
+    def write(run_dir, state, *args, **kwargs):
+        if state == "running":
+            time.sleep(seconds)
+        return write_status(run_dir, state, *args, **kwargs)
+
+    return write
+
+
 def noting_fsyncs(fsync):
     log = Path(os.environ["FAULT_LOG"]) / f"fsync-rank{os.environ['RANK']}.txt"
 
@@ -89,6 +122,12 @@ def main() -> None:
     train_module.build_model = lambda *args, **kwargs: FaultyModel(build(*args, **kwargs), cfg.grad_accum)
     checkpoint.Checkpointer.save = signal_during_save(checkpoint.Checkpointer.save)
     checkpoint.fsync_path = noting_fsyncs(checkpoint.fsync_path)
+    if "FAULT_BAD_DATA_RANK" in os.environ:
+        train_module.inputs.train_loader = bad_data_on(int(os.environ["FAULT_BAD_DATA_RANK"]),
+                                                       train_module.inputs.train_loader)
+    if "FAULT_SLOW_RUNNING" in os.environ:
+        train_module.write_status = slow_running_status(train_module.write_status,
+                                                        float(os.environ["FAULT_SLOW_RUNNING"]))
     train_module.main(sys.argv[1:])
 
 

@@ -283,7 +283,7 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
 def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_them_under_strict(
         tiny_data, tmp_path, capsys):
     """A copy to a cluster's file system checked before a run of days: size and sha256 against the manifest."""
-    from masktrain.data.inputs import check_ready
+    from masktrain.data.inputs import check_ready, shard_contents
     from masktrain.launcher.loading import load_config
 
     data = tmp_path / "data"
@@ -316,6 +316,14 @@ def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_
     cfg.data.strict = True
     with pytest.raises(DataError, match=re.escape(f"{cut} ({train[1]['bytes'] - 4096:,} bytes")):
         check_ready(cfg)
+    # Only the shards the run reads count: validation shards listed from elsewhere leave data.dir's val split alone.
+    cut_val = data / val[0]["path"]
+    cut_val.write_bytes(cut_val.read_bytes()[:-4096])
+    cfg.data.strict, cfg.data.val_shards = False, [str(data / train[-1]["path"])]
+    capsys.readouterr()
+    check_ready(cfg)
+    assert str(cut_val) not in capsys.readouterr().err
+
     gone.unlink()
     code, lines = verify()
     assert code == 1 and sorted(lines[:-1]) == sorted([
@@ -323,17 +331,27 @@ def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_
         f"{train[0]['sha256'][:16]}...: its bytes changed since it was written",
         f"{cut}: {train[1]['bytes'] - 4096:,} bytes, the manifest records {train[1]['bytes']:,}: cut short or "
         "changed since it was written",
+        f"{cut_val}: {val[0]['bytes'] - 4096:,} bytes, the manifest records {val[0]['bytes']:,}: cut short or "
+        "changed since it was written",
         f"{gone}: missing"])
-    assert lines[-1].startswith(f"{data}: {total - 3} of {total} shards as the manifest records them")
+    assert lines[-1].startswith(f"{data}: {total - 4} of {total} shards as the manifest records them")
 
-    # Shards written before manifests recorded a sha256 are checked by size.
+    # Shards written before manifests recorded a sha256 are checked by size, and opened; a run's data position
+    # recorded on such a manifest resumes on the same shards prepared again, which have one.
+    contents = shard_contents(cfg, "train")
     for shard in train + val:
         del shard["sha256"]
     (data / "manifest.json").write_text(json.dumps(manifest))
+    assert shard_contents(cfg, "train") == contents
     code, lines = verify()
-    assert code == 1 and len(lines) == 3 and "changed since" in lines[0] + lines[1] and "missing" in lines[0] + lines[1]
+    assert code == 1 and len(lines) == 4 and sum("changed since" in line for line in lines) == 2
+    assert any(line == f"{gone}: missing" for line in lines)
     assert lines[-1].endswith("(size only: the manifest records no sha256 (written before manifests did); "
                               f"{size:,} bytes)")
+    for folder, said in ((tmp_path / "absent", "no such folder"), (data / "train", "no manifest.json, so not a dataset")):
+        with pytest.raises(SystemExit):
+            cli.main(["data", "verify", str(folder)])
+        assert f"masktrain: {folder}: {said}" in capsys.readouterr().err
 
 
 def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_path):

@@ -119,6 +119,20 @@ def test_bad_data_under_strict_ends_the_run_as_failed_with_the_member_named(tiny
     assert "Traceback" not in result.stderr
 
 
+def test_bad_data_on_one_rank_ends_the_run_as_failed_even_when_rank_0_is_slow_to_say_it_runs(tiny_data, tmp_path):
+    """Rank 1's first batch is in a corrupt shard while rank 0, on a slow file system, is still writing "running":
+    the verdict comes after it (it replaced the verdict, and the run ended without one)."""
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [*tiny_data, f"run.output_dir={run}", "data.strict=true", "trainer.max_steps=4",
+                                "trainer.progress_bar=false"])
+    ranks = run_faulty_ranks(cfg, {"FAULT_LOG": str(tmp_path), "FAULT_BAD_DATA_RANK": "1", "FAULT_SLOW_RUNNING": "3",
+                                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"})
+    assert outcome(run, ranks.returncode) == 1, ranks.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "state": "failed", "step": 0,
+                      "reason": "corrupt shard: injected.tar: after member 0000000001.tokens.npy"}, status
+
+
 def run_faulty_ranks(cfg, env: dict[str, str]) -> subprocess.CompletedProcess:
     config_path = write_run_config(cfg)
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

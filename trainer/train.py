@@ -237,6 +237,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     ended, reason = "completed", None
     if is_main:
         write_status(out_dir, "running", state.step, start=launch_start)
+    # A rank that fails at its first batch (bad data under data.strict) writes its verdict after this one, not
+    # before it, where rank 0's "running" would replace it and leave the run without a verdict.
+    dist.barrier()
 
     def save() -> Path:
         ranks = [None] * runtime.world_size
