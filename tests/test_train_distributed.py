@@ -447,6 +447,19 @@ def test_a_logged_loss_is_the_mean_over_the_steps_since_the_previous_log(tiny_da
     assert interval[6] == pytest.approx((step[4] + step[5] + step[6]) / 3, rel=1e-6)
 
 
+def test_a_run_whose_console_reader_leaves_trains_to_its_end(tiny_data, tmp_path):
+    """`masktrain train ... | head -1`, or a tee that died: every rank met the closed pipe at its next line."""
+    run = tmp_path / "run"
+    train = subprocess.Popen([MASKTRAIN, "train", "smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=6",
+                              "trainer.progress_bar=false"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert train.stdout.readline()
+    train.stdout.close()  # as head does once it has its line
+    code = train.wait(timeout=300)
+    assert code in (0, 128 + signal.SIGPIPE)  # the launcher's own last line may meet the pipe too
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    assert Checkpointer(run, 1, False).latest().name == "step-00000006"
+
+
 def test_checkpoint_minutes_saves_on_rank_0s_clock_on_every_rank(tiny_data, tmp_path):
     """A save is collective: rank 0's clock decides for both ranks (were they to disagree, the save would hang).
     At 1e-5 minutes (0.6 ms) every step is due, whatever checkpoint_every says."""

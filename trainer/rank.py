@@ -8,12 +8,46 @@ nothing saved and no status written, instead of being honoured after the first s
 from __future__ import annotations
 
 import gc
+import os
+import sys
 
 from masktrain.trainer.signals import StopRequest
 
 
+class Console:
+    """A rank's stdout or stderr, which outlives its reader: with `masktrain train | head`, or a `tee` that died,
+    every rank died at its next line (DeepSpeed's start-up notes among them), and the run with it. Once the pipe
+    is gone the lines go to /dev/null; the run's record is in metrics.jsonl, TensorBoard and status.json."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.gone()
+
+    def gone(self) -> None:
+        """The descriptor itself, so that what writes to it directly (faulthandler, C++ libraries) is let be too."""
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, self.stream.fileno())
+        os.close(null)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main() -> None:
     stop = StopRequest().install()
+    sys.stdout, sys.stderr = Console(sys.stdout), Console(sys.stderr)
     from masktrain.trainer.train import main as train_main
 
     try:
