@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import scalars
+from masktrain.data.shards import file_size_and_sha256
 from masktrain.launcher.launch import outcome, rank_environment, write_run_config
 from masktrain.launcher.loading import load_config
 from masktrain.launcher.overview import overview
@@ -34,7 +35,8 @@ def npy(array: np.ndarray) -> bytes:
 
 
 def spoil_shards(data_dir: Path) -> None:
-    """Put an undecodable sample and an empty document at the start of every training shard."""
+    """Put an undecodable sample and an empty document at the start of every training shard, as if written so: the
+    manifest records the shards as they now are (a copy cut short is another test's)."""
     bad = {"aaa-bad-sample.tokens.npy": b"not an npy file", "aaa-empty-doc.tokens.npy": npy(np.zeros(0, np.uint16))}
     for shard in sorted((data_dir / "train").glob("*.tar")):
         with tarfile.open(shard) as tar:
@@ -46,6 +48,10 @@ def spoil_shards(data_dir: Path) -> None:
                 tar.addfile(info, io.BytesIO(payload))
             for member, payload in members:
                 tar.addfile(member, io.BytesIO(payload))
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    for shard in manifest["splits"]["train"]["shards"]:
+        shard["bytes"], shard["sha256"] = file_size_and_sha256(data_dir / shard["path"])
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data, tmp_path):
