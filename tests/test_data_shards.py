@@ -352,6 +352,11 @@ def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_
         with pytest.raises(SystemExit):
             cli.main(["data", "verify", str(folder)])
         assert f"masktrain: {folder}: {said}" in capsys.readouterr().err
+    for split in ("train", "val"):
+        manifest["splits"][split]["shards"] = []
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    code, lines = verify()
+    assert code == 1 and lines[0] == f"{data / 'manifest.json'}: lists no shard"
 
 
 def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_path):

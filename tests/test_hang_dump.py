@@ -3,6 +3,7 @@ one that ends in time; the log when the file cannot be written or the watchdog c
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -88,3 +89,16 @@ def test_a_c_call_that_holds_the_interpreter_gets_faulthandlers_dump_in_the_log(
         watchdog.close()
     err = capfd.readouterr().err
     assert re.search(r"Timeout \(0:00:00\.2\d*\)!\n(.*\n)*.* in match\n.* in test_a_c_call", err), err
+
+
+def test_a_dump_to_a_file_system_that_hangs_is_said_in_the_log_and_does_not_hold_the_rank(tmp_path, capsys):
+    """A named pipe nobody reads stands in for a dead hard mount: opening the file never returns."""
+    (tmp_path / "stacks").mkdir()
+    os.mkfifo(tmp_path / "stacks" / "rank0.tmp")
+    watchdog = HangDump(0.1, tmp_path, rank=0)
+    watchdog.begin("step 5")
+    time.sleep(0.5)
+    started = time.monotonic()
+    watchdog.close()
+    assert time.monotonic() - started < hang_dump.CLOSE_WAIT + 0.5
+    assert "[masktrain] rank 0: step 5 has not ended after 0.1 s" in capsys.readouterr().err
