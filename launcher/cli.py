@@ -484,7 +484,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         # Python ignores SIGPIPE, which ends other commands quietly there: end as they do, with the shell's code for
         # it. What is still buffered goes to /dev/null, or the flush at exit would report the pipe again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        from masktrain.trainer.rank import to_devnull
+
+        to_devnull(sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
     except ConfigError as err:
         print(f"masktrain: {err}", file=sys.stderr)

@@ -36,13 +36,18 @@ class Console:
             self.gone()
 
     def gone(self) -> None:
-        """The descriptor itself, so that what writes to it directly (faulthandler, C++ libraries) is let be too."""
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, self.stream.fileno())
-        os.close(null)
+        to_devnull(self.stream.fileno())
 
     def __getattr__(self, name: str):
         return getattr(self.stream, name)
+
+
+def to_devnull(fd: int) -> None:
+    """Point an output whose reader has gone at /dev/null: the descriptor itself, so that what writes to it directly
+    (faulthandler, C++ libraries, the flush at exit) meets no broken pipe either."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, fd)
+    os.close(null)
 
 
 def main() -> None:
