@@ -180,9 +180,12 @@ def write_dataset(docs: Iterable[tuple[str, np.ndarray]], root: str | Path, voca
     return manifest
 
 
-def file_size_and_sha256(path: Path) -> tuple[int, str]:
+def file_size_and_sha256(path: Path, hashed: bool = True) -> tuple[int, str]:
+    """(size, sha256) of a file, opened once; without `hashed` its bytes are not read and the sha256 is "", but
+    the open still finds a file this user cannot read."""
     with open(path, "rb") as handle:
-        return os.fstat(handle.fileno()).st_size, hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.file_digest(handle, "sha256").hexdigest() if hashed else ""
+        return os.fstat(handle.fileno()).st_size, digest
 
 
 def verify_shards(root: str | Path, workers: int = 4) -> tuple[list[str], dict[str, int]]:
@@ -195,11 +198,7 @@ def verify_shards(root: str | Path, workers: int = 4) -> tuple[list[str], dict[s
     def problem(shard: dict) -> str | None:
         path = root / shard["path"]
         try:
-            if shard.get("sha256"):
-                size, digest = file_size_and_sha256(path)
-            else:  # opened all the same: a file this user cannot read is no shard to train on
-                with open(path, "rb") as handle:
-                    size, digest = os.fstat(handle.fileno()).st_size, ""
+            size, digest = file_size_and_sha256(path, hashed=bool(shard.get("sha256")))
         except FileNotFoundError:
             return f"{path}: missing"
         except OSError as err:
