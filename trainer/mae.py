@@ -84,13 +84,11 @@ class MaeLM(nn.Module):
         reads its other rows, so its output projection and feed-forward (three quarters of its weight matmuls) run
         only where a prediction is made: the reference computes them everywhere and discards the rest."""
         *body, last = self.decoder.encoder.layer
-        if position_ids is None:
-            hidden = self.decoder.embeddings(inputs_embeds=slots)
-            mask = create_bidirectional_mask(config=self.decoder.config, inputs_embeds=hidden,
-                                             attention_mask=attention_mask)
-        else:
-            hidden = self.decoder.embeddings(inputs_embeds=slots, position_ids=position_ids + self.position_offset)
-            mask = document_mask(self.decoder.config, hidden.dtype, position_ids, attention_mask)
+        documents = position_ids is not None
+        hidden = self.decoder.embeddings(inputs_embeds=slots,
+                                         position_ids=position_ids + self.position_offset if documents else None)
+        mask = (document_mask(self.decoder.config, hidden.dtype, position_ids, attention_mask) if documents else
+                create_bidirectional_mask(config=self.decoder.config, inputs_embeds=hidden, attention_mask=attention_mask))
         for layer in body:
             hidden = layer(hidden, attention_mask=mask)
         context, _ = last.attention.self(hidden, attention_mask=mask)
