@@ -26,7 +26,7 @@ import webdataset as wds
 
 from benchmarks.common import write_result
 from masktrain.data.batches import MaskSpec, mlm_batch
-from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
+from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing, Source
 from masktrain.data.masking import Vocab
 from masktrain.data.reader import Skips, Unit, read_unit
 from masktrain.data.shards import manifest_urls, publish_dataset, write_dataset
@@ -58,8 +58,8 @@ def mlm_spec() -> MaskSpec:
 
 
 def loader_tokens_per_second(urls: list[str], workers: int, mask: bool, batches: int) -> float:
-    spec = LoaderSpec(urls=urls, rank=0, world_size=1, num_workers=workers, seed=0, micro_batch_size=MICRO_BATCH,
-                      shuffle_block=1000, packing=Packing(SEQ_LEN, 4, 5), vocab_size=VOCAB)
+    spec = LoaderSpec(sources=[Source(urls)], rank=0, world_size=1, num_workers=workers, seed=0,
+                      micro_batch_size=MICRO_BATCH, shuffle_block=1000, packing=Packing(SEQ_LEN, 4, 5), vocab_size=VOCAB)
     batcher = Batcher(mlm_batch, mlm_spec(), constant_rate, 0, 0, 1) if mask else \
         Batcher(rows_only, None, constant_rate, 0, 0, 1)
     loader = Loader(spec, batcher)

@@ -16,7 +16,7 @@ import torch
 from masktrain.data import collocations, importance
 from masktrain.data.batches import MaskSpec
 from masktrain.data.corpus import InputError
-from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing
+from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing, Source
 from masktrain.data.masking import POLICIES, PolicyOptions, generator
 from masktrain.data.reader import DataError, Skips, expand_urls
 from masktrain.data.schedules import rate_schedule
@@ -32,33 +32,57 @@ def tokenizer_dir(cfg: Config) -> Path:
 
 
 def from_manifest(cfg: Config, split: str) -> bool:
-    """Whether a split's shards are the manifest's: not when the config lists them, and training shards given
-    without validation shards mean no validation, not data.dir's."""
-    return not (cfg.data.train_shards if split == "train" else cfg.data.val_shards or cfg.data.train_shards)
+    """Whether a split's shards are data.dir's manifest's: not when the config lists them or trains on a
+    mixture, and training shards given without validation shards mean no validation, not data.dir's."""
+    if split == "train":
+        return not (cfg.data.train_shards or cfg.data.mixture)
+    return not (cfg.data.val_shards or cfg.data.train_shards)
 
 
 def shard_urls(cfg: Config, split: str) -> list[str]:
-    """A split's shards: the config's list, else the manifest's (see `from_manifest`)."""
+    """A split's shards: the config's list, else the manifest's (see `from_manifest`); a mixture's train
+    shards are all its sources'."""
+    if split == "train" and cfg.data.mixture:
+        return [url for source in train_sources(cfg) for url in source.urls]
     if from_manifest(cfg, split):
         return manifest_urls(cfg.data.dir, split)
     return cfg.data.train_shards if split == "train" else cfg.data.val_shards
 
 
 def manifest_shards(cfg: Config, split: str) -> list[dict] | None:
-    """The manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards come from
-    it, else None."""
+    """data.dir's manifest's record of a split's shards (paths, documents, tokens, bytes) when the shards come
+    from it, else None."""
     return read_manifest(cfg.data.dir)["splits"][split]["shards"] if from_manifest(cfg, split) else None
 
 
-def shard_contents(cfg: Config, split: str) -> str:
-    """A digest of the manifest's record of a split's shards, or "": two corpora prepared alike name their
+def contents_digest(record: list[dict] | None) -> str:
+    """A digest of a manifest's record of shards, or "" without one: two corpora prepared alike name their
     shards alike. Their sha256 is left out: manifests before it was recorded gave the same shards another
     digest, and a run resumed on the same data prepared again would have been refused."""
-    record = manifest_shards(cfg, split)
     if record is None:
         return ""
     counts = [{key: value for key, value in shard.items() if key != "sha256"} for shard in record]
     return hashlib.sha256(json.dumps(counts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def shard_contents(cfg: Config, split: str) -> str:
+    return contents_digest(manifest_shards(cfg, split))
+
+
+def train_sources(cfg: Config) -> list[Source]:
+    """What the training loader reads: data.dir's train split (or data.train_shards), or the mixture's."""
+    if not cfg.data.mixture:
+        return [Source(shard_urls(cfg, "train"), contents=shard_contents(cfg, "train"))]
+    return [Source(manifest_urls(source.dir, "train"), source.weight,
+                   contents_digest(read_manifest(source.dir)["splits"]["train"]["shards"]), name=source.dir)
+            for source in cfg.data.mixture]
+
+
+def train_manifests(cfg: Config) -> list[list[dict] | None]:
+    """Per training source, its manifest's record of the shards (None: listed in data.train_shards)."""
+    if not cfg.data.mixture:
+        return [manifest_shards(cfg, "train")]
+    return [read_manifest(source.dir)["splits"]["train"]["shards"] for source in cfg.data.mixture]
 
 
 def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool = True) -> None:
@@ -85,18 +109,22 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             problems.append(f"no {split} shards (data.{split}_shards, or the manifest in data.dir)")
         if absent:
             problems.append(f"{split} shards missing: {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
-    if not cfg.data.train_shards:
+    # Each folder whose manifest lists shards the run reads, with the splits it reads from there.
+    folders = {cfg.data.dir: tuple(split for split in (("train", "val") if training else ("val",))
+                                   if from_manifest(cfg, split))} if not cfg.data.train_shards else {}
+    for source in cfg.data.mixture if training else ():
+        folders[source.dir] = (*folders.get(source.dir, ()), "train")
+    for folder, read in folders.items():
         try:
-            manifest = read_manifest(cfg.data.dir)
+            manifest = read_manifest(folder)
         except (OSError, DataError):
             manifest = {}  # reported above
-        if mismatch := other_tokenizer(manifest, tokenizer, cfg.data.dir):
+        if mismatch := other_tokenizer(manifest, tokenizer, folder):
             problems.append(mismatch)
-        read = [split for split in (("train", "val") if training else ("val",)) if from_manifest(cfg, split)]
-        if resized := resized_shards(cfg.data.dir, manifest, tuple(read)):
-            said = (f"{len(resized)} shard(s) in {cfg.data.dir} differ in size from what its manifest records, e.g. "
+        if resized := resized_shards(folder, manifest, read):
+            said = (f"{len(resized)} shard(s) in {folder} differ in size from what its manifest records, e.g. "
                     f"{resized[0]}: cut short or changed since they were written (`masktrain data verify "
-                    f"{cfg.data.dir}` checks their bytes too)")
+                    f"{folder}` checks their bytes too)")
             if cfg.data.strict:
                 problems.append(said)
             else:
@@ -189,21 +217,19 @@ def mask_spec(cfg: Config, tokenizer: Tokenizer, policy: str = "") -> MaskSpec:
 
 def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: Tokenizer, rank: int,
                  world_size: int) -> Loader:
-    spec = LoaderSpec(urls=shard_urls(cfg, "train"), rank=rank, world_size=world_size,
+    spec = LoaderSpec(sources=train_sources(cfg), rank=rank, world_size=world_size,
                       num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                       micro_batch_size=cfg.data.micro_batch_size, shuffle_block=cfg.data.shuffle_block,
-                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer),
-                      contents=shard_contents(cfg, "train"))
+                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer))
     batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
                       cfg.run.seed, rank, cfg.grad_accum)
     return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)
 
 
 def uneven_epochs(cfg: Config, loader: Loader) -> str:
-    """The loader's note on how unevenly an epoch spreads over its slots, weighed by the manifest's tokens."""
-    shards = manifest_shards(cfg, "train")
-    return loader.uneven_epochs(None if shards is None else [shard["tokens"] for shard in shards],
-                                cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.data.seq_len)
+    """The loader's note on how unevenly an epoch spreads over its slots, weighed by the manifests' tokens."""
+    tokens = [None if shards is None else [shard["tokens"] for shard in shards] for shards in train_manifests(cfg)]
+    return loader.uneven_epochs(tokens, cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.data.seq_len)
 
 
 def eval_rate(cfg: Config) -> float:

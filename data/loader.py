@@ -1,14 +1,18 @@
 """The streaming training loader: shards -> shuffled documents -> packed rows -> masked batches.
 
+Sources. The shards come from one source, or from several mixed by weight (`data.mixture`). Each source is read
+as below on its own, and a slot takes each row from the source whose next row is due first (`next_source`), so
+every batch holds the sources' rows in proportion to their weights, and a small source simply runs more epochs.
+
 Layout. Each rank has `max(1, num_workers)` slots (one per worker process); slot s of rank r reads, in
 epoch e, every n-th unit of a permutation of all units seeded by (seed, e), where n = world * workers. A slot
 never runs dry: after its units of epoch e it moves on to e + 1, so every rank yields as many batches as the
 trainer asks for, however uneven the shards (a finite epoch per rank is what hangs DeepSpeed jobs).
 
 Position. Documents are shuffled in blocks of `shuffle_block` read from one unit, each block permuted by a
-seed derived from its place. A slot's whole position is therefore five integers (epoch, unit, block start,
-index in block, token offset in the document being packed); a resume re-reads the current unit up to the end
-of the current block, and nothing else.
+seed derived from its place. A slot's position in a source is therefore five integers (epoch, unit, block
+start, index in block, token offset in the document being packed), plus the rows it took from each source; a
+resume re-reads each source's current unit up to the end of its current block, and nothing else.
 
 Exactness with workers. Every batch carries the state of its slot *after* that batch. The main process keeps
 the state of the batches it has consumed (not what workers have prefetched) and which slot comes next; a
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from fractions import Fraction
 import multiprocessing.util
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -32,13 +37,16 @@ from masktrain.data import masking
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
 from masktrain.trainer.signals import ignore_stops, stops_deferred
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+"""2: one source, its position fields in the slot's state (read by `upgraded`)."""
 EPOCHS_SAMPLED = 8
 """Epochs whose unit assignments `Loader.uneven_epochs` averages."""
 
 
 @dataclass
-class SlotState:
+class SourceState:
+    """A slot's position in one source."""
+
     epoch: int = 0
     unit: int = 0
     """Index into this slot's units of `epoch`."""
@@ -48,8 +56,6 @@ class SlotState:
     """Index (in permuted order) of the document being packed."""
     in_doc: int = 0
     """Tokens of that document (boundary tokens included) already packed."""
-    batches: int = 0
-    """Batches this slot has produced."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Bad data skipped so far, by reason."""
     unit_skipped: dict[str, int] = field(default_factory=dict)
@@ -60,6 +66,33 @@ class SlotState:
     unit, block_start, in_block, in_doc], read first; the first one's position is then the fields above."""
     done: dict[int, list[int]] = field(default_factory=dict)
     """Per epoch, units of this slot's share that slots of an earlier layout read (or that one carries)."""
+
+
+@dataclass
+class SlotState:
+    batches: int = 0
+    """Batches this slot has produced."""
+    rows: list[int] = field(default_factory=list)
+    """Rows taken from each source (the mixture's schedule)."""
+    sources: list[SourceState] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, state: dict) -> "SlotState":
+        return cls(state["batches"], list(state["rows"]), [SourceState(**source) for source in state["sources"]])
+
+    @classmethod
+    def fresh(cls, sources: int) -> "SlotState":
+        return cls(0, [0] * sources, [SourceState() for _ in range(sources)])
+
+
+def next_source(rows: list[int], strides: list[int]) -> int:
+    """The source a slot takes its next row from: the one whose next row is due first when source s's k-th row
+    is due at (2k + 1) * strides[s] (stride scheduling; see `LoaderSpec.strides`). Any stretch of rows then
+    holds each source's share to within a row, the order is fixed by the counts alone (a resume needs nothing
+    else), and integers make it the same on every machine."""
+    if len(strides) == 1:
+        return 0
+    return min(range(len(strides)), key=lambda s: ((2 * rows[s] + 1) * strides[s], s))
 
 
 def units_for(urls: list[str], n_slots: int) -> list[Unit]:
@@ -94,11 +127,11 @@ class Packing:
     end_id: int
 
 
-class SlotStream:
-    """One slot's endless, resumable stream of packed rows."""
+class SourceStream:
+    """One slot's endless, resumable stream of packed rows from one source."""
 
     def __init__(self, units: list[Unit], slot: int, n_slots: int, seed: int, shuffle_block: int,
-                 packing: Packing, strict: bool, state: SlotState, vocab_size: int = 0):
+                 packing: Packing, strict: bool, state: SourceState, vocab_size: int = 0):
         self.units, self.slot, self.n_slots, self.vocab_size = units, slot, n_slots, vocab_size
         self.seed, self.shuffle_block, self.packing = seed, shuffle_block, packing
         self.state = state
@@ -183,13 +216,30 @@ class SlotStream:
                     yield row.copy()
                     filled = 0
 
+
+
+class SlotStream:
+    """One slot's endless, resumable stream of batches, each row from the source `next_source` picks."""
+
+    def __init__(self, sources: list[list[Unit]], strides: list[int], slot: int, n_slots: int, seed: int,
+                 shuffle_block: int, packing: Packing, strict: bool, state: SlotState, vocab_size: int = 0):
+        self.strides, self.state = strides, state
+        self.streams = [SourceStream(units, slot, n_slots, seed, shuffle_block, packing, strict, source, vocab_size)
+                        for units, source in zip(sources, state.sources)]
+
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
-        rows = self.rows()
+        rows = [stream.rows() for stream in self.streams]
+        counts = self.state.rows
         while True:
-            batch = np.stack([next(rows) for _ in range(batch_size)])
+            batch = []
+            for _ in range(batch_size):
+                source = next_source(counts, self.strides)
+                batch.append(next(rows[source]))
+                counts[source] += 1
             self.state.batches += 1
-            self.state.skipped = dict(self.skips.counts)
-            yield batch
+            for stream in self.streams:
+                stream.state.skipped = dict(stream.skips.counts)
+            yield np.stack(batch)
 
 
 @dataclass
@@ -213,10 +263,23 @@ class Batcher:
 
 
 @dataclass
+class Source:
+    """Shards read as one stream, and their share of the rows."""
+
+    urls: list[str]
+    weight: float = 1.0
+    contents: str = ""
+    """A digest of what the shards hold beyond their names, when known (the manifest's counts per shard): a
+    data position resumes only on the same."""
+    name: str = ""
+    """What messages call it (the dataset folder), when there are several."""
+
+
+@dataclass
 class LoaderSpec:
     """Everything a rank's loader needs, picklable for worker processes."""
 
-    urls: list[str]
+    sources: list[Source]
     rank: int
     world_size: int
     num_workers: int
@@ -227,19 +290,29 @@ class LoaderSpec:
     strict: bool = False
     vocab_size: int = 0
     """Token ids must be below this (a corrupt shard's garbage ids would crash the embedding); 0: unchecked."""
-    contents: str = ""
-    """A digest of what the shards hold beyond their names, when known (the manifest's counts per shard): a
-    data position resumes only on the same."""
 
     @property
     def slots_per_rank(self) -> int:
         return max(1, self.num_workers)
 
+    @property
+    def shares(self) -> list[float]:
+        total = sum(source.weight for source in self.sources)
+        return [source.weight / total for source in self.sources]
+
+    @property
+    def strides(self) -> list[int]:
+        """Per source, an integer inversely proportional to its weight: the weights as written in decimal
+        (0.7 and 0.3 are exactly 7:3, not the floats' nearest binary fractions)."""
+        weights = [Fraction(repr(source.weight)) for source in self.sources]
+        common = math.lcm(*(weight.numerator for weight in weights))
+        return [common * weight.denominator // weight.numerator for weight in weights]
+
 
 class SlotDataset(IterableDataset):
     """Runs in each worker: the stream of the slot assigned to it, batches tagged with slot and state."""
 
-    def __init__(self, spec: LoaderSpec, units: list[Unit], states: list[SlotState], rotate: int,
+    def __init__(self, spec: LoaderSpec, units: list[list[Unit]], states: list[SlotState], rotate: int,
                  batcher: Batcher | None):
         self.spec, self.units, self.states, self.rotate, self.batcher = spec, units, states, rotate, batcher
 
@@ -248,8 +321,8 @@ class SlotDataset(IterableDataset):
         spec = self.spec
         local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
         n_slots = spec.world_size * spec.slots_per_rank
-        state = SlotState(**asdict(self.states[local]))
-        stream = SlotStream(self.units, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
+        state = SlotState.of(asdict(self.states[local]))
+        stream = SlotStream(self.units, spec.strides, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
                             spec.shuffle_block, spec.packing, spec.strict, state, spec.vocab_size)
         try:
             for rows in stream.batches(spec.micro_batch_size):
@@ -284,10 +357,10 @@ class Loader:
     def __init__(self, spec: LoaderSpec, batcher: Batcher, mask_in_workers: bool = True, prefetch: int = 2):
         self.spec, self.batcher = spec, batcher
         self.mask_in_workers, self.prefetch = mask_in_workers, prefetch
-        urls = expand_urls(spec.urls)
-        self.units = units_for(urls, spec.world_size * spec.slots_per_rank)
-        self.shards = shard_signature(urls)
-        self.states = [SlotState() for _ in range(spec.slots_per_rank)]
+        urls = [expand_urls(source.urls) for source in spec.sources]
+        self.units = [units_for(source, spec.world_size * spec.slots_per_rank) for source in urls]
+        self.shards = [shard_signature(source) for source in urls]
+        self.states = [SlotState.fresh(len(spec.sources)) for _ in range(spec.slots_per_rank)]
         self.consumed = 0
         self.iterator: Iterator | None = None
 
@@ -303,7 +376,7 @@ class Loader:
             raise DataError(item["error"])
         if item["index"] != self.consumed:
             raise RuntimeError(f"loader order broken: got batch {item['index']}, expected {self.consumed}")
-        self.states[item["slot"]] = SlotState(**item["state"])
+        self.states[item["slot"]] = SlotState.of(item["state"])
         self.consumed += 1
         batch = item["batch"]
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
@@ -344,34 +417,44 @@ class Loader:
         self.batcher = replace(self.batcher, first_step=step, first_index=self.consumed)
         self.iterator = None  # workers hold a copy of the batcher
 
-    def uneven_epochs(self, shard_tokens: list[int] | None = None, run_tokens: int = 0) -> str:
-        """A note for the log when an epoch's tokens do not spread evenly over the slots of all ranks, else ''
-        (also when `shard_tokens` shows that the run's `run_tokens` end within its first epoch).
+    def uneven_epochs(self, shard_tokens: list[list[int] | None] | None = None, run_tokens: int = 0) -> str:
+        """A note for the log when a source's epoch does not spread evenly over the slots of all ranks, else ''
+        (also when `shard_tokens` shows that the run's `run_tokens` end within the source's first epoch).
 
         Each slot reads its own units of an epoch, then goes on to the next, and all slots read at the same pace:
         when together they have read an epoch's worth of tokens, the slots given more than the mean are still in
         their last units while others have begun the next epoch. Their excess is what is still unread then.
-        `shard_tokens` (the manifest's, per shard in list order) weighs the units, which otherwise count as
-        equal: shards are cut by bytes and each document costs a tar header, so their tokens vary far more than
-        their sizes, and counting units alone missed 5-10% of an epoch going unread. Averaged over the first
-        epochs, as the assignment changes every epoch."""
+        `shard_tokens` (per source, the manifest's per shard in list order, or None) weighs the units, which
+        otherwise count as equal: shards are cut by bytes and each document costs a tar header, so their tokens
+        vary far more than their sizes, and counting units alone missed 5-10% of an epoch going unread.
+        Averaged over the first epochs, as the assignment changes every epoch."""
+        notes = []
+        for index, (source, units, share) in enumerate(zip(self.spec.sources, self.units, self.spec.shares)):
+            tokens = shard_tokens[index] if shard_tokens else None
+            note = self.uneven_source(units, tokens, int(run_tokens * share))
+            if note and len(self.units) > 1:
+                note = f"{source.name or f'source {index}'}: {note}"
+            notes.append(note)
+        return "; ".join(filter(None, notes))
+
+    def uneven_source(self, units: list[Unit], shard_tokens: list[int] | None, run_tokens: int) -> str:
         slots = self.spec.world_size * self.spec.slots_per_rank
-        units = len(self.units)
-        weighed = shard_tokens is not None and len(shard_tokens) * self.units[0].parts == units
-        tokens = np.repeat(np.asarray(shard_tokens, dtype=np.float64), self.units[0].parts) if weighed else \
-            np.ones(units)
+        weighed = shard_tokens is not None and len(shard_tokens) * units[0].parts == len(units)
+        tokens = np.repeat(np.asarray(shard_tokens, dtype=np.float64), units[0].parts) if weighed else \
+            np.ones(len(units))
         total = tokens.sum()
         if total <= 0 or weighed and run_tokens and run_tokens < total:
             return ""
         shares = []
         for epoch in range(EPOCHS_SAMPLED):
-            order = epoch_order(self.spec.seed, epoch, units)
-            per_slot = np.bincount(np.arange(units) % slots, weights=tokens[order], minlength=slots)  # as epoch_units
+            order = epoch_order(self.spec.seed, epoch, len(units))
+            # As epoch_units deals them.
+            per_slot = np.bincount(np.arange(len(units)) % slots, weights=tokens[order], minlength=slots)
             shares.append(np.clip(per_slot - total / slots, 0, None).sum() / total)
         share = float(np.mean(shares))
         if share < 0.01:
             return ""
-        return (f"{units} read units over {slots} loader slots ({units / slots:.2f} each per epoch"
+        return (f"{len(units)} read units over {slots} loader slots ({len(units) / slots:.2f} each per epoch"
                 f"{', weighed by their tokens' if weighed else ''}): when an epoch's worth of "
                 f"tokens has been read, about {share:.0%} of its tokens are still unread while others are being "
                 "read a second time; more units per slot even this out (smaller data.prepare.shard_bytes, or "
@@ -380,67 +463,131 @@ class Loader:
     def skipped(self) -> dict[str, int]:
         total: Counter = Counter()
         for state in self.states:
-            total.update(state.skipped)
+            for source in state.sources:
+                total.update(source.skipped)
         return dict(total)
 
     def recorded(self) -> dict:
-        """What a position is only valid for, besides the layout: the shard list, its contents, and the seed and
-        shuffle block that order the units and documents."""
-        return {"shards": self.shards, "contents": self.spec.contents, "seed": self.spec.seed,
-                "shuffle_block": self.spec.shuffle_block}
+        """What a position is only valid for, besides the layout: each source's shard list, contents and share
+        of the rows, and the seed and shuffle block that order the units and documents."""
+        return {"sources": [{"shards": shards, "contents": source.contents, "weight": share}
+                            for shards, source, share in zip(self.shards, self.spec.sources, self.spec.shares)],
+                "seed": self.spec.seed, "shuffle_block": self.spec.shuffle_block}
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
                 "num_workers": self.spec.num_workers, **self.recorded(), "consumed": self.consumed,
                 "slots": [asdict(s) for s in self.states]}
 
+    def upgraded(self, state: dict) -> dict:
+        """A saved state as this version writes it. Version 2 had one source: its slots' position fields become
+        their only source's, and a shard list, contents, seed or shuffle block it predates are taken to be this
+        loader's (first source's)."""
+        if state.get("version") != 2:
+            return state
+        state = {"seed": self.spec.seed, "shuffle_block": self.spec.shuffle_block, **state, "version": STATE_VERSION}
+        state["sources"] = [{"shards": state.pop("shards", self.shards[0]),
+                             "contents": state.pop("contents", self.spec.sources[0].contents), "weight": 1.0}]
+        state["slots"] = [{"batches": slot["batches"], "rows": [0],
+                           "sources": [{k: v for k, v in slot.items() if k != "batches"}]} for slot in state["slots"]]
+        return state
+
     def load_state_dict(self, state: dict) -> None:
+        state = self.upgraded(state)
         expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
-                    "num_workers": self.spec.num_workers}
-        # States saved before these were recorded resume as they always did.
-        expected.update({key: value for key, value in self.recorded().items() if key in state})
-        changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k} was {old} now {new}" for k, (old, new) in changed.items())
-            raise ValueError(f"cannot resume the data position exactly: {details} "
+                    "num_workers": self.spec.num_workers, **self.recorded()}
+        if changed := differences(state, expected):
+            raise ValueError(f"cannot resume the data position exactly: {changed} "
                              "(set trainer.allow_config_change=true to restart the data stream instead)")
-        self.states = [SlotState(**s) for s in state["slots"]]
+        self.states = [SlotState.of(s) for s in state["slots"]]
         self.consumed = state["consumed"]
         self.iterator = None
 
     def resume(self, saved: list[dict]) -> str:
         """Position this rank from a checkpoint's loader states of every rank: exactly where this rank left off
-        when the layout (ranks x workers) is the same; else continued (see `continue_layout`), and a note for
-        the log says so. ValueError when neither can be done (other shards, seed or shuffle block)."""
-        if len(saved) == self.spec.world_size and saved[0].get("num_workers") == self.spec.num_workers:
-            self.load_state_dict(saved[self.spec.rank])
-            return ""
-        return self.continue_layout(saved)
-
-    def continue_layout(self, saved: list[dict]) -> str:
-        """Continue the data of a run that had another layout from its ranks' states, without reading a document
-        twice or leaving one out. Across all new slots: units the old slots finished in their current epochs
-        are skipped (`SlotState.done`), those they were part-way through are finished first from where they
-        stopped (`SlotState.carry`, dealt round-robin), and the rest of those epochs is read by the new slots'
-        shares as usual. Batch indices (and with them mask seeds) go on from the saved count. Skip counts add
-        up in rank 0's first slot."""
+        when the layout (ranks x workers) and the sources are the same; else continued (see `continue_from`),
+        and a note for the log says so. ValueError when neither can be done (other shards, seed or shuffle
+        block)."""
+        saved = [self.upgraded(state) for state in saved]
         first = saved[0]
-        for key, value in {"version": STATE_VERSION, **self.recorded()}.items():
+        if first.get("sources") == self.recorded()["sources"] or not self.found_sources(first):
+            if len(saved) == self.spec.world_size and first.get("num_workers") == self.spec.num_workers:
+                self.load_state_dict(saved[self.spec.rank])  # raises naming what changed, if anything did
+                return ""
+        return self.continue_from(saved)
+
+    def found_sources(self, state: dict) -> dict[int, int]:
+        """{index here: index in `state`} of the sources a saved state has too (same shards and contents)."""
+        saved = [(source["shards"], source["contents"]) for source in state.get("sources", [])]
+        return {index: saved.index(key) for index, key in
+                enumerate((source["shards"], source["contents"]) for source in self.recorded()["sources"])
+                if key in saved}
+
+    def continue_from(self, saved: list[dict]) -> str:
+        """Continue the data of a run that had another layout of ranks and workers, or another mixture, from its
+        ranks' states, without reading a document twice or leaving one out: each source found in the checkpoint
+        goes on from where the old slots were (`continue_source`), a source new to the run starts at its
+        beginning, and one no longer listed is no longer read. Batch indices (and with them mask seeds) go on
+        from the saved count; the mixture's row counts start again, so new weights hold from here on."""
+        first = saved[0]
+        recorded = self.recorded()
+        for key in ("version", "seed", "shuffle_block"):
+            value = STATE_VERSION if key == "version" else recorded[key]
             if key in first and first[key] != value:
                 raise ValueError(f"cannot continue the data position: {key} was {first[key]} now {value}")
-        old_slots = first["world_size"] * max(1, first["num_workers"])
+        found = self.found_sources(first)
+        if not found:
+            changed = differences(first, {"sources": recorded["sources"]})
+            raise ValueError(f"cannot continue the data position: {changed}")
         if len(saved) != first["world_size"] or [state["rank"] for state in saved] != list(range(len(saved))):
             raise ValueError("cannot continue the data position: the checkpoint lacks some ranks' loader states")
-        shards = len(self.units) // self.units[0].parts
-        if math.ceil(old_slots / shards) != self.units[0].parts:  # as units_for splits them
+        old_slots = first["world_size"] * max(1, first["num_workers"])
+        slots, per_rank = self.spec.world_size * self.spec.slots_per_rank, self.spec.slots_per_rank
+        old = [SlotState.of(slot) for state in saved for slot in state["slots"]]
+        positions: list[list[SourceState]] = []  # per source, this rank's slots' positions
+        notes = []
+        for index, source in enumerate(self.spec.sources):
+            name = f"{source.name or f'source {index}'}: " if len(self.spec.sources) > 1 else ""
+            if index not in found:
+                positions.append([SourceState() for _ in range(per_rank)])
+                notes.append(f"{name}new, read from its beginning")
+            elif old_slots == slots:  # a slot's stream depends on its number alone: each goes on as it was
+                positions.append([old[self.spec.rank * per_rank + local].sources[found[index]]
+                                  for local in range(per_rank)])
+                notes.append(f"{name}goes on from its position")
+            else:
+                states, note = self.continue_source(self.units[index], [st.sources[found[index]] for st in old])
+                positions.append(states)
+                notes.append(name + note)
+        if dropped := len(first["sources"]) - len(found):
+            notes.append(f"{dropped} source{'s' * (dropped > 1)} of the checkpoint no longer read")
+        consumed = max(state["consumed"] for state in saved)
+        # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
+        self.states = [SlotState(batches=consumed // per_rank + (local < consumed % per_rank),
+                                 rows=[0] * len(self.spec.sources), sources=[states[local] for states in positions])
+                       for local in range(per_rank)]
+        self.consumed = consumed
+        self.iterator = None
+        moved = (first["world_size"], first["num_workers"]) != (self.spec.world_size, self.spec.num_workers)
+        layout = f" from {old_slots} loader slot{'s' * (old_slots > 1)} on {slots}" if moved else ""
+        return f"data position continued{layout}: " + "; ".join(notes)
+
+    def continue_source(self, units: list[Unit], old: list[SourceState]) -> tuple[list[SourceState], str]:
+        """This rank's slots' positions in one source, continued from those of the old slots (all ranks') and
+        a note. Across all new slots: units the old slots finished in their current epochs are skipped
+        (`SourceState.done`), those they were part-way through are finished first from where they stopped
+        (`SourceState.carry`, dealt round-robin), and the rest of those epochs is read by the new slots' shares
+        as usual. Skip counts add up in rank 0's first slot."""
+        old_slots, slots = len(old), self.spec.world_size * self.spec.slots_per_rank
+        shards = len(units) // units[0].parts
+        if math.ceil(old_slots / shards) != units[0].parts:  # as units_for splits them
             raise ValueError(f"cannot continue the data position: with {old_slots} loader slots the shards were "
-                             f"split into other parts than over {self.spec.world_size * self.spec.slots_per_rank}")
-        old = [SlotState(**slot) for state in saved for slot in state["slots"]]
+                             f"split into other parts than over {slots}")
         orders: dict[int, np.ndarray] = {}
 
         def share(epoch: int, slot: int, slots: int) -> list[int]:
             if epoch not in orders:
-                orders[epoch] = epoch_order(self.spec.seed, epoch, len(self.units))
+                orders[epoch] = epoch_order(self.spec.seed, epoch, len(units))
             return orders[epoch][slot::slots].tolist()
 
         # A slot moved here before begins at its own epoch; what it carries may come from later ones.
@@ -466,24 +613,30 @@ class Loader:
             read[epoch].add(unit)  # finished by its carrier, not by the slot whose share it is
         part_read.sort()
 
-        slots, per_rank = self.spec.world_size * self.spec.slots_per_rank, self.spec.slots_per_rank
-        consumed = max(state["consumed"] for state in saved)
-        self.states = []
-        for local in range(per_rank):
-            slot = self.spec.rank * per_rank + local
+        states = []
+        for local in range(self.spec.slots_per_rank):
+            slot = self.spec.rank * self.spec.slots_per_rank + local
             carry = part_read[slot::slots]
             done = {epoch: sorted(read[epoch].intersection(share(epoch, slot, slots))) for epoch in read}
             skipped = dict(base) if slot == 0 else {}
-            # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
-            batches = consumed // per_rank + (local < consumed % per_rank)
             block_start, in_block, in_doc = carry[0][2:] if carry else (0, 0, 0)
-            self.states.append(SlotState(epoch=low, unit=0, block_start=block_start, in_block=in_block,
-                                         in_doc=in_doc, batches=batches, skipped=skipped, unit_skipped=dict(skipped),
-                                         carry=carry, done={e: ids for e, ids in done.items() if ids}))
-        self.consumed = consumed
-        self.iterator = None
+            states.append(SourceState(epoch=low, unit=0, block_start=block_start, in_block=in_block, in_doc=in_doc,
+                                      skipped=skipped, unit_skipped=dict(skipped), carry=carry,
+                                      done={e: ids for e, ids in done.items() if ids}))
         epochs = f"{low}" if max(read, default=low) == low else f"{low}-{max(read)}"
-        plural = "s" * (old_slots > 1)
-        return (f"data position continued from {old_slots} loader slot{plural} on {slots}: of epoch {epochs}, "
-                f"{sum(map(len, read.values())) - len(part_read)} units already read are skipped and "
-                f"{len(part_read)} part-read ones are finished first")
+        return states, (f"of epoch {epochs}, {sum(map(len, read.values())) - len(part_read)} units already read "
+                        f"are skipped and {len(part_read)} part-read ones are finished first")
+
+
+def differences(saved: dict, expected: dict) -> str:
+    """What a saved state records otherwise than `expected`, as "key was X now Y", sources by their fields."""
+    changes = []
+    for key, value in expected.items():
+        old = saved.get(key)
+        if key == "sources" and old is not None and len(old) == len(value):
+            several = len(value) > 1
+            changes += [f"{f'source {i} ' * several}{field} was {a[field]} now {b[field]}"
+                        for i, (a, b) in enumerate(zip(old, value)) for field in b if a.get(field) != b[field]]
+        elif old != value:
+            changes.append(f"{key} was {old} now {value}")
+    return ", ".join(changes)

@@ -112,6 +112,14 @@ class MaskingConfig:
 
 
 @dataclass
+class MixtureSource:
+    dir: str = ""
+    """A prepared dataset folder (its manifest's train split), written with the run's tokenizer."""
+    weight: float = 1.0
+    """Its share of the training rows, relative to the other sources' weights."""
+
+
+@dataclass
 class DataConfig:
     dir: str = "runs/data/smoke"
     """Prepared dataset folder (tokenizer/, train/, val/, manifest.json); the default for the fields below."""
@@ -121,6 +129,12 @@ class DataConfig:
     """Shard URLs: paths, brace patterns (shard-{000000..000127}.tar) or `pipe:` commands. Empty: manifest."""
     val_shards: list[str] = field(default_factory=list)
     """Validation shard URLs; empty: from the manifest in `dir`, or no validation when train_shards is set."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """Train on several prepared datasets at once, each row from one of them in proportion to the weights
+    (e.g. [{dir: runs/data/wiki, weight: 3}, {dir: runs/data/books, weight: 1}]); a source read through runs
+    another epoch while the others go on. `dir` still gives the tokenizer and the validation split. Empty: the
+    train split of `dir` (or train_shards). Changed in a resumed run (trainer.allow_config_change), sources
+    kept go on from their positions, new ones start at their beginning, and the new weights hold from there."""
     seq_len: int = 128
     """Tokens per packed sequence."""
     micro_batch_size: int = 8

@@ -248,6 +248,12 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             kwargs[key] = build(kind, {} if value is None else value, dotted + ".", problems)
+        elif typing.get_origin(kind) is list and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
+            items = [] if value in (None, "") else value  # data.mixture= empties the list
+            if isinstance(items, list):
+                kwargs[key] = [build(item, entry, f"{dotted}[{index}].", problems) for index, entry in enumerate(items)]
+            else:
+                problems.append(f"{dotted}: expected a list of mappings, got {type(items).__name__} {items!r}")
         else:
             ok, converted = coerce(value, kind)
             if ok:

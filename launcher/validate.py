@@ -111,6 +111,14 @@ def validate(cfg: Config) -> list[str]:
     positive(d.micro_batch_size, "data.micro_batch_size")
     non_negative(d.num_workers, "data.num_workers")
     positive(d.shuffle_block, "data.shuffle_block")
+    for index, source in enumerate(d.mixture):
+        check(bool(source.dir), f"data.mixture[{index}].dir", "needs a prepared dataset folder")
+        check(0 < source.weight < math.inf, f"data.mixture[{index}].weight",
+              f"must be a positive number, got {source.weight}")
+    dirs = [str(Path(source.dir).resolve()) for source in d.mixture if source.dir]
+    check(len(set(dirs)) == len(dirs), "data.mixture", "lists a folder twice; give it the sum of the weights")
+    check(not (d.mixture and d.train_shards), "data.mixture",
+          "and data.train_shards both say what to train on; keep one")
     p = d.prepare
     check(bool(p.inputs), "data.prepare.inputs", "needs at least one input")
     check(p.vocab_size >= MIN_VOCAB_SIZE, "data.prepare.vocab_size",

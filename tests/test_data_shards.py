@@ -266,6 +266,11 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     (mismatched / "manifest.json").write_text(json.dumps(manifest))
     cases["other tokenizer"] = ([*tiny_data, f"data.dir={mismatched}", f"data.tokenizer={data / 'tokenizer'}"],
                                 f"written with a {manifest['vocab_size']}-id tokenizer")
+    cases["mixture of another tokenizer"] = (
+        [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {mismatched}}}]"],
+        f"the shards in {mismatched} were written with a {manifest['vocab_size']}-id tokenizer")
+    cases["mixture without a manifest"] = ([*tiny_data, f"data.mixture=[{{dir: {tmp_path / 'none'}}}]"],
+                                           f"train shards: {tmp_path / 'none' / 'manifest.json'}: no manifest")
     malformed = tmp_path / "malformed"
     subprocess.run(["cp", "-r", str(data), str(malformed)], check=True)
     manifest = json.loads((malformed / "manifest.json").read_text())

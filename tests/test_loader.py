@@ -10,11 +10,12 @@ import copy
 import gzip
 import io
 import random
+import re
 import shutil
 import tarfile
 import zlib
 from collections import Counter
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,8 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from masktrain.data.batches import MaskSpec, mlm_batch
-from masktrain.data.loader import (Batcher, Loader, LoaderSpec, Packing, SlotState, SlotStream, epoch_order,
-                                   units_for)
+from masktrain.data.loader import (Batcher, Loader, LoaderSpec, Packing, SlotState, SlotStream, Source, SourceState,
+                                   SourceStream, epoch_order, units_for)
 from masktrain.data.masking import Vocab
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
 
@@ -45,9 +46,9 @@ def write_shard(path: Path, docs: dict[int, int]) -> str:
     return str(path)
 
 
-def write_shards(root: Path, lengths: list[list[int]]) -> list[str]:
-    """One shard per list of document lengths, documents numbered across shards."""
-    urls, number = [], 0
+def write_shards(root: Path, lengths: list[list[int]], first: int = 0) -> list[str]:
+    """One shard per list of document lengths, documents numbered across shards from `first`."""
+    urls, number = [], first
     for index, shard in enumerate(lengths):
         urls.append(write_shard(root / f"shard-{index:06d}.tar", dict(enumerate(shard, number))))
         number += len(shard)
@@ -56,7 +57,7 @@ def write_shards(root: Path, lengths: list[list[int]]) -> list[str]:
 
 def spec_for(urls: list[str], rank: int = 0, world_size: int = 1, num_workers: int = 0, seq_len: int = 16,
              micro_batch_size: int = 2, shuffle_block: int = 4, strict: bool = False) -> LoaderSpec:
-    return LoaderSpec(urls=urls, rank=rank, world_size=world_size, num_workers=num_workers, seed=7,
+    return LoaderSpec(sources=[Source(urls)], rank=rank, world_size=world_size, num_workers=num_workers, seed=7,
                       micro_batch_size=micro_batch_size, shuffle_block=shuffle_block,
                       packing=Packing(seq_len, START, END), strict=strict, vocab_size=VOCAB)
 
@@ -89,6 +90,39 @@ def take(loader: Loader, n: int) -> tuple[list[dict], list[dict]]:
     return batches, states
 
 
+def position(state: dict, slot: int = 0, source: int = 0) -> dict:
+    """A slot's position in a source, from a loader's state_dict."""
+    return state["slots"][slot]["sources"][source]
+
+
+def version_2(state: dict, *without: str) -> dict:
+    """A one-source state as version 2 saved it (each slot's position fields beside its batch count, the shard
+    list and contents at the top), less the keys `without` (saved before they were recorded)."""
+    (source,) = state["sources"]
+    old = {**{k: v for k, v in state.items() if k not in ("sources", "slots")}, "version": 2,
+           "shards": source["shards"], "contents": source["contents"],
+           "slots": [{"batches": slot["batches"], **slot["sources"][0]} for slot in state["slots"]]}
+    return {k: v for k, v in old.items() if k not in without}
+
+
+MIXED = 1000
+"""Documents of a mixture's second source are numbered from here."""
+
+
+def mixture(tmp_path: Path, a: list[list[int]], b: list[list[int]], weights=(3, 1), **options) -> LoaderSpec:
+    """Two sources, named a and b, b's documents numbered from MIXED. Each is told apart by its contents, as
+    the manifests' counts tell prepared folders apart (their shards have the same names)."""
+    spec = spec_for(write_shards(tmp_path / "a", a), **options)
+    return replace(spec, sources=[Source(spec.sources[0].urls, weights[0], "a", name="a"),
+                                  Source(write_shards(tmp_path / "b", b, MIXED), weights[1], "b", name="b")])
+
+
+def from_b(batch: dict) -> list[int]:
+    """Per row, 1 when it holds a document of source b."""
+    return [int(any(number >= MIXED for number in document_numbers(row[None])))
+            for row in batch["input_ids"].numpy()]
+
+
 def assert_same_batches(got: list[dict], expected: list[dict], context: str) -> None:
     assert len(got) == len(expected)
     for index, (a, b) in enumerate(zip(got, expected)):
@@ -109,7 +143,7 @@ def epoch_documents(urls: list[str], world_size: int, workers: int, epochs: int)
     units = units_for(expand_urls(urls), slots)
     seen = [Counter() for _ in range(epochs)]
     for slot in range(slots):
-        stream = SlotStream(units, slot, slots, 7, 3, Packing(16, START, END), False, SlotState(), VOCAB)
+        stream = SourceStream(units, slot, slots, 7, 3, Packing(16, START, END), False, SourceState(), VOCAB)
         for doc in stream.documents():
             if stream.state.epoch >= epochs:
                 break
@@ -158,12 +192,12 @@ def test_shards_of_unequal_tokens_are_reported_even_when_their_count_divides_eve
             seen.update(document_numbers(next(loader)["input_ids"].numpy()))
     assert 40 - len(seen) == 10
     assert loaders[0].uneven_epochs() == ""
-    assert loaders[0].uneven_epochs([30 * 16, 10 * 16]).startswith(
+    assert loaders[0].uneven_epochs([[30 * 16, 10 * 16]]).startswith(
         "2 read units over 2 loader slots (1.00 each per epoch, weighed by their tokens): when an epoch's worth of "
         "tokens has been read, about 25% of its tokens are still unread")
     # A run that ends within its first epoch reads nothing twice.
-    assert loaders[0].uneven_epochs([30 * 16, 10 * 16], run_tokens=39 * 16) == ""
-    assert loaders[0].uneven_epochs([30 * 16, 10 * 16], run_tokens=40 * 16) != ""
+    assert loaders[0].uneven_epochs([[30 * 16, 10 * 16]], run_tokens=39 * 16) == ""
+    assert loaders[0].uneven_epochs([[30 * 16, 10 * 16]], run_tokens=40 * 16) != ""
 
 
 def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
@@ -173,8 +207,8 @@ def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
     spec = spec_for(urls, rank=1, world_size=2, num_workers=2)
     got, _ = take(Loader(spec, plain_batcher(1)), 12)
     units = units_for(urls, 4)
-    streams = [SlotStream(units, 2 + local, 4, 7, spec.shuffle_block, spec.packing, False, SlotState(), VOCAB)
-               .batches(spec.micro_batch_size) for local in range(2)]
+    streams = [SlotStream([units], spec.strides, 2 + local, 4, 7, spec.shuffle_block, spec.packing, False,
+                          SlotState.fresh(1), VOCAB).batches(spec.micro_batch_size) for local in range(2)]
     expected = [{"input_ids": torch.from_numpy(next(streams[i % 2]))} for i in range(12)]
     assert_same_batches(got, expected, "loader vs slot streams")
 
@@ -188,7 +222,8 @@ def rank_steps(rank: int, world_size: int, init_file: str, urls: list[str], step
         # A collective per step, as DeepSpeed does: a rank without a batch would hang the other one here.
         total += batch["input_ids"].sum()
         dist.all_reduce(total)
-    torch.save({"steps": steps, "epochs": [s["epoch"] for s in loader.state_dict()["slots"]]}, f"{out}.{rank}")
+    epochs = [position(loader.state_dict(), slot)["epoch"] for slot in range(loader.spec.slots_per_rank)]
+    torch.save({"steps": steps, "epochs": epochs}, f"{out}.{rank}")
     dist.destroy_process_group()
 
 
@@ -206,12 +241,15 @@ def test_every_rank_yields_the_same_number_of_batches_with_uneven_shards(tmp_pat
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_resume_with_two_workers_is_bitwise_identical(tmp_path, rank):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_resume_with_two_workers_is_bitwise_identical(tmp_path, rank, mixed):
     """After an odd number of batches the next one comes from the second worker: the restarted workers' slots
-    must be rotated to continue the round-robin (a fixed list: one drawn at random missed that one run in four)."""
-    urls = write_shards(tmp_path, [[random.Random(n).randrange(1, 40) for n in range(k, k + 9)]
-                                   for k in range(0, 50, 9)])
-    spec = spec_for(urls, rank=rank, world_size=2, num_workers=2, micro_batch_size=3)
+    must be rotated to continue the round-robin (a fixed list: one drawn at random missed that one run in four).
+    Mixed with a second source, each keeps its own position."""
+    lengths = [[random.Random(n).randrange(1, 40) for n in range(k, k + 9)] for k in range(0, 50, 9)]
+    options = dict(rank=rank, world_size=2, num_workers=2, micro_batch_size=3)
+    spec = mixture(tmp_path, lengths, [[7, 30, 2], [19, 5]], (0.7, 0.3), **options) if mixed else \
+        spec_for(write_shards(tmp_path, lengths), **options)
     expected, states = take(Loader(spec, mlm_batcher(rank)), 24)
     for step in (1, 4, 5, 17):
         resumed = Loader(spec, mlm_batcher(rank))
@@ -263,7 +301,7 @@ def test_resume_after_every_batch_including_block_unit_and_epoch_boundaries(tmp_
     urls = write_shards(tmp_path, [[doc_len] * 4, [doc_len] * 5, [doc_len] * 2])
     spec = spec_for(urls, seq_len=seq_len, shuffle_block=3)
     expected, states = take(Loader(spec, plain_batcher()), 40)
-    slots = [s["slots"][0] for s in states]
+    slots = [s["slots"][0]["sources"][0] for s in states]
     assert any(s["block_start"] > 0 for s in slots) and any(s["unit"] > 0 for s in slots)
     assert slots[-1]["epoch"] >= 1
     for step in range(1, 40):
@@ -279,7 +317,7 @@ def test_a_shard_cut_short_before_a_restart_is_counted_and_packing_restarts_clea
     (url,) = write_shards(tmp_path, [[5] * 12])
     spec = spec_for([url], seq_len=8, shuffle_block=6)
     _, states = take(Loader(spec, plain_batcher()), 12)
-    state = next(s for s in states if s["slots"][0]["block_start"] == 6 and s["slots"][0]["in_block"] >= 2)
+    state = next(s for s in states if position(s)["block_start"] == 6 and position(s)["in_block"] >= 2)
     with tarfile.open(url) as archive:
         cut = archive.getmembers()[8].offset
     Path(url).write_bytes(Path(url).read_bytes()[:cut])  # the second block now holds 2 documents, not 6
@@ -301,7 +339,7 @@ def test_a_shard_that_comes_back_empty_at_a_restart_leaves_the_next_shard_whole(
     spec = spec_for(urls, seq_len=8, shuffle_block=6)
     batches, states = take(Loader(spec, plain_batcher()), 2)
     state = states[1]
-    assert state["slots"][0]["block_start"] == 0 and state["slots"][0]["in_block"] >= 2
+    assert position(state)["block_start"] == 0 and position(state)["in_block"] >= 2
     first = int(batches[0]["input_ids"][0, 1]) - FIRST_ID  # the number of the first document read
     current, following = (urls[0], urls[1]) if first < 6 else (urls[1], urls[0])
     with tarfile.open(current) as archive:
@@ -334,7 +372,7 @@ def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_l
     for changed, message in (({"seed": 8}, "seed was 7 now 8"), ({"shuffle_block": 3}, "shuffle_block was 4 now 3")):
         with pytest.raises(ValueError, match=f"cannot resume the data position exactly: {message}"):
             Loader(replace(spec_for(moved), **changed), plain_batcher()).load_state_dict(states[3])
-    older = {k: v for k, v in states[3].items() if k not in ("shards", "seed", "shuffle_block")}  # saved before
+    older = version_2(states[3], "shards", "seed", "shuffle_block")  # saved before these were recorded
     old_style = Loader(spec_for(moved), plain_batcher())
     old_style.load_state_dict(older)
     assert_same_batches(take(old_style, 4)[0], expected[4:8], "resumed from a state without the shard list")
@@ -491,7 +529,7 @@ def test_skip_counts_reach_the_loader_and_survive_a_resume(tmp_path):
     good = write_shards(tmp_path / "good", [[6] * 5])
     spec = spec_for(good + [url for url, _, _ in shards.values()], seq_len=8)
     _, states = take(Loader(spec, plain_batcher()), 30)
-    counted = [s["slots"][0]["skipped"] for s in states]
+    counted = [position(s)["skipped"] for s in states]
     assert set(counted[-1]) == {reason for _, reason, _ in shards.values()}
     for step in (1, 9, 17):
         resumed = Loader(spec, plain_batcher())
@@ -627,7 +665,7 @@ def test_a_data_folder_prepared_again_from_other_text_is_another_shard_list(tiny
     with pytest.raises(ValueError, match="cannot resume the data position exactly: contents was"):
         loader(other).load_state_dict(state)
     old_style = loader(other)
-    old_style.load_state_dict({k: v for k, v in state.items() if k != "contents"})  # saved before it was kept
+    old_style.load_state_dict(version_2(state, "contents"))  # saved before it was kept
     resumed = next(old_style)["input_ids"]
     assert torch.equal(resumed, next(saved)["input_ids"])  # at the saved position, not the start
     assert not torch.equal(resumed, next(loader(other))["input_ids"])
@@ -648,9 +686,9 @@ def test_a_run_reports_its_uneven_epochs_by_the_manifests_tokens_once_it_reads_a
     assert note(1) == ""
 
 
-def epoch_of(slot: dict) -> int:
-    """The epoch of the document a slot's state points at: a carried unit's own, else the slot's."""
-    return slot["carry"][0][0] if slot["carry"] else slot["epoch"]
+def epoch_of(slot: SourceState) -> int:
+    """The epoch of the document a slot's position points at: a carried unit's own, else the slot's."""
+    return slot.carry[0][0] if slot.carry else slot.epoch
 
 
 def read_by_epoch(loaders: list[Loader], batches: int, counts: dict[int, Counter]) -> None:
@@ -660,7 +698,7 @@ def read_by_epoch(loaders: list[Loader], batches: int, counts: dict[int, Counter
         for _ in range(batches):
             tokens = next(loader)["input_ids"].numpy().reshape(-1)
             # Batch i of a rank comes from its slot i % slots.
-            epoch = epoch_of(asdict(loader.states[(loader.consumed - 1) % loader.spec.slots_per_rank]))
+            epoch = epoch_of(loader.states[(loader.consumed - 1) % loader.spec.slots_per_rank].sources[0])
             counts.setdefault(epoch, Counter()).update(int(t) - FIRST_ID for t in tokens if t >= FIRST_ID)
 
 
@@ -670,7 +708,7 @@ what each epoch read, wherever a row or a stop falls."""
 
 
 def tag_epochs(monkeypatch) -> None:
-    read = SlotStream.read
+    read = SourceStream.read
 
     def tagged(self, epoch: int, unit_id: int):
         docs = read(self, epoch, unit_id)
@@ -682,32 +720,37 @@ def tag_epochs(monkeypatch) -> None:
         except StopIteration as stop:
             return stop.value
 
-    monkeypatch.setattr(SlotStream, "read", tagged)
+    monkeypatch.setattr(SourceStream, "read", tagged)
 
 
-@pytest.mark.parametrize("lengths,seq_len,shuffle_block,layouts,batches", [
-    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 2), (9,)),
-    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 2), (20,)),
-    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 4), (26,)),
-    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (2, 5), (11,)),
-    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (4, 3, 2), (5, 9)),
-    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 5, 2, 1), (20, 3, 7)),
+@pytest.mark.parametrize("lengths,seq_len,shuffle_block,layouts,batches,mixed", [
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 2), (9,), None),
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 2), (20,), None),
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 4), (26,), None),
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (2, 5), (11,), None),
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (4, 3, 2), (5, 9), None),
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 5, 2, 1), (20, 3, 7), None),
     # Moved again while a slot of the previous move, an epoch behind, still carries a unit of a later epoch.
-    ([[1, 3, 5, 6, 9, 2, 3], [7, 12, 1], [7, 3, 10, 5, 8, 5, 8]], 5, 1, (2, 3, 2, 1), (25, 9, 4)),
+    ([[1, 3, 5, 6, 9, 2, 3], [7, 12, 1], [7, 3, 10, 5, 8, 5, 8]], 5, 1, (2, 3, 2, 1), (25, 9, 4), None),
+    # Each source of a mixture goes on as it would alone; the small one is an epoch or two ahead.
+    ([[14] * n for n in (16, 2, 3, 2, 2, 9)], 8, 3, (3, 2, 4), (10, 10), [[14] * 3, [14] * 2, [14] * 2, [14] * 2]),
 ])
 def test_a_run_moved_to_other_ranks_reads_every_document_of_each_epoch_once(tmp_path, monkeypatch, lengths, seq_len,
-                                                                             shuffle_block, layouts, batches):
+                                                                             shuffle_block, layouts, batches, mixed):
     """Stopped after some batches on one layout and resumed on another (and again), the slots of the new one
     finish what the old ones left part-read, skip what they read, and read the rest: over all layouts, each
-    epoch reads every document exactly once. Shards of unequal size put old slots in different epochs."""
+    epoch reads every document exactly once. Shards of unequal size put old slots in different epochs.
+    `mixed`: the lengths of a second source, mixed in at half the first one's weight."""
     tag_epochs(monkeypatch)
-    urls = write_shards(tmp_path, lengths)
-    every = dict(enumerate(length for shard in lengths for length in shard))
+    options = dict(micro_batch_size=2, seq_len=seq_len, shuffle_block=shuffle_block)
+    spec = mixture(tmp_path, lengths, mixed, (2, 1), **options) if mixed else \
+        spec_for(write_shards(tmp_path, lengths), **options)
+    every = {number + first: length for first, shards in ((0, lengths), (MIXED, mixed or []))
+             for number, length in enumerate(length for shard in shards for length in shard)}
     counts: Counter = Counter()
 
     def loaders(world: int) -> list[Loader]:
-        return [Loader(spec_for(urls, rank=rank, world_size=world, micro_batch_size=2, seq_len=seq_len,
-                                shuffle_block=shuffle_block), plain_batcher(rank)) for rank in range(world)]
+        return [Loader(replace(spec, rank=rank, world_size=world), plain_batcher(rank)) for rank in range(world)]
 
     def read(loaders: list[Loader], batches: int) -> None:
         for loader in loaders:
@@ -723,10 +766,11 @@ def test_a_run_moved_to_other_ranks_reads_every_document_of_each_epoch_once(tmp_
         current = loaders(world)
         notes = {loader.resume(saved) for loader in current}
         old_slots = saved[0]["world_size"]
-        assert len(notes) == 1 and notes.pop().startswith(
-            f"data position continued from {old_slots} loader slot{'s' * (old_slots > 1)} on {world}: of epoch ")
+        each = "a: of epoch .*; b: of epoch .*" if mixed else "of epoch .*"
+        assert len(notes) == 1 and re.fullmatch(
+            f"data position continued from {old_slots} loader slots? on {world}: {each}", notes.pop())
     reached = max(epoch for epoch, _ in counts)
-    while min(epoch_of(asdict(state)) for loader in current for state in loader.states) <= reached:
+    while min(epoch_of(source) for loader in current for state in loader.states for source in state.sources) <= reached:
         read(current, 1)
     for epoch in range(reached + 1):
         assert {n: c for (e, n), c in counts.items() if e == epoch} == every, f"epoch {epoch}"
@@ -755,17 +799,66 @@ def test_a_run_moved_to_another_worker_count_goes_on_in_order_and_counts_bad_dat
         assert current.resume([saved]).startswith(f"data position continued from 2 loader slots on {max(1, workers)}"
                                                   if workers == 0 else "data position continued from 1 loader")
         assert current.consumed == saved["consumed"]
-    while min(epoch_of(asdict(state)) for state in current.states) == 0:
+    while min(epoch_of(state.sources[0]) for state in current.states) == 0:
         read_by_epoch([current], 1, counts)
     current.close()
     assert counts[0] == Counter({n: 14 for n in range(16)})
 
     # Slots already past epoch 0 that read through the cut shard again have counted it again.
     cut, again = len(urls) - 1, 0
-    for slot, state in enumerate(current.states):
+    for slot, state in enumerate(state.sources[0] for state in current.states):
         for epoch in range(1, state.epoch + 1):
             share = epoch_order(7, epoch, len(urls))[slot::3].tolist()
             if cut in share:
                 assert (epoch, share.index(cut)) != (state.epoch, state.unit), "in the cut shard: a count unsure"
                 again += (epoch, share.index(cut)) < (state.epoch, state.unit)
     assert current.skipped() == {"truncated shard": 1 + again}
+
+
+def test_a_mixture_gives_every_batch_its_sources_rows_by_weight_and_a_small_source_more_epochs(tmp_path):
+    """Weights 3:1 over batches of 4 rows: 3 rows of a and 1 of b in every batch, not just on average. b holds 6
+    documents, so 30 batches read it 5 times over, each document once per epoch."""
+    spec = mixture(tmp_path, [[14] * 20] * 5, [[14] * 6], micro_batch_size=4)  # 14 + 2 boundary tokens: a row each
+    batches, _ = take(Loader(spec, plain_batcher()), 30)
+    assert [sum(from_b(batch)) for batch in batches] == [1] * 30
+    numbers = Counter(n for batch in batches for n in document_numbers(batch["input_ids"].numpy()))
+    assert {n: c for n, c in numbers.items() if n >= MIXED} == {MIXED + n: 5 for n in range(6)}
+    assert max(c for n, c in numbers.items() if n < MIXED) == 1 and sum(numbers.values()) == 120
+
+
+def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
+    """New weights hold from the resume on, each source kept goes on where it was (nothing of a is read twice
+    within its epoch), a source added starts at its beginning, one left out is no longer read; with none kept,
+    the position cannot go on."""
+    spec = mixture(tmp_path, [[14] * 20] * 5, [[14] * 6], micro_batch_size=4)
+    first, states = take(Loader(spec, plain_batcher()), 10)
+    even = Loader(replace(spec, sources=[replace(source, weight=1) for source in spec.sources]), plain_batcher())
+    assert even.resume([states[-1]]) == "data position continued: a: goes on from its position; b: goes on from " \
+                                        "its position"
+    then, _ = take(even, 10)
+    assert [sum(from_b(batch)) for batch in then] == [2] * 10 and even.consumed == 20
+    read_a = [n for batch in first + then for n in document_numbers(batch["input_ids"].numpy()) if n < MIXED]
+    assert len(read_a) == len(set(read_a)) == 50
+
+    c = Source(write_shards(tmp_path / "c", [[14] * 4], 2 * MIXED), 1, "c", name="c")
+    grown = Loader(replace(spec, sources=[even.spec.sources[0], c]), plain_batcher())
+    assert grown.resume([states[-1]]) == "data position continued: a: goes on from its position; c: new, read " \
+                                         "from its beginning; 1 source of the checkpoint no longer read"
+    numbers = [n for batch in take(grown, 2)[0] for n in document_numbers(batch["input_ids"].numpy())]
+    assert sorted(n for n in numbers if n >= 2 * MIXED) == [2 * MIXED + n for n in range(4)]
+    before = {n for batch in first for n in document_numbers(batch["input_ids"].numpy())}
+    assert not set(numbers) & before and not any(MIXED <= n < 2 * MIXED for n in numbers)
+
+    with pytest.raises(ValueError, match="cannot resume the data position exactly: source 0 shards was .* source 1 "
+                                         "contents was b now d"):
+        Loader(replace(spec, sources=[c, replace(c, contents="d")]), plain_batcher()).resume([states[-1]])
+
+
+def test_a_version_2_position_resumes_exactly(tmp_path):
+    """Runs checkpointed before mixtures (one source, state version 2) resume where they were."""
+    spec = spec_for(write_shards(tmp_path, [[5] * 6, [9] * 4, [3] * 8]), num_workers=2)
+    expected, states = take(Loader(spec, plain_batcher()), 9)
+    resumed = Loader(spec, plain_batcher())
+    assert resumed.resume([version_2(states[4])]) == ""
+    assert_same_batches(take(resumed, 4)[0], expected[5:], "resumed from a version 2 state")
+    resumed.close()

@@ -361,6 +361,27 @@ def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tm
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
 
 
+def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(tiny_data, tmp_path):
+    """Two prepared folders, one written with the other's tokenizer, mixed 3:1; resumed at 1:1, which only
+    trainer.allow_config_change permits, each goes on from its position."""
+    data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
+    other, run = tmp_path / "other", tmp_path / "run"
+    run_cli("data", "shards", "builtin:python-docs", "--max-docs", "300", "--tokenizer", str(data / "tokenizer"),
+            "--out", str(other), check=True)
+    args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=6", "trainer.log_every=1",
+            "trainer.checkpoint_every=3"]
+    assert run_cli("train", *args, f"data.mixture=[{{dir: {data}, weight: 3}}, {{dir: {other}}}]",
+                   "trainer.stop_after_steps=3").returncode == REQUEUE_EXIT
+    even = [*args, f"data.mixture=[{{dir: {data}}}, {{dir: {other}}}]"]
+    refused = run_cli("train", *even)
+    assert refused.returncode != 0 and "data.mixture: " in refused.stderr
+    resumed = run_cli("train", *even, "trainer.allow_config_change=true", check=True)
+    assert (f"data position continued: {data}: goes on from its position; {other}: goes on from its position"
+            in resumed.stdout)
+    assert sorted(losses(run)) == list(range(1, 7))
+    assert json.loads((run / "status.json").read_text())["state"] == "completed"
+
+
 LOADED_STATE = Path(__file__).parent / "loaded_state.py"
 
 
