@@ -380,6 +380,9 @@ def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(ti
             in resumed.stdout)
     assert sorted(losses(run)) == list(range(1, 7))
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
+    # Training validates on data.dir's split; a source's own is scored afterwards.
+    scored = run_cli("eval", str(run), f"data.dir={other}", check=True)
+    assert f"batches of {other}, " in scored.stdout
 
 
 LOADED_STATE = Path(__file__).parent / "loaded_state.py"
