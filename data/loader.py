@@ -166,8 +166,9 @@ class SourceStream:
                     # A slot's units change every epoch, so one that read nothing may just have drawn the empty
                     # parts of a shard; only once it has tried every unit is there nothing left to find.
                     if len(dry) == len(self.units):
+                        ends = dict.fromkeys((self.units[0].url, self.units[-1].url))  # names the source
                         raise DataError(f"slot {self.slot}: no readable document in any of the {len(self.units)} "
-                                        f"units (skipped: {dict(self.skips.counts) or 'none'})")
+                                        f"units of {' ... '.join(ends)} (skipped: {dict(self.skips.counts) or 'none'})")
                 s.unit += 1
             s.done.pop(s.epoch, None)
             s.epoch += 1
