@@ -232,6 +232,22 @@ def uneven_epochs(cfg: Config, loader: Loader) -> str:
     return loader.uneven_epochs(tokens, cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.data.seq_len)
 
 
+def mixture_plan(cfg: Config) -> str:
+    """For the log of a mixture: each source's share of the rows and how many times the run reads it over;
+    '' without a mixture. Tokens as packed: each document adds its two boundary tokens."""
+    if not cfg.data.mixture:
+        return ""
+    run_tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.data.seq_len
+    total = sum(source.weight for source in cfg.data.mixture)
+    parts = []
+    for source, shards in zip(cfg.data.mixture, train_manifests(cfg)):
+        tokens = sum(shard["tokens"] + 2 * shard["documents"] for shard in shards)
+        share = source.weight / total
+        parts.append(f"{source.dir} {share:.1%} of the rows, {tokens:,} tokens, read {run_tokens * share / tokens:.2f} "
+                     "times over the run")
+    return "mixture: " + "; ".join(parts)
+
+
 def eval_rate(cfg: Config) -> float:
     m = cfg.data.masking
     return m.eval_rate if m.eval_rate is not None else rate_schedule(m, cfg.trainer.max_steps).final

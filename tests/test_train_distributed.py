@@ -370,8 +370,15 @@ def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(ti
             "--out", str(other), check=True)
     args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=6", "trainer.log_every=1",
             "trainer.checkpoint_every=3"]
-    assert run_cli("train", *args, f"data.mixture=[{{dir: {data}, weight: 3}}, {{dir: {other}}}]",
-                   "trainer.stop_after_steps=3").returncode == REQUEUE_EXIT
+    mixed = run_cli("train", *args, f"data.mixture=[{{dir: {data}, weight: 3}}, {{dir: {other}}}]",
+                    "trainer.stop_after_steps=3")
+    assert mixed.returncode == REQUEUE_EXIT
+    # 6 steps x 16 rows x 128 tokens: 9216 from data, 3072 from other.
+    plan = re.search(rf"\[masktrain\] data: mixture: {data} 75.0% of the rows, ([\d,]+) tokens, read ([\d.]+) times "
+                     rf"over the run; {other} 25.0% of the rows, ([\d,]+) tokens, read ([\d.]+) times over the run",
+                     mixed.stdout)
+    assert plan and float(plan[2]) == round(9216 / int(plan[1].replace(",", "")), 2), mixed.stdout[-3000:]
+    assert float(plan[4]) == round(3072 / int(plan[3].replace(",", "")), 2)
     even = [*args, f"data.mixture=[{{dir: {data}}}, {{dir: {other}}}]"]
     refused = run_cli("train", *even)
     assert refused.returncode != 0 and "data.mixture: " in refused.stderr

@@ -197,7 +197,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
     if is_main:
-        if note := inputs.uneven_epochs(cfg, loader):
+        for note in filter(None, (inputs.mixture_plan(cfg), inputs.uneven_epochs(cfg, loader))):
             print(f"[masktrain] data: {note}", flush=True)
         for note in schedule_notes(cfg):
             print(f"[masktrain] schedule: {note}", flush=True)
