@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from masktrain.data import masking
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
+from masktrain.trainer.hang_dump import WORKER_STACKS, on_worker_stacks
 from masktrain.trainer.signals import ignore_stops, stops_deferred
 
 STATE_VERSION = 3
@@ -337,11 +338,13 @@ class SlotDataset(IterableDataset):
             yield {"error": str(err)}
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers ignore preemption signals. SLURM signals every process of a job; a worker that died of
-    it would crash its rank before the rank had saved its checkpoint. `Loader.close` stops them instead.
-    Workers start with these signals blocked (`Loader.start`)."""
+def init_worker(worker_id: int) -> None:
+    """Loader workers ignore preemption signals: SLURM signals every process of a job, and a worker that died of
+    it would crash its rank before the rank had saved its checkpoint (`Loader.close` stops them instead). They
+    print their stacks when a hung rank's watchdog asks (`hang_dump.on_worker_stacks`). Workers start with
+    these signals blocked (`Loader.start`)."""
     ignore_stops()
+    on_worker_stacks()
 
 
 def stop_workers(workers: list) -> None:
@@ -382,6 +385,9 @@ class Loader:
         batch = item["batch"]
         return batch if self.mask_in_workers else self.batcher(batch["input_ids"], item["index"])
 
+    def worker_pids(self) -> list[int]:
+        return [worker.pid for worker in getattr(self.iterator, "_workers", ()) if worker.is_alive()]
+
     def close(self) -> None:
         """Stop the worker processes: releasing the iterator shuts them down in order, then any still stuck
         (e.g. in a `pipe:` read) is killed, since they ignore the SIGTERM DataLoader would fall back to."""
@@ -395,14 +401,14 @@ class Loader:
                               self.batcher if self.mask_in_workers else None)
         workers = self.spec.num_workers
         # A preemption signal reaching a worker before its worker_init_fn waits instead of killing it.
-        with stops_deferred():
+        with stops_deferred(WORKER_STACKS):
             iterator = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
                                        prefetch_factor=self.prefetch if workers else None,
                                        persistent_workers=False,
                                        # A private generator: DataLoader otherwise draws worker seeds from the
                                        # global RNG, which would shift dropout after every (re)start.
                                        generator=torch.Generator(),
-                                       worker_init_fn=ignore_stop_signals))
+                                       worker_init_fn=init_worker))
         if workers:
             # Multiprocessing's exit hook terminates, then joins, all children: workers ignoring SIGTERM would
             # be waited for forever. Its finalizers of priority >= 0 run first (in the main process and in

@@ -3,6 +3,7 @@ one that ends in time; the log when the file cannot be written or the watchdog c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -46,7 +47,7 @@ def test_a_step_past_its_time_gets_one_dump_of_every_thread_and_a_step_in_time_n
 def test_the_stacks_are_those_of_the_moment_the_time_ran_out(tmp_path, monkeypatch):
     """A slow file system delays the write, not the picture: the step that ran long is the one shown."""
     write = HangDump.dump
-    monkeypatch.setattr(HangDump, "dump", lambda self, said, stacks: (time.sleep(0.5), write(self, said, stacks)))
+    monkeypatch.setattr(HangDump, "dump", lambda self, *args: (time.sleep(0.5), write(self, *args)))
     watchdog = HangDump(0.2, tmp_path, rank=0)
 
     def step_7():
@@ -102,3 +103,35 @@ def test_a_dump_to_a_file_system_that_hangs_is_said_in_the_log_and_does_not_hold
     watchdog.close()
     assert time.monotonic() - started < hang_dump.CLOSE_WAIT + 0.5
     assert "[masktrain] rank 0: step 5 has not ended after 0.1 s" in capsys.readouterr().err
+
+
+def test_a_rank_waiting_for_a_batch_has_its_loader_workers_print_their_stacks_to_the_log(tmp_path, capfd):
+    """A read that hangs (a dead mount, a `pipe:` that never ends) is in a loader worker: the rank's own stacks
+    only say that it waits for the batch."""
+    from test_loader import plain_batcher, spec_for
+
+    from masktrain.data.loader import Loader
+
+    loader = Loader(spec_for(["pipe:sleep 60"], num_workers=1), plain_batcher())
+    def wait_for_a_batch():
+        with contextlib.suppress(Exception):  # the workers' end, when closed below
+            next(loader)
+
+    waiting = threading.Thread(target=wait_for_a_batch, daemon=True)
+    waiting.start()
+    watchdog = HangDump(0.3, tmp_path, rank=0)
+    watchdog.workers = loader.worker_pids
+    try:
+        deadline = time.monotonic() + 30
+        while not (pids := loader.worker_pids()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        watchdog.begin("step 1")
+        time.sleep(1.5)
+    finally:
+        watchdog.close()
+        loader.close()
+    err = capfd.readouterr().err
+    assert f"the stack of each of its threads goes to {tmp_path / 'stacks' / 'rank0.txt'}, and its loader workers' " \
+           f"(pids {pids[0]}) to this log\n" in err
+    assert re.search(r"Current thread 0x[0-9a-f]+ \(most recent call first\):\n(  File .*\n)*  File .*loader\.py\", "
+                     r"line \d+ in read\n", err), err

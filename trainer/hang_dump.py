@@ -9,7 +9,8 @@ cannot be written. The watchdog is a thread: it sees a rank stuck in a collectiv
 that holds the interpreter keeps it from running too; faulthandler's own thread then prints the stacks to the log,
 GRACE seconds later. A step that is slow but alive (a large model's save on a slow file system) gets a dump too,
 which shows where its time goes. The start-up is not watched: a checkpoint's conversion to the universal format
-may take hours there, with a timeout of its own.
+may take hours there, with a timeout of its own. A rank waiting for a batch shows only that it waits: its loader
+workers, where a read may be what hangs, print their own stacks to the log on WORKER_STACKS (`on_worker_stacks`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import contextlib
 import datetime
 import faulthandler
 import os
+import signal
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Callable
 
 STACKS = "stacks"
 """The run folder's subfolder of the dumps, one file a rank."""
@@ -32,6 +35,15 @@ GRACE = 2.0
 run that long, so a C call holds the interpreter."""
 CLOSE_WAIT = 1.0
 """How long `close` waits for a dump being written: one stuck on a dead mount must not keep the rank from ending."""
+WORKER_STACKS = signal.SIGUSR2
+"""Sent by a rank's watchdog to its loader workers, which print every thread's stack to the log on it."""
+
+
+def on_worker_stacks() -> None:
+    """In a loader worker, started with WORKER_STACKS blocked (one sent before this waits): print every thread's
+    stack to the log on it, from C, so also while a read holds the interpreter."""
+    faulthandler.register(WORKER_STACKS, file=sys.__stderr__, all_threads=True)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [WORKER_STACKS])
 
 
 def stack_of(frame: FrameType | None) -> str:
@@ -60,6 +72,8 @@ class HangDump:
         self.deadline = 0.0
         self.wake = threading.Condition()
         self.closed = False
+        self.workers: Callable[[], list[int]] = list
+        """The pids of the rank's loader workers, to be signalled WORKER_STACKS with a dump."""
         self.thread = threading.Thread(target=self.watch, name="masktrain-hang-dump", daemon=True)
         self.thread.start()
 
@@ -87,14 +101,19 @@ class HangDump:
                 faulthandler.cancel_dump_traceback_later()  # this thread runs: it dumps
                 what, self.what = self.what, None  # once for each thing begun
                 stacks = thread_stacks()  # now, before the step can move on
+                workers = self.workers()
             # Outside the lock: a write to a dead mount must not also hold up the loop.
             self.dump(f"rank {self.rank}: {what} has not ended after {self.seconds:g} s (launch.collective_timeout)",
-                      stacks)
+                      stacks, workers)
 
-    def dump(self, said: str, stacks: str) -> None:
+    def dump(self, said: str, stacks: str, workers: list[int]) -> None:
         # The log first: the file may be on the file system that hangs.
-        print(f"[masktrain] {said}; the stack of each of its threads goes to {self.path}", file=sys.stderr,
+        also = f", and its loader workers' (pids {', '.join(map(str, workers))}) to this log" if workers else ""
+        print(f"[masktrain] {said}; the stack of each of its threads goes to {self.path}{also}", file=sys.stderr,
               flush=True)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):  # ended since
+                os.kill(pid, WORKER_STACKS)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         partial = self.path.with_suffix(".tmp")
         try:

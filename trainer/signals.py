@@ -35,11 +35,11 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def stops_deferred():
+def stops_deferred(*also: signal.Signals):
     """Start child processes that will ignore the stop signals inside this block: they inherit it blocked, so
     one that comes before a child calls `ignore_stops` waits instead of killing it. This process only defers
-    its own until the block ends."""
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    its own until the block ends. `also`: further signals the children are to unblock once they handle them."""
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (*STOP_SIGNALS, *also))
     try:
         yield
     finally:

@@ -196,6 +196,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     engine = eng.build_engine(cfg, model, runtime, dtype, ds)
     loader = inputs.train_loader(cfg, objective.batch, objective.encoder, tokenizer, runtime.rank,
                                  runtime.world_size)
+    hang.workers = loader.worker_pids
     if is_main:
         for note in filter(None, (inputs.mixture_plan(cfg), inputs.uneven_epochs(cfg, loader))):
             print(f"[masktrain] data: {note}", flush=True)
