@@ -4,6 +4,7 @@ Side by side in one process, alternating between variants so the shared machine'
 - `packed`: the training loader with 1 worker process, batches of packed rows (no masking);
 - `mlm`: the same with BERT masking (random 15%, 80/10/10) done in the worker;
 - `packed_in_process`: num_workers=0, packing in the calling process (what one worker does alone);
+- `mixed`: `packed` with the shards as two sources mixed 3:1 (`data.mixture`), each packed on its own;
 - `reader` vs `webdataset_reader`: documents/s out of the same shards through masktrain's reader and through
   plain webdataset (`tarfile_samples` + np.load), which reads the same tar without the end-of-archive check.
 
@@ -57,8 +58,8 @@ def mlm_spec() -> MaskSpec:
     return MaskSpec(vocab=Vocab(size=VOCAB, pad_id=0, mask_id=6, special=special, word_start=~special))
 
 
-def loader_tokens_per_second(urls: list[str], workers: int, mask: bool, batches: int) -> float:
-    spec = LoaderSpec(sources=[Source(urls)], rank=0, world_size=1, num_workers=workers, seed=0,
+def loader_tokens_per_second(sources: list[Source], workers: int, mask: bool, batches: int) -> float:
+    spec = LoaderSpec(sources=sources, rank=0, world_size=1, num_workers=workers, seed=0,
                       micro_batch_size=MICRO_BATCH, shuffle_block=1000, packing=Packing(SEQ_LEN, 4, 5), vocab_size=VOCAB)
     batcher = Batcher(mlm_batch, mlm_spec(), constant_rate, 0, 0, 1) if mask else \
         Batcher(rows_only, None, constant_rate, 0, 0, 1)
@@ -89,10 +90,12 @@ def main(quick: bool = False) -> dict:
     repeats, batches = (2, 20) if quick else (5, 100)
     with tempfile.TemporaryDirectory() as tmp:
         urls = write_shards(Path(tmp), 6_000 if quick else 40_000, 8)
+        one, mixed = [Source(urls)], [Source(urls[:4], 3), Source(urls[4:], 1)]
         variants = {
-            "packed": lambda: loader_tokens_per_second(urls, 1, False, batches),
-            "mlm": lambda: loader_tokens_per_second(urls, 1, True, batches),
-            "packed_in_process": lambda: loader_tokens_per_second(urls, 0, False, batches),
+            "packed": lambda: loader_tokens_per_second(one, 1, False, batches),
+            "mlm": lambda: loader_tokens_per_second(one, 1, True, batches),
+            "packed_in_process": lambda: loader_tokens_per_second(one, 0, False, batches),
+            "mixed": lambda: loader_tokens_per_second(mixed, 1, False, batches),
             "reader": lambda: reader_docs_per_second(urls),
             "webdataset_reader": lambda: webdataset_docs_per_second(urls),
         }
@@ -104,9 +107,10 @@ def main(quick: bool = False) -> dict:
     result = {
         "setup": {"seq_len": SEQ_LEN, "micro_batch_size": MICRO_BATCH, "vocab_size": VOCAB, "workers": 1,
                   "batches_timed": batches, "repeats": repeats, "shuffle_block": 1000},
-        "tokens_per_s": {name: round(median[name]) for name in ("packed", "mlm", "packed_in_process")},
+        "tokens_per_s": {name: round(median[name]) for name in ("packed", "mlm", "packed_in_process", "mixed")},
         "documents_per_s": {name: round(median[name]) for name in ("reader", "webdataset_reader")},
         "ratios": {"mlm_vs_packed": round(median["mlm"] / median["packed"], 3),
+                   "mixed_vs_packed": round(median["mixed"] / median["packed"], 3),
                    "reader_vs_webdataset": round(median["reader"] / median["webdataset_reader"], 3)},
         "runs": {name: [round(v) for v in values] for name, values in runs.items()},
         "summary": [
@@ -114,6 +118,8 @@ def main(quick: bool = False) -> dict:
              "unit": "tokens/s"},
             {"metric": "loader, shards to masked MLM batches (1 worker)", "value": median["mlm"], "target": "",
              "unit": "tokens/s"},
+            {"metric": "loader, two sources mixed 3:1 / one source (1 worker)", "value":
+             median["mixed"] / median["packed"], "target": "", "unit": "x"},
             {"metric": "shard reader / webdataset + np.load, documents/s", "value":
              median["reader"] / median["webdataset_reader"], "target": "", "unit": "x"},
         ],
