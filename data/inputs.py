@@ -8,6 +8,7 @@ import hashlib
 import json
 import sys
 from dataclasses import fields
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -95,20 +96,29 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
         tokenizer = tokenizer or Tokenizer(tokenizer_dir(cfg))
     except (OSError, InputError) as err:
         raise DataError(f"tokenizer: {err}") from None
+    # Each list of shards read: (what it is called, its split, how to get its URLs, what says it is empty).
+    lists = []
     for split in ("train", "val") if training else ("val",):
+        if split == "train" and cfg.data.mixture:
+            lists += [(f"train shards of {source.dir}", split, partial(manifest_urls, source.dir, split),
+                       f"no train shards in {source.dir}: its manifest lists none") for source in cfg.data.mixture]
+        else:
+            lists.append((f"{split} shards", split, partial(shard_urls, cfg, split),
+                          f"no {split} shards (data.{split}_shards, or the manifest in data.dir)"))
+    for what, split, urls_of, empty in lists:
         try:
-            urls = expand_urls(shard_urls(cfg, split))
+            urls = expand_urls(urls_of())
         except (OSError, ValueError, KeyError, DataError) as err:
-            problems.append(f"{split} shards: {err}")
+            problems.append(f"{what}: {err}")
             continue
         if "" in urls:  # Path("") is the working folder, which exists
-            problems.append(f"{split} shards: an empty URL in the list")
+            problems.append(f"{what}: an empty URL in the list")
         absent = [url for url in urls if url and not url.startswith("pipe:") and "://" not in url
                   and not Path(url).exists()]
         if not urls and (split == "train" or not training):  # without validation shards, training has none
-            problems.append(f"no {split} shards (data.{split}_shards, or the manifest in data.dir)")
+            problems.append(empty)
         if absent:
-            problems.append(f"{split} shards missing: {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
+            problems.append(f"{what} missing: {', '.join(absent[:3])}" + (" ..." if len(absent) > 3 else ""))
     # Each folder whose manifest lists shards the run reads, with the splits it reads from there.
     folders = {cfg.data.dir: tuple(split for split in (("train", "val") if training else ("val",))
                                    if from_manifest(cfg, split))} if not cfg.data.train_shards else {}

@@ -1,8 +1,8 @@
 """The streaming training loader: shards -> shuffled documents -> packed rows -> masked batches.
 
 Sources. The shards come from one source, or from several mixed by weight (`data.mixture`). Each source is read
-as below on its own, and a slot takes each row from the source whose next row is due first (`next_source`), so
-every batch holds the sources' rows in proportion to their weights, and a small source simply runs more epochs.
+as below on its own; which one a row comes from depends only on the row's place in the run (`source_of`), so a
+batch holds the sources' rows in proportion to their weights, and a small source simply runs more epochs.
 
 Layout. Each rank has `max(1, num_workers)` slots (one per worker process); slot s of rank r reads, in
 epoch e, every n-th unit of a permutation of all units seeded by (seed, e), where n = world * workers. A slot
@@ -11,8 +11,8 @@ trainer asks for, however uneven the shards (a finite epoch per rank is what han
 
 Position. Documents are shuffled in blocks of `shuffle_block` read from one unit, each block permuted by a
 seed derived from its place. A slot's position in a source is therefore five integers (epoch, unit, block
-start, index in block, token offset in the document being packed), plus the rows it took from each source; a
-resume re-reads each source's current unit up to the end of its current block, and nothing else.
+start, index in block, token offset in the document being packed); a resume re-reads each source's current
+unit up to the end of its current block, and nothing else.
 
 Exactness with workers. Every batch carries the state of its slot *after* that batch. The main process keeps
 the state of the batches it has consumed (not what workers have prefetched) and which slot comes next; a
@@ -73,27 +73,33 @@ class SourceState:
 class SlotState:
     batches: int = 0
     """Batches this slot has produced."""
-    rows: list[int] = field(default_factory=list)
-    """Rows taken from each source (the mixture's schedule)."""
     sources: list[SourceState] = field(default_factory=list)
 
     @classmethod
     def of(cls, state: dict) -> "SlotState":
-        return cls(state["batches"], list(state["rows"]), [SourceState(**source) for source in state["sources"]])
+        return cls(state["batches"], [SourceState(**source) for source in state["sources"]])
 
     @classmethod
     def fresh(cls, sources: int) -> "SlotState":
-        return cls(0, [0] * sources, [SourceState() for _ in range(sources)])
+        return cls(0, [SourceState() for _ in range(sources)])
 
 
-def next_source(rows: list[int], strides: list[int]) -> int:
-    """The source a slot takes its next row from: the one whose next row is due first when source s's k-th row
-    is due at (2k + 1) * strides[s] (stride scheduling; see `LoaderSpec.strides`). Any stretch of rows then
-    holds each source's share to within a row, the order is fixed by the counts alone (a resume needs nothing
-    else), and integers make it the same on every machine."""
-    if len(strides) == 1:
-        return 0
-    return min(range(len(strides)), key=lambda s: ((2 * rows[s] + 1) * strides[s], s))
+def source_of(position: int, weights: list[int]) -> int:
+    """The source of the row at `position` in the run's sequence of rows, for integer weights: the sources are
+    split in two halves, recursively, and a half gets the rows where its rounded share of the rows so far
+    grows (Bresenham's line). So any stretch of rows holds each half its share to within one row: every
+    stretch holds each of two sources its share to within a row, and each of n sources to within the depth,
+    log2(n) rounded up, rows. Integers make it the same on every machine; no state makes resuming trivial."""
+    first = 0
+    while len(weights) > 1:
+        half, total = len(weights) // 2, sum(weights)
+        left = sum(weights[:half])
+        before = (2 * position * left + total) // (2 * total)  # rows of the left half before this one
+        if (2 * (position + 1) * left + total) // (2 * total) > before:
+            position, weights = before, weights[:half]
+        else:
+            position, weights, first = position - before, weights[half:], first + half
+    return first
 
 
 def units_for(urls: list[str], n_slots: int) -> list[Unit]:
@@ -221,23 +227,21 @@ class SourceStream:
 
 
 class SlotStream:
-    """One slot's endless, resumable stream of batches, each row from the source `next_source` picks."""
+    """One slot's endless, resumable stream of batches, each row from the source `source_of` picks for its
+    place: the slots' b-th batches are, in slot order, one stretch of the run's rows, which holds each source's
+    share of it, as each batch does of its own."""
 
-    def __init__(self, sources: list[list[Unit]], strides: list[int], slot: int, n_slots: int, seed: int,
+    def __init__(self, sources: list[list[Unit]], weights: list[int], slot: int, n_slots: int, seed: int,
                  shuffle_block: int, packing: Packing, strict: bool, state: SlotState, vocab_size: int = 0):
-        self.strides, self.state = strides, state
+        self.weights, self.slot, self.n_slots, self.state = weights, slot, n_slots, state
         self.streams = [SourceStream(units, slot, n_slots, seed, shuffle_block, packing, strict, source, vocab_size)
                         for units, source in zip(sources, state.sources)]
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         rows = [stream.rows() for stream in self.streams]
-        counts = self.state.rows
         while True:
-            batch = []
-            for _ in range(batch_size):
-                source = next_source(counts, self.strides)
-                batch.append(next(rows[source]))
-                counts[source] += 1
+            start = (self.state.batches * self.n_slots + self.slot) * batch_size
+            batch = [next(rows[source_of(start + row, self.weights)]) for row in range(batch_size)]
             self.state.batches += 1
             for stream in self.streams:
                 stream.state.skipped = dict(stream.skips.counts)
@@ -303,12 +307,12 @@ class LoaderSpec:
         return [source.weight / total for source in self.sources]
 
     @property
-    def strides(self) -> list[int]:
-        """Per source, an integer inversely proportional to its weight: the weights as written in decimal
-        (0.7 and 0.3 are exactly 7:3, not the floats' nearest binary fractions)."""
+    def integer_weights(self) -> list[int]:
+        """The weights as the smallest integers in the same ratio, taken as written in decimal (0.7 and 0.3 are
+        exactly 7:3, not the floats' nearest binary fractions)."""
         weights = [Fraction(repr(source.weight)) for source in self.sources]
-        common = math.lcm(*(weight.numerator for weight in weights))
-        return [common * weight.denominator // weight.numerator for weight in weights]
+        scaled = [int(weight * math.lcm(*(w.denominator for w in weights))) for weight in weights]
+        return [weight // math.gcd(*scaled) for weight in scaled]
 
 
 class SlotDataset(IterableDataset):
@@ -324,8 +328,8 @@ class SlotDataset(IterableDataset):
         local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
         n_slots = spec.world_size * spec.slots_per_rank
         state = SlotState.of(asdict(self.states[local]))
-        stream = SlotStream(self.units, spec.strides, spec.rank * spec.slots_per_rank + local, n_slots, spec.seed,
-                            spec.shuffle_block, spec.packing, spec.strict, state, spec.vocab_size)
+        stream = SlotStream(self.units, spec.integer_weights, spec.rank * spec.slots_per_rank + local, n_slots,
+                            spec.seed, spec.shuffle_block, spec.packing, spec.strict, state, spec.vocab_size)
         try:
             for rows in stream.batches(spec.micro_batch_size):
                 index = (state.batches - 1) * spec.slots_per_rank + local
@@ -488,15 +492,15 @@ class Loader:
 
     def upgraded(self, state: dict) -> dict:
         """A saved state as this version writes it. Version 2 had one source: its slots' position fields become
-        their only source's, and a shard list, contents, seed or shuffle block it predates are taken to be this
-        loader's (first source's)."""
+        their only source's. A seed or shuffle block it predates is taken to be this loader's; a shard list or
+        contents it predates stays unknown (None), and matches any (`same_source`)."""
         if state.get("version") != 2:
             return state
         state = {"seed": self.spec.seed, "shuffle_block": self.spec.shuffle_block, **state, "version": STATE_VERSION}
-        state["sources"] = [{"shards": state.pop("shards", self.shards[0]),
-                             "contents": state.pop("contents", self.spec.sources[0].contents), "weight": 1.0}]
-        state["slots"] = [{"batches": slot["batches"], "rows": [0],
-                           "sources": [{k: v for k, v in slot.items() if k != "batches"}]} for slot in state["slots"]]
+        state["sources"] = [{"shards": state.pop("shards", None), "contents": state.pop("contents", None),
+                             "weight": 1.0}]
+        state["slots"] = [{"batches": slot["batches"], "sources": [{k: v for k, v in slot.items() if k != "batches"}]}
+                          for slot in state["slots"]]
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -510,32 +514,36 @@ class Loader:
         self.consumed = state["consumed"]
         self.iterator = None
 
-    def resume(self, saved: list[dict]) -> str:
+    def resume(self, saved: list[dict], allowed: bool = False) -> str:
         """Position this rank from a checkpoint's loader states of every rank: exactly where this rank left off
         when the layout (ranks x workers) and the sources are the same; else continued (see `continue_from`),
-        and a note for the log says so. ValueError when neither can be done (other shards, seed or shuffle
-        block)."""
+        and a note for the log says so. Sources that changed (another mixture, or a folder prepared again,
+        which no config key shows) only when `allowed` (trainer.allow_config_change). ValueError when it
+        cannot go on (other seed or shuffle block, or no source the same)."""
         saved = [self.upgraded(state) for state in saved]
         first = saved[0]
-        if first.get("sources") == self.recorded()["sources"] or not self.found_sources(first):
-            if len(saved) == self.spec.world_size and first.get("num_workers") == self.spec.num_workers:
-                self.load_state_dict(saved[self.spec.rank])  # raises naming what changed, if anything did
-                return ""
+        changed = differences(first, {"sources": self.recorded()["sources"]})
+        same_layout = len(saved) == self.spec.world_size and first.get("num_workers") == self.spec.num_workers
+        if (same_layout and not changed) or (changed and not (allowed and self.found_sources(first))):
+            self.load_state_dict(saved[self.spec.rank])  # raises naming what changed, if anything did
+            return ""
         return self.continue_from(saved)
 
     def found_sources(self, state: dict) -> dict[int, int]:
-        """{index here: index in `state`} of the sources a saved state has too (same shards and contents)."""
-        saved = [(source["shards"], source["contents"]) for source in state.get("sources", [])]
-        return {index: saved.index(key) for index, key in
-                enumerate((source["shards"], source["contents"]) for source in self.recorded()["sources"])
-                if key in saved}
+        """{index here: index in `state`} of the sources a saved state has too: the same shard list and contents,
+        where a state records them (`upgraded`); a saved source that could be more than one of these is none."""
+        candidates = {index: [old for old, source in enumerate(state.get("sources", [])) if same_source(source, new)]
+                      for index, new in enumerate(self.recorded()["sources"])}
+        claims = Counter(old for found in candidates.values() for old in found)
+        return {index: found[0] for index, found in candidates.items() if len(found) == 1 and claims[found[0]] == 1}
 
     def continue_from(self, saved: list[dict]) -> str:
         """Continue the data of a run that had another layout of ranks and workers, or another mixture, from its
         ranks' states, without reading a document twice or leaving one out: each source found in the checkpoint
-        goes on from where the old slots were (`continue_source`), a source new to the run starts at its
-        beginning, and one no longer listed is no longer read. Batch indices (and with them mask seeds) go on
-        from the saved count; the mixture's row counts start again, so new weights hold from here on."""
+        goes on from where the old slots were (`continue_source`); a source new to the run, changed, or whose
+        shards the new layout splits otherwise (fewer shards than loader slots) starts at its beginning, as long
+        as another goes on; one no longer listed is no longer read. Batch indices (and with them mask seeds) go
+        on from the saved count, and the rows' sources from there, with the new weights."""
         first = saved[0]
         recorded = self.recorded()
         for key in ("version", "seed", "shuffle_block"):
@@ -552,27 +560,32 @@ class Loader:
         slots, per_rank = self.spec.world_size * self.spec.slots_per_rank, self.spec.slots_per_rank
         old = [SlotState.of(slot) for state in saved for slot in state["slots"]]
         positions: list[list[SourceState]] = []  # per source, this rank's slots' positions
-        notes = []
+        notes, restarts = [], []
         for index, source in enumerate(self.spec.sources):
             name = f"{source.name or f'source {index}'}: " if len(self.spec.sources) > 1 else ""
             if index not in found:
                 positions.append([SourceState() for _ in range(per_rank)])
-                notes.append(f"{name}new, read from its beginning")
+                notes.append(f"{name}new or changed, read from its beginning")
             elif old_slots == slots:  # a slot's stream depends on its number alone: each goes on as it was
                 positions.append([old[self.spec.rank * per_rank + local].sources[found[index]]
                                   for local in range(per_rank)])
                 notes.append(f"{name}goes on from its position")
             else:
-                states, note = self.continue_source(self.units[index], [st.sources[found[index]] for st in old])
+                try:
+                    states, note = self.continue_source(self.units[index], [st.sources[found[index]] for st in old])
+                except ValueError as err:
+                    restarts.append(str(err))
+                    states, note = [SourceState() for _ in range(per_rank)], f"{err}, so it is read from its beginning"
                 positions.append(states)
                 notes.append(name + note)
+        if len(restarts) == len(found):  # nothing would go on: the run's data restarts, as for a single source
+            raise ValueError(f"cannot continue the data position: {'; '.join(restarts)}")
         if dropped := len(first["sources"]) - len(found):
-            notes.append(f"{dropped} source{'s' * (dropped > 1)} of the checkpoint no longer read")
+            notes.append(f"{dropped} source{'s' * (dropped > 1)} of the checkpoint no longer read (or changed)")
         consumed = max(state["consumed"] for state in saved)
         # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
         self.states = [SlotState(batches=consumed // per_rank + (local < consumed % per_rank),
-                                 rows=[0] * len(self.spec.sources), sources=[states[local] for states in positions])
-                       for local in range(per_rank)]
+                                 sources=[states[local] for states in positions]) for local in range(per_rank)]
         self.consumed = consumed
         self.iterator = None
         moved = (first["world_size"], first["num_workers"]) != (self.spec.world_size, self.spec.num_workers)
@@ -588,8 +601,8 @@ class Loader:
         old_slots, slots = len(old), self.spec.world_size * self.spec.slots_per_rank
         shards = len(units) // units[0].parts
         if math.ceil(old_slots / shards) != units[0].parts:  # as units_for splits them
-            raise ValueError(f"cannot continue the data position: with {old_slots} loader slots the shards were "
-                             f"split into other parts than over {slots}")
+            raise ValueError(f"with {old_slots} loader slots its {shards} shards were split into other parts than "
+                             f"over {slots}")
         orders: dict[int, np.ndarray] = {}
 
         def share(epoch: int, slot: int, slots: int) -> list[int]:
@@ -635,15 +648,22 @@ class Loader:
                         f"are skipped and {len(part_read)} part-read ones are finished first")
 
 
+def same_source(saved: dict, current: dict) -> bool:
+    """Whether a saved source is the current one: its shard list and contents, each where recorded."""
+    return all(saved.get(key) in (None, current[key]) for key in ("shards", "contents"))
+
+
 def differences(saved: dict, expected: dict) -> str:
-    """What a saved state records otherwise than `expected`, as "key was X now Y", sources by their fields."""
+    """What a saved state records otherwise than `expected`, as "key was X now Y", sources by their fields (those
+    it does not record, None, differ from none)."""
     changes = []
     for key, value in expected.items():
         old = saved.get(key)
         if key == "sources" and old is not None and len(old) == len(value):
             several = len(value) > 1
             changes += [f"{f'source {i} ' * several}{field} was {a[field]} now {b[field]}"
-                        for i, (a, b) in enumerate(zip(old, value)) for field in b if a.get(field) != b[field]]
+                        for i, (a, b) in enumerate(zip(old, value)) for field in b
+                        if a.get(field) not in (None, b[field])]
         elif old != value:
             changes.append(f"{key} was {old} now {value}")
     return ", ".join(changes)

@@ -269,8 +269,16 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     cases["mixture of another tokenizer"] = (
         [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {mismatched}}}]"],
         f"the shards in {mismatched} were written with a {manifest['vocab_size']}-id tokenizer")
-    cases["mixture without a manifest"] = ([*tiny_data, f"data.mixture=[{{dir: {tmp_path / 'none'}}}]"],
-                                           f"train shards: {tmp_path / 'none' / 'manifest.json'}: no manifest")
+    none = tmp_path / "none"
+    cases["mixture without a manifest"] = ([*tiny_data, f"data.mixture=[{{dir: {none}}}]"],
+                                           f"train shards of {none}: {none / 'manifest.json'}: no manifest")
+    emptied = tmp_path / "emptied"
+    subprocess.run(["cp", "-r", str(data), str(emptied)], check=True)
+    manifest = json.loads((emptied / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = []
+    (emptied / "manifest.json").write_text(json.dumps(manifest))
+    cases["mixture source without train shards"] = ([*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {emptied}}}]"],
+                                                    f"no train shards in {emptied}: its manifest lists none")
     malformed = tmp_path / "malformed"
     subprocess.run(["cp", "-r", str(data), str(malformed)], check=True)
     manifest = json.loads((malformed / "manifest.json").read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gzip
 import io
+import math
 import random
 import re
 import shutil
@@ -27,7 +28,7 @@ import webdataset as wds
 
 from masktrain.data.batches import MaskSpec, mlm_batch
 from masktrain.data.loader import (Batcher, Loader, LoaderSpec, Packing, SlotState, SlotStream, Source, SourceState,
-                                   SourceStream, epoch_order, units_for)
+                                   SourceStream, epoch_order, source_of, units_for)
 from masktrain.data.masking import Vocab
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
 
@@ -207,7 +208,7 @@ def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
     spec = spec_for(urls, rank=1, world_size=2, num_workers=2)
     got, _ = take(Loader(spec, plain_batcher(1)), 12)
     units = units_for(urls, 4)
-    streams = [SlotStream([units], spec.strides, 2 + local, 4, 7, spec.shuffle_block, spec.packing, False,
+    streams = [SlotStream([units], spec.integer_weights, 2 + local, 4, 7, spec.shuffle_block, spec.packing, False,
                           SlotState.fresh(1), VOCAB).batches(spec.micro_batch_size) for local in range(2)]
     expected = [{"input_ids": torch.from_numpy(next(streams[i % 2]))} for i in range(12)]
     assert_same_batches(got, expected, "loader vs slot streams")
@@ -827,6 +828,28 @@ def test_a_mixture_gives_every_batch_its_sources_rows_by_weight_and_a_small_sour
     assert max(c for n, c in numbers.items() if n < MIXED) == 1 and sum(numbers.values()) == 120
 
 
+@pytest.mark.parametrize("weights", [[3, 1], [7, 3], [1, 1000], [1, 4, 1], [1, 1, 1, 1, 4], [1] * 6 + [6],
+                                     [2, 3, 5, 7, 11]])
+def test_every_stretch_of_rows_holds_each_source_its_share_to_within_a_row_per_level_of_halving(weights):
+    """Two sources: within a row, in every batch and every stretch, wherever it starts; n sources: within
+    log2(n) rounded up rows (each halving adds at most one)."""
+    total, depth = sum(weights), math.ceil(math.log2(len(weights)))
+    picked = np.array([source_of(position, weights) for position in range(3 * total + 64)])
+    before = np.vstack([np.zeros(len(weights)), np.cumsum(picked[:, None] == np.arange(len(weights)), axis=0)])
+    for length in range(1, 65):
+        held = before[length:] - before[:-length]
+        assert np.abs(held - length * np.array(weights) / total).max() < depth, length
+
+
+def test_a_global_batch_holds_the_weights_shares_to_within_a_row_over_all_ranks(tmp_path):
+    """The slots' b-th batches are one stretch of the run's rows: 8 ranks x 8 rows at 7:3 hold 19 or 20 rows of
+    b (19.2), not 8 batches rounded alike (16 or 24)."""
+    spec = mixture(tmp_path, [[14] * 40] * 8, [[14] * 30] * 2, weights=(0.7, 0.3), micro_batch_size=8)
+    loaders = [Loader(replace(spec, rank=rank, world_size=8), plain_batcher(rank)) for rank in range(8)]
+    for _ in range(6):
+        assert sum(sum(from_b(next(loader))) for loader in loaders) in (19, 20)
+
+
 def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
     """New weights hold from the resume on, each source kept goes on where it was (nothing of a is read twice
     within its epoch), a source added starts at its beginning, one left out is no longer read; with none kept,
@@ -834,8 +857,11 @@ def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
     spec = mixture(tmp_path, [[14] * 20] * 5, [[14] * 6], micro_batch_size=4)
     first, states = take(Loader(spec, plain_batcher()), 10)
     even = Loader(replace(spec, sources=[replace(source, weight=1) for source in spec.sources]), plain_batcher())
-    assert even.resume([states[-1]]) == "data position continued: a: goes on from its position; b: goes on from " \
-                                        "its position"
+    with pytest.raises(ValueError, match="cannot resume the data position exactly: source 0 weight was 0.75 now 0.5, "
+                                         "source 1 weight was 0.25 now 0.5 "):
+        even.resume([states[-1]])  # without trainer.allow_config_change
+    assert even.resume([states[-1]], allowed=True) == "data position continued: a: goes on from its position; b: " \
+                                                      "goes on from its position"
     then, _ = take(even, 10)
     assert [sum(from_b(batch)) for batch in then] == [2] * 10 and even.consumed == 20
     read_a = [n for batch in first + then for n in document_numbers(batch["input_ids"].numpy()) if n < MIXED]
@@ -843,8 +869,9 @@ def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
 
     c = Source(write_shards(tmp_path / "c", [[14] * 4], 2 * MIXED), 1, "c", name="c")
     grown = Loader(replace(spec, sources=[even.spec.sources[0], c]), plain_batcher())
-    assert grown.resume([states[-1]]) == "data position continued: a: goes on from its position; c: new, read " \
-                                         "from its beginning; 1 source of the checkpoint no longer read"
+    assert grown.resume([states[-1]], allowed=True) == (
+        "data position continued: a: goes on from its position; c: new or changed, read from its beginning; 1 source "
+        "of the checkpoint no longer read (or changed)")
     numbers = [n for batch in take(grown, 2)[0] for n in document_numbers(batch["input_ids"].numpy())]
     assert sorted(n for n in numbers if n >= 2 * MIXED) == [2 * MIXED + n for n in range(4)]
     before = {n for batch in first for n in document_numbers(batch["input_ids"].numpy())}
@@ -852,7 +879,46 @@ def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
 
     with pytest.raises(ValueError, match="cannot resume the data position exactly: source 0 shards was .* source 1 "
                                          "contents was b now d"):
-        Loader(replace(spec, sources=[c, replace(c, contents="d")]), plain_batcher()).resume([states[-1]])
+        Loader(replace(spec, sources=[c, replace(c, contents="d")]), plain_batcher()).resume([states[-1]], True)
+
+    # The same folders, b prepared again (other contents): only allowed, and b then starts again.
+    again = Loader(replace(spec, sources=[spec.sources[0], replace(spec.sources[1], contents="b again")]),
+                   plain_batcher())
+    with pytest.raises(ValueError, match="cannot resume the data position exactly: source 1 contents was b now b "
+                                         "again "):
+        again.resume([states[-1]])
+    assert again.resume([states[-1]], True).startswith("data position continued: a: goes on from its position; b: "
+                                                       "new or changed, read from its beginning;")
+
+
+def test_a_source_with_fewer_shards_than_slots_starts_again_alone_on_another_layout(tmp_path):
+    """Its shards were split by the old slot count into other parts: it alone is read from its beginning, said by
+    name, while the other goes on."""
+    spec = mixture(tmp_path, [[14] * 10] * 6, [[14] * 12], weights=(1, 1), micro_batch_size=2)
+    old = [Loader(replace(spec, rank=rank, world_size=2), plain_batcher(rank)) for rank in range(2)]
+    before = {n for loader in old for _ in range(5) for n in document_numbers(next(loader)["input_ids"].numpy())}
+    saved = [loader.state_dict() for loader in old]
+    new = [Loader(replace(spec, rank=rank, world_size=3), plain_batcher(rank)) for rank in range(3)]
+    notes = {loader.resume(saved) for loader in new}
+    assert len(notes) == 1 and re.fullmatch("data position continued from 2 loader slots on 3: a: of epoch 0, .*; b: "
+                                            "with 2 loader slots its 1 shards were split into other parts than over "
+                                            "3, so it is read from its beginning", notes.pop())
+    after = [n for loader in new for _ in range(5) for n in document_numbers(next(loader)["input_ids"].numpy())]
+    assert not {n for n in after if n < MIXED} & before and {n for n in after if n >= MIXED} & before
+
+
+def test_a_version_2_position_without_its_shard_list_goes_only_to_the_source_it_can_be(tmp_path):
+    """States saved before the shard list or contents were recorded match a mixture's source on what they do
+    record, and none when more than one would match."""
+    spec = mixture(tmp_path, [[14] * 10] * 6, [[14] * 12] * 2, micro_batch_size=2)
+    a_alone = replace(spec, sources=spec.sources[:1])
+    _, states = take(Loader(a_alone, plain_batcher()), 6)
+    added_first = Loader(replace(spec, sources=spec.sources[::-1]), plain_batcher())
+    assert added_first.resume([version_2(states[-1], "contents")], allowed=True) == (
+        "data position continued: b: new or changed, read from its beginning; a: goes on from its position")
+    with pytest.raises(ValueError, match="cannot resume the data position exactly: sources was "):
+        Loader(replace(spec, sources=spec.sources[::-1]), plain_batcher()).resume(
+            [version_2(states[-1], "contents", "shards")], allowed=True)
 
 
 def test_a_version_2_position_resumes_exactly(tmp_path):

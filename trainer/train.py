@@ -118,11 +118,12 @@ def crashed(what: str, err: Exception, out_dir: Path) -> NoReturn:
 
 def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool) -> str:
     """Put this rank's data position and RNG state back: exactly, or on another layout of ranks and loader
-    workers continued from every rank's position (which only trainer.allow_config_change permits: otherwise
-    the config check stops such a resume earlier). Returns a note for the log when not exactly."""
+    workers or with changed sources continued from every rank's position (which only trainer.allow_config_change
+    permits: otherwise the config check stops a new layout earlier, and the loader a source prepared again).
+    Returns a note for the log when not exactly."""
     ranks = client["ranks"]
     try:
-        note = loader.resume([rank["data"] for rank in ranks])
+        note = loader.resume([rank["data"] for rank in ranks], allowed)
     except ValueError as err:
         if not allowed:  # every rank fails alike, so the run ends in order, as for bad data
             raise DataError(str(err)) from None
