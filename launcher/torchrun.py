@@ -5,12 +5,14 @@ torchrun ends a stop signal (SignalException) or a failed rank (ChildFailedError
 30 lines. After every preemption that reads as a crash, and it buries the verdict the launcher prints from
 status.json below it. Here the signal ends torchrun as a shell reports one, and each failed rank is one line.
 Anything else (a rendezvous that never completes, a bad argument) keeps torchrun's traceback, which is the
-report there is.
+report there is. And the folder torchrun keeps its ranks' error files in is removed when it ends: its own is
+a new /tmp/torchelastic_* each launch, left behind, thousands on a node that runs many.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -27,6 +29,11 @@ def failure_line(rank: int, failure: ProcessFailure) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    with tempfile.TemporaryDirectory(prefix="torchelastic_", ignore_cleanup_errors=True) as logs:
+        return run([f"--log-dir={logs}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def run(argv: list[str]) -> int:
     try:
         torchrun_main(argv)
     except SignalException as err:

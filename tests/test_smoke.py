@@ -14,10 +14,12 @@ pytestmark = pytest.mark.slow
 
 
 def test_smoke_trains_stops_resumes_exports_and_says_where_everything_is(tiny_data, tmp_path):
-    run = tmp_path / "run"
+    run, temp = tmp_path / "run", tmp_path / "temp"
+    temp.mkdir()
     result = run_cli("smoke", "smoke", *tiny_data, f"run.output_dir={run}", "trainer.max_steps=8",
-                     "trainer.checkpoint_every=0", check=True)
+                     "trainer.checkpoint_every=0", check=True, env={"TMPDIR": str(temp)})
     out = result.stdout
+    assert not list(temp.glob("torchelastic_*"))  # torchrun's folder of error files, one each launch
     assert "stops after 4 of 8 steps" in out and f"resumed from {run / 'checkpoints' / 'step-00000004'}" in out
 
     first, last = (float(x) for x in re.search(r"train loss: (\S+) at step 1 -> (\S+) at step 8", out).groups())
