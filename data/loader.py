@@ -228,19 +228,23 @@ class SourceStream:
 
 class SlotStream:
     """One slot's endless, resumable stream of batches, each row from the source `source_of` picks for its
-    place: the slots' b-th batches are, in slot order, one stretch of the run's rows, which holds each source's
-    share of it, as each batch does of its own."""
+    place in the sequence of rows. A slot reads that sequence on from `phase` batches in, so its own rows hold
+    each source's share (each slot reads its own units of every source: all must go through each source at
+    the same pace, as they do through a single one, or a source's epoch would leave some unread); and the
+    batches that the ranks' slots of one local number give one step lie side by side in it (`SlotDataset`),
+    so the step's rows hold the shares too."""
 
-    def __init__(self, sources: list[list[Unit]], weights: list[int], slot: int, n_slots: int, seed: int,
-                 shuffle_block: int, packing: Packing, strict: bool, state: SlotState, vocab_size: int = 0):
-        self.weights, self.slot, self.n_slots, self.state = weights, slot, n_slots, state
+    def __init__(self, sources: list[list[Unit]], weights: list[int], slot: int, n_slots: int, phase: int,
+                 seed: int, shuffle_block: int, packing: Packing, strict: bool, state: SlotState,
+                 vocab_size: int = 0):
+        self.weights, self.phase, self.state = weights, phase, state
         self.streams = [SourceStream(units, slot, n_slots, seed, shuffle_block, packing, strict, source, vocab_size)
                         for units, source in zip(sources, state.sources)]
 
     def batches(self, batch_size: int) -> Iterator[np.ndarray]:
         rows = [stream.rows() for stream in self.streams]
         while True:
-            start = (self.state.batches * self.n_slots + self.slot) * batch_size
+            start = (self.state.batches + self.phase) * batch_size
             batch = [next(rows[source_of(start + row, self.weights)]) for row in range(batch_size)]
             self.state.batches += 1
             for stream in self.streams:
@@ -328,8 +332,11 @@ class SlotDataset(IterableDataset):
         local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
         n_slots = spec.world_size * spec.slots_per_rank
         state = SlotState.of(asdict(self.states[local]))
+        # A step takes each rank's batch from the slots of one local number: numbered rank after rank, they read
+        # side by side in the sequence of rows (`SlotStream`).
         stream = SlotStream(self.units, spec.integer_weights, spec.rank * spec.slots_per_rank + local, n_slots,
-                            spec.seed, spec.shuffle_block, spec.packing, spec.strict, state, spec.vocab_size)
+                            local * spec.world_size + spec.rank, spec.seed, spec.shuffle_block, spec.packing,
+                            spec.strict, state, spec.vocab_size)
         try:
             for rows in stream.batches(spec.micro_batch_size):
                 index = (state.batches - 1) * spec.slots_per_rank + local

@@ -208,8 +208,9 @@ def test_loader_batches_are_its_slots_streams_in_turn(tmp_path):
     spec = spec_for(urls, rank=1, world_size=2, num_workers=2)
     got, _ = take(Loader(spec, plain_batcher(1)), 12)
     units = units_for(urls, 4)
-    streams = [SlotStream([units], spec.integer_weights, 2 + local, 4, 7, spec.shuffle_block, spec.packing, False,
-                          SlotState.fresh(1), VOCAB).batches(spec.micro_batch_size) for local in range(2)]
+    streams = [SlotStream([units], spec.integer_weights, 2 + local, 4, 2 * local + 1, 7, spec.shuffle_block,
+                          spec.packing, False, SlotState.fresh(1), VOCAB).batches(spec.micro_batch_size)
+               for local in range(2)]
     expected = [{"input_ids": torch.from_numpy(next(streams[i % 2]))} for i in range(12)]
     assert_same_batches(got, expected, "loader vs slot streams")
 
@@ -842,12 +843,36 @@ def test_every_stretch_of_rows_holds_each_source_its_share_to_within_a_row_per_l
 
 
 def test_a_global_batch_holds_the_weights_shares_to_within_a_row_over_all_ranks(tmp_path):
-    """The slots' b-th batches are one stretch of the run's rows: 8 ranks x 8 rows at 7:3 hold 19 or 20 rows of
-    b (19.2), not 8 batches rounded alike (16 or 24)."""
+    """The ranks' batches of a step are one stretch of the run's rows: 8 ranks x 8 rows at 7:3 hold 19 or 20 rows
+    of b (19.2), not 8 batches rounded alike (16 or 24)."""
     spec = mixture(tmp_path, [[14] * 40] * 8, [[14] * 30] * 2, weights=(0.7, 0.3), micro_batch_size=8)
     loaders = [Loader(replace(spec, rank=rank, world_size=8), plain_batcher(rank)) for rank in range(8)]
     for _ in range(6):
         assert sum(sum(from_b(next(loader))) for loader in loaders) in (19, 20)
+
+
+@pytest.mark.parametrize("world, workers", [(2, 0), (1, 2), (4, 2)])
+def test_every_slot_reads_each_source_at_its_share_so_each_epoch_reads_every_document_once(tmp_path, monkeypatch,
+                                                                                          world, workers):
+    """3:1 over batches of 2 rows: were every slot at the same place in the pattern, slot 0 would take a's rows
+    only and slot 1 a's and b's, and b's epochs would leave slot 0's units unread while slot 1 read its own
+    again. Every step's rows over all ranks hold b's share too, with worker slots taken in turn."""
+    tag_epochs(monkeypatch)
+    spec = mixture(tmp_path, [[14] * 40] * 8, [[14] * 8] * 4, weights=(3, 1), micro_batch_size=2,
+                   num_workers=workers)
+    loaders = [Loader(replace(spec, rank=rank, world_size=world), plain_batcher(rank)) for rank in range(world)]
+    counts: Counter = Counter()
+    while min(source.epoch for loader in loaders for state in loader.states for source in state.sources[1:]) < 2:
+        tokens = np.concatenate([next(loader)["input_ids"].numpy().reshape(-1) for loader in loaders])
+        first = tokens[1::16]  # each row a document: its start token, 14 tokens, its end token
+        documents = (first % EPOCH_TAG - FIRST_ID).tolist()
+        assert abs(sum(number >= MIXED for number in documents) - len(documents) / 4) < 1
+        counts.update(zip((first // EPOCH_TAG).tolist(), documents))
+    for loader in loaders:
+        loader.close()
+    for epoch in (0, 1):
+        assert {n: c for (e, n), c in counts.items() if e == epoch and n >= MIXED} == {MIXED + n: 1 for n in range(32)}
+    assert max(c for (e, n), c in counts.items() if n < MIXED) == 1
 
 
 def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
