@@ -10,7 +10,8 @@ that holds the interpreter keeps it from running too; faulthandler's own thread 
 GRACE seconds later. A step that is slow but alive (a large model's save on a slow file system) gets a dump too,
 which shows where its time goes. The start-up is not watched: a checkpoint's conversion to the universal format
 may take hours there, with a timeout of its own. A rank waiting for a batch shows only that it waits: its loader
-workers, where a read may be what hangs, print their own stacks to the log on WORKER_STACKS (`on_worker_stacks`).
+workers, where a read may be what hangs, print their own stacks to the log on WORKER_STACKS (`on_worker_stacks`),
+one after the other.
 """
 
 from __future__ import annotations
@@ -37,13 +38,25 @@ CLOSE_WAIT = 1.0
 """How long `close` waits for a dump being written: one stuck on a dead mount must not keep the rank from ending."""
 WORKER_STACKS = signal.SIGUSR2
 """Sent by a rank's watchdog to its loader workers, which print every thread's stack to the log on it."""
+WORKER_GAP = 0.2
+"""Seconds between signalling one worker and the next, so that their dumps come out one after the other."""
 
 
 def on_worker_stacks() -> None:
     """In a loader worker, started with WORKER_STACKS blocked (one sent before this waits): print every thread's
-    stack to the log on it, from C, so also while a read holds the interpreter."""
-    faulthandler.register(WORKER_STACKS, file=sys.__stderr__, all_threads=True)
+    stack to the log on it, headed by its pid, in one write. A Python handler, run by the main thread between
+    bytecodes (a blocked read returns to let it run): faulthandler's own, which reads the frames of threads
+    running meanwhile, crashed busy workers."""
+    signal.signal(WORKER_STACKS, print_worker_stacks)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [WORKER_STACKS])
+
+
+def print_worker_stacks(signum: int, frame: FrameType | None) -> None:
+    text = f"[masktrain] loader worker pid {os.getpid()}, the stack of each of its threads:\n{thread_stacks(None)}\n"
+    with contextlib.suppress(OSError):  # a log whose reader left
+        data = text.encode()
+        while data:
+            data = data[os.write(sys.__stderr__.fileno(), data):]
 
 
 def stack_of(frame: FrameType | None) -> str:
@@ -56,11 +69,11 @@ def stack_of(frame: FrameType | None) -> str:
     return "\n".join(reversed(lines))
 
 
-def thread_stacks() -> str:
-    """Every thread's stack but the caller's, now."""
+def thread_stacks(but: int | None) -> str:
+    """Every thread's stack now, but that of the thread `but` (an ident)."""
     names = {thread.ident: thread.name for thread in threading.enumerate()}
     return "\n\n".join(f"Thread {names.get(ident, ident)} (most recent call last):\n{stack_of(frame)}"
-                       for ident, frame in sys._current_frames().items() if ident != threading.get_ident())
+                       for ident, frame in sys._current_frames().items() if ident != but)
 
 
 class HangDump:
@@ -100,7 +113,7 @@ class HangDump:
                     return
                 faulthandler.cancel_dump_traceback_later()  # this thread runs: it dumps
                 what, self.what = self.what, None  # once for each thing begun
-                stacks = thread_stacks()  # now, before the step can move on
+                stacks = thread_stacks(but=threading.get_ident())  # now, before the step can move on
                 workers = self.workers()
             # Outside the lock: a write to a dead mount must not also hold up the loop.
             self.dump(f"rank {self.rank}: {what} has not ended after {self.seconds:g} s (launch.collective_timeout)",
@@ -111,7 +124,8 @@ class HangDump:
         also = f", and its loader workers' (pids {', '.join(map(str, workers))}) to this log" if workers else ""
         print(f"[masktrain] {said}; the stack of each of its threads goes to {self.path}{also}", file=sys.stderr,
               flush=True)
-        for pid in workers:
+        for index, pid in enumerate(workers):
+            time.sleep(WORKER_GAP * (index > 0))
             with contextlib.suppress(ProcessLookupError):  # ended since
                 os.kill(pid, WORKER_STACKS)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
