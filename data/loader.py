@@ -515,8 +515,7 @@ class Loader:
         expected = {"version": STATE_VERSION, "world_size": self.spec.world_size, "rank": self.spec.rank,
                     "num_workers": self.spec.num_workers, **self.recorded()}
         if changed := differences(state, expected):
-            raise ValueError(f"cannot resume the data position exactly: {changed} "
-                             "(set trainer.allow_config_change=true to restart the data stream instead)")
+            raise ValueError(f"cannot resume the data position exactly: {changed}")
         self.states = [SlotState.of(s) for s in state["slots"]]
         self.consumed = state["consumed"]
         self.iterator = None

@@ -198,6 +198,7 @@ def test_a_resume_onto_another_shard_list_ends_the_run_as_failed_naming_it(tiny_
     status = json.loads((run / "status.json").read_text())
     assert result.returncode == 1 and status["state"] == "failed" and status["step"] == 2, status
     assert f"cannot resume the data position exactly: shards was {len(shards)} shards" in status["reason"]
+    assert "(trainer.allow_config_change=true goes on with the data as it now is" in status["reason"]
     assert f"masktrain: training failed at step 2: {status['reason'].splitlines()[0]}" in result.stderr
 
 

@@ -126,7 +126,8 @@ def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool
         note = loader.resume([rank["data"] for rank in ranks], allowed)
     except ValueError as err:
         if not allowed:  # every rank fails alike, so the run ends in order, as for bad data
-            raise DataError(str(err)) from None
+            raise DataError(f"{err} (trainer.allow_config_change=true goes on with the data as it now is, from the "
+                            "beginning where it changed)") from None
         return f"data stream and RNG restart from the beginning: {err}"
     if len(ranks) != runtime.world_size:
         return f"{note}; RNG states restart (the checkpoint has {len(ranks)} ranks, this run {runtime.world_size})"
