@@ -230,7 +230,8 @@ def train_loader(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: To
     spec = LoaderSpec(sources=train_sources(cfg), rank=rank, world_size=world_size,
                       num_workers=cfg.data.num_workers, seed=cfg.run.seed,
                       micro_batch_size=cfg.data.micro_batch_size, shuffle_block=cfg.data.shuffle_block,
-                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer))
+                      packing=packing(cfg, tokenizer, encoder), strict=cfg.data.strict, vocab_size=len(tokenizer),
+                      grad_accum=cfg.grad_accum)
     batcher = Batcher(make_batch, mask_spec(cfg, tokenizer), rate_schedule(cfg.data.masking, cfg.trainer.max_steps),
                       cfg.run.seed, rank, cfg.grad_accum)
     return Loader(spec, batcher, mask_in_workers=cfg.data.mask_in_workers)

@@ -231,8 +231,8 @@ class SlotStream:
     place in the sequence of rows. A slot reads that sequence on from `phase` batches in, so its own rows hold
     each source's share (each slot reads its own units of every source: all must go through each source at
     the same pace, as they do through a single one, or a source's epoch would leave some unread); and the
-    batches that the ranks' slots of one local number give one step lie side by side in it (`SlotDataset`),
-    so the step's rows hold the shares too."""
+    phases lay the batches of one optimizer step side by side in it (`LoaderSpec.phase`), so the step's rows
+    hold the shares too."""
 
     def __init__(self, sources: list[list[Unit]], weights: list[int], slot: int, n_slots: int, phase: int,
                  seed: int, shuffle_block: int, packing: Packing, strict: bool, state: SlotState,
@@ -300,10 +300,26 @@ class LoaderSpec:
     strict: bool = False
     vocab_size: int = 0
     """Token ids must be below this (a corrupt shard's garbage ids would crash the embedding); 0: unchecked."""
+    grad_accum: int = 1
+    """Batches of each rank in one optimizer step: the mixture lays each step's side by side (`phase`)."""
 
     @property
     def slots_per_rank(self) -> int:
         return max(1, self.num_workers)
+
+    def phase(self, local: int) -> int:
+        """Where slot `local` of this rank starts in the mixture's sequence of rows, in batches (`SlotStream`).
+        A step takes grad_accum batches from each rank, batch i of a rank from its slot i % slots_per_rank.
+        When the slots divide grad_accum, a step takes q = grad_accum / slots batches from every slot: q apart,
+        the slots of all ranks cover one stretch. When grad_accum divides the slots, a step takes one batch
+        from grad_accum consecutive slots of each rank: those are laid side by side, rank after rank. Otherwise
+        no phases give every step one stretch, and the micro-batches of one index, rank after rank, get it."""
+        slots, accum, rank, world = self.slots_per_rank, self.grad_accum, self.rank, self.world_size
+        if accum % slots == 0:
+            return accum // slots * (local * world + rank)
+        if slots % accum == 0:
+            return local // accum * accum * world + rank * accum + local % accum
+        return local * world + rank
 
     @property
     def shares(self) -> list[float]:
@@ -332,11 +348,9 @@ class SlotDataset(IterableDataset):
         local = ((info.id if info else 0) + self.rotate) % spec.slots_per_rank
         n_slots = spec.world_size * spec.slots_per_rank
         state = SlotState.of(asdict(self.states[local]))
-        # A step takes each rank's batch from the slots of one local number: numbered rank after rank, they read
-        # side by side in the sequence of rows (`SlotStream`).
         stream = SlotStream(self.units, spec.integer_weights, spec.rank * spec.slots_per_rank + local, n_slots,
-                            local * spec.world_size + spec.rank, spec.seed, spec.shuffle_block, spec.packing,
-                            spec.strict, state, spec.vocab_size)
+                            spec.phase(local), spec.seed, spec.shuffle_block, spec.packing, spec.strict, state,
+                            spec.vocab_size)
         try:
             for rows in stream.batches(spec.micro_batch_size):
                 index = (state.batches - 1) * spec.slots_per_rank + local

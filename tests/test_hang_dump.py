@@ -158,3 +158,17 @@ def test_loader_workers_busy_reading_print_their_stacks_as_often_as_asked_and_re
     assert_same_batches(got, expected, "asked for stacks after every batch")
     # Requests that come before the last was handled are handled once (a signal is pending or not).
     assert asked >= 150 and capfd.readouterr().err.count("[masktrain] loader worker pid ") >= 20
+
+
+def test_a_stack_request_that_cannot_be_printed_as_asked_leaves_the_worker_as_it_was(monkeypatch, capfd):
+    """The handler runs inside whatever the worker was doing (a shard's read counts a ValueError as a corrupt
+    shard): a file name that is no UTF-8 is printed escaped, and a log that cannot be written is passed over."""
+    monkeypatch.setattr(hang_dump, "thread_stacks", lambda but: '  File "/data/caf\udce9.py", line 1, in read')
+    hang_dump.print_worker_stacks(hang_dump.WORKER_STACKS, None)
+    assert '  File "/data/caf\\udce9.py", line 1, in read\n' in capfd.readouterr().err
+
+    def closed(fd: int, data: bytes) -> int:
+        raise OSError(9, "Bad file descriptor")
+
+    monkeypatch.setattr(os, "write", closed)
+    hang_dump.print_worker_stacks(hang_dump.WORKER_STACKS, None)  # raises nothing

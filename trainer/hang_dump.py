@@ -52,11 +52,13 @@ def on_worker_stacks() -> None:
 
 
 def print_worker_stacks(signum: int, frame: FrameType | None) -> None:
-    text = f"[masktrain] loader worker pid {os.getpid()}, the stack of each of its threads:\n{thread_stacks(None)}\n"
-    with contextlib.suppress(OSError):  # a log whose reader left
-        data = text.encode()
+    # Whatever it meets (a closed or full log, a path that is no UTF-8) must not reach the code it interrupted,
+    # where a reader would take an error for a corrupt shard and a worker that raised would end its rank.
+    with contextlib.suppress(Exception):
+        said = f"[masktrain] loader worker pid {os.getpid()}, the stack of each of its threads:"
+        data = f"{said}\n{thread_stacks(None)}\n".encode(errors="backslashreplace")
         while data:
-            data = data[os.write(sys.__stderr__.fileno(), data):]
+            data = data[os.write(2, data):]
 
 
 def stack_of(frame: FrameType | None) -> str:
