@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
 import threading
 import time
 
@@ -172,3 +173,10 @@ def test_a_stack_request_that_cannot_be_printed_as_asked_leaves_the_worker_as_it
 
     monkeypatch.setattr(os, "write", closed)
     hang_dump.print_worker_stacks(hang_dump.WORKER_STACKS, None)  # raises nothing
+
+    # Started without a stderr: descriptor 2 is then whatever was opened next (the store's socket), left alone.
+    written = []
+    monkeypatch.setattr(os, "write", lambda fd, data: written.append(fd) or len(data))
+    monkeypatch.setattr(sys, "__stderr__", None)
+    hang_dump.print_worker_stacks(hang_dump.WORKER_STACKS, None)
+    assert written == []

@@ -57,8 +57,11 @@ def print_worker_stacks(signum: int, frame: FrameType | None) -> None:
     with contextlib.suppress(Exception):
         said = f"[masktrain] loader worker pid {os.getpid()}, the stack of each of its threads:"
         data = f"{said}\n{thread_stacks(None)}\n".encode(errors="backslashreplace")
+        # Not descriptor 2 itself: a process started without one (sys.__stderr__ is then None) has since given
+        # that number to something else, such as the process group's store socket.
+        log = sys.__stderr__.fileno()
         while data:
-            data = data[os.write(2, data):]
+            data = data[os.write(log, data):]
 
 
 def stack_of(frame: FrameType | None) -> str:
