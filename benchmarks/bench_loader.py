@@ -60,7 +60,8 @@ def mlm_spec() -> MaskSpec:
 
 def loader_tokens_per_second(sources: list[Source], workers: int, mask: bool, batches: int) -> float:
     spec = LoaderSpec(sources=sources, rank=0, world_size=1, num_workers=workers, seed=0,
-                      micro_batch_size=MICRO_BATCH, shuffle_block=1000, packing=Packing(SEQ_LEN, 4, 5), vocab_size=VOCAB)
+                      micro_batch_size=MICRO_BATCH, shuffle_block=1000, packing=Packing(SEQ_LEN, 4, 5),
+                      vocab_size=VOCAB)
     batcher = Batcher(mlm_batch, mlm_spec(), constant_rate, 0, 0, 1) if mask else \
         Batcher(rows_only, None, constant_rate, 0, 0, 1)
     loader = Loader(spec, batcher)

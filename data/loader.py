@@ -225,7 +225,6 @@ class SourceStream:
                     filled = 0
 
 
-
 class SlotStream:
     """One slot's endless, resumable stream of batches, each row from the source `source_of` picks for its
     place in the sequence of rows. A slot reads that sequence on from `phase` batches in, so its own rows hold
