@@ -264,12 +264,25 @@ def eval_rate(cfg: Config) -> float:
     return m.eval_rate if m.eval_rate is not None else rate_schedule(m, cfg.trainer.max_steps).final
 
 
+def validation_splits(cfg: Config) -> list[tuple[str, list[str] | None]]:
+    """What training validates on, as (metric prefix, shard URLs; None: the run's validation split): the run's
+    split as `val`, and with a mixture each other folder's own split (if it has one) as `val/<folder name>`."""
+    named = [(Path(source.dir).name, source.dir) for source in cfg.data.mixture
+             if Path(source.dir).resolve() != Path(cfg.data.dir).resolve()]
+    unique = len({name for name, _ in named}) == len(named)
+    splits: list[tuple[str, list[str] | None]] = [("val", None)]
+    for index, (name, folder) in enumerate(named):
+        if urls := manifest_urls(folder, "val"):
+            splits.append((f"val/{name if unique else f'source{index}'}", urls))
+    return splits
+
+
 def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: Tokenizer, rank: int,
-                   world_size: int, skips: Skips, split: str = "val",
-                   limit: int | None = None) -> tuple[list[dict], dict]:
+                   world_size: int, skips: Skips, split: str = "val", limit: int | None = None,
+                   urls: list[str] | None = None) -> tuple[list[dict], dict]:
     """(this rank's validation batches, an all-padding batch for ranks that run out first). `split="train"`
     reads the first `limit` batches of the training split the same way (probes fit on them); `limit` defaults
-    to trainer.eval_batches."""
+    to trainer.eval_batches. `urls`: other shards, read as the split's."""
     spec = mask_spec(cfg, tokenizer, cfg.data.masking.eval_policy)
     rate = eval_rate(cfg)
     # Seeded by the global batch alone (rank -1 is no training rank's): every evaluation of a run, at any world
@@ -277,7 +290,8 @@ def validation_set(cfg: Config, make_batch: Callable, encoder: bool, tokenizer: 
     make = lambda rows, index: make_batch(rows, spec, rate, generator(cfg.run.seed, -1, index))  # noqa: E731
 
     pack = packing(cfg, tokenizer, encoder)
-    batches = validation_batches(shard_urls(cfg, split), rank, world_size, cfg.data.micro_batch_size, pack,
+    batches = validation_batches(shard_urls(cfg, split) if urls is None else urls, rank, world_size,
+                                 cfg.data.micro_batch_size, pack,
                                  tokenizer.pad_id, make, skips,
                                  cfg.trainer.eval_batches if limit is None else limit, len(tokenizer))
     empty = make(torch.full((1, cfg.data.seq_len), tokenizer.pad_id, dtype=torch.long), 0)

@@ -132,10 +132,10 @@ class DataConfig:
     mixture: list[MixtureSource] = field(default_factory=list)
     """Train on several prepared datasets at once, each row from one of them in proportion to the weights
     (e.g. [{dir: runs/data/wiki, weight: 3}, {dir: runs/data/books, weight: 1}]); a source read through runs
-    another epoch while the others go on. `dir` still gives the tokenizer and the validation split. Empty: the
-    train split of `dir` (or train_shards). Changed in a resumed run (trainer.allow_config_change), sources
-    kept go on from their positions, new or changed ones start at their beginning, and the new weights hold from
-    there."""
+    another epoch while the others go on. `dir` still gives the tokenizer and the validation split (val/); each
+    other folder's own split is validated on too (val/<folder name>/). Empty: the train split of `dir` (or
+    train_shards). Changed in a resumed run (trainer.allow_config_change), sources kept go on from their
+    positions, new or changed ones start at their beginning, and the new weights hold from there."""
     seq_len: int = 128
     """Tokens per packed sequence."""
     micro_batch_size: int = 8

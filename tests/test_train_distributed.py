@@ -387,9 +387,12 @@ def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(ti
             in resumed.stdout)
     assert sorted(losses(run)) == list(range(1, 7))
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
-    # Training validates on data.dir's split; a source's own is scored afterwards.
+    # Training validates on data.dir's split and on each other source's own, which eval scores the same.
+    final = [row for row in metrics(run) if row["step"] == 6 and "val/loss" in row]
+    assert final and final[0]["val/other/tokens"] > 0
+    assert not [key for key in final[0] if key.startswith("val/other/skipped")]
     scored = run_cli("eval", str(run), f"data.dir={other}", check=True)
-    assert f"batches of {other}, " in scored.stdout
+    assert f"val/loss={final[0]['val/other/loss']:.6g} " in scored.stdout and f"batches of {other}, " in scored.stdout
 
 
 LOADED_STATE = Path(__file__).parent / "loaded_state.py"

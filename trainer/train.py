@@ -204,8 +204,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
             print(f"[masktrain] data: {note}", flush=True)
         for note in schedule_notes(cfg):
             print(f"[masktrain] schedule: {note}", flush=True)
-    val_skips = Skips(cfg.data.strict)
-    validation: tuple[list[dict], dict] | None = None  # read on first use
+    validation: list[tuple[str, list[dict], dict, dict]] | None = None  # read on first use
     torch.manual_seed(seed_int(cfg.run.seed, runtime.rank, 1))  # dropout differs per rank
 
     state = TrainState()
@@ -328,13 +327,20 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
 
             if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
                 if validation is None:
-                    validation = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
-                                                       runtime.rank, runtime.world_size, val_skips)
-                    # The validation set is read once, whole by every rank, so what it skipped is fixed from here
-                    # on and the same on every rank.
-                    val_skipped = count_metrics("val/skipped", dict(val_skips.counts))
-                results = evaluate(engine, *validation, runtime, objective.encoder)
-                results.update(val_skipped)
+                    validation = []
+                    for prefix, urls in inputs.validation_splits(cfg):
+                        skips = Skips(cfg.data.strict)
+                        batches, empty = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
+                                                               runtime.rank, runtime.world_size, skips, urls=urls)
+                        # A validation set is read once, whole by every rank, so what it skipped is fixed from
+                        # here on and the same on every rank.
+                        validation.append((prefix, batches, empty, count_metrics(f"{prefix}/skipped",
+                                                                                 dict(skips.counts))))
+                results = {}
+                for prefix, batches, empty, skipped in validation:
+                    scores = evaluate(engine, batches, empty, runtime, objective.encoder)
+                    results.update({prefix + key.removeprefix("val"): value for key, value in scores.items()},
+                                   **skipped)
                 metrics.log(state.step, results)
                 progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
 
