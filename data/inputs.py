@@ -105,6 +105,14 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
         else:
             lists.append((f"{split} shards", split, partial(shard_urls, cfg, split),
                           f"no {split} shards (data.{split}_shards, or the manifest in data.dir)"))
+    # Training validates on the other folders' own splits too, which may be empty.
+    def val_urls(folder: str) -> list[str]:
+        with contextlib.suppress(OSError, DataError):  # a manifest that cannot be read is reported for its train split
+            return manifest_urls(folder, "val")
+        return []
+
+    lists += [(f"val shards of {folder}", "val", partial(val_urls, folder), "")
+              for folder in (other_folders(cfg) if training else ())]
     for what, split, urls_of, empty in lists:
         try:
             urls = expand_urls(urls_of())
@@ -124,6 +132,8 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
                                    if from_manifest(cfg, split))} if not cfg.data.train_shards else {}
     for source in cfg.data.mixture if training else ():
         folders[source.dir] = (*folders.get(source.dir, ()), "train")
+    for folder in other_folders(cfg) if training else ():
+        folders[folder] = (*folders[folder], "val")
     for folder, read in folders.items():
         try:
             manifest = read_manifest(folder)
@@ -264,11 +274,15 @@ def eval_rate(cfg: Config) -> float:
     return m.eval_rate if m.eval_rate is not None else rate_schedule(m, cfg.trainer.max_steps).final
 
 
+def other_folders(cfg: Config) -> list[str]:
+    """The mixture's folders other than data.dir: their validation splits are validated on too."""
+    return [source.dir for source in cfg.data.mixture if Path(source.dir).resolve() != Path(cfg.data.dir).resolve()]
+
+
 def validation_splits(cfg: Config) -> list[tuple[str, list[str] | None]]:
     """What training validates on, as (metric prefix, shard URLs; None: the run's validation split): the run's
     split as `val`, and with a mixture each other folder's own split (if it has one) as `val/<folder name>`."""
-    named = [(Path(source.dir).name, source.dir) for source in cfg.data.mixture
-             if Path(source.dir).resolve() != Path(cfg.data.dir).resolve()]
+    named = [(Path(folder).name, folder) for folder in other_folders(cfg)]
     unique = len({name for name, _ in named}) == len(named)
     splits: list[tuple[str, list[str] | None]] = [("val", None)]
     for index, (name, folder) in enumerate(named):

@@ -279,6 +279,12 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     (emptied / "manifest.json").write_text(json.dumps(manifest))
     cases["mixture source without train shards"] = ([*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {emptied}}}]"],
                                                     f"no train shards in {emptied}: its manifest lists none")
+    no_val = tmp_path / "no-val"
+    subprocess.run(["cp", "-r", str(data), str(no_val)], check=True)
+    lost = no_val / json.loads((no_val / "manifest.json").read_text())["splits"]["val"]["shards"][0]["path"]
+    lost.unlink()  # validated on too, at every evaluation
+    cases["mixture source without its validation shard"] = (
+        [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {no_val}}}]"], f"val shards of {no_val} missing: {lost}")
     malformed = tmp_path / "malformed"
     subprocess.run(["cp", "-r", str(data), str(malformed)], check=True)
     manifest = json.loads((malformed / "manifest.json").read_text())
