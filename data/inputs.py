@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import sys
+from collections import Counter
 from dataclasses import fields
 from functools import partial
 from pathlib import Path
@@ -281,13 +282,15 @@ def other_folders(cfg: Config) -> list[str]:
 
 def validation_splits(cfg: Config) -> list[tuple[str, list[str] | None]]:
     """What training validates on, as (metric prefix, shard URLs; None: the run's validation split): the run's
-    split as `val`, and with a mixture each other folder's own split (if it has one) as `val/<folder name>`."""
-    named = [(Path(folder).name, folder) for folder in other_folders(cfg)]
-    unique = len({name for name, _ in named}) == len(named)
+    split as `val`, and with a mixture each other folder's own split (if it has one) as `val/<folder name>`, or
+    `val/source<i>` (its place in the mixture) for a name two folders share."""
+    others = other_folders(cfg)
+    names = Counter(Path(folder).resolve().name for folder in others)
     splits: list[tuple[str, list[str] | None]] = [("val", None)]
-    for index, (name, folder) in enumerate(named):
-        if urls := manifest_urls(folder, "val"):
-            splits.append((f"val/{name if unique else f'source{index}'}", urls))
+    for position, source in enumerate(cfg.data.mixture):
+        name = Path(source.dir).resolve().name
+        if source.dir in others and (urls := manifest_urls(source.dir, "val")):
+            splits.append((f"val/{name if names[name] == 1 else f'source{position}'}", urls))
     return splits
 
 

@@ -644,3 +644,24 @@ def test_a_text_file_of_one_document_per_line_is_pointed_out(tokenizer, tmp_path
     assert shards(str(lines), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")) == 0
     assert (f"documents of more than 10,000 lines in {lines} (10,001 lines): plain-text documents are separated "
             "by blank lines; for one document per line, write JSON lines (.jsonl)") in capsys.readouterr().out
+
+
+def test_each_other_mixture_folder_is_validated_on_under_its_name(tiny_data, tmp_path, monkeypatch):
+    """data.dir's split is `val`; another folder's is `val/<its name>` (as resolved: `.` has one too), or
+    `val/source<i>` by its place in the mixture when two share a name; one without a split is not validated."""
+    from masktrain.data.inputs import validation_splits
+    from masktrain.launcher.loading import load_config
+
+    data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
+    for folder in ("a/books", "b/books", "other", "none"):
+        shutil.copytree(data, tmp_path / folder)
+    manifest = json.loads((tmp_path / "none" / "manifest.json").read_text())
+    manifest["splits"]["val"]["shards"] = []
+    (tmp_path / "none" / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path / "other")
+    mixture = ", ".join(f"{{dir: {folder}}}" for folder in (data, tmp_path / "a/books", "../b/books", ".", "../none"))
+    cfg = load_config("smoke", [*tiny_data, f"data.mixture=[{mixture}]"])
+    splits = validation_splits(cfg)
+    assert [prefix for prefix, _ in splits] == ["val", "val/source1", "val/source2", "val/other"]
+    copied = json.loads((data / "manifest.json").read_text())
+    assert splits[0][1] is None and splits[3][1] == split_urls(Path("."), copied, "val")  # those of `other`

@@ -107,6 +107,21 @@ def test_another_data_folder_must_share_the_checkpoints_tokenizer(mlm_run, tiny_
     assert missing.returncode == 1 and "manifest.json: no manifest" in missing.stderr
 
 
+def test_another_data_folder_is_masked_with_the_runs_own_tables(mlm_run, tiny_data, tmp_path):
+    """A policy's table (IDF, collocations) defaults to the data folder's: scored on another folder, the run
+    masks as it trained, with its own, unless one is named."""
+    from masktrain.trainer.export import trained_config
+
+    data_dir = Path(next(o for o in tiny_data if o.startswith("data.dir=")).split("=", 1)[1])
+    _, cfg, _ = trained_config(mlm_run, {"data": {"dir": str(tmp_path)}})
+    masking = cfg.data.masking
+    assert (masking.importance_table, masking.collocation_table) == (str(data_dir / "idf.npy"),
+                                                                     str(data_dir / "collocations.npy"))
+    named = {"data": {"dir": str(tmp_path), "masking": {"importance_table": "mine.npy"}}}
+    assert trained_config(mlm_run, named)[1].data.masking.importance_table == "mine.npy"
+    assert named == {"data": {"dir": str(tmp_path), "masking": {"importance_table": "mine.npy"}}}  # left as given
+
+
 def test_another_data_folder_is_read_for_a_run_trained_on_listed_shards(tiny_data, tmp_path):
     """Such a run's shard lists win over data.dir, so the override would have scored its own shards again."""
     data_dir = Path(next(o for o in tiny_data if o.startswith("data.dir=")).split("=", 1)[1])

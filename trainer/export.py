@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from masktrain.data.inputs import tokenizer_dir
+from masktrain.data.inputs import collocation_path, importance_path, tokenizer_dir
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import config_from_dict, merge
@@ -55,6 +55,10 @@ def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple
     # or a DeepSpeed JSON named relative to where training ran.
     raw.setdefault("trainer", {}).update(resume="auto", deepspeed_config="")
     saved = config_from_dict(raw, str(checkpoint / "config.yaml"))
+    if changes and "dir" in changes.get("data", {}):
+        # Another folder's data, masked as the run was: its masking tables default to its data folder's.
+        tables = {"importance_table": str(importance_path(saved)), "collocation_table": str(collocation_path(saved))}
+        changes = merge({"data": {"masking": tables}}, changes)
     cfg = config_from_dict(merge(raw, changes), str(checkpoint / "config.yaml")) if changes else saved
     embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
     return checkpoint, cfg, Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(saved))
