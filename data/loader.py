@@ -460,13 +460,16 @@ class Loader:
         vary far more than their sizes, and counting units alone missed 5-10% of an epoch going unread.
         Averaged over the first epochs, as the assignment changes every epoch."""
         notes = []
-        for index, (source, units, share) in enumerate(zip(self.spec.sources, self.units, self.spec.shares)):
+        for index, (units, share) in enumerate(zip(self.units, self.spec.shares)):
             tokens = shard_tokens[index] if shard_tokens else None
-            note = self.uneven_source(units, tokens, int(run_tokens * share))
-            if note and len(self.units) > 1:
-                note = f"{source.name or f'source {index}'}: {note}"
-            notes.append(note)
-        return "; ".join(filter(None, notes))
+            if note := self.uneven_source(units, tokens, int(run_tokens * share)):
+                notes.append(self.named(index, note))
+        return "; ".join(notes)
+
+    def named(self, index: int, note: str) -> str:
+        """A note on source `index`, headed by its name when there are several."""
+        source = self.spec.sources[index]
+        return f"{source.name or f'source {index}'}: {note}" if len(self.spec.sources) > 1 else note
 
     def uneven_source(self, units: list[Unit], shard_tokens: list[int] | None, run_tokens: int) -> str:
         slots = self.spec.world_size * self.spec.slots_per_rank
@@ -580,15 +583,14 @@ class Loader:
         old = [SlotState.of(slot) for state in saved for slot in state["slots"]]
         positions: list[list[SourceState]] = []  # per source, this rank's slots' positions
         notes, restarts = [], []
-        for index, source in enumerate(self.spec.sources):
-            name = f"{source.name or f'source {index}'}: " if len(self.spec.sources) > 1 else ""
+        for index in range(len(self.spec.sources)):
             if index not in found:
                 positions.append([SourceState() for _ in range(per_rank)])
-                notes.append(f"{name}new or changed, read from its beginning")
+                notes.append(self.named(index, "new or changed, read from its beginning"))
             elif old_slots == slots:  # a slot's stream depends on its number alone: each goes on as it was
                 positions.append([old[self.spec.rank * per_rank + local].sources[found[index]]
                                   for local in range(per_rank)])
-                notes.append(f"{name}goes on from its position")
+                notes.append(self.named(index, "goes on from its position"))
             else:
                 try:
                     states, note = self.continue_source(self.units[index], [st.sources[found[index]] for st in old])
@@ -596,7 +598,7 @@ class Loader:
                     restarts.append(str(err))
                     states, note = [SourceState() for _ in range(per_rank)], f"{err}, so it is read from its beginning"
                 positions.append(states)
-                notes.append(name + note)
+                notes.append(self.named(index, note))
         if len(restarts) == len(found):  # nothing would go on: the run's data restarts, as for a single source
             raise ValueError(f"cannot continue the data position: {'; '.join(restarts)}")
         if dropped := len(first["sources"]) - len(found):
