@@ -22,7 +22,7 @@ from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing, Source
 from masktrain.data.masking import POLICIES, PolicyOptions, generator
 from masktrain.data.reader import DataError, Skips, expand_urls
 from masktrain.data.schedules import rate_schedule
-from masktrain.data.shards import manifest_urls, read_manifest
+from masktrain.data.shards import manifest_urls, read_manifest, shard_paths
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.data.validation import validation_batches
 from masktrain.launcher.config import Config
@@ -75,9 +75,8 @@ def train_sources(cfg: Config) -> list[Source]:
     """What the training loader reads: data.dir's train split (or data.train_shards), or the mixture's."""
     if not cfg.data.mixture:
         return [Source(shard_urls(cfg, "train"), contents=shard_contents(cfg, "train"))]
-    return [Source(manifest_urls(source.dir, "train"), source.weight,
-                   contents_digest(read_manifest(source.dir)["splits"]["train"]["shards"]), name=source.dir)
-            for source in cfg.data.mixture]
+    return [Source(shard_paths(source.dir, shards), source.weight, contents_digest(shards), name=source.dir)
+            for source, shards in zip(cfg.data.mixture, train_manifests(cfg))]
 
 
 def train_manifests(cfg: Config) -> list[list[dict] | None]:

@@ -263,8 +263,12 @@ def read_manifest(root: str | Path) -> dict:
 
 def manifest_urls(root: str | Path, split: str) -> list[str]:
     """Absolute shard paths of one split, in manifest order."""
-    manifest = read_manifest(root)
-    return [str(Path(root) / shard["path"]) for shard in manifest["splits"][split]["shards"]]
+    return shard_paths(root, read_manifest(root)["splits"][split]["shards"])
+
+
+def shard_paths(root: str | Path, shards: list[dict]) -> list[str]:
+    """The paths of a manifest's record of shards, in `root`."""
+    return [str(Path(root) / shard["path"]) for shard in shards]
 
 
 def tokenize_stream(texts: Iterable[str], tokenizer, threads: int = 1,
