@@ -82,9 +82,9 @@ def test_a_mixture_is_a_list_of_folders_with_positive_weights_and_no_shard_list_
 
 
 def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
-    cfg = load_config("mae-lm-base", ["model.decoder_hidden_size=384"]).model
+    cfg = load_config("mae-lm-base").model
     assert cfg.decoder_shape() == (384, 1536, 6)  # the encoder's FFN ratio and head size (64)
-    assert load_config("mae-lm-base").model.decoder_shape() == (768, 3072, 12)
+    assert load_config("mae-lm-base", ["model.decoder_hidden_size=0"]).model.decoder_shape() == (768, 3072, 12)
     (problem,) = problems_of("model.objective=mae_lm", "model.decoder_hidden_size=96", "model.decoder_num_heads=5")
     assert problem.startswith("model.decoder_num_heads: the decoder's width 96 must be divisible by its 5 heads")
     (problem,) = problems_of("model.objective=mae_lm", "model.decoder_hidden_size=32")  # smoke's heads are 64 wide
