@@ -186,6 +186,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     """Tie the output projection to the input embedding."""
     init_std: float = 0.02
+    """Standard deviation of the normal initialization of every embedding and linear weight (transformers')."""
+    residual_init_std: float = 0.0
+    """Of the layers that write into the residual stream (attention output and feed-forward output projections),
+    as GPT-NeoX's init scales them down with depth (TinyLlama and MEAP: 1 / sqrt(hidden_size) / num_layers);
+    0 means init_std."""
+    norm_eps: float = 0.0
+    """Epsilon of the model's LayerNorm or RMSNorm; 0 means the architecture's transformers default (BERT and
+    RoBERTa 1e-12, Llama 1e-6)."""
 
     def decoder_shape(self) -> tuple[int, int, int]:
         """MAE-LM's decoder (width, feed-forward size, heads), the 0s resolved."""

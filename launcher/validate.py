@@ -216,6 +216,8 @@ def validate(cfg: Config) -> list[str]:
               f"must be >= data.seq_len ({d.seq_len}), got {mo.max_position_embeddings}")
     check(0.0 <= mo.dropout < 1.0, "model.dropout", f"must be within [0, 1), got {mo.dropout}")
     positive(mo.init_std, "model.init_std")
+    non_negative(mo.residual_init_std, "model.residual_init_std")
+    non_negative(mo.norm_eps, "model.norm_eps")
 
     # optim
     o = cfg.optim

@@ -94,6 +94,12 @@ def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
     assert problem == "model.decoder_intermediate_size: must be a finite number >= 0, got -1"
 
 
+def test_init_and_norm_keys_are_checked():
+    assert problems_of("model.residual_init_std=-0.1", "model.norm_eps=-1e-5") == [
+        "model.residual_init_std: must be a finite number >= 0, got -0.1",
+        "model.norm_eps: must be a finite number >= 0, got -1e-05"]
+
+
 def test_objective_defaults_sit_beneath_the_yaml():
     meap = load_config("smoke", ["model.objective=meap", "data.masking.policy=random"])
     assert (meap.model.arch, meap.data.masking.mask_prob, meap.data.masking.random_prob) == ("llama", 1.0, 0.0)

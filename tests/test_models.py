@@ -3,8 +3,11 @@ head leaves the loss unchanged, that NTP -> MEAP changes only the inputs, and th
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from masktrain import configs
 from masktrain.data import inputs
@@ -14,7 +17,7 @@ from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
 from masktrain.launcher.loading import ConfigError, load_config, to_dict
 from masktrain.trainer.checkpoint import config_changes
-from masktrain.trainer.models import BUILDERS, TokenIds, build_model, token_loss
+from masktrain.trainer.models import BUILDERS, RESIDUAL_OUTPUTS, TokenIds, build_model, token_loss
 from masktrain.trainer.objectives import OBJECTIVES
 from masktrain.trainer.size import model_info, parameter_count
 
@@ -223,6 +226,64 @@ def test_every_parameter_learns(tiny_data, objective, arch):
     model(**batches[0])["loss"].backward()
     silent = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.any()]
     assert not silent
+
+
+RESIDUAL_STD = 0.001  # far from init_std's 0.02: each weight's spread tells which draw it got
+
+
+def weight_stds(model: torch.nn.Module) -> dict[str, float]:
+    """The spread of each weight matrix large enough for its spread to be measured to a few percent."""
+    return {name: float(p.detach().std()) for name, p in model.named_parameters() if p.dim() == 2 and p.numel() >= 256}
+
+
+def assert_residual_init(stds: dict[str, float], outputs: int) -> None:
+    residual = {name for name in stds if RESIDUAL_OUTPUTS.search(name.removesuffix(".weight"))}
+    assert len(residual) == outputs, sorted(residual)
+    for name, std in stds.items():
+        assert std == pytest.approx(RESIDUAL_STD if name in residual else 0.02, rel=0.15), name
+
+
+# Two per layer: TINY_MODEL's 2 layers, plus MAE-LM's 1 decoder layer.
+@pytest.mark.parametrize("objective,arch,outputs", [("ntp", "llama", 4), ("mlm", "bert", 4),
+                                                    ("mae_lm", "roberta", 6)])
+def test_residual_init_std_draws_the_layers_that_write_into_the_residual_stream(tiny_data, objective, arch,
+                                                                                  outputs):
+    """GPT-NeoX's init as TinyLlama and MEAP use it; model.norm_eps reaches every norm, the exported config too."""
+    _, _, model, _ = setup(tiny_data, f"model.objective={objective}", f"model.arch={arch}", NARROW_DECODER,
+                           f"model.residual_init_std={RESIDUAL_STD}", "model.norm_eps=1e-5")
+    assert_residual_init(weight_stds(model), outputs)
+    norms = [module for module in model.modules() if "Norm" in type(module).__name__]
+    assert norms and {getattr(n, "eps", None) or getattr(n, "variance_epsilon", None) for n in norms} == {1e-5}
+    config = model.exported().config
+    assert getattr(config, "rms_norm_eps" if arch == "llama" else "layer_norm_eps") == 1e-5
+
+
+def build_partitioned(rank: int, tiny_data: list[str], out: str) -> None:
+    """One rank builds a model under ZeRO-3 and saves its weights' spreads, gathered."""
+    import deepspeed
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    from masktrain.trainer.engine import deepspeed_config, init_distributed
+
+    cfg = load_config("smoke", [*tiny_data, *TINY_MODEL, "model.objective=mae_lm", NARROW_DECODER,
+                                f"model.residual_init_std={RESIDUAL_STD}", "trainer.zero_stage=3",
+                                "launch.nproc_per_node=1"])
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(get_free_port()))
+    init_distributed(cfg)
+    torch.manual_seed(0)
+    model = build_model(OBJECTIVES["mae_lm"], cfg.model, cfg.data.seq_len,
+                        TokenIds.of(Tokenizer(inputs.tokenizer_dir(cfg))), deepspeed_config(cfg, "fp32"))
+    assert all(hasattr(p, "ds_id") for p in model.parameters())  # partitioned, not built whole
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        torch.save(weight_stds(model), out)
+
+
+def test_residual_init_std_draws_the_gathered_weights_under_zero3(tiny_data, tmp_path):
+    out = tmp_path / "stds.pt"
+    mp.start_processes(build_partitioned, args=(tiny_data, str(out)), nprocs=1,
+                       start_method="fork")
+    assert_residual_init(torch.load(out), 6)
 
 
 def test_every_objective_has_a_builder():

@@ -13,7 +13,8 @@ the whole model.
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -173,7 +174,8 @@ def encoder_config(cfg: ModelConfig, seq_len: int, ids: TokenIds, decoder: bool 
                   num_attention_heads=heads, intermediate_size=feed_forward,
                   hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                   pad_token_id=ids.pad_id, bos_token_id=ids.bos_id, eos_token_id=ids.eos_id,
-                  initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings)
+                  initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
+                  **({"layer_norm_eps": cfg.norm_eps} if cfg.norm_eps else {}))
     if cfg.arch == "roberta":
         return RobertaConfig(max_position_embeddings=max_positions(cfg, seq_len) + ids.pad_id + 2, type_vocab_size=1,
                              **common)
@@ -227,7 +229,8 @@ def causal_lm(cfg: ModelConfig, seq_len: int, ids: TokenIds) -> nn.Module:
                          num_key_value_heads=cfg.num_kv_heads or cfg.num_heads,
                          max_position_embeddings=max_positions(cfg, seq_len), attention_dropout=cfg.dropout,
                          initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings,
-                         bos_token_id=ids.bos_id, eos_token_id=ids.eos_id, pad_token_id=ids.pad_id)
+                         bos_token_id=ids.bos_id, eos_token_id=ids.eos_id, pad_token_id=ids.pad_id,
+                         **({"rms_norm_eps": cfg.norm_eps} if cfg.norm_eps else {}))
     return CausalLM(LlamaForCausalLM._from_config(config))
 
 
@@ -238,27 +241,51 @@ BUILDERS: dict[str, Callable[[ModelConfig, int, TokenIds], nn.Module]] = {
 }
 
 
-def linear(inputs: int, outputs: int, bias: bool, std: float) -> nn.Linear:
-    """A linear layer initialized as transformers initializes BERT's (normal weights, zero bias). Inside a ZeRO-3
-    `partitioned` build it is partitioned on construction, as `_from_config` builds models, and initialized
-    gathered, with rank 0's values kept."""
-    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+# The layers whose outputs are added to the residual stream: Llama's, then BERT's and RoBERTa's.
+RESIDUAL_OUTPUTS = re.compile(r"(self_attn\.o_proj|mlp\.down_proj"
+                              r"|attention\.output\.dense|layer\.\d+\.output\.dense)$")
+
+
+@contextmanager
+def initializing(module: nn.Module) -> Iterator[None]:
+    """`module` with its parameters whole, to initialize in place: inside a ZeRO-3 `partitioned` build they are
+    gathered, and rank 0's values are kept."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
     if not is_deepspeed_zero3_enabled():
-        return init_linear(nn.Linear(inputs, outputs, bias=bias), std)
+        yield
+        return
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+        yield
+
+
+def linear(inputs: int, outputs: int, bias: bool, std: float) -> nn.Linear:
+    """A linear layer initialized as transformers initializes BERT's (normal weights, zero bias). Inside a ZeRO-3
+    `partitioned` build it is partitioned on construction, as `_from_config` builds models."""
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    building = nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        building = deepspeed.zero.Init(config_dict_or_path=deepspeed_config())
+    with building:
         layer = nn.Linear(inputs, outputs, bias=bias)
-    with deepspeed.zero.GatheredParameters(list(layer.parameters()), modifier_rank=0):
-        return init_linear(layer, std)
-
-
-def init_linear(layer: nn.Linear, std: float) -> nn.Linear:
-    nn.init.normal_(layer.weight, std=std)
-    if layer.bias is not None:
-        nn.init.zeros_(layer.bias)
+    with initializing(layer):
+        nn.init.normal_(layer.weight, std=std)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
     return layer
+
+
+def init_residual_outputs(model: nn.Module, std: float) -> None:
+    """Draw the weights of the layers that write into the residual stream again, at `std`."""
+    for name, module in model.named_modules():
+        if RESIDUAL_OUTPUTS.search(name):
+            with initializing(module):
+                nn.init.normal_(module.weight, std=std)
 
 
 def zero_stage(ds: dict) -> int:
@@ -294,4 +321,7 @@ def build_model(objective, cfg: ModelConfig, seq_len: int, ids: TokenIds,
         raise KeyError(f"objective {objective.name!r} names model builder {objective.model!r}; "
                        f"known builders: {', '.join(sorted(BUILDERS))}")
     with partitioned(deepspeed_config):
-        return BUILDERS[objective.model](cfg, seq_len, ids)
+        model = BUILDERS[objective.model](cfg, seq_len, ids)
+        if cfg.residual_init_std:
+            init_residual_outputs(model, cfg.residual_init_std)
+    return model
