@@ -13,9 +13,9 @@ benchmarks' convention, so the README table shows it) and `repro-<name>.png` int
   masked-token loss at 15% masking. Ankner et al. 2023 (arXiv 2305.15096) report the decreasing schedule
   reaching a better model in the same number of steps.
 - mae-decoder: MAE-LM with the config's decoder, one of half its width and one of half its depth (the kinds of
-  trade that bring a step under issue 6's 0.70x of MLM: at full size, 4 layers of half width or 1 layer); each
-  arm's validation loss through its own decoder, and a linear probe of each exported encoder alone
-  (trainer/encoder_probe.py).
+  trade that bring a step's FLOPs under issue 6's 0.70x of MLM: at full size, 4 layers of half width 0.695x, 1
+  layer 0.66x); each arm's validation loss through its own decoder, and a linear probe of each exported encoder
+  alone (trainer/encoder_probe.py).
 
 The figures are reported as they come out; nothing here is tuned to agree with the papers.
 """
