@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A suite started in the background by a shell without job control inherits SIGINT ignored, and so would every
+# job it starts: the tests that interrupt one would wait for it in vain.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 MASKTRAIN = str(Path(sys.executable).parent / "masktrain")
 
