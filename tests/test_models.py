@@ -51,8 +51,9 @@ def test_mae_encoder_sees_visible_tokens_at_original_positions(tiny_data, arch, 
     cfg, ids, model, batches = setup(tiny_data, "model.objective=mae_lm", f"model.arch={arch}",
                                      "data.masking.rate=0.4", *corruption)
     batch = batches[0]
-    encoder_in, decoder_in, head_in = [], [], []
+    encoder_in, decoder_in, head_in, looked_up = [], [], [], []
     capture_kwargs(model.hf.base_model.embeddings, encoder_in)
+    model.hf.get_input_embeddings().register_forward_hook(lambda _, args, out: looked_up.append(args[0]))
     capture_kwargs(model.decoder.embeddings, decoder_in)
     model.hf.get_output_embeddings().register_forward_hook(lambda _, args, out: head_in.append(args[0]))
     model.eval()
@@ -62,7 +63,12 @@ def test_mae_encoder_sees_visible_tokens_at_original_positions(tiny_data, arch, 
 
     removed, visible = batch["removed"], batch["visible_mask"]
     assert removed.any() and (batch["visible_ids"].shape[1] < removed.shape[1])
-    seen_ids, seen_pos = encoder_in[0]["input_ids"], encoder_in[0]["position_ids"]
+    # The encoder's words and the decoder's [MASK] are looked up in one call, [MASK] last; the encoder is given
+    # the others' embeddings only.
+    seen_ids, seen_pos = batch["visible_ids"], encoder_in[0]["position_ids"]
+    assert torch.equal(looked_up[0][:-1], seen_ids.reshape(-1)) and looked_up[0][-1] == ids.mask_id
+    with torch.no_grad():
+        torch.testing.assert_close(encoder_in[0]["inputs_embeds"], model.hf.get_input_embeddings()(seen_ids))
     assert not (seen_ids == ids.mask_id).any(), "the encoder was given a [MASK] id"
     offset = ids.pad_id + 1 if arch == "roberta" else 0
     for row in range(removed.shape[0]):
