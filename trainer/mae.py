@@ -46,8 +46,9 @@ class MaeLM(nn.Module):
         self.head_name = head
         self.mask_id = mask_id
         self.position_offset = position_offset
-        # The decoder embeds nothing but [MASK], with the encoder's table (the reference fills masked slots with
-        # embed_tokens.weight[mask_idx]); sharing it also leaves no unused decoder table in the optimizer.
+        # The decoder's only token, [MASK], is looked up in the encoder's table (`forward`; the reference fills
+        # masked slots with embed_tokens.weight[mask_idx]), so a table of its own would go unused: sharing the
+        # encoder's keeps one out of the optimizer and the checkpoints.
         decoder.set_input_embeddings(hf.get_input_embeddings())
 
     def encode(self, visible_ids: torch.Tensor, visible_pos: torch.Tensor, visible_mask: torch.Tensor,
