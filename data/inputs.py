@@ -75,15 +75,23 @@ def train_sources(cfg: Config) -> list[Source]:
     """What the training loader reads: data.dir's train split (or data.train_shards), or the mixture's."""
     if not cfg.data.mixture:
         return [Source(shard_urls(cfg, "train"), contents=shard_contents(cfg, "train"))]
-    return [Source(shard_paths(source.dir, shards), source.weight, contents_digest(shards), name=source.dir)
-            for source, shards in zip(cfg.data.mixture, train_manifests(cfg))]
+    return [Source(source.shards if shards is None else shard_paths(source.dir, shards), source.weight,
+                   contents_digest(shards), name=label)
+            for source, shards, label in zip(cfg.data.mixture, train_manifests(cfg), source_labels(cfg))]
 
 
 def train_manifests(cfg: Config) -> list[list[dict] | None]:
-    """Per training source, its manifest's record of the shards (None: listed in data.train_shards)."""
+    """Per training source, its manifest's record of the shards (None: listed by URL, in data.train_shards or a
+    mixture source's `shards`)."""
     if not cfg.data.mixture:
         return [manifest_shards(cfg, "train")]
-    return [read_manifest(source.dir)["splits"]["train"]["shards"] for source in cfg.data.mixture]
+    return [read_manifest(source.dir)["splits"]["train"]["shards"] if source.dir else None
+            for source in cfg.data.mixture]
+
+
+def source_labels(cfg: Config) -> list[str]:
+    """What the log calls each mixture source: its name, else its folder as written, else source<i>."""
+    return [source.name or source.dir or f"source{index}" for index, source in enumerate(cfg.data.mixture)]
 
 
 def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool = True) -> None:
@@ -100,8 +108,13 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
     lists = []
     for split in ("train", "val") if training else ("val",):
         if split == "train" and cfg.data.mixture:
-            lists += [(f"train shards of {source.dir}", split, partial(manifest_urls, source.dir, split),
-                       f"no train shards in {source.dir}: its manifest lists none") for source in cfg.data.mixture]
+            for index, (source, label) in enumerate(zip(cfg.data.mixture, source_labels(cfg))):
+                if source.dir:
+                    lists.append((f"train shards of {label}", split, partial(manifest_urls, source.dir, split),
+                                  f"no train shards in {source.dir}: its manifest lists none"))
+                else:
+                    lists.append((f"train shards of {label}", split, partial(list, source.shards),
+                                  f"no train shards in data.mixture[{index}].shards"))
         else:
             lists.append((f"{split} shards", split, partial(shard_urls, cfg, split),
                           f"no {split} shards (data.{split}_shards, or the manifest in data.dir)"))
@@ -113,6 +126,8 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
 
     lists += [(f"val shards of {folder}", "val", partial(val_urls, folder), "")
               for folder in (other_folders(cfg) if training else ())]
+    lists += [(f"val shards of {label}", "val", partial(list, source.val_shards), "")
+              for source, label in zip(cfg.data.mixture if training else (), source_labels(cfg)) if source.val_shards]
     for what, split, urls_of, empty in lists:
         try:
             urls = expand_urls(urls_of())
@@ -131,7 +146,8 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
     folders = {cfg.data.dir: tuple(split for split in (("train", "val") if training else ("val",))
                                    if from_manifest(cfg, split))} if not cfg.data.train_shards else {}
     for source in cfg.data.mixture if training else ():
-        folders[source.dir] = (*folders.get(source.dir, ()), "train")
+        if source.dir:
+            folders[source.dir] = (*folders.get(source.dir, ()), "train")
     for folder in other_folders(cfg) if training else ():
         folders[folder] = (*folders[folder], "val")
     for folder, read in folders.items():
@@ -261,10 +277,14 @@ def mixture_plan(cfg: Config) -> str:
     run_tokens = cfg.trainer.max_steps * cfg.trainer.global_batch_size * cfg.data.seq_len
     total = sum(source.weight for source in cfg.data.mixture)
     parts = []
-    for source, shards in zip(cfg.data.mixture, train_manifests(cfg)):
-        tokens = sum(shard["tokens"] + 2 * shard["documents"] for shard in shards)
+    for source, shards, label in zip(cfg.data.mixture, train_manifests(cfg), source_labels(cfg)):
         share = source.weight / total
-        parts.append(f"{source.dir} {share:.1%} of the rows, {tokens:,} tokens, read {run_tokens * share / tokens:.2f} "
+        if shards is None:
+            parts.append(f"{label} {share:.1%} of the rows, {len(expand_urls(source.shards)):,} shards listed by URL "
+                         "(no manifest counts their tokens)")
+            continue
+        tokens = sum(shard["tokens"] + 2 * shard["documents"] for shard in shards)
+        parts.append(f"{label} {share:.1%} of the rows, {tokens:,} tokens, read {run_tokens * share / tokens:.2f} "
                      "times over the run")
     return "mixture: " + "; ".join(parts)
 
@@ -276,20 +296,24 @@ def eval_rate(cfg: Config) -> float:
 
 def other_folders(cfg: Config) -> list[str]:
     """The mixture's folders other than data.dir: their validation splits are validated on too."""
-    return [source.dir for source in cfg.data.mixture if Path(source.dir).resolve() != Path(cfg.data.dir).resolve()]
+    return [source.dir for source in cfg.data.mixture
+            if source.dir and Path(source.dir).resolve() != Path(cfg.data.dir).resolve()]
 
 
 def validation_splits(cfg: Config) -> list[tuple[str, list[str] | None]]:
     """What training validates on, as (metric prefix, shard URLs; None: the run's validation split): the run's
-    split as `val`, and with a mixture each other folder's own split (if it has one) as `val/<folder name>`, or
-    `val/source<i>` (its place in the mixture) for a name two folders share."""
+    split as `val`, and with a mixture each other source's own split (a folder's, if it has one, or the
+    source's `val_shards`) as `val/<name>`: the source's `name`, else its folder's; `val/source<i>` (its place
+    in the mixture) for a name two of them share, or for none."""
     others = other_folders(cfg)
-    names = Counter(Path(folder).resolve().name for folder in others)
+    validated = {position: source.name or (Path(source.dir).resolve().name if source.dir else "")
+                 for position, source in enumerate(cfg.data.mixture) if source.dir in others or source.val_shards}
+    names = Counter(validated.values())
     splits: list[tuple[str, list[str] | None]] = [("val", None)]
-    for position, source in enumerate(cfg.data.mixture):
-        name = Path(source.dir).resolve().name
-        if source.dir in others and (urls := manifest_urls(source.dir, "val")):
-            splits.append((f"val/{name if names[name] == 1 else f'source{position}'}", urls))
+    for position, name in validated.items():
+        source = cfg.data.mixture[position]
+        if urls := source.val_shards or manifest_urls(source.dir, "val"):
+            splits.append((f"val/{name if name and names[name] == 1 else f'source{position}'}", urls))
     return splits
 
 

@@ -115,6 +115,15 @@ class MaskingConfig:
 class MixtureSource:
     dir: str = ""
     """A prepared dataset folder (its manifest's train split), written with the run's tokenizer."""
+    shards: list[str] = field(default_factory=list)
+    """Instead of `dir`: shard URLs, as data.train_shards takes them (paths, brace patterns, `pipe:` commands,
+    e.g. from object storage). No manifest comes with them, so nothing checks their tokenizer or sizes, and the
+    log cannot say how often the run reads them over."""
+    val_shards: list[str] = field(default_factory=list)
+    """With `shards`: this source's validation shard URLs, validated on as val/<name>; empty: none."""
+    name: str = ""
+    """What the log and validation metrics (val/<name>) call the source; empty: the folder's name, or
+    source<i> (its place in the mixture) for `shards`."""
     weight: float = 1.0
     """Its share of the training rows, relative to the other sources' weights."""
 
@@ -130,12 +139,13 @@ class DataConfig:
     val_shards: list[str] = field(default_factory=list)
     """Validation shard URLs; empty: from the manifest in `dir`, or no validation when train_shards is set."""
     mixture: list[MixtureSource] = field(default_factory=list)
-    """Train on several prepared datasets at once, each row from one of them in proportion to the weights
-    (e.g. [{dir: runs/data/wiki, weight: 3}, {dir: runs/data/books, weight: 1}]); a source read through runs
-    another epoch while the others go on. `dir` still gives the tokenizer and the validation split (val/); each
-    other folder's own split is validated on too (val/<folder name>/). Empty: the train split of `dir` (or
-    train_shards). Changed in a resumed run (trainer.allow_config_change), sources kept go on from their
-    positions, new or changed ones start at their beginning, and the new weights hold from there."""
+    """Train on several datasets at once, each row from one of them in proportion to the weights (e.g.
+    [{dir: runs/data/wiki, weight: 3}, {dir: runs/data/books, weight: 1}]), each a prepared folder or a list of
+    shard URLs; a source read through runs another epoch while the others go on. `dir` still gives the
+    tokenizer and the validation split (val/); each other source's own split is validated on too (val/<name>/).
+    Empty: the train split of `dir` (or train_shards). Changed in a resumed run (trainer.allow_config_change),
+    sources kept go on from their positions, new or changed ones start at their beginning, and the new weights
+    hold from there."""
     seq_len: int = 128
     """Tokens per packed sequence."""
     micro_batch_size: int = 8

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from masktrain.launcher.config import Config, MaskingConfig
@@ -112,11 +113,21 @@ def validate(cfg: Config) -> list[str]:
     non_negative(d.num_workers, "data.num_workers")
     positive(d.shuffle_block, "data.shuffle_block")
     for index, source in enumerate(d.mixture):
-        check(bool(source.dir), f"data.mixture[{index}].dir", "needs a prepared dataset folder")
-        check(0 < source.weight < math.inf, f"data.mixture[{index}].weight",
-              f"must be a positive number, got {source.weight}")
+        key = f"data.mixture[{index}]"
+        check(bool(source.dir or source.shards), key, "needs dir (a prepared dataset folder) or shards (shard URLs)")
+        check(not (source.dir and source.shards), key, "has both dir and shards; keep one")
+        check(not (source.val_shards and not source.shards), f"{key}.val_shards",
+              "goes with shards; a folder's validation split is the one its manifest lists")
+        # The name becomes a metric path (val/<name>/loss) and the log's label for the source.
+        check(re.fullmatch(r"[\w.-]*", source.name) is not None, f"{key}.name",
+              f"must be letters, digits, '.', '-' or '_', got {source.name!r}")
+        check(0 < source.weight < math.inf, f"{key}.weight", f"must be a positive number, got {source.weight}")
     dirs = [str(Path(source.dir).resolve()) for source in d.mixture if source.dir]
     check(len(set(dirs)) == len(dirs), "data.mixture", "lists a folder twice; give it the sum of the weights")
+    lists = [tuple(source.shards) for source in d.mixture if source.shards]
+    check(len(set(lists)) == len(lists), "data.mixture", "lists the same shards twice; give them the sum of the weights")
+    names = [source.name for source in d.mixture if source.name]
+    check(len(set(names)) == len(names), "data.mixture", "gives two sources the same name")
     check(not (d.mixture and d.train_shards), "data.mixture",
           "and data.train_shards both say what to train on; keep one")
     p = d.prepare

@@ -66,18 +66,26 @@ def test_values_that_would_fail_only_inside_the_ranks_or_the_tokenizer_trainer_a
     load_config("smoke", ["model.hidden_size=120", "model.num_heads=8"])  # BERT has no rotary embeddings
 
 
-def test_a_mixture_is_a_list_of_folders_with_positive_weights_and_no_shard_list_beside_it():
-    cfg = load_config("smoke", ["data.mixture=[{dir: a, weight: 3}, {dir: b}]"])
-    assert [(source.dir, source.weight) for source in cfg.data.mixture] == [("a", 3.0), ("b", 1.0)]
+def test_a_mixture_is_a_list_of_folders_or_shard_lists_with_positive_weights_and_no_shard_list_beside_it():
+    cfg = load_config("smoke", ["data.mixture=[{dir: a, weight: 3}, {dir: b}, {shards: ['c-{0..3}.tar'], name: c}]"])
+    assert [(source.dir, source.shards, source.weight) for source in cfg.data.mixture] == [
+        ("a", [], 3.0), ("b", [], 1.0), ("", ["c-{0..3}.tar"], 1.0)]
     assert load_config("smoke", ["data.mixture=[{dir: a}]", "data.mixture="]).data.mixture == []
     assert problems_of("data.mixture=[{dir: a, weight: 0}, {weight: 1}, {dir: ./a}, {dir: c, wieght: 2}]",
                        "data.train_shards=x.tar") == [
         "data.mixture[3].wieght: unknown key in data.mixture[3]; did you mean data.mixture[3].weight? (valid: dir, "
-        "weight)",
+        "shards, val_shards, name, weight)",
         "data.mixture[0].weight: must be a positive number, got 0.0",
-        "data.mixture[1].dir: needs a prepared dataset folder",
+        "data.mixture[1]: needs dir (a prepared dataset folder) or shards (shard URLs)",
         "data.mixture: lists a folder twice; give it the sum of the weights",
         "data.mixture: and data.train_shards both say what to train on; keep one"]
+    assert problems_of("data.mixture=[{dir: a, shards: [x.tar]}, {dir: b, val_shards: [v.tar], name: b/c}, "
+                       "{shards: [x.tar], name: d}, {dir: e, name: d}]") == [
+        "data.mixture[0]: has both dir and shards; keep one",
+        "data.mixture[1].val_shards: goes with shards; a folder's validation split is the one its manifest lists",
+        "data.mixture[1].name: must be letters, digits, '.', '-' or '_', got 'b/c'",
+        "data.mixture: lists the same shards twice; give them the sum of the weights",
+        "data.mixture: gives two sources the same name"]
     assert problems_of("data.mixture=a") == ["data.mixture: expected a list of mappings, got str 'a'"]
 
 

@@ -285,6 +285,9 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     lost.unlink()  # validated on too, at every evaluation
     cases["mixture source without its validation shard"] = (
         [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {no_val}}}]"], f"val shards of {no_val} missing: {lost}")
+    cases["mixture source of shard URLs missing"] = (
+        [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{shards: ['{tmp_path}/web-{{0..1}}.tar'], name: web}}]"],
+        f"train shards of web missing: {tmp_path}/web-0.tar, {tmp_path}/web-1.tar")
     malformed = tmp_path / "malformed"
     subprocess.run(["cp", "-r", str(data), str(malformed)], check=True)
     manifest = json.loads((malformed / "manifest.json").read_text())
@@ -646,9 +649,10 @@ def test_a_text_file_of_one_document_per_line_is_pointed_out(tokenizer, tmp_path
             "by blank lines; for one document per line, write JSON lines (.jsonl)") in capsys.readouterr().out
 
 
-def test_each_other_mixture_folder_is_validated_on_under_its_name(tiny_data, tmp_path, monkeypatch):
+def test_each_other_mixture_source_is_validated_on_under_its_name(tiny_data, tmp_path, monkeypatch):
     """data.dir's split is `val`; another folder's is `val/<its name>` (as resolved: `.` has one too), or
-    `val/source<i>` by its place in the mixture when two share a name; one without a split is not validated."""
+    `val/source<i>` by its place in the mixture when two share a name; one without a split is not validated.
+    Shards listed by URL are validated on with their val_shards, under their `name` or by place."""
     from masktrain.data.inputs import validation_splits
     from masktrain.launcher.loading import load_config
 
@@ -659,9 +663,12 @@ def test_each_other_mixture_folder_is_validated_on_under_its_name(tiny_data, tmp
     manifest["splits"]["val"]["shards"] = []
     (tmp_path / "none" / "manifest.json").write_text(json.dumps(manifest))
     monkeypatch.chdir(tmp_path / "other")
-    mixture = ", ".join(f"{{dir: {folder}}}" for folder in (data, tmp_path / "a/books", "../b/books", ".", "../none"))
-    cfg = load_config("smoke", [*tiny_data, f"data.mixture=[{mixture}]"])
+    folders = ", ".join(f"{{dir: {folder}}}" for folder in (data, tmp_path / "a/books", "../b/books", ".", "../none"))
+    listed = "{shards: [w.tar], val_shards: [v.tar], name: web}, {shards: [x.tar], val_shards: [y.tar]}, {shards: [z.tar]}"
+    cfg = load_config("smoke", [*tiny_data, f"data.mixture=[{folders}, {listed}]"])
     splits = validation_splits(cfg)
-    assert [prefix for prefix, _ in splits] == ["val", "val/source1", "val/source2", "val/other"]
+    assert [prefix for prefix, _ in splits] == ["val", "val/source1", "val/source2", "val/other", "val/web",
+                                                "val/source6"]
     copied = json.loads((data / "manifest.json").read_text())
     assert splits[0][1] is None and splits[3][1] == split_urls(Path("."), copied, "val")  # those of `other`
+    assert splits[4][1] == ["v.tar"] and splits[5][1] == ["y.tar"]

@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.util.tensor_util import make_ndarray
 
 from conftest import MASKTRAIN, run_cli
+from masktrain.data.shards import manifest_urls
 from masktrain.launcher.loading import load_config
 from masktrain.launcher.run_lock import RunInUse, check_free
 from masktrain.trainer.checkpoint import Checkpointer, read_meta
@@ -362,8 +363,9 @@ def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tm
 
 
 def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(tiny_data, tmp_path):
-    """Two prepared folders, one written with the other's tokenizer, mixed 3:1; resumed at 1:1, which only
-    trainer.allow_config_change permits, each goes on from its position."""
+    """Two prepared folders, one written with the other's tokenizer, mixed 3:1; resumed at 1:1:1, which only
+    trainer.allow_config_change permits, each goes on from its position, and a third source, shards listed as
+    `pipe:` commands (as from object storage), is read from its beginning and validated on with its own."""
     data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
     other, run = tmp_path / "other", tmp_path / "run"
     run_cli("data", "shards", "builtin:python-docs", "--max-docs", "300", "--tokenizer", str(data / "tokenizer"),
@@ -379,17 +381,22 @@ def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(ti
                      mixed.stdout)
     assert plan and float(plan[2]) == round(9216 / int(plan[1].replace(",", "")), 2), mixed.stdout[-3000:]
     assert float(plan[4]) == round(3072 / int(plan[3].replace(",", "")), 2)
-    even = [*args, f"data.mixture=[{{dir: {data}}}, {{dir: {other}}}]"]
+    piped = {split: ", ".join(f"'pipe:cat {url}'" for url in manifest_urls(other, split)) for split in ("train", "val")}
+    web = f"{{shards: [{piped['train']}], val_shards: [{piped['val']}], name: web}}"
+    even = [*args, f"data.mixture=[{{dir: {data}}}, {{dir: {other}}}, {web}]"]
     refused = run_cli("train", *even)
     assert refused.returncode != 0 and "data.mixture: " in refused.stderr
     resumed = run_cli("train", *even, "trainer.allow_config_change=true", check=True)
-    assert (f"data position continued: {data}: goes on from its position; {other}: goes on from its position"
-            in resumed.stdout)
+    assert (f"data position continued: {data}: goes on from its position; {other}: goes on from its position; "
+            "web: new or changed, read from its beginning" in resumed.stdout)
+    shards = len(manifest_urls(other, "train"))
+    assert f"; web 33.3% of the rows, {shards} shards listed by URL (no manifest counts their tokens)" in resumed.stdout
     assert sorted(losses(run)) == list(range(1, 7))
     assert json.loads((run / "status.json").read_text())["state"] == "completed"
     # Training validates on data.dir's split and on each other source's own, which eval scores the same.
     final = [row for row in metrics(run) if row["step"] == 6 and "val/loss" in row]
     assert final and final[0]["val/other/tokens"] > 0
+    assert final[0]["val/web/loss"] == pytest.approx(final[0]["val/other/loss"])  # the same split, read by pipe
     assert not [key for key in final[0] if key.startswith("val/other/skipped")]
     scored = run_cli("eval", str(run), f"data.dir={other}", check=True)
     assert f"val/loss={final[0]['val/other/loss']:.6g} " in scored.stdout and f"batches of {other}, " in scored.stdout
