@@ -400,6 +400,8 @@ def test_a_mixture_trains_and_goes_on_in_each_source_after_its_weights_change(ti
     assert not [key for key in final[0] if key.startswith("val/other/skipped")]
     scored = run_cli("eval", str(run), f"data.dir={other}", check=True)
     assert f"val/loss={final[0]['val/other/loss']:.6g} " in scored.stdout and f"batches of {other}, " in scored.stdout
+    listed = run_cli("eval", str(run), f"data.val_shards=[{piped['val']}]", check=True)
+    assert f"val/loss={final[0]['val/web/loss']:.6g} " in listed.stdout
 
 
 LOADED_STATE = Path(__file__).parent / "loaded_state.py"
