@@ -603,6 +603,16 @@ class Loader:
             raise ValueError(f"cannot continue the data position: {'; '.join(restarts)}")
         if dropped := len(first["sources"]) - len(found):
             notes.append(f"{dropped} source{'s' * (dropped > 1)} of the checkpoint no longer read (or changed)")
+            # The run's counts of bad data never go down: what the sources no longer read skipped stays in its
+            # totals, held by rank 0's first slot as a layout change's counts are.
+            retired = Counter()
+            for index in set(range(len(first["sources"]))) - set(found.values()):
+                for slot in old:
+                    retired.update(slot.sources[index].skipped)
+            if retired and self.spec.rank == 0:
+                held = positions[0][0]
+                positions[0][0] = replace(held, skipped=dict(retired + Counter(held.skipped)),
+                                          unit_skipped=dict(retired + Counter(held.unit_skipped)))
         consumed = max(state["consumed"] for state in saved)
         # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
         self.states = [SlotState(batches=consumed // per_rank + (local < consumed % per_rank),

@@ -925,6 +925,32 @@ def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
                                                        "new or changed, read from its beginning;")
 
 
+def test_bad_data_a_source_skipped_stays_counted_when_a_resume_no_longer_reads_it(tmp_path):
+    """b's shard is cut short, so each epoch of b counts it. Resumed without b, on the same layout or on two
+    ranks, the run's totals (all ranks') still hold b's counts, and keep them through the next resume."""
+    spec = mixture(tmp_path, [[14] * 20] * 5, [[14] * 6], micro_batch_size=4)
+    (cut,) = spec.sources[1].urls
+    with tarfile.open(cut) as archive:
+        end = archive.getmembers()[4].offset
+    Path(cut).write_bytes(Path(cut).read_bytes()[:end])  # 4 documents, then the tar ends without its end blocks
+    mixed = Loader(spec, plain_batcher())
+    _, states = take(mixed, 12)
+    counted = mixed.skipped()
+    assert counted == {"truncated shard": 3}  # 12 rows of b: 3 epochs of its 4 documents
+    alone = replace(spec, sources=[spec.sources[0]])
+    for world in (1, 2):
+        ranks = [Loader(replace(alone, rank=rank, world_size=world), plain_batcher(rank)) for rank in range(world)]
+        for loader in ranks:
+            assert loader.resume([states[-1]], allowed=True).endswith("1 source of the checkpoint no longer read "
+                                                                      "(or changed)")
+        later = [take(loader, 3)[1][-1] for loader in ranks]
+        assert sum((Counter(loader.skipped()) for loader in ranks), Counter()) == counted, world
+        for rank, loader in enumerate(ranks):
+            loader.close()
+            loader.load_state_dict(later[rank])
+        assert sum((Counter(loader.skipped()) for loader in ranks), Counter()) == counted, world
+
+
 def test_a_source_with_fewer_shards_than_slots_starts_again_alone_on_another_layout(tmp_path):
     """Its shards were split by the old slot count into other parts: it alone is read from its beginning, said by
     name, while the other goes on."""
