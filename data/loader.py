@@ -583,6 +583,7 @@ class Loader:
         old = [SlotState.of(slot) for state in saved for slot in state["slots"]]
         positions: list[list[SourceState]] = []  # per source, this rank's slots' positions
         notes, restarts = [], []
+        carried = set()  # the saved sources whose positions (and skip counts) go on here
         for index in range(len(self.spec.sources)):
             if index not in found:
                 positions.append([SourceState() for _ in range(per_rank)])
@@ -590,10 +591,12 @@ class Loader:
             elif old_slots == slots:  # a slot's stream depends on its number alone: each goes on as it was
                 positions.append([old[self.spec.rank * per_rank + local].sources[found[index]]
                                   for local in range(per_rank)])
+                carried.add(found[index])
                 notes.append(self.named(index, "goes on from its position"))
             else:
                 try:
                     states, note = self.continue_source(self.units[index], [st.sources[found[index]] for st in old])
+                    carried.add(found[index])
                 except ValueError as err:
                     restarts.append(str(err))
                     states, note = [SourceState() for _ in range(per_rank)], f"{err}, so it is read from its beginning"
@@ -603,16 +606,17 @@ class Loader:
             raise ValueError(f"cannot continue the data position: {'; '.join(restarts)}")
         if dropped := len(first["sources"]) - len(found):
             notes.append(f"{dropped} source{'s' * (dropped > 1)} of the checkpoint no longer read (or changed)")
-            # The run's counts of bad data never go down: what the sources no longer read skipped stays in its
-            # totals, held by rank 0's first slot as a layout change's counts are.
-            retired = Counter()
-            for index in set(range(len(first["sources"]))) - set(found.values()):
-                for slot in old:
-                    retired.update(slot.sources[index].skipped)
-            if retired and self.spec.rank == 0:
-                held = positions[0][0]
-                positions[0][0] = replace(held, skipped=dict(retired + Counter(held.skipped)),
-                                          unit_skipped=dict(retired + Counter(held.unit_skipped)))
+        # The run's counts of bad data never go down: what the saved sources whose positions end here (no longer
+        # read, changed, or read again from their beginning) skipped stays in its totals, held by rank 0's first
+        # slot as a layout change's counts are.
+        retired = Counter()
+        for index in set(range(len(first["sources"]))) - carried:
+            for slot in old:
+                retired.update(slot.sources[index].skipped)
+        if retired and self.spec.rank == 0:
+            held = positions[0][0]
+            positions[0][0] = replace(held, skipped=dict(retired + Counter(held.skipped)),
+                                      unit_skipped=dict(retired + Counter(held.unit_skipped)))
         consumed = max(state["consumed"] for state in saved)
         # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
         self.states = [SlotState(batches=consumed // per_rank + (local < consumed % per_rank),

@@ -927,7 +927,8 @@ def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
 
 def test_bad_data_a_source_skipped_stays_counted_when_a_resume_no_longer_reads_it(tmp_path):
     """b's shard is cut short, so each epoch of b counts it. Resumed without b, on the same layout or on two
-    ranks, the run's totals (all ranks') still hold b's counts, and keep them through the next resume."""
+    ranks, the run's totals (all ranks') still hold b's counts, and keep them through the next resume; as
+    they do when b is kept but read again from its beginning (its one shard split otherwise over two ranks)."""
     spec = mixture(tmp_path, [[14] * 20] * 5, [[14] * 6], micro_batch_size=4)
     (cut,) = spec.sources[1].urls
     with tarfile.open(cut) as archive:
@@ -949,6 +950,11 @@ def test_bad_data_a_source_skipped_stays_counted_when_a_resume_no_longer_reads_i
             loader.close()
             loader.load_state_dict(later[rank])
         assert sum((Counter(loader.skipped()) for loader in ranks), Counter()) == counted, world
+    ranks = [Loader(replace(spec, rank=rank, world_size=2), plain_batcher(rank)) for rank in range(2)]
+    for loader in ranks:
+        assert "; b: with 1 loader slots its 1 shards were split into other parts than over 2, so it is read from its " \
+               "beginning" in loader.resume([states[-1]])
+    assert sum((Counter(loader.skipped()) for loader in ranks), Counter()) == counted
 
 
 def test_a_source_with_fewer_shards_than_slots_starts_again_alone_on_another_layout(tmp_path):
