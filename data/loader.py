@@ -606,26 +606,37 @@ class Loader:
             raise ValueError(f"cannot continue the data position: {'; '.join(restarts)}")
         if dropped := len(first["sources"]) - len(found):
             notes.append(f"{dropped} source{'s' * (dropped > 1)} of the checkpoint no longer read (or changed)")
-        # The run's counts of bad data never go down: what the saved sources whose positions end here (no longer
-        # read, changed, or read again from their beginning) skipped stays in its totals, held by rank 0's first
-        # slot as a layout change's counts are.
-        retired = Counter()
-        for index in set(range(len(first["sources"]))) - carried:
-            for slot in old:
-                retired.update(slot.sources[index].skipped)
-        if retired and self.spec.rank == 0:
-            held = positions[0][0]
-            positions[0][0] = replace(held, skipped=dict(retired + Counter(held.skipped)),
-                                      unit_skipped=dict(retired + Counter(held.unit_skipped)))
         consumed = max(state["consumed"] for state in saved)
         # Batch i of the rank comes from slot i % per_rank: its count so far continues from `consumed`.
         self.states = [SlotState(batches=consumed // per_rank + (local < consumed % per_rank),
                                  sources=[states[local] for states in positions]) for local in range(per_rank)]
         self.consumed = consumed
         self.iterator = None
+        # What the saved sources whose positions end here (no longer read, changed, or read again from their
+        # beginning) skipped stays in the run's totals.
+        self.keep_counts([source for slot in old for index, source in enumerate(slot.sources) if index not in carried])
         moved = (first["world_size"], first["num_workers"]) != (self.spec.world_size, self.spec.num_workers)
         layout = f" from {old_slots} loader slot{'s' * (old_slots > 1)} on {slots}" if moved else ""
         return f"data position continued{layout}: " + "; ".join(notes)
+
+    def restart(self, saved: list[dict]) -> None:
+        """Read the data from its beginning, as a new run would, after a change allowed on resume that no
+        position survives (another seed or shuffle block, or no source the same), keeping the counts of bad data
+        the checkpoint's ranks skipped: the data is read again, but the run's totals never go down."""
+        self.states = [SlotState.fresh(len(self.spec.sources)) for _ in range(self.spec.slots_per_rank)]
+        self.consumed = 0
+        self.iterator = None
+        self.keep_counts([source for state in saved for slot in self.upgraded(state)["slots"]
+                          for source in SlotState.of(slot).sources])
+
+    def keep_counts(self, ended: list[SourceState]) -> None:
+        """Keep the skip counts of saved positions that do not go on in the run's totals, held by rank 0's first
+        slot as a layout change's counts are (`continue_source`)."""
+        counts = sum((Counter(source.skipped) for source in ended), Counter())
+        if counts and self.spec.rank == 0:
+            held = self.states[0].sources[0]
+            self.states[0].sources[0] = replace(held, skipped=dict(counts + Counter(held.skipped)),
+                                                unit_skipped=dict(counts + Counter(held.unit_skipped)))
 
     def continue_source(self, units: list[Unit], old: list[SourceState]) -> tuple[list[SourceState], str]:
         """This rank's slots' positions in one source, continued from those of the old slots (all ranks') and

@@ -31,6 +31,8 @@ from masktrain.data.loader import (Batcher, Loader, LoaderSpec, Packing, SlotSta
                                    SourceStream, epoch_order, source_of, units_for)
 from masktrain.data.masking import Vocab
 from masktrain.data.reader import DataError, Skips, Unit, expand_urls, read_unit
+from masktrain.trainer.engine import Runtime
+from masktrain.trainer.train import restore_rank_state
 
 START, END, FIRST_ID, VOCAB = 1, 2, 10, 4000
 # Each takes seconds; a loader bug that never yields (a slot that finds no unit) fails here instead of hanging
@@ -928,7 +930,8 @@ def test_a_mixture_changed_on_resume_goes_on_in_each_source_it_keeps(tmp_path):
 def test_bad_data_a_source_skipped_stays_counted_when_a_resume_no_longer_reads_it(tmp_path):
     """b's shard is cut short, so each epoch of b counts it. Resumed without b, on the same layout or on two
     ranks, the run's totals (all ranks') still hold b's counts, and keep them through the next resume; as
-    they do when b is kept but read again from its beginning (its one shard split otherwise over two ranks)."""
+    they do when b is kept but read again from its beginning (its one shard split otherwise over two ranks),
+    and when the whole stream starts again (another seed), where reading b again counts it again."""
     spec = mixture(tmp_path, [[14] * 20] * 5, [[14] * 6], micro_batch_size=4)
     (cut,) = spec.sources[1].urls
     with tarfile.open(cut) as archive:
@@ -955,6 +958,19 @@ def test_bad_data_a_source_skipped_stays_counted_when_a_resume_no_longer_reads_i
         assert "; b: with 1 loader slots its 1 shards were split into other parts than over 2, so it is read from its " \
                "beginning" in loader.resume([states[-1]])
     assert sum((Counter(loader.skipped()) for loader in ranks), Counter()) == counted
+    for world in (1, 2):
+        ranks = [Loader(replace(spec, rank=rank, world_size=world, seed=spec.seed + 1), plain_batcher(rank))
+                 for rank in range(world)]
+        for rank, loader in enumerate(ranks):
+            note = restore_rank_state({"ranks": [{"data": states[-1]}]}, loader,
+                                      Runtime(rank, rank, world, torch.device("cpu")), allowed=True)
+            assert re.match(r"data stream and RNG restart from the beginning: cannot (resume|continue) the data "
+                            r"position.*: seed was 7 now 8", note), note
+        assert sum((Counter(loader.skipped()) for loader in ranks), Counter()) == counted, world
+    again = Loader(replace(spec, seed=spec.seed + 1), plain_batcher())
+    again.restart([states[-1]])
+    take(again, 12)
+    assert again.skipped() == {"truncated shard": 6}
 
 
 def test_a_source_with_fewer_shards_than_slots_starts_again_alone_on_another_layout(tmp_path):

@@ -121,17 +121,18 @@ def restore_rank_state(client: dict, loader, runtime: eng.Runtime, allowed: bool
     workers or with changed sources continued from every rank's position (which only trainer.allow_config_change
     permits: otherwise the config check stops a new layout earlier, and the loader a source prepared again).
     Returns a note for the log when not exactly."""
-    ranks = client["ranks"]
+    saved = [rank["data"] for rank in client["ranks"]]
     try:
-        note = loader.resume([rank["data"] for rank in ranks], allowed)
+        note = loader.resume(saved, allowed)
     except ValueError as err:
         if not allowed:  # every rank fails alike, so the run ends in order, as for bad data
             raise DataError(f"{err} (trainer.allow_config_change=true goes on with the data as it now is, from the "
                             "beginning where it changed)") from None
+        loader.restart(saved)
         return f"data stream and RNG restart from the beginning: {err}"
-    if len(ranks) != runtime.world_size:
-        return f"{note}; RNG states restart (the checkpoint has {len(ranks)} ranks, this run {runtime.world_size})"
-    set_rng_state(ranks[runtime.rank]["rng"])
+    if len(saved) != runtime.world_size:
+        return f"{note}; RNG states restart (the checkpoint has {len(saved)} ranks, this run {runtime.world_size})"
+    set_rng_state(client["ranks"][runtime.rank]["rng"])
     return note
 
 
