@@ -128,6 +128,7 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
               for folder in (other_folders(cfg) if training else ())]
     lists += [(f"val shards of {label}", "val", partial(list, source.val_shards), "")
               for source, label in zip(cfg.data.mixture if training else (), source_labels(cfg)) if source.val_shards]
+    local = []  # the shards read from this machine's file systems
     for what, split, urls_of, empty in lists:
         try:
             urls = expand_urls(urls_of())
@@ -136,8 +137,9 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             continue
         if "" in urls:  # Path("") is the working folder, which exists
             problems.append(f"{what}: an empty URL in the list")
-        absent = [url for url in urls if url and not url.startswith("pipe:") and "://" not in url
-                  and not Path(url).exists()]
+        paths = [url for url in urls if url and not url.startswith("pipe:") and "://" not in url]
+        local += paths
+        absent = [url for url in paths if not Path(url).exists()]
         if not urls and (split == "train" or not training):  # without validation shards, training has none
             problems.append(empty)
         if absent:
@@ -166,6 +168,12 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
             else:
                 print(f"masktrain: {said}; what cannot be read is skipped and counted (data.strict=true refuses "
                       "instead)", file=sys.stderr)
+    # Shards listed by path (data.*_shards, a mixture source's shards) that a prepared folder's manifest records:
+    # it tells their tokenizer, as it does for the folders named above.
+    named = {Path(folder).resolve() for folder in folders}
+    for folder, manifest in prepared_folders(local).items():
+        if folder not in named and (mismatch := other_tokenizer(manifest, tokenizer, folder)):
+            problems.append(mismatch)
     policies = (cfg.data.masking.policy,) if training else ()
     for policy in dict.fromkeys((*policies, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
         try:
@@ -189,6 +197,29 @@ def try_policy(spec: MaskSpec, pack: Packing) -> str | None:
     except Exception as err:  # the researcher's code: whatever it raises is the reason
         return f"masking policy {spec.policy!r} fails on a batch of 2 rows: {type(err).__name__}: {err}"
     return None
+
+
+def prepared_folders(paths: list[str]) -> dict[Path, dict]:
+    """{folder: its manifest} of the prepared folders whose manifests record any of the shard `paths` (laid out
+    as `write_dataset` does: <folder>/<split>/<shard>)."""
+    seen: dict[Path, tuple[dict, set[str]] | None] = {}
+    found = {}
+    for path in (Path(path).resolve() for path in paths):
+        folder = path.parent.parent
+        if folder not in seen:
+            seen[folder] = recorded_shards(folder)
+        if (known := seen[folder]) and path.relative_to(folder).as_posix() in known[1]:
+            found[folder] = known[0]
+    return found
+
+
+def recorded_shards(folder: Path) -> tuple[dict, set[str]] | None:
+    """A folder's manifest and the shard paths it records, or None where it has no readable one."""
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, DataError):
+        return None
+    return manifest, {shard["path"] for split in manifest["splits"].values() for shard in split["shards"]}
 
 
 def resized_shards(data_dir: str | Path, manifest: dict, splits: tuple[str, ...]) -> list[str]:

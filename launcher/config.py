@@ -117,8 +117,8 @@ class MixtureSource:
     """A prepared dataset folder (its manifest's train split), written with the run's tokenizer."""
     shards: list[str] = field(default_factory=list)
     """Instead of `dir`: shard URLs, as data.train_shards takes them (paths, brace patterns, `pipe:` commands,
-    e.g. from object storage). No manifest comes with them, so nothing checks their tokenizer or sizes, and the
-    log cannot say how often the run reads them over."""
+    e.g. from object storage). No manifest comes with them, so nothing checks their sizes (nor their tokenizer,
+    unless they are paths inside a prepared folder), and the log cannot say how often the run reads them over."""
     val_shards: list[str] = field(default_factory=list)
     """With `shards`: this source's validation shard URLs, validated on as val/<name>; empty: none."""
     name: str = ""

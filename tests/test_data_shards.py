@@ -269,6 +269,14 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     cases["mixture of another tokenizer"] = (
         [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{dir: {mismatched}}}]"],
         f"the shards in {mismatched} were written with a {manifest['vocab_size']}-id tokenizer")
+    # Shards listed by path inside a prepared folder: its manifest tells their tokenizer too.
+    listed = [str(mismatched / shard["path"]) for shard in manifest["splits"]["train"]["shards"][:2]]
+    cases["listed shards of another tokenizer"] = (
+        [*tiny_data, f"data.train_shards=[{listed[0]}]"],
+        f"the shards in {mismatched.resolve()} were written with a {manifest['vocab_size']}-id tokenizer")
+    cases["mixture source of listed shards of another tokenizer"] = (
+        [*tiny_data, f"data.mixture=[{{dir: {data}}}, {{shards: {listed}, name: web}}]"],
+        f"the shards in {mismatched.resolve()} were written with a {manifest['vocab_size']}-id tokenizer")
     none = tmp_path / "none"
     cases["mixture without a manifest"] = ([*tiny_data, f"data.mixture=[{{dir: {none}}}]"],
                                            f"train shards of {none}: {none / 'manifest.json'}: no manifest")
