@@ -170,9 +170,8 @@ def check_ready(cfg: Config, tokenizer: Tokenizer | None = None, training: bool 
                       "instead)", file=sys.stderr)
     # Shards listed by path (data.*_shards, a mixture source's shards) that a prepared folder's manifest records:
     # it tells their tokenizer, as it does for the folders named above.
-    named = {Path(folder).resolve() for folder in folders}
-    for folder, manifest in prepared_folders(local).items():
-        if folder not in named and (mismatch := other_tokenizer(manifest, tokenizer, folder)):
+    for folder, manifest in prepared_folders(local, {Path(folder).resolve() for folder in folders}).items():
+        if mismatch := other_tokenizer(manifest, tokenizer, folder):
             problems.append(mismatch)
     policies = (cfg.data.masking.policy,) if training else ()
     for policy in dict.fromkeys((*policies, cfg.data.masking.eval_policy or cfg.data.masking.policy)):
@@ -199,10 +198,10 @@ def try_policy(spec: MaskSpec, pack: Packing) -> str | None:
     return None
 
 
-def prepared_folders(paths: list[str]) -> dict[Path, dict]:
-    """{folder: its manifest} of the prepared folders whose manifests record any of the shard `paths` (laid out
-    as `write_dataset` does: <folder>/<split>/<shard>)."""
-    seen: dict[Path, tuple[dict, set[str]] | None] = {}
+def prepared_folders(paths: list[str], checked: set[Path]) -> dict[Path, dict]:
+    """{folder: its manifest} of the prepared folders other than `checked` whose manifests record any of the
+    shard `paths` (laid out as `write_dataset` does: <folder>/<split>/<shard>)."""
+    seen: dict[Path, tuple[dict, set[str]] | None] = dict.fromkeys(checked)
     found = {}
     for path in (Path(path).resolve() for path in paths):
         folder = path.parent.parent
