@@ -22,7 +22,7 @@ from masktrain.data.loader import Batcher, Loader, LoaderSpec, Packing, Source
 from masktrain.data.masking import POLICIES, PolicyOptions, generator
 from masktrain.data.reader import DataError, Skips, expand_urls
 from masktrain.data.schedules import rate_schedule
-from masktrain.data.shards import manifest_urls, read_manifest, shard_paths
+from masktrain.data.shards import SPLITS, manifest_urls, read_manifest, shard_paths
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.data.validation import validation_batches
 from masktrain.launcher.config import Config
@@ -203,7 +203,7 @@ def prepared_folders(paths: list[str], checked: set[Path]) -> dict[Path, dict]:
     shard `paths` (laid out as `write_dataset` does: <folder>/<split>/<shard>)."""
     seen: dict[Path, tuple[dict, set[str]] | None] = dict.fromkeys(checked)
     found = {}
-    for path in (Path(path).resolve() for path in paths):
+    for path in (Path(url).resolve() for url in paths):
         folder = path.parent.parent
         if folder not in seen:
             seen[folder] = recorded_shards(folder)
@@ -218,7 +218,7 @@ def recorded_shards(folder: Path) -> tuple[dict, set[str]] | None:
         manifest = read_manifest(folder)
     except (OSError, DataError):
         return None
-    return manifest, {shard["path"] for split in manifest["splits"].values() for shard in split["shards"]}
+    return manifest, {shard["path"] for split in SPLITS for shard in manifest["splits"][split]["shards"]}
 
 
 def resized_shards(data_dir: str | Path, manifest: dict, splits: tuple[str, ...]) -> list[str]:
