@@ -150,6 +150,27 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
     assert max(norms) == pytest.approx(min(norms), rel=1e-4), f"stages disagree on the gradient norm: {norms}"
 
 
+def test_a_rank_starts_past_the_lock_file_a_killed_build_of_deepspeeds_cpu_op_left(tmp_path):
+    """A rank killed while DeepSpeed built (or ninja checked) its CPU comm op left torch's lock file, and every
+    later start waited on it forever, silently; now it is removed, said, and the op built."""
+    from benchmarks.common import rendezvous
+
+    left = tmp_path / "extensions" / "deepspeed_shm_comm" / "lock"
+    left.parent.mkdir(parents=True)
+    left.touch()
+    start = ("from masktrain.launcher.loading import load_config; from masktrain.trainer.engine import "
+             "init_distributed; init_distributed(load_config('smoke', ['launch.nproc_per_node=1', "
+             "'launch.accelerator=cpu']))")
+    with rendezvous() as store:
+        env = {**rank_environment(load_config("smoke", []), cuda=False), **store, "RANK": "0", "LOCAL_RANK": "0",
+               "WORLD_SIZE": "1", "TORCH_EXTENSIONS_DIR": str(left.parent.parent)}
+        child = subprocess.run([sys.executable, "-c", start], env=env, capture_output=True, text=True, timeout=600,
+                               cwd=tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert f"[masktrain] removing {left}: a process killed while building" in child.stderr
+    assert (left.parent / "deepspeed_shm_comm.so").is_file() and not left.exists()
+
+
 if __name__ == "__main__":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from masktrain.trainer.engine import init_distributed

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,9 +52,38 @@ def init_distributed(cfg: Config) -> Runtime:
     from torch.distributed import distributed_c10d
 
     distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = timeout
+    if not cuda:
+        load_cpu_comm_op()
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timeout)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return Runtime(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
+
+
+def load_cpu_comm_op() -> None:
+    """Build or load DeepSpeed's CPU shared-memory comm op before DeepSpeed does (it keeps what was loaded).
+
+    DeepSpeed JIT-builds it at every start, and ninja checks the build under torch's lock file, which only the
+    process that made it removes: a rank killed meanwhile (a kill during start-up, a test run stopped) left it,
+    and every later start of that environment waited on it forever without a word. Each rank here first takes
+    an flock, which dies with its holder, so a lock file found while holding it was left by a dead process."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # as DeepSpeed decides whether to build it
+    folder = Path(_get_build_directory(builder.name, verbose=False))
+    with open(folder / "masktrain.flock", "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX)
+        except OSError:  # a file system without flock (Lustre mounted without it): DeepSpeed's way alone
+            return
+        if (left := folder / "lock").exists():
+            print(f"[masktrain] removing {left}: a process killed while building DeepSpeed's {builder.name} op "
+                  "left it, and the build would wait on it forever", file=sys.stderr, flush=True)
+            left.unlink(missing_ok=True)
+        builder.load(verbose=False)
 
 
 def precision(cfg: Config, runtime: Runtime) -> str:
