@@ -302,7 +302,8 @@ def select_span(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generat
                 opts: PolicyOptions) -> torch.Tensor:
     """Contiguous spans with geometric lengths (mean `span_mean`, at most `span_max`), as in SpanBERT, drawn
     until rate * n tokens are covered; exact cuts the last span to fit round(rate * n), otherwise the last span
-    is kept whole or dropped so that the count is rate * n on average (`goes_in`), with no rounding offset.
+    is kept whole (cut only at the row's end) or dropped so that the count is rate * n on average (`goes_in`),
+    with no rounding offset.
 
     Spans are laid out over the row's candidates only (specials and padding are skipped, never covered),
     uniformly at random and never touching, so every span stays a separate run of its drawn length. A span
@@ -320,12 +321,11 @@ def select_span(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generat
     lengths = torch.searchsorted(opts.span_cdf, torch.rand((rows, most), generator=gen), right=True) + 1
     lengths.clamp_(max=opts.span_max)
     before = lengths.cumsum(dim=1) - lengths
-    if opts.exact:
-        keep, limit = before < budget.unsqueeze(1), budget
-    else:
-        # Whole spans, but never more tokens than the row has.
-        keep, limit = goes_in(before, lengths, budget, gen), n
-    lengths = torch.minimum(lengths, limit.unsqueeze(1) - before).masked_fill_(~keep, 0)
+    # Never more tokens than the budget (exact) or the row has. Otherwise the crossing span goes in by the length
+    # it keeps after that cut: by its drawn length, rows near a rate of 1 fell short (a 16-token row at 1.0: 95%).
+    lengths = torch.minimum(lengths, (budget if opts.exact else n).unsqueeze(1) - before).clamp_(min=0)
+    keep = before < budget.unsqueeze(1) if opts.exact else goes_in(before, lengths, budget, gen)
+    lengths.masked_fill_(~keep, 0)
     spans = keep.sum(dim=1)
     covered = lengths.sum(dim=1)
 

@@ -122,6 +122,20 @@ def test_independent_draws_have_no_rounding_offset_on_short_rows(policy):
     assert abs(selected.sum().item() / cand.sum().item() - 0.05) < 0.0015
 
 
+def test_independent_spans_hit_high_rates_on_short_rows():
+    """A span crossing the row's end is cut there, and whether it goes in is drawn on that cut length: drawn on its
+    full length, a 16-token row masked 95% of its tokens at rate 1.0 and 91.5% at 0.95."""
+    ids = torch.randint(7, SIZE, (4000, 18), generator=torch.Generator().manual_seed(5))
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    cand = candidates(ids, VOCAB)
+    for rate in (0.8, 0.95, 1.0):
+        selected = POLICIES["span"](ids, VOCAB, rate, generator(6), PolicyOptions(exact=False))
+        assert not (selected & ~cand).any()
+        # 64,000 candidates in rows of 16: the realized rate's sd is under 0.002.
+        assert abs(selected.sum().item() / cand.sum().item() - rate) < 0.008, rate
+    assert torch.equal(selected, cand)
+
+
 def test_take_lowest_matches_a_full_sort():
     gen = torch.Generator().manual_seed(0)
     scores = torch.rand(50, 200, generator=gen)
