@@ -157,7 +157,11 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
         if not sep or not key.strip():
             problems.append(f"override {item!r} is not of the form section.key=value")
             continue
-        value = override_value(text)
+        try:
+            value = override_value(text)
+        except ValueError as err:
+            problems.append(f"override {item!r}: {err}")
+            continue
         node = tree
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -173,11 +177,16 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
 def override_value(text: str) -> Any:
     """An override's value. YAML reads `{...}` mappings, `[...]` lists, quoted text, null and numbers/booleans
     (which keep their typed text for text fields); anything else is the text as typed, so `run.name=ablation #3`
-    or a `pipe:` command with ': ' in it is not cut at a YAML comment or read as a mapping."""
+    or a `pipe:` command with ': ' in it is not cut at a YAML comment or read as a mapping. A `[...]` list or
+    `{...}` mapping YAML cannot read is an error, as in a config file: taken as text, it became one list item."""
     stripped = text.strip()
     try:
         value = yaml.load(stripped, Loader=ConfigLoader) if stripped else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as err:
+        if stripped[:1] + stripped[-1:] in ("[]", "{}"):
+            kind = "list" if stripped[0] == "[" else "mapping"
+            hint = "quote items holding {, }, [, ], a comma or ': ', e.g. [\"shard-{000000..000127}.tar\"]"
+            raise ValueError(f"not a YAML {kind}: {err.problem} ({hint})") from None
         return stripped
     if isinstance(value, (bool, int, float)):
         return OverrideText(stripped, value)

@@ -175,6 +175,16 @@ def test_malformed_files_are_config_errors_naming_the_file(tmp_path, text, probl
 def test_bad_override_syntax():
     _, problems = parse_overrides(["trainer.max_steps"])
     assert problems == ["override 'trainer.max_steps' is not of the form section.key=value"]
+    # A list YAML cannot read is refused, as in a file: as text it was one shard named "[s3://...]".
+    broken = "data.train_shards=[s3://b/shard-{000000..000127}.tar]"
+    _, problems = parse_overrides([broken, "data.masking={rate: [0.3}"])
+    assert problems[0].startswith(f"override {broken!r}: not a YAML list: expected ',' or ']', but got '{{'")
+    assert problems[1].startswith("override 'data.masking={rate: [0.3}': not a YAML mapping")
+    quoted, problems = parse_overrides(['data.train_shards=["s3://b/shard-{000000..000127}.tar"]',
+                                        "data.val_shards={a,b}/shard.tar", "run.name=[draft"])
+    assert problems == [] and quoted["data"] == {"train_shards": ["s3://b/shard-{000000..000127}.tar"],
+                                                 "val_shards": "{a,b}/shard.tar"}
+    assert quoted["run"]["name"] == "[draft"
 
 
 def test_config_show_prints_the_resolved_config():
