@@ -132,7 +132,14 @@ def job_config(config: str, overrides: list[str], spec: JobSpec) -> Config:
     if problems:
         raise ConfigError("masktrain slurm", problems)
     shape = [f"launch.nnodes={spec.nodes}", f"launch.nproc_per_node={spec.gpus_per_node}"]
-    return load_config(config, list(overrides) + shape)
+    cfg = load_config(config, list(overrides) + shape)
+    if cfg.trainer.resume == "never":
+        # The job's config goes into every requeued attempt and chained job: each would start over from step 0.
+        raise ConfigError("masktrain slurm", [
+            "trainer.resume: never would make every requeued attempt and --chain job train again from step 0 over "
+            "the run's checkpoints; use auto (a run folder with no checkpoint starts from step 0) with a new "
+            "run.name, or remove the old run folder"])
+    return cfg
 
 
 def masktrain_command() -> str:
@@ -171,12 +178,21 @@ def sbatch_lines(cfg: Config, spec: JobSpec) -> list[str]:
         options.append(f"--gpus-per-node={spec.gpus_per_node}")
     # Relative paths in the config (data.dir, ...) mean the same inside the job as they do here.
     options += [f"--chdir={Path.cwd()}", f"--output={log_pattern(cfg)}", "--open-mode=append",
-                f"--signal=B:USR1@{spec.grace}", "--requeue", *spec.sbatch]
-    for option in options:
-        if any(c.isspace() for c in option):
-            raise ConfigError("masktrain slurm", [f"#SBATCH lines cannot hold whitespace: {option!r} (a path "
-                                                  "with a space? run from, and write to, folders without one)"])
-    return [f"#SBATCH {option}" for option in options]
+                f"--signal=B:USR1@{spec.grace}", "--requeue"]
+    # sbatch reads an #SBATCH line as a shell would, roughly: whitespace splits it, `#` starts a comment, quotes and
+    # backslashes are taken away. A run name `ablation#3` became the job `ablation` and the log file `.../ablation`.
+    # The user's own --sbatch options may quote on purpose; only whitespace would split them.
+    problems = [f"#SBATCH lines cannot hold whitespace, #, quotes or backslashes: {option!r} (a run name or folder "
+                "holding one? run from, and write to, folders named without them)"
+                for option in options if any(c.isspace() or c in "#'\"\\" for c in option)]
+    problems += [f"#SBATCH lines cannot hold whitespace: {option!r}" for option in spec.sbatch
+                 if any(c.isspace() for c in option)]
+    if "%" in str(run_dir(cfg)):
+        problems.append(f"{run_dir(cfg)}: the run folder holds a '%', which SLURM would expand in the log's path "
+                        "(--output); name the run or output folder without one")
+    if problems:
+        raise ConfigError("masktrain slurm", problems)
+    return [f"#SBATCH {option}" for option in options + spec.sbatch]
 
 
 def render(cfg: Config, spec: JobSpec) -> str:

@@ -19,7 +19,7 @@ from conftest import run_cli
 from masktrain import slurm as slurm_files
 from masktrain.launcher.loading import ConfigError, load_config
 from masktrain.launcher.run_lock import holding
-from masktrain.launcher.slurm import JobSpec, job_config, node_command
+from masktrain.launcher.slurm import JobSpec, job_config, node_command, render
 
 LOCAL_CLUSTER = Path(slurm_files.__file__).parent / "local-cluster.sh"
 JOB_ARGS = ["--time=10", "--partition=local", "--signal-grace=30", "--cpus-per-task=1"]
@@ -430,6 +430,19 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
                                   "--sbatch: '-ox.log' sets what the script sets (the log in the run folder)",
                                   "--sbatch: '--no-requeue' sets what the script sets (preemption requeues)",
                                   "--job-name: 'a/b' holds a '/', which the log file's name (%x) cannot"]
+    spec = JobSpec(nodes=1, gpus_per_node=2, time="1:00:00", partition="local")
+    # Every requeue would carry `never` and start the run over from step 0.
+    with pytest.raises(ConfigError, match="trainer.resume: never would make every requeued attempt"):
+        job_config("smoke", ["trainer.resume=never"], spec)
+    # sbatch takes `#` as a comment and strips quotes: the job would be `ablation`, its log `.../ablation`.
+    with pytest.raises(ConfigError) as err:
+        render(job_config("smoke", [f"run.output_dir={tmp_path / 'ablation#3'}", "run.name=it's"], spec), spec)
+    assert [problem.split(":")[0] for problem in err.value.problems] == ["#SBATCH lines cannot hold whitespace, #, "
+                                                                         "quotes or backslashes"] * 2
+    assert "\"--job-name=it's\"" in err.value.problems[0] and "ablation#3/slurm/%x-%j.out" in err.value.problems[1]
+    with pytest.raises(ConfigError, match=r"the run folder holds a '%', which SLURM would expand"):
+        render(job_config("smoke", [f"run.output_dir={tmp_path / 'lr%3'}"], spec), spec)
+    assert "#SBATCH --job-name=ablation-3" in render(job_config("smoke", ["run.name=ablation-3"], spec), spec)
 
 
 def test_a_run_name_with_a_slash_gives_a_job_name_without_one(tmp_path, stubs, tiny_data):
