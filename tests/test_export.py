@@ -80,6 +80,33 @@ def assert_plain_transformers_folder(out: Path, architecture: str) -> None:
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_bf16_export_takes_the_fp32_weights_the_optimizer_updated(tiny_data, tmp_path, stage):
+    """In bf16, DeepSpeed's module file holds the weights rounded to bf16, and the optimizer the fp32 weights it
+    updates, which ZeRO 1-3 exports consolidate. ZeRO-0 (FP16_UnfusedOptimizer's fp32 groups) and bf16 ZeRO-1 with
+    fp32 gradient accumulation (BF16_Optimizer's partitions, which zero_to_fp32 refuses) exported the rounded
+    ones."""
+    run = tmp_path / "run"
+    overrides = ["trainer.precision=bf16", f"trainer.zero_stage={stage}"]
+    if stage == 1:
+        (tmp_path / "ds.json").write_text(json.dumps({"data_types": {"grad_accum_dtype": "fp32"}}))
+        overrides.append(f"trainer.deepspeed_config={tmp_path / 'ds.json'}")
+    train(tiny_data, run, *overrides)
+    checkpoint = Checkpointer(run, 1, False).latest()
+    assert len(list(checkpoint.glob("bf16_zero_pp_rank_*"))) == 2 * stage
+    _, _, model = load_trained(checkpoint)
+    module = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    weights = model.state_dict()
+    assert weights.keys() == module.keys() and {w.dtype for w in weights.values() if w.is_floating_point()} == {
+        torch.float32}
+    # The weights the module's were rounded from, not those: Adam's updates are too small to leave many on the
+    # bf16 grid.
+    assert all(torch.equal(weights[name].to(saved.dtype), saved) for name, saved in module.items())
+    params = dict(model.named_parameters())
+    on_grid = sum(int((param == module[name].float()).sum()) for name, param in params.items())
+    assert on_grid < 0.05 * sum(param.numel() for param in params.values())
+
+
 def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     run = tmp_path / "mlm"
     train(tiny_data, run, "trainer.zero_stage=2")

@@ -2,7 +2,7 @@
 that `transformers` loads with no masktrain import.
 
 ZeRO 1-3 checkpoints are consolidated to fp32 with DeepSpeed's own zero_to_fp32 utilities; ZeRO-0 keeps the
-full module state in one file.
+full module state in one file, and in bf16 the fp32 weights in its optimizer state.
 """
 
 from __future__ import annotations
@@ -20,14 +20,17 @@ from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import config_from_dict, merge
 from masktrain.trainer.checkpoint import check_intact, partitioned_over, resolve_checkpoint, saved_config
+from masktrain.trainer.engine import param_groups
 from masktrain.trainer.models import TokenIds, build_model, max_positions
 from masktrain.trainer.objectives import OBJECTIVES
 
 
-def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights. The checkpoint's own files tell how it was saved (a DeepSpeed JSON can set another
-    stage than trainer.zero_stage): ZeRO 1-3 leave one zero_pp_rank_* file per rank (bf16_zero_pp_rank_* in
-    bf16)."""
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load the checkpoint's fp32 weights into `model`, built as its run built it. The checkpoint's own files tell
+    how it was saved (a DeepSpeed JSON can set another stage than trainer.zero_stage): ZeRO 1-3 leave one
+    zero_pp_rank_* file per rank (bf16_zero_pp_rank_* in bf16), consolidated by DeepSpeed's zero_to_fp32. In bf16
+    the module file holds the weights rounded to bf16 (what the forward pass ran on); the fp32 weights the
+    optimizer updates are its state, which ZeRO 1-3 exports take and so do these."""
     if partitioned_over(checkpoint):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -35,14 +38,59 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         try:
             # Its progress prints go to stderr: the commands' own stdout stays what they report (`eval | jq`).
             with contextlib.redirect_stdout(sys.stderr):
-                return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+                model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent),
+                                                                                tag=checkpoint.name))
+            return
         except ValueError as err:
             # DeepSpeed's BF16_Optimizer (bf16 ZeRO-1 with fp32 gradient accumulation) partitions like ZeRO but
-            # records no stage, which zero_to_fp32 refuses; its module file holds the whole model.
+            # records no stage, which zero_to_fp32 refuses.
             if not str(err).endswith("is not a zero checkpoint"):
                 raise
     states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    return states["module"]
+    model.load_state_dict(states["module"])  # the buffers; in fp32 at ZeRO-0, the weights themselves
+    if partitioned_over(checkpoint):
+        master = bf16_optimizer_weights(checkpoint)
+    elif master_groups := (states.get("optimizer") or {}).get("fp32_groups"):
+        # bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer keeps a copy of each parameter of each optimizer group,
+        # in the groups `param_groups` made and in their order; they hold no names.
+        names = {param: name for name, param in model.named_parameters()}
+        trained = [names[param] for group in param_groups(model, 0.0) for param in group["params"]]
+        weights = [weight for group in master_groups for weight in group]
+        if len(weights) != len(trained):
+            raise ValueError(f"{checkpoint}: its optimizer holds {len(weights)} fp32 weights, but the model trains "
+                             f"{len(trained)} parameters")
+        master = dict(zip(trained, weights))
+    else:
+        return
+    copy_weights(model, master, checkpoint)
+
+
+def bf16_optimizer_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights in the bf16_zero_pp_rank_* files of DeepSpeed's BF16_Optimizer: each rank holds a slice of
+    each group's flat copy, and records where each parameter's piece lies in it (`param_slice_mappings`)."""
+    files = sorted(checkpoint.glob("bf16_zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda file: int(file.name.split("zero_pp_rank_")[1].split("_")[0]))
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for file in files:
+        part = torch.load(file, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        for flat, slices in zip(part["single_partition_of_fp32_groups"], part["param_slice_mappings"]):
+            for name, where in slices.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, where.start, where.numel))
+    return {name: torch.cat(parts) for name, parts in pieces.items()}
+
+
+def copy_weights(model: torch.nn.Module, master: dict[str, torch.Tensor], checkpoint: Path) -> None:
+    """Each of `model`'s parameters from `master` (flat or shaped), refusing one missing or of another size."""
+    params = dict(model.named_parameters())
+    wrong = sorted(name for name, param in params.items()
+                   if name not in master or master[name].numel() != param.numel())
+    if wrong or len(master) != len(params):
+        raise ValueError(f"{checkpoint}: its fp32 weights do not match the model's parameters (missing or another "
+                         f"size: {', '.join(wrong[:5]) or 'none'}; {len(master)} weights for {len(params)} "
+                         "parameters)")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(master[name].reshape(param.shape))
 
 
 def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple[Path, Config, Tokenizer]:
@@ -67,7 +115,7 @@ def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple
 def trained_model(checkpoint: Path, cfg: Config, tokenizer: Tokenizer) -> torch.nn.Module:
     """The objective model with the checkpoint's weights, in eval mode."""
     model = build_model(OBJECTIVES[cfg.model.objective], cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer))
-    model.load_state_dict(consolidated_state_dict(checkpoint))
+    load_weights(model, checkpoint)
     return model.eval()
 
 
