@@ -349,8 +349,11 @@ def test_a_zero0_run_moves_to_another_rank_count_only_when_allowed(tiny_data, tm
     own continuation, so such a move must be asked for."""
     run = tmp_path / "run"
     args = ["smoke", *tiny_data, f"run.output_dir={run}", "trainer.zero_stage=0", "trainer.max_steps=6",
-            "trainer.log_every=1", "trainer.checkpoint_every=3"]
-    assert run_cli("train", *args, "trainer.stop_after_steps=3").returncode == 75
+            "trainer.log_every=1", "trainer.checkpoint_every=3", "trainer.eval_every=3"]
+    stopped = run_cli("train", *args, "trainer.stop_after_steps=3")
+    assert stopped.returncode == 75
+    # A stop at an evaluation step saves first: the validation pass comes after, within what grace time is left.
+    assert stopped.stdout.index("step 3: checkpoint") < stopped.stdout.index("step 3: val/loss=")
     one_rank = [*args, "launch.nproc_per_node=1"]
     refused = run_cli("train", *one_rank)
     assert refused.returncode != 0 and "ranks (launch.nnodes x launch.nproc_per_node): 2 -> 1" in refused.stderr

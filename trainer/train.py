@@ -255,6 +255,24 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta,
                          files={f"tokenizer/{MODEL_FILE}": tokenizer.model_bytes})
 
+    def validate() -> None:
+        nonlocal validation
+        if validation is None:
+            validation = []
+            for prefix, urls in inputs.validation_splits(cfg):
+                skips = Skips(cfg.data.strict)
+                batches, empty = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
+                                                       runtime.rank, runtime.world_size, skips, urls=urls)
+                # A validation set is read once, whole by every rank, so what it skipped is fixed from here on and
+                # the same on every rank.
+                validation.append((prefix, batches, empty, count_metrics(f"{prefix}/skipped", dict(skips.counts))))
+        results = {}
+        for prefix, batches, empty, skipped in validation:
+            scores = evaluate(engine, batches, empty, runtime, objective.encoder)
+            results.update({prefix + key.removeprefix("val"): value for key, value in scores.items()}, **skipped)
+        metrics.log(state.step, results)
+        progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+
     try:
         while state.step < cfg.trainer.max_steps:
             hang.begin(f"step {state.step + 1}")
@@ -326,24 +344,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 progress.message(f"aborting: {reason}")
                 break
 
-            if (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final:
-                if validation is None:
-                    validation = []
-                    for prefix, urls in inputs.validation_splits(cfg):
-                        skips = Skips(cfg.data.strict)
-                        batches, empty = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer,
-                                                               runtime.rank, runtime.world_size, skips, urls=urls)
-                        # A validation set is read once, whole by every rank, so what it skipped is fixed from
-                        # here on and the same on every rank.
-                        validation.append((prefix, batches, empty, count_metrics(f"{prefix}/skipped",
-                                                                                 dict(skips.counts))))
-                results = {}
-                for prefix, batches, empty, skipped in validation:
-                    scores = evaluate(engine, batches, empty, runtime, objective.encoder)
-                    results.update({prefix + key.removeprefix("val"): value for key, value in scores.items()},
-                                   **skipped)
-                metrics.log(state.step, results)
-                progress.message(f"step {state.step}: " + " ".join(f"{k}={v:.4g}" for k, v in results.items()))
+            evaluating = (cfg.trainer.eval_every and state.step % cfg.trainer.eval_every == 0) or final
+            # A stop saves first: reading and scoring the validation set could use up the grace time before it.
+            if evaluating and not leaving:
+                validate()
+                evaluating = False
 
             if saving:
                 # A resume keeps the logs up to this checkpoint: on disk before it, they survive losing the node.
@@ -362,6 +367,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                     (stops,) = all_reduce([float(stop.requested)], runtime.device)
                     leaving = stops > 0
             if leaving:
+                if evaluating:
+                    validate()
                 ended = "preempted"
                 reason = stop.signal_name or ("stop_after_steps" if wants_stop else "a signal to another rank")
                 progress.message(f"step {state.step}: stopping on {reason}; resume continues from {path}")
