@@ -217,15 +217,16 @@ class Tokenizer:
 
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.sp.serialized_model_proto())
-        # Control pieces must never match text, as in sentencepiece; byte fallback always offers a path.
+        # Control pieces must never match text, as in sentencepiece, nor must byte pieces (`<0x41>` written in text
+        # is 6 characters); byte fallback, which finds byte pieces by name, always offers a path.
         if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.BPE:
             vocab = {self.sp.id_to_piece(i): i for i in range(len(self))}
             merges = generate_merges({p: i for p, i in vocab.items() if not self.sp.is_control(i)})
             model = models.BPE(vocab, merges, unk_token=SPECIAL_TOKENS["unk"], byte_fallback=True,
                                fuse_unk=True)
         else:
-            pieces = [(self.sp.id_to_piece(i), -1e9 if self.sp.is_control(i) else self.sp.get_score(i))
-                      for i in range(len(self))]
+            never = {i for i in range(len(self)) if self.sp.is_control(i) or self.sp.is_byte(i)}
+            pieces = [(self.sp.id_to_piece(i), -1e9 if i in never else self.sp.get_score(i)) for i in range(len(self))]
             model = models.Unigram(pieces, unk_id=self.unk_id, byte_fallback=True)
         backend = Backend(model)
         # Sentencepiece adds the dummy prefix and splits before every space; "first": only where the input begins,

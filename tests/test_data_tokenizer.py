@@ -22,6 +22,8 @@ SAMPLES = [
     "Unicode: naïve café, Straße, Ελληνικά, 中文字符, emoji 🚀🎉",
     "digits 1234567890 and 3.14159",
     "====== ****** ------ ______",
+    # A byte piece's spelling is text to sentencepiece, which uses byte pieces only for what it cannot spell.
+    "bytes <0x41> and <0x0A> spelled out",
     "",
 ]
 
