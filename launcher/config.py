@@ -174,14 +174,19 @@ class ModelConfig:
     arch: str = "bert"
     """Transformers architecture: bert or roberta for encoders, llama for decoders (the decoders' default)."""
     hidden_size: int = 128
+    """Width of the model (of MAE-LM's encoder)."""
     num_layers: int = 2
+    """Transformer layers (of MAE-LM's encoder)."""
     num_heads: int = 2
+    """Attention heads; hidden_size must be a multiple of it."""
     num_kv_heads: int = 0
     """Decoders: key/value heads for grouped-query attention; 0 means num_heads."""
     intermediate_size: int = 512
+    """Feed-forward size of each layer."""
     max_position_embeddings: int = 0
     """0 means data.seq_len."""
     dropout: float = 0.1
+    """Encoders: hidden and attention dropout (transformers' BERT/RoBERTa); decoders: attention dropout."""
     decoder_layers: int = 4
     """MAE-LM: depth of the shallow bidirectional decoder (the reference's run_pretrain.sh uses 4 under a
     12-layer encoder). Only MAE-LM has a decoder; other objectives ignore it."""
@@ -220,6 +225,7 @@ class OptimConfig:
     schedule: str = "cosine"
     """LR schedule after warmup: constant, linear, cosine, damped_cosine, wsd (see trainer.lr.LR_SCHEDULES)."""
     warmup_steps: int = 10
+    """Steps of linear warmup from 0 to lr."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
     cycles: int = 4
@@ -230,8 +236,11 @@ class OptimConfig:
     """wsd (warmup-stable-decay): the last fraction of the steps after warmup, over which the LR falls from the
     peak to min_lr; before it the LR stays at the peak."""
     weight_decay: float = 0.01
+    """AdamW's decoupled weight decay, on matrices and embeddings only (not biases or norm weights)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW's (beta1, beta2)."""
     eps: float = 1e-6
+    """AdamW's epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
 
@@ -249,6 +258,8 @@ class TrainerConfig:
     precision: str = "auto"
     """auto (bf16 on a GPU that supports it, fp32 on CPU), fp32 or bf16."""
     activation_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass (transformers' gradient checkpointing): less
+    memory for about a third more compute."""
     checkpoint_every: int = 20
     """Save every N steps (0: only at the end and on a signal)."""
     checkpoint_minutes: float = 0.0
@@ -289,6 +300,7 @@ class TrainerConfig:
     peak_tflops: float = 0.0
     """Per-device peak TFLOP/s for the MFU estimate; 0 looks the device up (CPU: no estimate)."""
     progress_bar: bool = True
+    """A tqdm bar on rank 0 when its stderr is a terminal; otherwise, or off, a line per logged step."""
 
 
 @dataclass
@@ -296,6 +308,7 @@ class LaunchConfig:
     nproc_per_node: int = 2
     """Ranks per node (GPUs per node, or CPU processes)."""
     nnodes: int = 1
+    """Nodes (set by `masktrain slurm` from --nodes)."""
     accelerator: str = "auto"
     """auto, cpu or cuda. cpu uses gloo and DS_ACCELERATOR=cpu."""
     master_port: int = 0
