@@ -367,6 +367,14 @@ def test_launcher_exit_code_comes_from_the_status_the_ranks_wrote(tmp_path, caps
     write_status(tmp_path, "failed", 7, "3 steps in a row had a non-finite loss")
     assert outcome(tmp_path, 0) == 1
     assert "training failed at step 7: 3 steps in a row had a non-finite loss" in capsys.readouterr().err
+    # A status.json that is none (emptied by a power loss, edited by hand) is read as no verdict, not a traceback
+    # in `status`, `slurm status` and the rerun of a finished run.
+    for damaged in ("", "{", "[1]", "null", '{"state": "failed", "step": 7}', '{"state": "done", "step": 1}'):
+        (tmp_path / "status.json").write_text(damaged)
+        assert read_status(tmp_path) == {}, damaged
+        assert outcome(tmp_path, 1) == 1
+    (tmp_path / "status.json").write_bytes(b"\xff\xfe")
+    assert read_status(tmp_path) == {}
 
 
 KILLED_RANK = """import os, signal, time
