@@ -90,7 +90,8 @@ def spec_problems(spec: JobSpec) -> list[str]:
     if seconds is None:
         problems.append(f"--time: {spec.time!r} is not a SLURM time (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or "
                         "D-HH:MM:SS)")
-    elif not 0 < spec.grace < min(seconds, SIGNAL_MAX + 1):
+    # --time=0 is sbatch's "no time limit" (the partition's own still applies).
+    elif not 0 < spec.grace < min(seconds or SIGNAL_MAX + 1, SIGNAL_MAX + 1):
         problems.append(f"--signal-grace: must be > 0, shorter than --time ({seconds} s) and at most {SIGNAL_MAX} "
                         f"(sbatch --signal's limit), got {spec.grace}")
     for option in spec.sbatch:

@@ -430,6 +430,9 @@ def test_bad_job_shape_fails_before_sbatch(tmp_path, stubs):
                                   "--sbatch: '-ox.log' sets what the script sets (the log in the run folder)",
                                   "--sbatch: '--no-requeue' sets what the script sets (preemption requeues)",
                                   "--job-name: 'a/b' holds a '/', which the log file's name (%x) cannot"]
+    # sbatch's --time=0 is no time limit: any grace fits in it.
+    unlimited = JobSpec(nodes=1, gpus_per_node=2, time="0", partition="local")
+    assert "#SBATCH --time=0" in render(job_config("smoke", [], unlimited), unlimited)
     spec = JobSpec(nodes=1, gpus_per_node=2, time="1:00:00", partition="local")
     # Every requeue would carry `never` and start the run over from step 0.
     with pytest.raises(ConfigError, match="trainer.resume: never would make every requeued attempt"):
