@@ -95,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="README to update (default README.md; none with --quick)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one benchmark may run")
     args = parser.parse_args(argv)
+    # Checked before anything is created: a mistyped path made its folder and reported "no results yet", exit 0.
+    if not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: no such folder")
+    if args.table_only and args.results and not args.results.is_dir():
+        parser.error(f"--results {args.results}: no such folder (--table-only reads results, it writes none)")
+    if args.readme and not args.readme.is_file():
+        parser.error(f"--readme {args.readme}: no such file")
+    if not args.timeout > 0:
+        parser.error(f"--timeout: must be > 0 seconds, got {args.timeout:g}")
 
     folder = args.dir.resolve()
     results = (args.results or (folder / "out" / "quick" if args.quick else RESULTS)).resolve()

@@ -100,6 +100,14 @@ def test_runner_runs_each_benchmark_and_rebuilds_the_readme(fake_checkout):
 def test_unknown_benchmark_name_lists_the_found_ones(fake_checkout):
     run = run_cli("bench", "nope", "--quick", "--dir", str(fake_checkout / "benchmarks"), timeout=120)
     assert run.returncode != 0 and "no benchmark 'nope'" in run.stderr and "found: broken, good" in run.stderr
+    missing = fake_checkout / "nowhere"
+    for args, message in ((["--quick", "--dir", str(missing)], f"--dir {missing}: no such folder"),
+                          (["--table-only", "--results", str(missing)], f"--results {missing}: no such folder"),
+                          (["--table-only", "--readme", str(missing)], f"--readme {missing}: no such file"),
+                          (["--quick", "--timeout", "-1"], "--timeout: must be > 0 seconds, got -1")):
+        run = run_cli("bench", *args, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+    assert not missing.exists()
 
 
 def test_readme_without_markers_gets_a_results_section(tmp_path):
