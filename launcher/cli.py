@@ -223,6 +223,11 @@ def cmd_repro(args) -> int:
 
     out = Path(args.out or f"runs/repro-{args.experiment}")
     results = Path(args.results) if args.results else out
+    # Made now: a path that cannot be a folder fails here rather than after the runs, which take an hour.
+    for flag, folder in (("--out", out), ("--results", results)):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(f"{flag} {folder}: a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
     if args.experiment == "schedule":
         repro.schedule(args.overrides, out, results)
         return 0

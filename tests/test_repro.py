@@ -113,3 +113,15 @@ def test_an_answer_counts_only_when_every_token_is_the_greedy_continuation():
     assert probe.greedy_answers(model, examples, pad_id=0, batch_size=3) == [[7, 8], [7, 8], [9], [9], [9]]
     scores = probe.score(model, examples, pad_id=0)
     assert scores.retrieved == pytest.approx(2 / 5) and scores.copied == pytest.approx(4 / 5)
+
+
+def test_repro_refuses_an_output_path_that_is_a_file_before_any_work(tmp_path):
+    """Found after the data and the runs, an hour in: the report's folder could not be made."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for experiment in ("schedule", "meap"):
+        run = run_cli("repro", experiment, "--out", str(taken), timeout=120)
+        assert run.returncode == 1 and f"--out {taken}: a file, not a folder" in run.stderr, run.stderr
+    run = run_cli("repro", "mae-decoder", "--out", str(tmp_path / "out"), "--results", str(taken), timeout=120)
+    assert run.returncode == 1 and f"--results {taken}: a file, not a folder" in run.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "taken"]
