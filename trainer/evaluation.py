@@ -133,7 +133,7 @@ def evaluate_checkpoint(checkpoint: Path, changes: dict, device: torch.device) -
         raise FileNotFoundError(f"{checkpoint}: nothing to score in {where}"
                                 + (f" (skipped: {dict(skips.counts)})" if skips.counts else ""))
     masked = objective.masked
-    return {"checkpoint": str(checkpoint), "step": read_meta(checkpoint)["step"], "objective": cfg.model.objective,
+    return {"checkpoint": str(checkpoint), "step": read_meta(checkpoint).get("step"), "objective": cfg.model.objective,
             "data": cfg.data.val_shards or cfg.data.dir, "batches": len(batches),
             "policy": (cfg.data.masking.eval_policy or cfg.data.masking.policy) if masked else None,
             "rate": inputs.eval_rate(cfg) if masked else None, **metrics, "skipped": dict(skips.counts)}
