@@ -254,11 +254,17 @@ def read_manifest(root: str | Path) -> dict:
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not (isinstance(splits, dict) and all(
             isinstance(splits.get(split), dict) and isinstance(splits[split].get("shards"), list)
-            and all(isinstance(shard, dict) and isinstance(shard.get("path"), str) for shard in splits[split]["shards"])
-            for split in SPLITS)):
+            and all(shard_record(shard) for shard in splits[split]["shards"]) for split in SPLITS)):
         raise DataError(f"{path}: not a masktrain manifest (it needs splits.train and splits.val, each with a list "
-                        "of shards that have a path); run `masktrain data prepare` again")
+                        "of shards that have a path, and a whole number of bytes and a sha256 text where they "
+                        "record them); run `masktrain data prepare` again")
     return manifest
+
+
+def shard_record(shard) -> bool:
+    """Whether `shard` is a manifest's record of a shard, as `write_dataset` writes them."""
+    return (isinstance(shard, dict) and isinstance(shard.get("path"), str)
+            and type(shard.get("bytes", 0)) is int and isinstance(shard.get("sha256", ""), str))
 
 
 def manifest_urls(root: str | Path, split: str) -> list[str]:

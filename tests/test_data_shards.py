@@ -382,6 +382,14 @@ def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_
         with pytest.raises(SystemExit):
             cli.main(["data", "verify", str(folder)])
         assert f"masktrain: {folder}: {said}" in capsys.readouterr().err
+    # A record edited by hand is refused as a whole, not met by a traceback while the message is written.
+    for field, value in (("bytes", "abc"), ("bytes", None), ("sha256", 5)):
+        edited = json.loads(json.dumps(manifest))
+        edited["splits"]["val"]["shards"][0][field] = value
+        (data / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(SystemExit):
+            cli.main(["data", "verify", str(data)])
+        assert f"masktrain: {data / 'manifest.json'}: not a masktrain manifest" in capsys.readouterr().err
     for split in ("train", "val"):
         manifest["splits"][split]["shards"] = []
     (data / "manifest.json").write_text(json.dumps(manifest))
