@@ -104,11 +104,12 @@ def refuse_output_in_inputs(out_dir: str | Path, inputs: list[str], written: lis
     (`written`; default: all of `out_dir`): the tokenizer's and the manifest's JSON written there were read back
     as documents (skipped by the thousand as invalid JSON), and the next prepare found them new inputs and
     refused the folder for good. Inputs beside what is written (`data.dir/raw`) are no such thing."""
-    out = Path(out_dir).resolve()
-    outputs = [Path(path).resolve() for path in written or [out]]
+    # realpath, not resolve: a link loop is left to `expand_inputs` to name, where resolve raised a RuntimeError.
+    out = Path(os.path.realpath(out_dir))
+    outputs = [Path(os.path.realpath(path)) for path in written or [out]]
     for item in inputs:
         for path in [] if item == BUILTIN else [item] if Path(item).exists() else glob.glob(item, recursive=True):
-            real = Path(path).resolve()
+            real = Path(os.path.realpath(path))
             if real.is_dir() and out.is_relative_to(real):
                 raise InputError(f"{out_dir}: inside the input {item}, which would read what is written there as "
                                  "documents; write it outside the inputs")

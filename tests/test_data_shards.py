@@ -23,7 +23,7 @@ import webdataset as wds
 
 from conftest import MASKTRAIN
 from masktrain.data.corpus import CorpusStats, DataError, InputError, documents, expand_inputs
-from masktrain.data.prepare import build_tokenizer, input_changes, input_sizes
+from masktrain.data.prepare import build_tokenizer, input_changes, input_sizes, refuse_output_in_inputs
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
 from masktrain.launcher.config import PrepareConfig
@@ -200,6 +200,12 @@ def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
     stats = CorpusStats()
     assert list(documents([str(corpus)], stats=stats)) == ["document a", "document c", "document b"]
     assert stats.skipped == {"unreadable file": 1}
+    # Named as an input, a loop of links is said to be one, where resolving it raised a RuntimeError.
+    (tmp_path / "loop-a").symlink_to(tmp_path / "loop-b")
+    (tmp_path / "loop-b").symlink_to(tmp_path / "loop-a")
+    refuse_output_in_inputs(tmp_path / "out", [str(tmp_path / "loop-a")])
+    with pytest.raises(InputError, match=f"^{tmp_path / 'loop-a'}: a link to no file \\(broken, or a loop"):
+        expand_inputs([str(tmp_path / "loop-a")])
 
 
 def test_files_of_other_kinds_in_a_folder_are_counted_and_the_first_named(tmp_path):
