@@ -67,6 +67,7 @@ def test_what_would_change_the_model_is_refused_before_any_weights_are_read(mlm_
     assert "optim.lr:" in refused.stderr and "data.masking.eval_rate" not in refused.stderr.split("(")[0]
     bad_value = run_cli("eval", str(mlm_run), "data.masking.eval_rate=2")
     assert bad_value.returncode == 2 and "data.masking.eval_rate" in bad_value.stderr
+    assert "config.yaml with the changes given)" in bad_value.stderr  # not the saved config's own problem
     # An --out that could not be written is refused before hours of scoring, not after.
     for out, why in ((mlm_run.parent / "none" / "e.json", "no folder"), (mlm_run.parent, "a folder")):
         unwritable = run_cli("eval", str(mlm_run), "--out", str(out))

@@ -107,7 +107,9 @@ def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple
         # Another folder's data, masked as the run was: its masking tables default to its data folder's.
         tables = {"importance_table": str(importance_path(saved)), "collocation_table": str(collocation_path(saved))}
         changes = merge({"data": {"masking": tables}}, changes)
-    cfg = config_from_dict(merge(raw, changes), str(checkpoint / "config.yaml")) if changes else saved
+    cfg = saved
+    if changes:  # a problem now is the changes' (the saved config was valid): the message says so
+        cfg = config_from_dict(merge(raw, changes), f"{checkpoint / 'config.yaml'} with the changes given")
     embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
     return checkpoint, cfg, Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(saved))
 
