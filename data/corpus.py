@@ -76,6 +76,8 @@ def expand_inputs(inputs: list[str], other_files: list[str] | None = None) -> li
                 files.extend(directory_files(match, other_files) if Path(match).is_dir() else [match])
         elif os.path.islink(item):
             raise InputError(f"{item}: a link to no file (broken, or a loop of links)")
+        elif item.startswith("builtin:"):
+            raise InputError(f"{item}: no such built-in corpus; the one there is: {BUILTIN}")
         else:
             raise InputError(f"{item}: no such file or directory")
     unique, seen = [], set()

@@ -105,7 +105,8 @@ def resolve_path(name_or_path: str) -> Path:
     if shipped is not None:
         return shipped
     known = ", ".join(builtin_configs.names())
-    raise ConfigError(name_or_path, [f"no such config file; shipped configs are: {known}"])
+    what = "a folder, not a config file" if path.is_dir() else "no such config file"
+    raise ConfigError(name_or_path, [f"{what}; shipped configs are: {known}"])
 
 
 def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:

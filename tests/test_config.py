@@ -126,6 +126,8 @@ def test_base_files_are_merged_beneath(tmp_path):
 def test_missing_config_file_lists_shipped_ones_and_a_missing_base_names_the_file_that_asks_for_it(tmp_path):
     with pytest.raises(ConfigError, match="shipped configs are: .*smoke"):
         load_config("no-such-config")
+    with pytest.raises(ConfigError, match="a folder, not a config file; shipped configs are: "):
+        load_config(str(tmp_path))
     child = tmp_path / "child.yaml"
     child.write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError) as err:

@@ -206,6 +206,8 @@ def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
     refuse_output_in_inputs(tmp_path / "out", [str(tmp_path / "loop-a")])
     with pytest.raises(InputError, match=f"^{tmp_path / 'loop-a'}: a link to no file \\(broken, or a loop"):
         expand_inputs([str(tmp_path / "loop-a")])
+    with pytest.raises(InputError, match="^builtin:python: no such built-in corpus; the one there is: builtin:"):
+        expand_inputs(["builtin:python"])
 
 
 def test_files_of_other_kinds_in_a_folder_are_counted_and_the_first_named(tmp_path):
