@@ -188,8 +188,8 @@ def sbatch_lines(cfg: Config, spec: JobSpec) -> list[str]:
                 for option in options if any(c.isspace() or c in "#'\"\\" for c in option)]
     problems += [f"#SBATCH lines cannot hold whitespace: {option!r}" for option in spec.sbatch
                  if any(c.isspace() for c in option)]
-    if "%" in str(run_dir(cfg)):
-        problems.append(f"{run_dir(cfg)}: the run folder holds a '%', which SLURM would expand in the log's path "
+    if "%" in str(folder := run_dir(cfg)):
+        problems.append(f"{folder}: the run folder holds a '%', which SLURM would expand in the log's path "
                         "(--output); name the run or output folder without one")
     if problems:
         raise ConfigError("masktrain slurm", problems)

@@ -31,7 +31,8 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     zero_pp_rank_* file per rank (bf16_zero_pp_rank_* in bf16), consolidated by DeepSpeed's zero_to_fp32. In bf16
     the module file holds the weights rounded to bf16 (what the forward pass ran on); the fp32 weights the
     optimizer updates are its state, which ZeRO 1-3 exports take and so do these."""
-    if partitioned_over(checkpoint):
+    partitions = partitioned_over(checkpoint)
+    if partitions:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -48,7 +49,7 @@ def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
                 raise
     states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     model.load_state_dict(states["module"])  # the buffers; in fp32 at ZeRO-0, the weights themselves
-    if partitioned_over(checkpoint):
+    if partitions:
         master = bf16_optimizer_weights(checkpoint)
     elif master_groups := (states.get("optimizer") or {}).get("fp32_groups"):
         # bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer keeps a copy of each parameter of each optimizer group,

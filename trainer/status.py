@@ -11,6 +11,8 @@ import json
 import os
 from pathlib import Path
 
+from masktrain.data.tables import read_json
+
 STATUS = "status.json"
 STATES = ("running", "preempted", "completed", "failed", "crashed")
 # What launchers exit with when the run stopped to be resumed: EX_TEMPFAIL from sysexits.h,
@@ -36,10 +38,7 @@ def write_status(run_dir: str | Path, state: str, step: int, reason: str | None 
 def read_status(run_dir: str | Path) -> dict:
     """The status the last launch wrote; {} when there is none, or what is there is not one (a machine that lost
     power can leave a just-renamed file empty). It only says how a launch ended: the checkpoints say the rest."""
-    try:
-        status = json.loads((Path(run_dir) / STATUS).read_text())
-    except (OSError, ValueError):
-        return {}
+    status = read_json(Path(run_dir) / STATUS)
     valid = (isinstance(status, dict) and status.get("state") in STATES and isinstance(status.get("step"), int)
              and (status["state"] not in ("failed", "crashed") or isinstance(status.get("reason"), str)))
     return status if valid else {}
