@@ -22,7 +22,7 @@ from masktrain.data.corpus import BUILTIN, LONG_DOCUMENT_LINES, CorpusStats, Inp
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
 from masktrain.data.shards import (MANIFEST, SPLITS, STAGING, discard_staged, publish_dataset, read_manifest,
                                    tokenize_stream, write_dataset)
-from masktrain.data.tables import read_json, write_json
+from masktrain.data.files import fsync_path, read_json, write_json
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
 from masktrain.launcher.config import Config, PrepareConfig
 from masktrain.launcher.loading import config_from_dict
@@ -190,9 +190,14 @@ def publish_tokenizer(staging: Path, out_dir: Path) -> None:
     """Move a staged tokenizer's files into `out_dir`, the model last, after taking out the earlier one: prepare
     reuses a folder's model by the recipe beside it, and a prepare killed between writing the two left a model
     without one, which the next prepare reused for any settings and inputs."""
+    # Each file's bytes, and each rename, reach the disk in this order too: a power loss must not keep the old
+    # model beside the new recipe, nor a new model whose bytes were lost.
     (out_dir / MODEL_FILE).unlink(missing_ok=True)
+    fsync_path(out_dir)
     for path in sorted(staging.iterdir(), key=lambda path: path.name == MODEL_FILE):
+        fsync_path(path)
         path.replace(out_dir / path.name)
+        fsync_path(out_dir)
     staging.rmdir()
 
 

@@ -26,8 +26,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import webdataset as wds
 
+from masktrain.data.files import fsync_path, write_json
 from masktrain.data.reader import TOKENS_KEY, DataError
-from masktrain.data.tables import write_json
 
 MANIFEST = "manifest.json"
 STAGING = ".writing"
@@ -125,7 +125,9 @@ class SplitWriter:
             self.writer.close()
             self.writer = None
             shard = self.info.shards[-1]
-            shard.bytes, shard.sha256 = file_size_and_sha256(staged(self.root, shard.path))
+            path = staged(self.root, shard.path)
+            fsync_path(path)  # before the manifest that records it: see publish_dataset
+            shard.bytes, shard.sha256 = file_size_and_sha256(path)
 
     def abandon(self) -> None:
         """Close the open shard after a failed write, once: tarfile would try to flush it again when collected, and
@@ -234,11 +236,15 @@ def publish_dataset(root: str | Path, manifest: dict) -> None:
     an earlier, larger write stays behind for a brace pattern in data.train_shards to pick up."""
     root = Path(root)
     (root / MANIFEST).unlink(missing_ok=True)
+    # Each step is on disk before the next: a power loss must not keep the old manifest over new shards, nor a
+    # new manifest over shards whose bytes or names were lost (close_shard synced the bytes).
+    fsync_path(root)
     for old in itertools.chain.from_iterable((root / split).glob("shard-*.tar") for split in SPLITS):
         old.unlink()
     for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             staged(root, shard["path"]).rename(root / shard["path"])
+        fsync_path(root / split)
     discard_staged(root)
     write_json(root / MANIFEST, manifest)
 

@@ -3,38 +3,23 @@ JSON record of what they were built from, and read back with errors that say how
 
 from __future__ import annotations
 
-import json
-import os
+import io
 from pathlib import Path
 
 import numpy as np
 
+from masktrain.data.files import write_atomic, write_json
+
 
 def save(path: str | Path, table: np.ndarray, record: dict) -> None:
-    """Write `table` to `path` and `record` to `<path>.json`, each under a temporary name renamed into place, so
-    a crash never leaves half a table."""
+    """Write `table` to `path` and `record` to `<path>.json`, each with `write_atomic`, so a crash never leaves
+    half a table, nor a record beside a table that never reached the disk."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, path)
+    content = io.BytesIO()
+    np.save(content, table)
+    write_atomic(path, content.getvalue())
     write_json(path.with_name(path.name + ".json"), record)
-
-
-def write_json(path: Path, obj: dict) -> None:
-    """Indented JSON under a temporary name renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict | None:
-    """The record at `path`, or None when there is none or it is unreadable."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def load(path: str | Path, what: str, command: str, key: str) -> np.ndarray:

@@ -25,7 +25,7 @@ from sentencepiece import sentencepiece_model_pb2
 
 from masktrain.data.corpus import InputError
 from masktrain.data.masking import Vocab
-from masktrain.data.tables import write_json
+from masktrain.data.files import write_atomic, write_json
 
 MODEL_FILE = "spm.model"
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
@@ -146,9 +146,7 @@ def train_tokenizer(docs: Iterable[str], out_dir: str | Path, vocab_size: int = 
     proto.ParseFromString(model.getvalue())
     for piece in proto.pieces:
         piece.score = round(piece.score * SCORE_GRID) / SCORE_GRID
-    tmp = out_dir / (MODEL_FILE + ".tmp")
-    tmp.write_bytes(proto.SerializeToString())
-    tmp.replace(out_dir / MODEL_FILE)
+    write_atomic(out_dir / MODEL_FILE, proto.SerializeToString())
     return out_dir
 
 

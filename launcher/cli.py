@@ -162,7 +162,7 @@ def cmd_eval(args) -> int:
 
     import torch
 
-    from masktrain.trainer.checkpoint import write_atomic
+    from masktrain.data.files import write_atomic
     from masktrain.trainer.evaluation import (check_out, checkpoints_of, eval_changes, evaluate_checkpoint,
                                               split_items, summary)
 

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from masktrain.data.files import write_atomic
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import ConfigError, dump_yaml, to_dict
 from masktrain.launcher.run_lock import check_free, holding
@@ -58,9 +59,7 @@ def write_run_config(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dump_yaml(cfg))
-    tmp.replace(path)
+    write_atomic(path, dump_yaml(cfg), tmp_name="config.tmp")
     return path
 
 

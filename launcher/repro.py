@@ -28,13 +28,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from masktrain.data.files import write_atomic
 from masktrain.data.synthetic import RetrievalTask, training_documents, write_corpus
 from masktrain.launcher.launch import launch_local
 from masktrain.launcher.loading import dump_yaml, load_config
 from masktrain.launcher.machine import stamp
 from masktrain.launcher.run_lock import start_afresh
 from masktrain.launcher.smoke import series
-from masktrain.trainer.checkpoint import Checkpointer, write_atomic
+from masktrain.trainer.checkpoint import Checkpointer
 
 
 @dataclass(frozen=True)

@@ -58,3 +58,29 @@ def tiny_data(tmp_path_factory) -> list[str]:
     overrides = TINY_DATA + [f"data.dir={root}"]
     prepare(load_config("smoke", overrides), log=lambda text: None)
     return overrides
+
+
+@pytest.fixture
+def disk_journal(monkeypatch) -> list[tuple[str, ...]]:
+    """The fsyncs, renames and unlinks made while the test runs, in order, by resolved path: the steps a power
+    loss may put on disk in another order, or not at all, unless an fsync comes between. Calls relative to a
+    folder's descriptor (shutil.rmtree's) are left out."""
+    events: list[tuple[str, ...]] = []
+
+    def fsync(fd, real=os.fsync):
+        real(fd)
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+
+    def recorded(kind: str, real):
+        def call(*paths, **kwargs):
+            named = [str(Path(path).resolve()) for path in paths]
+            real(*paths, **kwargs)
+            if not kwargs:
+                events.append((kind, *named))
+        return call
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", recorded("rename", os.rename))
+    monkeypatch.setattr(os, "replace", recorded("rename", os.replace))
+    monkeypatch.setattr(os, "unlink", recorded("unlink", os.unlink))
+    return events

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from masktrain.data import files
 from masktrain.data.reader import DataError
 from masktrain.launcher.loading import read_run_config
 from masktrain.trainer import checkpoint
@@ -121,7 +122,8 @@ def main() -> None:
     build = train_module.build_model
     train_module.build_model = lambda *args, **kwargs: FaultyModel(build(*args, **kwargs), cfg.grad_accum)
     checkpoint.Checkpointer.save = signal_during_save(checkpoint.Checkpointer.save)
-    checkpoint.fsync_path = noting_fsyncs(checkpoint.fsync_path)
+    # Both names: checkpoint's own calls, and sync_tree's and write_atomic's in files.
+    checkpoint.fsync_path = files.fsync_path = noting_fsyncs(files.fsync_path)
     if "FAULT_BAD_DATA_RANK" in os.environ:
         train_module.inputs.train_loader = bad_data_on(int(os.environ["FAULT_BAD_DATA_RANK"]),
                                                        train_module.inputs.train_loader)

@@ -597,6 +597,51 @@ def test_rewriting_shards_leaves_no_shard_of_the_earlier_write_and_a_failed_rewr
             shutil.rmtree(target)
 
 
+def test_shards_and_the_manifest_reach_the_disk_before_what_names_them(inputs, tokenizer, tmp_path, disk_journal):
+    """A power loss keeps data and renames in any order unless an fsync comes between: the manifest must never be
+    on disk over shards whose bytes or names are not, nor the earlier manifest over shards it does not list."""
+    from masktrain.data.shards import staged
+
+    out = (tmp_path / "out").resolve()
+    build(inputs, tokenizer, out)
+    disk_journal.clear()
+    manifest = build(inputs, tokenizer, out, "--shard-bytes", "8192")  # replaces the first
+    events = disk_journal
+    published = events.index(("rename", f"{out}/manifest.json.tmp", f"{out}/manifest.json"))
+    taken_out = events.index(("unlink", f"{out}/manifest.json"))
+    first_removal = next(i for i, event in enumerate(events) if event[0] == "unlink" and "/shard-" in event[1])
+    assert ("fsync", str(out)) in events[taken_out:first_removal]
+    for split in ("train", "val"):
+        renames = []
+        for shard in manifest["splits"][split]["shards"]:
+            written, final = str(staged(out, shard["path"])), str(out / shard["path"])
+            renames.append(events.index(("rename", written, final)))
+            assert ("fsync", written) in events[:renames[-1]], shard
+        assert ("fsync", str(out / split)) in events[max(renames):published], split
+    assert ("fsync", f"{out}/manifest.json.tmp") in events[:published]
+    assert ("fsync", str(out)) in events[published:]
+
+
+def test_a_new_tokenizer_reaches_the_disk_before_its_model_is_named(tmp_path, disk_journal):
+    """prepare reuses a tokenizer folder's model by the recipe beside it: on disk, the earlier model is gone
+    before a new recipe is there, and every new file is whole before the model names the folder a tokenizer."""
+    out = (tmp_path / "tokenizer").resolve()
+    settings = PrepareConfig(inputs=["builtin:python-docs"], max_docs=100, vocab_size=400, tokenizer_type="bpe")
+    build_tokenizer(settings, out, seed=0, log=lambda text: None)
+    disk_journal.clear()
+    build_tokenizer(settings, out, seed=1, log=lambda text: None)
+    events = disk_journal
+    moves = [i for i, event in enumerate(events) if event[0] == "rename" and Path(event[2]).parent == out]
+    model = events.index(("unlink", f"{out}/spm.model"))
+    assert model < moves[0] and ("fsync", str(out)) in events[model:moves[0]]
+    assert events[moves[-1]][2] == f"{out}/spm.model"
+    for index in moves:
+        staged_file = events[index][1]
+        assert ("fsync", staged_file) in events[:index], staged_file
+        assert ("fsync", str(out)) in events[index:index + 2], events[index:]
+    assert sorted(Path(events[i][2]).name for i in moves) == sorted(p.name for p in out.iterdir())
+
+
 def test_training_shards_given_without_validation_shards_mean_no_validation(tiny_data, tmp_path):
     from masktrain.data.inputs import check_ready, shard_urls
     from masktrain.launcher.loading import load_config

@@ -248,13 +248,18 @@ def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
         load_trained(checkpoint)
 
 
-def test_meap_zero3_export_reproduces_the_trained_module(tiny_data, tmp_path):
+def test_meap_zero3_export_reproduces_the_trained_module(tiny_data, tmp_path, disk_journal):
     run = tmp_path / "meap"
     stdout = train(tiny_data, run, "trainer.zero_stage=3", "model.objective=meap")
     assert_partitioned(stdout)
     checkpoint = Checkpointer(run, 1, False).latest()
-    out = export(checkpoint, run / "export")
+    out = export(checkpoint, run / "export").resolve()
     assert_plain_transformers_folder(out, "LlamaForCausalLM")
+    # Every file is on disk before the folder is named the export (its checkpoints may be deleted next).
+    named = next(i for i, event in enumerate(disk_journal) if event[0] == "rename" and event[2] == str(out))
+    staging = disk_journal[named][1]
+    assert {("fsync", f"{staging}/{path.name}") for path in out.iterdir()} <= set(disk_journal[:named])
+    assert ("fsync", staging) in disk_journal[:named] and ("fsync", str(out.parent)) in disk_journal[named:]
 
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
     cfg, tokenizer, trained = load_trained(checkpoint)

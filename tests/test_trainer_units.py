@@ -223,7 +223,7 @@ def test_no_key_that_changes_what_a_run_computes_is_resume_safe():
 
 
 def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
-    from masktrain.trainer import checkpoint
+    from masktrain.data import files
 
     path = tmp_path / "meta.json"
     path.write_text("old")
@@ -231,12 +231,12 @@ def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, m
     def full_disk(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", full_disk)
+    monkeypatch.setattr(files.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.write_atomic(path, "new")
+        files.write_atomic(path, "new")
     assert path.read_text() == "old"
     monkeypatch.undo()
-    checkpoint.write_atomic(path, "new")
+    files.write_atomic(path, "new")
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
 
 

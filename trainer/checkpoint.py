@@ -28,6 +28,7 @@ from typing import Iterator
 
 import yaml
 
+from masktrain.data.files import fsync_path, sync_tree, write_atomic
 from masktrain.launcher.config import Config, TrainerConfig
 from masktrain.launcher.loading import merge, to_dict, to_yaml
 from masktrain.trainer.status import shell_code
@@ -471,38 +472,6 @@ def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precisi
                          + (f" (with {', '.join(restart)} changed, the data stream then starts again from its "
                             "beginning: its position holds only for one order of the documents, so those of the "
                             "steps done so far are read again)" if restart else ""))
-
-
-def write_atomic(path: Path, content: str | bytes, tmp_name: str = "") -> None:
-    """Replaces `path` whole or not at all, durably; the content goes first to `tmp_name` beside it (default:
-    the name + ".tmp")."""
-    tmp = path.with_name(tmp_name or path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(content.encode() if isinstance(content, str) else content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory to make renames inside it durable (they live in the directory)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_tree(path: Path, done: set[Path]) -> None:
-    """fsync the files under `path` not in `done`, then every folder (their entries are the files' names), so
-    the rename that publishes a checkpoint never precedes its contents on disk."""
-    entries = sorted(path.rglob("*"))
-    for file in entries:
-        if file.is_file() and file.resolve() not in done:
-            fsync_path(file)
-    for folder in [*(e for e in entries if e.is_dir()), path]:
-        fsync_path(folder)
 
 
 @contextlib.contextmanager

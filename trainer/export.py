@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from masktrain.data.files import fsync_path, sync_tree
 from masktrain.data.inputs import collocation_path, importance_path, tokenizer_dir
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
@@ -177,11 +178,13 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         mode = 0o666 & ~current_umask()
         for path in staging.iterdir():
             path.chmod(mode)
+        sync_tree(staging)  # on disk before it is named the export: the checkpoints may be deleted next
         if filling:  # maybe a shell's working folder: filled, not replaced
             for path in staging.iterdir():
                 os.replace(path, out_dir / path.name)
         else:
             os.replace(staging, out_dir)
+        fsync_path(out_dir if filling else out_dir.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from masktrain.data.tables import read_json
-from masktrain.trainer.checkpoint import fsync_path, write_atomic
+from masktrain.data.files import fsync_path, read_json, write_atomic
 
 EVENTS_SUFFIX = ".masktrain"
 """Ends the names of the event files this trainer writes: the only ones a resume rewrites."""

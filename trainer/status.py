@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from masktrain.data.tables import read_json
+from masktrain.data.files import read_json, write_atomic
 
 STATUS = "status.json"
 STATES = ("running", "preempted", "completed", "failed", "crashed")
@@ -28,11 +28,10 @@ def shell_code(exitcode: int) -> int:
 def write_status(run_dir: str | Path, state: str, step: int, reason: str | None = None,
                  start: int | None = None) -> None:
     path = Path(run_dir) / STATUS
-    tmp = path.with_name(f"{STATUS}.{os.getpid()}.tmp")  # ranks failing together each write their own
     status = {"state": state, "step": step, "pid": os.getpid(), **({"reason": reason} if reason else {}),
               **({"start": start} if start is not None else {})}
-    tmp.write_text(json.dumps(status) + "\n")
-    os.replace(tmp, path)
+    # Ranks failing together each write their own temporary file.
+    write_atomic(path, json.dumps(status) + "\n", tmp_name=f"{STATUS}.{os.getpid()}.tmp")
 
 
 def read_status(run_dir: str | Path) -> dict:
