@@ -299,10 +299,23 @@ def cmd_slurm_node(args) -> int:
 
 
 def cmd_slurm_hold(args) -> int:
-    from masktrain.launcher.run_lock import hold
+    from masktrain.launcher.run_lock import LOCK, hold
+    from masktrain.launcher.slurm import SlurmError
 
-    hold(args.run_dir, fd=args.fd, pid=os.getppid(), job_script=True)
-    return 0
+    def take() -> int:
+        lock = Path(args.run_dir) / LOCK
+        try:
+            held = os.fstat(args.fd)
+        except OSError:
+            raise SlurmError(f"--fd {args.fd} is not open: the job script opens {lock} on a descriptor and passes "
+                             "its number") from None
+        # A lock on any other file would refuse no second launch.
+        if not (lock.is_file() and os.path.samestat(held, lock.stat())):
+            raise SlurmError(f"--fd {args.fd} is not open on {lock}: the lock would refuse no other launch")
+        hold(args.run_dir, fd=args.fd, pid=os.getppid(), job_script=True)
+        return 0
+
+    return slurm_errors(take)
 
 
 def cmd_slurm_status(args) -> int:

@@ -331,4 +331,8 @@ def type_name(kind: Any) -> str:
 def read_run_config(path: str | Path) -> Config:
     """The resolved config a launch wrote (`<run>/config.yaml`), as the ranks and the SLURM node read it."""
     with open(path) as handle:
-        return config_from_dict(yaml.safe_load(handle), str(path))
+        try:
+            raw = yaml.safe_load(handle)
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    return config_from_dict(raw, str(path))

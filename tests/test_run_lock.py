@@ -71,6 +71,24 @@ def test_a_job_script_holds_the_folder_through_an_inherited_descriptor(tmp_path)
     check_free(run)
 
 
+def test_a_job_script_descriptor_that_is_not_the_run_lock_is_refused_in_a_line(tmp_path):
+    """`slurm hold` locks what the script opened: a number that is not open gave an EBADF traceback, and one open
+    on another file would have locked that file, refusing no second launch."""
+    run = tmp_path / "run"
+    run.mkdir()
+    closed = subprocess.run(["bash", "-c", f'"{MASKTRAIN}" slurm hold --fd 9 "{run}"'], capture_output=True,
+                            text=True, timeout=60)
+    assert closed.returncode == 1, closed.stderr
+    assert closed.stderr == f"masktrain slurm: --fd 9 is not open: the job script opens {run}/run.lock on a " \
+                            "descriptor and passes its number\n"
+    (run / "run.lock").touch()
+    other = subprocess.run(["bash", "-c", f'exec 9>>"{tmp_path}/elsewhere"; "{MASKTRAIN}" slurm hold --fd 9 "{run}"'],
+                           capture_output=True, text=True, timeout=60)
+    assert other.returncode == 1 and other.stderr == (f"masktrain slurm: --fd 9 is not open on {run}/run.lock: the "
+                                                      "lock would refuse no other launch\n"), other.stderr
+    check_free(run)
+
+
 LOOK_IN_CHILD = textwrap.dedent("""
     import sys, time
     from masktrain.launcher.run_lock import in_use

@@ -116,6 +116,11 @@ def test_render_4_nodes_x_8_gpus_gives_valid_script_and_rendezvous(tmp_path, stu
         assert command[-2:] == ["masktrain.trainer.rank", str(run / "config.yaml")]
     with pytest.raises(Exception, match="launch.nnodes"):
         node_command(saved, "config.yaml", {**slurm_env, "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "2"})
+    # A run config that is not YAML (cut short, edited by hand) is named in a line, not a parser's traceback.
+    (tmp_path / "torn.yaml").write_text("trainer: {max_steps: 4\n")
+    torn = run_cli("slurm", "node", str(tmp_path / "torn.yaml"))
+    assert torn.returncode == 2 and torn.stderr.startswith(
+        f"masktrain: invalid configuration ({tmp_path}/torn.yaml):\n  - not valid YAML: "), torn.stderr
 
 
 def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stubs):
