@@ -19,10 +19,10 @@ from typing import Iterator
 from tqdm import tqdm
 
 from masktrain.data.corpus import BUILTIN, LONG_DOCUMENT_LINES, CorpusStats, InputError, documents, expand_inputs
+from masktrain.data.files import fsync_path, read_json, write_json
 from masktrain.data.inputs import other_tokenizer, tokenizer_dir
 from masktrain.data.shards import (MANIFEST, SPLITS, STAGING, discard_staged, publish_dataset, read_manifest,
                                    tokenize_stream, write_dataset)
-from masktrain.data.files import fsync_path, read_json, write_json
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer, sample_documents, train_tokenizer
 from masktrain.launcher.config import Config, PrepareConfig
 from masktrain.launcher.loading import config_from_dict

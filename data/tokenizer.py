@@ -24,8 +24,8 @@ import torch
 from sentencepiece import sentencepiece_model_pb2
 
 from masktrain.data.corpus import InputError
-from masktrain.data.masking import Vocab
 from masktrain.data.files import write_atomic, write_json
+from masktrain.data.masking import Vocab
 
 MODEL_FILE = "spm.model"
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "<unk>", "bos": "<s>", "eos": "</s>",
