@@ -4,6 +4,7 @@ before the data it names)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -22,10 +23,15 @@ def write_atomic(path: Path, content: str | bytes, tmp_name: str = "") -> None:
 
 
 def fsync_path(path: Path) -> None:
-    """fsync a file, or a directory to make renames inside it durable (they live in the directory)."""
+    """fsync a file, or a directory to make renames inside it durable (they live in the directory). A file
+    system that cannot sync a directory (some FUSE mounts say EINVAL) keeps its renames as it can: as SQLite
+    does, that is not an error."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS) or not os.path.isdir(path):
+            raise
     finally:
         os.close(fd)
 

@@ -240,6 +240,23 @@ def test_write_atomic_leaves_the_old_file_whole_when_the_write_fails(tmp_path, m
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["meta.json"]
 
 
+def test_a_folder_the_file_system_cannot_sync_is_no_error_but_a_file_is(tmp_path, monkeypatch):
+    """Some FUSE mounts refuse fsync on a folder (EINVAL): its renames stand as the file system keeps them. A file
+    that cannot be synced is still an error: its bytes may not be on disk."""
+    import errno
+
+    from masktrain.data import files
+
+    def refused(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(files.os, "fsync", refused)
+    files.fsync_path(tmp_path)
+    (tmp_path / "a").write_text("a")
+    with pytest.raises(OSError, match="Invalid argument"):
+        files.fsync_path(tmp_path / "a")
+
+
 def test_metrics_resume_cuts_later_steps_and_a_torn_last_line_and_writes_strict_json(tmp_path):
     first = Metrics(tmp_path, True, 0)
     for step in (1, 2, 3, 4):
