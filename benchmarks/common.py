@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+from masktrain.data.files import write_atomic
 from masktrain.launcher.machine import stamp
 
 RESULTS = Path(__file__).parent / "results"
@@ -99,5 +100,5 @@ def write_result(name: str, result: dict, quick: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     payload = {"benchmark": name, **stamp(), "quick": quick, **result}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
     return path

@@ -92,20 +92,25 @@ def met(value: float, target: str) -> str:
     return "yes" if ok else "**no**"
 
 
-def number(value: float) -> str:
-    """Three significant digits, thousands separated: 0.0123, 1.23, 12.3, 1,235, 181,000."""
+def number(value: float, significant: int = 3) -> str:
+    """`significant` digits, thousands separated: 0.0123, 1.23, 12.3, 1,235, 181,000."""
     if value == 0 or not math.isfinite(value):
         return str(value)
     if abs(value) >= 1000:
         return f"{value:,.0f}"
-    digits = max(0, 2 - math.floor(math.log10(abs(value))))
+    digits = max(0, significant - 1 - math.floor(math.log10(abs(value))))
     return f"{value:.{digits}f}"
 
 
-def with_unit(value: float, unit: str) -> str:
-    if unit == "x":
-        return f"{number(value)}x"
-    return f"{number(value)} {unit}".rstrip()
+def shown(value: float, unit: str, target: str) -> str:
+    """The value as the table shows it: three significant digits, more where rounding would put it on the other
+    side of its target (0.7003 against <= 0.7 shows as 0.7003x, not as a 0.700x that is marked not met)."""
+    significant = 3
+    while (met(float(number(value, significant).replace(",", "")), target) != met(value, target)
+           and significant < 17):
+        significant += 1
+    text = number(value, significant)
+    return f"{text}x" if unit == "x" else f"{text} {unit}".rstrip()
 
 
 def describe(machine: dict) -> str:
@@ -126,7 +131,7 @@ def table(results: list[Result], first_column: str) -> list[str]:
             lines.append(f"| {result.name} | **no valid summary** (see `make bench` output) | | | |")
         for row in result.rows:
             target = row["target"].strip()
-            lines.append(f"| {result.name} | {row['metric']} | {with_unit(row['value'], row['unit'])} | "
+            lines.append(f"| {result.name} | {row['metric']} | {shown(row['value'], row['unit'], target)} | "
                          f"{target} | {met(row['value'], target)} |")
     return lines
 

@@ -3,6 +3,7 @@
 Each benchmark runs in a fresh interpreter as `main(quick=...)`, so one that crashes, hangs or holds on to
 memory cannot skew the next one's figures; its output goes to benchmarks/out/logs/<name>.log. A benchmark that
 fails or times out gets a result file saying so in place of its previous one: the table always shows one run.
+A runner stopped part-way (Ctrl-C) leaves the previous one.
 Quick runs (for tests) write to benchmarks/out/quick/ and print the table instead of writing the README.
 Run from the repository root (`masktrain bench` does that):
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from benchmarks import report
 from benchmarks.common import RESULTS, RESULTS_ENV, stamp
+from masktrain.data.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -52,14 +54,18 @@ def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path,
             timeout: float) -> tuple[str | None, float]:
     """Run one benchmark: (None when it wrote its result, else what went wrong, also written as its result;
     the seconds it took)."""
-    path = results / f"{name}.json"
-    path.unlink(missing_ok=True)
+    # The benchmark writes into a folder of its own: the published result stays until this run's replaces it,
+    # even when the runner itself is stopped.
+    staging = logs.parent / "running"
+    staging.mkdir(exist_ok=True)
+    written = staging / f"{name}.json"
+    written.unlink(missing_ok=True)
     log = logs / f"{name}.log"
     code = f"from {folder.name}.bench_{name} import main; main(quick={quick})"
     started = time.perf_counter()
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-c", code], cwd=folder.parent, stdout=out,
-                                   stderr=subprocess.STDOUT, env={**os.environ, RESULTS_ENV: str(results)},
+                                   stderr=subprocess.STDOUT, env={**os.environ, RESULTS_ENV: str(staging)},
                                    start_new_session=True)
         try:
             returncode = process.wait(timeout=timeout)
@@ -71,14 +77,15 @@ def run_one(folder: Path, name: str, quick: bool, results: Path, logs: Path,
             stop(process)
             raise
     seconds = time.perf_counter() - started
-    if problem is None and not path.is_file():
-        problem = f"finished without writing {path.name}"
+    if problem is None and not written.is_file():
+        problem = f"finished without writing {written.name}"
     run = {"quick": quick, "seconds": round(seconds, 1), "log": str(log), "command": sys.argv}
     if problem:
         payload = {"benchmark": name, **stamp(), "error": f"{problem} (log: {log.name})", "run": run}
     else:
-        payload = {**json.loads(path.read_text()), "run": run}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+        payload = {**json.loads(written.read_text()), "run": run}
+    write_atomic(results / f"{name}.json", json.dumps(payload, indent=2) + "\n")
+    written.unlink(missing_ok=True)
     return problem, seconds
 
 

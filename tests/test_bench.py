@@ -4,15 +4,18 @@ in place of results, the `summary` convention checked, the README section replac
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks import common, report
 from masktrain.launcher.machine import code_version
-from conftest import run_cli
+from conftest import MASKTRAIN, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,6 +46,16 @@ def main(quick: bool = False) -> dict:
         {"metric": "ratio", "value": "fast", "target": "=> 2", "unit": "x"},
         {"metric": "ok", "value": 2.0, "target": "> 1", "unit": "x"},
         {"metric": "remark", "value": 3.0, "target": "(context)", "unit": "x"}]})
+'''
+
+SLOW = '''
+import os
+import time
+from pathlib import Path
+
+def main(quick: bool = False) -> dict:
+    Path(os.environ["SLOW_STARTED"]).touch()
+    time.sleep(120)
 '''
 
 
@@ -97,6 +110,28 @@ def test_runner_runs_each_benchmark_and_rebuilds_the_readme(fake_checkout):
     assert readme.read_text().count(report.START) == 1
 
 
+def test_a_runner_stopped_during_a_benchmark_keeps_the_published_result(fake_checkout):
+    """The result file was removed when its benchmark started: a Ctrl-C during a half-hour benchmark lost the
+    published figure, and the README table then dropped its rows."""
+    (fake_checkout / "benchmarks" / "bench_slow.py").write_text(SLOW)
+    results, started = fake_checkout / "results", fake_checkout / "started"
+    results.mkdir()
+    published = '{"benchmark": "slow", "summary": [{"metric": "m", "value": 1, "target": "", "unit": "x"}]}\n'
+    (results / "slow.json").write_text(published)
+    runner = subprocess.Popen([MASKTRAIN, "bench", "slow", "--quick", "--dir", str(fake_checkout / "benchmarks"),
+                               "--results", str(results)], env={**os.environ, "SLOW_STARTED": str(started)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not started.exists() and time.monotonic() < deadline and runner.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), runner.communicate()
+    os.killpg(runner.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole foreground group
+    runner.communicate(timeout=60)
+    assert runner.returncode != 0
+    assert (results / "slow.json").read_text() == published
+    assert sorted(path.name for path in results.iterdir()) == ["slow.json"]
+
+
 def test_unknown_benchmark_name_lists_the_found_ones(fake_checkout):
     run = run_cli("bench", "nope", "--quick", "--dir", str(fake_checkout / "benchmarks"), timeout=120)
     assert run.returncode != 0 and "no benchmark 'nope'" in run.stderr and "found: broken, good" in run.stderr
@@ -108,6 +143,18 @@ def test_unknown_benchmark_name_lists_the_found_ones(fake_checkout):
         run = run_cli("bench", *args, timeout=120)
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
     assert not missing.exists()
+
+
+def test_bench_started_beside_another_projects_benchmarks_runs_masktrains(tmp_path):
+    """The working folder went first on the runner's path: another project's benchmarks/ package shadowed ours."""
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "README.md").write_text("# Other\n")
+    run = run_cli("bench", "--table-only", "--results", "results", "--readme", "README.md", cwd=tmp_path,
+                  timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert report.START in (tmp_path / "README.md").read_text()
 
 
 def test_readme_without_markers_gets_a_results_section(tmp_path):
@@ -147,6 +194,12 @@ def test_readme_table_is_the_one_the_published_results_make():
 def test_targets_compare_inclusively_and_to_the_last_digit():
     assert report.met(0.7, "<= 0.7") == "yes" and report.met(0.7004, "<= 0.7") == "**no**"
     assert report.met(4.996, ">= 5") == "**no**" and report.met(5, ">= 5") == "yes"
+    # A value that rounds onto its bound shows the digits that tell which side it is on.
+    assert report.shown(0.7003, "x", "<= 0.7") == "0.7003x" and report.shown(0.6996, "x", "< 0.7") == "0.6996x"
+    assert report.shown(0.6996, "x", "<= 0.7") == "0.700x"  # met either way
+    assert report.shown(0.7, "x", "<= 0.7") == "0.700x" and report.shown(0.723, "x", "<= 0.7") == "0.723x"
+    assert report.shown(4.996, "nats", ">= 5") == "4.996 nats" and report.shown(181234.5, "tokens/s", "") == \
+        "181,234 tokens/s"
 
 
 def test_a_quick_run_started_by_hand_never_replaces_published_results(monkeypatch, tmp_path):
