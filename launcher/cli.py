@@ -201,7 +201,8 @@ def cmd_bench(args) -> int:
               "run it from the repository root", file=sys.stderr)
         return 2
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
-    return subprocess.call([sys.executable, "-m", "benchmarks.run", *args.rest],
+    # -P: the working folder does not go first on the path, where another project's benchmarks/ would shadow ours.
+    return subprocess.call([sys.executable, "-P", "-m", "benchmarks.run", *args.rest],
                            env={**os.environ, "PYTHONPATH": path})
 
 

@@ -46,7 +46,7 @@ class Arm:
 
 
 MEAP_ARMS = (Arm("ntp", ("model.objective=ntp",)), Arm("meap", ("model.objective=meap",)))
-SCHEDULE_ARMS = (Arm("constant 15%", ()),
+SCHEDULE_ARMS = (Arm("constant 15%", ("data.masking.schedule=constant", "data.masking.rate=0.15")),
                  Arm("linear 30%->15%", ("data.masking.schedule=linear", "data.masking.rate=0.3",
                                          "data.masking.final_rate=0.15")))
 
@@ -170,12 +170,14 @@ def meap(overrides: list[str], out: Path, results: Path, task: RetrievalTask, do
 
 
 def schedule(overrides: list[str], out: Path, results: Path) -> Path:
+    from masktrain.data.inputs import eval_rate
     from masktrain.data.prepare import prepare
     from masktrain.launcher.plots import loss_plot
 
     started = time.perf_counter()
     cfg = load_config("repro-schedule", overrides)
     prepare(cfg, log=log)
+    rate = f"{100 * eval_rate(cfg):g}%"
     arms = {}
     for arm in SCHEDULE_ARMS:
         _, facts = train_arm("repro-schedule", overrides, arm, out)
@@ -183,13 +185,13 @@ def schedule(overrides: list[str], out: Path, results: Path) -> Path:
         val = series(run_dir, "val/loss")
         arms[arm.name] = {**facts, "val_loss": val, "final_val_loss": val[-1][1],
                           "mask_rate": series(run_dir, "train/mask_rate")}
-        log(f"{arm.name}: validation loss at 15% masking {val[-1][1]:.4f} after {val[-1][0]} steps")
+        log(f"{arm.name}: validation loss at {rate} masking {val[-1][1]:.4f} after {val[-1][0]} steps")
 
     constant, linear = (arms[arm.name] for arm in SCHEDULE_ARMS)
     summary = [
-        {"metric": "MLM validation loss at 15% masking, constant 15%", "value": constant["final_val_loss"],
+        {"metric": f"MLM validation loss at {rate} masking, constant 15%", "value": constant["final_val_loss"],
          "target": "", "unit": "nats"},
-        {"metric": "MLM validation loss at 15% masking, linear 30%->15%", "value": linear["final_val_loss"],
+        {"metric": f"MLM validation loss at {rate} masking, linear 30%->15%", "value": linear["final_val_loss"],
          "target": "", "unit": "nats"},
         {"metric": "linear - constant validation loss", "value": linear["final_val_loss"] - constant["final_val_loss"],
          "target": "< 0", "unit": "nats"},
@@ -200,7 +202,8 @@ def schedule(overrides: list[str], out: Path, results: Path) -> Path:
     losses = {name: arm["val_loss"] for name, arm in arms.items()}
     rates = {name: arm["mask_rate"] for name, arm in arms.items()}
     return write_report(results, "schedule", report,
-                        lambda path: loss_plot(path, losses, title, "validation masked-token loss\n(15% masking)", rates))
+                        lambda path: loss_plot(path, losses, title, f"validation masked-token loss\n({rate} masking)",
+                                               rates))
 
 
 def decoder_arms(cfg) -> tuple[Arm, ...]:
@@ -211,7 +214,8 @@ def decoder_arms(cfg) -> tuple[Arm, ...]:
         raise SystemExit(f"repro mae-decoder: model.objective must be mae_lm, got {cfg.model.objective!r}")
     if layers < 2:
         raise SystemExit(f"repro mae-decoder: model.decoder_layers must be at least 2 to halve it, got {layers}")
-    return (Arm(f"{layers} layers x {width} (reference shape)", ()),
+    shape = "reference shape" if width == cfg.model.hidden_size else "the config's"  # the reference's is full width
+    return (Arm(f"{layers} layers x {width} ({shape})", ()),
             Arm(f"{layers} layers x {width // 2}", (f"model.decoder_hidden_size={width // 2}",)),
             Arm(f"{layers // 2} layers x {width}", (f"model.decoder_layers={layers // 2}",)))
 

@@ -77,11 +77,14 @@ def test_repro_meap_trains_both_decoders_and_probes_retrieval(tmp_path):
 
 def test_repro_schedule_trains_both_arms_and_compares_validation_loss(tiny_data, tmp_path):
     out = tmp_path / "schedule"
+    # A rate given on the command line changes neither arm (each sets its own); the evaluation rate is reported.
     run = run_cli("repro", "schedule", *tiny_data, "trainer.max_steps=4", "trainer.eval_every=2",
-                  "model.hidden_size=32", "model.intermediate_size=64", "--out", str(out), timeout=600)
+                  "model.hidden_size=32", "model.intermediate_size=64", "data.masking.rate=0.2",
+                  "data.masking.eval_rate=0.25", "--out", str(out), timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((out / "repro-schedule.json").read_text())
     constant, linear = report["arms"]["constant 15%"], report["arms"]["linear 30%->15%"]
+    assert report["summary"][0]["metric"] == "MLM validation loss at 25% masking, constant 15%"
     assert [step for step, _ in constant["val_loss"]] == [2, 4] == [step for step, _ in linear["val_loss"]]
     # Same seed, data and evaluation masks; only the training rate differs: 0.3 falling to 0.15 vs 0.15.
     assert linear["mask_rate"][0] == [1, pytest.approx(0.3)] and constant["mask_rate"][0] == [1, pytest.approx(0.15)]
