@@ -45,7 +45,8 @@ def cmd_smoke(args) -> int:
 def cmd_status(args) -> int:
     from masktrain.launcher.overview import overview
 
-    print("\n\n".join(overview(run) for run in args.runs))
+    for index, run in enumerate(args.runs):  # each as it is read: a bad name further on hides none before it
+        print(("\n" if index else "") + overview(run), flush=True)
     return 0
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from masktrain.launcher.run_lock import in_use, queued
+from masktrain.launcher.run_lock import NO_LOCKS, in_use, queued
 from masktrain.trainer.checkpoint import Checkpointer, meta_or_none
 from masktrain.trainer.hang_dump import STACKS
 from masktrain.trainer.status import read_status
@@ -47,6 +47,11 @@ def last_rows(path: Path, keys: tuple[str, ...]) -> dict[str, dict]:
     return found
 
 
+def figure(value: float | None, spec: str) -> str:
+    """A logged number; None is what the metrics log writes for a loss that was not finite."""
+    return "non-finite" if value is None else format(value, spec)
+
+
 def duration(seconds: float) -> str:
     if seconds < 60:
         return f"{max(0, int(seconds))}s"
@@ -69,7 +74,7 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
         raise FileNotFoundError(f"{run}: no such run folder")
     now = time.time() if now is None else now
     config = run_config(run)
-    trainer, data = config.get("trainer", {}), config.get("data", {})
+    trainer, data = (config.get(key) if isinstance(config.get(key), dict) else {} for key in ("trainer", "data"))
     max_steps = trainer.get("max_steps")
     status = read_status(run)
     state, step = status.get("state", "not started"), status.get("step", 0)
@@ -78,11 +83,13 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
     except OSError as err:  # another user's folder, a file system gone read-only
         holder = f"unknown ({err.strerror})"
     lines = [f"{run}: {state}" + (f": {status['reason'].splitlines()[0]}" if status.get("reason") else "")]
-    waiting = queued(run) if holder is None else None
-    if holder is not None:
+    waiting = queued(run) if holder in (None, NO_LOCKS) else None
+    if holder not in (None, NO_LOCKS):
         lines.append(f"  held by {holder}")
     elif waiting is not None:
         lines.append(f"  SLURM job {waiting[0]} is in the queue ({waiting[1]}): it takes the run up when it starts")
+    elif holder == NO_LOCKS:
+        lines.append(f"  whether a launch holds the folder is unknown: {NO_LOCKS}")
     elif state == "running":
         lines.append("  no launch holds the folder: the last one ended without a verdict (killed, or its node lost); "
                      f"a restart goes on from step {step}")
@@ -94,12 +101,13 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
         lines.append(f"  step {logged} of {max_steps} ({100 * logged / max_steps:.1f}%)")
     if train:
         speed = train.get("train/tokens_per_s")
-        parts = [f"train loss {train['train/loss']:.4f} at step {train['step']}", f"lr {train['train/lr']:.3g}"]
+        parts = [f"train loss {figure(train['train/loss'], '.4f')} at step {train['step']}",
+                 f"lr {figure(train.get('train/lr'), '.3g')}"]
         if "train/mask_rate" in train:
-            parts.append(f"mask rate {train['train/mask_rate']:.3f}")
+            parts.append(f"mask rate {figure(train['train/mask_rate'], '.3f')}")
         if speed:
             parts.append(f"{speed:,.0f} tokens/s")
-        if "train/mfu" in train:
+        if train.get("train/mfu") is not None:
             parts.append(f"MFU {100 * train['train/mfu']:.1f}%")
         lines.append("  " + ", ".join(parts))
         tokens_per_step = trainer.get("global_batch_size", 0) * data.get("seq_len", 0)
@@ -108,8 +116,8 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
             lines.append(f"  about {duration(left)} of training left at that speed (evaluation and saves not "
                          "counted)")
     if val:
-        accuracy = f", accuracy {val['val/accuracy']:.4f}" if "val/accuracy" in val else ""
-        lines.append(f"  validation loss {val['val/loss']:.4f}{accuracy} at step {val['step']}")
+        accuracy = f", accuracy {figure(val['val/accuracy'], '.4f')}" if "val/accuracy" in val else ""
+        lines.append(f"  validation loss {figure(val['val/loss'], '.4f')}{accuracy} at step {val['step']}")
 
     checkpoints = Checkpointer(run, 1, False)
     latest = checkpoints.latest()
@@ -117,8 +125,11 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
         lines.append("  no checkpoint yet")
     else:
         meta = meta_or_none(latest) or {}
-        age = now - (latest / "meta.json").stat().st_mtime
-        lines.append(f"  last checkpoint {latest} (step {meta.get('step', '?')}, {duration(age)} ago)")
+        try:
+            age = f", {duration(now - (latest / 'meta.json').stat().st_mtime)} ago"
+        except OSError:  # pruned by the running launch since
+            age = ""
+        lines.append(f"  last checkpoint {latest} (step {meta.get('step', '?')}{age})")
         if milestones := [path.name for path in checkpoints.complete() if checkpoints.milestone(path)]:
             lines.append(f"  kept milestones: {', '.join(milestones)}")
     if dumped := stack_dumps(run, now):

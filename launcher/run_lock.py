@@ -110,8 +110,12 @@ def holding(run_dir: str | Path):
             os.close(fd)
 
 
+NO_LOCKS = "its file system has no file locks"
+"""What `in_use` says where the lock cannot be asked."""
+
+
 def in_use(run_dir: str | Path) -> str | None:
-    """Who holds the folder now (see `holder`), None when no launch does."""
+    """Who holds the folder now (see `holder`), None when no launch does, NO_LOCKS when it cannot tell."""
     path = Path(run_dir) / LOCK
     try:
         # Read-only is enough for a shared lock (NFS emulates it with a byte-range read lock): another user's run
@@ -121,7 +125,8 @@ def in_use(run_dir: str | Path) -> str | None:
         return None
     try:
         # Shared: two lookers at once (a status beside a submit) must not see each other as a launch.
-        return holder(run_dir) if try_lock(fd, path, shared=True) is False else None
+        taken = try_lock(fd, path, shared=True)
+        return holder(run_dir) if taken is False else NO_LOCKS if taken is None else None
     finally:
         os.close(fd)  # also releases the lock this took
 
@@ -181,7 +186,7 @@ def queued(run_dir: str | Path) -> tuple[str, str] | None:
 def check_free(run_dir: str | Path) -> None:
     """Raise RunInUse when a launch holds the folder now, or a SLURM job of the run waits in the queue to take it
     (for a submission, which starts nothing yet, and a local launch: either would leave that job to be refused)."""
-    if in_use(run_dir) is not None:
+    if in_use(run_dir) not in (None, NO_LOCKS):  # without locks the launch goes on unprotected and says so
         raise refusal(run_dir)
     if (waiting := queued(run_dir)) is not None:
         job, state = waiting

@@ -18,9 +18,10 @@ from masktrain.trainer.status import read_status
 
 
 def series(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged `key` that was finite (the log writes null for one that was not)."""
     path = run_dir / "metrics.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [(r["step"], r[key]) for r in rows if key in r]
+    return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
 
 
 def smoke(config: str = "smoke", overrides: list[str] | None = None, fresh_data: bool = False) -> int:

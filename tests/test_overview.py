@@ -82,6 +82,34 @@ def test_a_run_marked_running_that_no_launch_holds_was_killed_and_says_where_it_
     assert overview(fresh) == f"{fresh}: not started\n  no checkpoint yet"
     result = run_cli("status", str(run), str(tmp_path / "absent"))
     assert result.returncode == 1 and f"masktrain: {tmp_path / 'absent'}: no such run folder" in result.stderr
+    assert result.stdout.startswith(f"{run}: failed: too many non-finite steps\n")  # the runs before it are shown
+
+
+def test_a_run_that_logged_non_finite_losses_or_lost_its_config_sections_is_still_shown(tmp_path, monkeypatch):
+    """A run ended by trainer.max_bad_steps logs its last losses as null: status, needed most then, died on them.
+    Without file locks, a live run was said to have ended without a verdict."""
+    from masktrain.launcher import run_lock
+    from masktrain.trainer.checkpoint import meta_or_none
+
+    run = tmp_path / "run"
+    fake_run(run, "failed", 250)
+    write_status(run, "failed", 250, "too many non-finite steps")
+    with open(run / "metrics.jsonl", "a") as log:
+        log.write("\n" + json.dumps({"step": 252, "val/loss": None, "val/accuracy": None}) + "\n")
+        log.write(json.dumps({"step": 253, "train/loss": None, "train/lr": 1e-4, "train/mask_rate": 0.15,
+                              "train/tokens_per_s": None}) + "\n")
+    (run / "config.yaml").write_text("trainer:\ndata: 3\n")
+    lines = overview(run).splitlines()
+    assert lines[1:3] == ["  train loss non-finite at step 253, lr 0.0001, mask rate 0.150",
+                          "  validation loss non-finite, accuracy non-finite at step 252"]
+    monkeypatch.setattr(run_lock, "try_lock", lambda fd, path, shared=False: None)
+    (run / "run.lock").touch()  # every launch leaves one
+    write_status(run, "running", 250)
+    text = overview(run)
+    assert "whether a launch holds the folder is unknown: its file system has no file locks" in text
+    assert "ended without a verdict" not in text
+    run_lock.check_free(run)  # a launch there goes on unprotected, as it says
+    assert meta_or_none(tmp_path / "pruned") is None  # a checkpoint pruned while status looked
 
 
 def test_durations_read_at_a_glance():

@@ -280,10 +280,11 @@ def resolve_checkpoint(given: str | Path) -> Path:
 
 
 def meta_or_none(path: Path) -> dict | None:
-    """meta.json's record, or None when it is damaged (written whole: a disk or a hand did that)."""
+    """meta.json's record, or None when it is damaged (written whole: a disk or a hand did that) or gone (pruned
+by the launch that runs while another process looks)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, FileNotFoundError):
         return None
     whole = isinstance(meta, dict) and isinstance(meta.get("serial", 0), int)  # the serial orders publications
     return meta if whole else None
@@ -292,8 +293,9 @@ def meta_or_none(path: Path) -> dict | None:
 def read_meta(path: Path) -> dict:
     meta = meta_or_none(path)
     if meta is None:
-        raise SystemExit(f"{path / 'meta.json'}: damaged (not a JSON object); move {path} aside (its other files may "
-                         "still be whole) to go on from the checkpoint before it")
+        what = "damaged (not a JSON object)" if (path / "meta.json").exists() else "missing"
+        raise SystemExit(f"{path / 'meta.json'}: {what}; move {path} aside (its other files may still be whole) to go "
+                         "on from the checkpoint before it")
     return meta
 
 
