@@ -326,6 +326,9 @@ def select_span(ids: torch.Tensor, vocab: Vocab, rate: float, gen: torch.Generat
     lengths = torch.minimum(lengths, (budget if opts.exact else n).unsqueeze(1) - before).clamp_(min=0)
     keep = before < budget.unsqueeze(1) if opts.exact else goes_in(before, lengths, budget, gen)
     lengths.masked_fill_(~keep, 0)
+    # The kept lengths in random order, first: the last one (cut to the budget, or the one that crossed it) would
+    # otherwise always be laid out rightmost, making the masking denser or sparser towards a row's end.
+    lengths = lengths.gather(1, random_keys(lengths.shape, gen).masked_fill_(~keep, NEVER).argsort(dim=1))
     spans = keep.sum(dim=1)
     covered = lengths.sum(dim=1)
 

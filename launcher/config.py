@@ -70,7 +70,8 @@ class MaskingConfig:
     final_rate: float | None = None
     """Schedule end value, which linear, cosine and step need; the constant schedule takes none (or `rate`)."""
     schedule_steps: int = 0
-    """Steps over which the schedule moves from `rate` to `final_rate`; 0 means trainer.max_steps."""
+    """Steps over which the schedule moves from `rate` to `final_rate`, after `warmup_steps`; 0 means until
+    trainer.max_steps (max_steps - warmup_steps)."""
     warmup_steps: int = 0
     """Steps before the schedule starts moving (the rate holds at `rate` until then)."""
     step_count: int = 4
