@@ -74,9 +74,11 @@ def candidates(ids: torch.Tensor, vocab: Vocab) -> torch.Tensor:
 
 
 def target_counts(cand: torch.Tensor, rate: float) -> torch.Tensor:
-    """Per-row number of tokens to select: round(rate * candidates), as long[B], as BERT's
-    create_pretraining_data counts. Rows of equal length round alike, so on short rows the realized rate is off
-    by up to 0.5 / n (128-token rows at 5%: 4.8%); `exact: false` (independent draws) has no such offset."""
+    """Per-row number of tokens to select: round(rate * candidates), as long[B], rounded as BERT's
+    create_pretraining_data rounds (without its floor of one token and its max_predictions_per_seq cap: a row
+    of a handful of candidates may get none). Rows of equal length round alike, so on short rows the realized
+    rate is off by up to 0.5 / n (128-token rows at 5%: 4.8%); `exact: false` (independent draws) has no such
+    offset."""
     return torch.round(cand.sum(dim=1).double() * rate).long()
 
 
