@@ -109,15 +109,20 @@ def resolve_path(name_or_path: str) -> Path:
     raise ConfigError(name_or_path, [f"{what}; shipped configs are: {known}"])
 
 
+def parse_yaml(path: str | Path, loader: type = yaml.SafeLoader):
+    """The YAML document in `path`; one that does not parse is a ConfigError naming the file."""
+    try:
+        return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+
+
 def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
     """One YAML file with its `base:` chain merged beneath it."""
     path = path.resolve()
     if path in _seen:
         raise ConfigError(str(path), ["`base:` files include each other in a cycle"])
-    try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=ConfigLoader) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
+    raw = parse_yaml(path, ConfigLoader) or {}
     if not isinstance(raw, dict):
         raise ConfigError(str(path), ["the top level must be a mapping of sections"])
     bases = raw.pop("base", [])
@@ -330,9 +335,4 @@ def type_name(kind: Any) -> str:
 
 def read_run_config(path: str | Path) -> Config:
     """The resolved config a launch wrote (`<run>/config.yaml`), as the ranks and the SLURM node read it."""
-    with open(path) as handle:
-        try:
-            raw = yaml.safe_load(handle)
-        except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise ConfigError(str(path), [f"not valid YAML: {err}"]) from None
-    return config_from_dict(raw, str(path))
+    return config_from_dict(parse_yaml(path), str(path))
