@@ -281,7 +281,7 @@ def resolve_checkpoint(given: str | Path) -> Path:
 
 def meta_or_none(path: Path) -> dict | None:
     """meta.json's record, or None when it is damaged (written whole: a disk or a hand did that) or gone (pruned
-by the launch that runs while another process looks)."""
+    by the launch that runs while another process looks)."""
     try:
         meta = json.loads((path / "meta.json").read_text())
     except (ValueError, UnicodeDecodeError, FileNotFoundError):
