@@ -5,7 +5,10 @@ Shards are opened with webdataset's `gopen`, so a URL is a path, a `pipe:` comma
 `webdataset.tarfile_samples` because Python's tarfile ends an archive quietly at a truncated or garbled header
 after the first member, and webdataset passes that on: a shard cut at a member boundary would lose its tail
 without a word. Here every archive must end with tar's end-of-archive block, and nothing but zeros may follow
-it, in the tar or (gzip'd shards joined with `cat`) after its first compressed member.
+it. A gzip'd shard is inflated here rather than by tarfile, whose stream mode never checks gzip's CRC (a
+flipped bit became other token ids, read as good) and inflates only the first member (bgzip writes many; `cat`
+of two .tar.gz makes two). A member's CRC is checked at its end, after its documents were read: the shard is
+counted as corrupt then, as a truncated one is counted after the documents before the cut.
 
 A truncated, corrupt or empty tar, a member that is not a token array (or not a file), a token id outside the
 vocabulary and an empty document are skipped and counted by reason; under `strict` they raise `DataError`
@@ -15,7 +18,6 @@ naming the shard URL and the member.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import io
 import re
 import tarfile
@@ -87,18 +89,64 @@ def end_problem(err: Exception | None) -> str | None:
     return "truncated shard"  # no end-of-archive block: the data stops at or inside a header
 
 
+class Unread:
+    """A stream with the bytes read from its start (to tell its format) put back in front."""
+
+    def __init__(self, head: bytes, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        cut = len(self.head) if size < 0 else size
+        data, self.head = self.head[:cut], self.head[cut:]
+        return data + self.stream.read(-1) if size < 0 else data
+
+
+class Inflated:
+    """A gzip'd stream inflated member after member, each member's CRC and length checked by zlib (which raises
+    `zlib.error` on a mismatch); zeros may pad the members. Input that stops inside a member ends the output
+    after the bytes before the cut, with `cut` set: `gzip.GzipFile` raises there instead, and tarfile's read
+    would drop those bytes with the error."""
+
+    def __init__(self, stream):
+        self.stream, self.pending, self.cut = stream, b"", False
+        self.inflater, self.fresh = zlib.decompressobj(wbits=31), True
+
+    def read(self, size: int = -1) -> bytes:
+        while True:
+            if self.inflater.eof:  # a member ended, checked: another may follow
+                self.pending = self.inflater.unused_data + self.pending
+                self.inflater, self.fresh = zlib.decompressobj(wbits=31), True
+            if self.fresh:
+                self.pending = self.pending.lstrip(b"\0")
+            if not self.pending:
+                self.pending = self.stream.read(1 << 16)
+                if not self.pending:
+                    self.cut = not self.fresh
+                    return b""
+                continue
+            data = self.inflater.decompress(self.pending, max(size, 0))
+            self.pending, self.fresh = self.inflater.unconsumed_tail, False
+            if data:
+                return data
+
+
+def tar_input(stream):
+    """What tarfile reads from the shard's `stream`: a gzip'd one inflated by `Inflated` (see the module's notes)."""
+    head = stream.read(2)
+    return Inflated(Unread(head, stream)) if head == b"\x1f\x8b" else Unread(head, stream)
+
+
 def past_the_end(stream) -> bool:
     """Whether tarfile's (decompressing) tar `stream`, read to its end, holds anything but zeros after the
-    end-of-archive block, or after its first compressed member. `cat a.tar b.tar` makes the first: tar and
-    tarfile stop at the first end block. `cat a.tar.gz b.tar.gz` makes the second: tarfile inflates the first
-    gzip member only and keeps the rest as input it never decompresses. Either way the members of b would be
-    lost without a word."""
+    end-of-archive block, or after its first compressed member (bzip2, xz). `cat a.tar b.tar` (or of two
+    .tar.gz) makes the first: tar and tarfile stop at the first end block, and the members of b would be lost
+    without a word."""
     found = False
     while chunk := stream.read(1 << 16):
         found = found or chunk.count(0) != len(chunk)
     rest = getattr(getattr(stream, "cmp", None), "unused_data", b"")
-    if getattr(stream, "comptype", "") == "gz":
-        rest = rest[8:]  # the member's own trailer: CRC and size
     return found or rest.count(0) != len(rest)
 
 
@@ -108,7 +156,7 @@ def read_problem(err: Exception, member: str | None) -> str:
         return "unreadable shard"
     if isinstance(err, EOFError) or "unexpected end of data" in str(err):
         return "truncated shard"
-    if isinstance(err, OSError) and not isinstance(err, gzip.BadGzipFile):
+    if isinstance(err, OSError):
         return "unreadable shard"  # the read itself failed part-way: a pipe's command exited, a disk error
     return "corrupt shard"
 
@@ -119,7 +167,8 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
     name, position, problem, detail, stream, files, others = None, "", None, "", None, 0, 0
     try:
         stream = gopen(url, "rb")
-        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=EndAwareInfo) as archive:
+        source = tar_input(stream)
+        with tarfile.open(fileobj=source, mode="r|*", tarinfo=EndAwareInfo) as archive:
             for info in archive:
                 name, position = info.name, "in"
                 data = archive.extractfile(info).read() if info.isreg() else None
@@ -134,6 +183,8 @@ def members(url: str, skip: Callable[..., None], count: bool = True) -> Iterator
             problem = end_problem(getattr(archive, "end_error", None))
             if problem is None and past_the_end(archive.fileobj):
                 problem = "data after end of shard"
+            elif problem is None and getattr(source, "cut", False):  # the tar's end came, gzip's own end not
+                problem = "truncated shard"
             elif problem is None and files == others == 0:
                 # A file of zeros (what a crash can leave of a file being written) reads as an empty archive.
                 problem, detail = "empty shard", ": no file in it"

@@ -385,13 +385,17 @@ def test_a_position_resumes_only_on_its_own_shard_list_wherever_the_shards_now_l
 def test_brace_patterns_and_pipe_commands_read_the_same_batches(tmp_path):
     urls = write_shards(tmp_path, [[5] * 6, [9] * 4, [3] * 8])
     for url in urls:
-        Path(url + ".gz").write_bytes(gzip.compress(Path(url).read_bytes()))
+        data = Path(url).read_bytes()
+        Path(url + ".gz").write_bytes(gzip.compress(data))
+        # Compressed in independent members, as bgzip and parallel gzip write: one valid gzip file.
+        Path(url + ".bgz").write_bytes(b"".join(gzip.compress(data[at:at + 700]) for at in range(0, len(data), 700)))
     variants = {
         "paths": urls,
         "brace": [str(tmp_path / "shard-{000000..000002}.tar")],
         "pipe": [f"pipe:cat {url}" for url in urls],
         "gzip": [url + ".gz" for url in urls],
         "gzip pipe": [f"pipe:cat {url}.gz" for url in urls],
+        "gzip members": [url + ".bgz" for url in urls],
     }
     batches = {name: take(Loader(spec_for(u), plain_batcher()), 15)[0] for name, u in variants.items()}
     for name in variants:
@@ -440,6 +444,18 @@ def bad_shards(root: Path) -> dict[str, tuple[str, str, str]]:
                                            + packer.compress(data[header:header + 600])
                                            + packer.flush(zlib.Z_SYNC_FLUSH))
     shards["cut_gzip"] = (str(root / "cut_gzip.tar.gz"), "truncated shard", "in member 000102.tokens.npy")
+    # One byte changed in a gzip'd shard stored uncompressed (deflate's stored blocks), so the change reaches the
+    # tokens intact: only gzip's CRC, checked at the member's end, tells. This shard is one tar record (10 KiB)
+    # after the first block, dropped whole with the error.
+    stored = bytearray(gzip.compress(data, compresslevel=0))
+    stored[stored.index(np.full(5, FIRST_ID + 102, np.uint16).tobytes())] ^= 1
+    (root / "corrupt_gzip.tar.gz").write_bytes(stored)
+    # Cut just before gzip's trailer: the whole tar inflates, but its CRC never came.
+    (root / "gzip_without_trailer.tar.gz").write_bytes(gzip.compress(data)[:-8])
+    shards["gzip_without_trailer"] = (str(root / "gzip_without_trailer.tar.gz"), "truncated shard",
+                                      "after member 000103.tokens.npy")
+    shards["corrupt_gzip"] = (str(root / "corrupt_gzip.tar.gz"), "corrupt shard",
+                              "in member 000100.tokens.npy: Error -3 while decompressing data: incorrect data check")
 
     def sample(name: str, payload: bytes, reason: str, member: str) -> None:
         buffer = io.BytesIO()
@@ -504,7 +520,7 @@ def np_bytes(array: np.ndarray) -> bytes:
 
 
 SURVIVORS = {"concatenated": [100, 101, 102, 103], "concatenated_gzip": [100, 101, 102, 103],
-             "concatenated_gzip_pipe": [100, 101, 102, 103], "cut_gzip": [100, 101], "cut_at_member": [100, 101],
+             "concatenated_gzip_pipe": [100, 101, 102, 103], "gzip_without_trailer": [100, 101, 102, 103], "cut_gzip": [100, 101], "cut_at_member": [100, 101],
              "cut_in_member": [100, 101], "garbled_header": [100, 101],
              "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110],
              "repeated_member": [110, 115], "no_extension": [110], "link_member": [110]}
