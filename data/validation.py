@@ -10,6 +10,7 @@ passes (ZeRO-3 gathers parameters collectively).
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -49,10 +50,8 @@ def validation_batches(urls: list[str], rank: int, world_size: int, micro_batch_
     """This rank's validation batches, of at most `limit` batches in all (0: the whole split); `make(rows, g)`
     masks global batch g. Reading stops once the limited batches are full."""
     batches = []
-    for index, tokens in enumerate(chunks(documents(urls, packing, skip, vocab_size),
-                                          micro_batch_size * packing.seq_len)):
-        if limit and index >= limit:
-            break
+    pieces = chunks(documents(urls, packing, skip, vocab_size), micro_batch_size * packing.seq_len)
+    for index, tokens in enumerate(itertools.islice(pieces, limit or None)):
         if index % world_size == rank:
             rows = np.full((-(-len(tokens) // packing.seq_len), packing.seq_len), pad_id, dtype=np.int64)
             rows.reshape(-1)[:len(tokens)] = tokens
