@@ -62,6 +62,8 @@ def expand_inputs(inputs: list[str], other_files: list[str] | None = None) -> li
     are not read (`directory_files`) are added to `other_files`."""
     files: list[str] = []
     for item in inputs:
+        if not item.strip():  # Path("") is the working directory
+            raise InputError(f"{item!r}: an empty input path (a shell variable that is not set?)")
         if item == BUILTIN:
             files.append(item)
         elif Path(item).is_dir():  # before globbing: "[" is legal in a file name
@@ -72,8 +74,17 @@ def expand_inputs(inputs: list[str], other_files: list[str] | None = None) -> li
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise InputError(f"{item}: the pattern matches no file")
-            for match in matches:
-                files.extend(directory_files(match, other_files) if Path(match).is_dir() else [match])
+            # A folder the pattern matches (`corpus/*` matches `corpus/images`) may hold no text; the pattern
+            # as a whole must find some.
+            found = [path for match in matches
+                     for path in (directory_files(match, other_files, required=False) if Path(match).is_dir()
+                                  else [match])]
+            if not found:
+                raise InputError(f"{item}: the pattern matches no text file ({', '.join(TEXT_SUFFIXES)}, .gz), "
+                                 "and no folder holding one")
+            files.extend(found)
+        elif os.path.exists(item):
+            raise InputError(f"{item}: not a file or folder (a pipe or a device: inputs are read more than once)")
         elif os.path.islink(item):
             raise InputError(f"{item}: a link to no file (broken, or a loop of links)")
         elif item.startswith("builtin:"):
@@ -88,11 +99,11 @@ def expand_inputs(inputs: list[str], other_files: list[str] | None = None) -> li
     return unique
 
 
-def directory_files(directory: str, other_files: list[str] | None = None) -> list[str]:
+def directory_files(directory: str, other_files: list[str] | None = None, required: bool = True) -> list[str]:
     """The text files below `directory`, sorted, through linked folders too (each real folder once, by the
     first of its names in sorted order, so a link to a parent ends); other files (images, archives) are not
     documents, and go to `other_files` to be counted. A broken link is kept: reading it counts it as an
-    unreadable file."""
+    unreadable file. `required`: a folder without a text file is an error."""
     found, visited = [], set()
     for folder, subfolders, names in os.walk(directory, followlinks=True):
         subfolders.sort()  # the listing's order is the file system's
@@ -106,7 +117,7 @@ def directory_files(directory: str, other_files: list[str] | None = None) -> lis
             elif other_files is not None and path.is_file():
                 other_files.append(str(path))
     found = sorted(map(str, found))
-    if not found:
+    if not found and required:
         raise InputError(f"{directory}: the directory holds no text file ({', '.join(TEXT_SUFFIXES)}, .gz)")
     return found
 
@@ -119,7 +130,8 @@ def is_text_file(path: Path) -> bool:
 def documents(inputs: list[str], text_field: str = "text", strict: bool = False,
               stats: CorpusStats | None = None, check_gz: bool = True) -> Iterator[str]:
     """Every document of every input, in order. Empty and undecodable documents are skipped and counted.
-    `check_gz`: decompress each .gz whole before reading it (`check_gzip`); False for a reader that stops early."""
+    `check_gz`: decompress each .gz whole before reading it (`check_gzip`); False for a reader that stops early,
+    which keeps the documents read before a fault in a .gz (the count of the unreadable file says how many)."""
     stats = stats if stats is not None else CorpusStats()
     other_files: list[str] = []
     paths = expand_inputs(inputs, other_files)
@@ -148,16 +160,22 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats,
                    check_gz: bool) -> Iterator[tuple[str, str]]:
     """(where, text) for each document of one file; `where` is "path:line"."""
     is_jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
+    read = 0
     try:
+        if path.endswith(".gz") and os.path.getsize(path) == 0:  # gzip reads it as empty text
+            raise EOFError("an empty file, where gzip's header should be (a download cut at its start?)")
         if check_gz and path.endswith(".gz"):
             check_gzip(path)
         with open_binary(path) as handle:
             if is_jsonl:
-                yield from jsonl_documents(lines_of(handle), path, text_field, strict, stats)
+                parsed = jsonl_documents(lines_of(handle), path, text_field, strict, stats)
             else:
-                yield from paragraph_documents(lines_of(handle), path, strict, stats)
+                parsed = paragraph_documents(lines_of(handle), path, strict, stats)
+            for read, document in enumerate(parsed, 1):
+                yield document
     except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
-        stats.skip("unreadable file", path, strict, str(err))
+        kept = f"; the {read:,} documents read before it were kept" if read else ""
+        stats.skip("unreadable file", path, strict, f"{err}{kept}")
 
 
 def check_gzip(path: str) -> None:

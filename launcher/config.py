@@ -51,7 +51,8 @@ class PrepareConfig:
     """Documents held back and written in a random order seeded by run.seed, so each shard mixes the input's
     files and sources (the loader shuffles within a shard only); 0 keeps input order."""
     max_docs: int = 0
-    """Stop after this many input documents (0: all). Keeps smoke runs small."""
+    """Stop after this many input documents (0: all). Keeps smoke runs small. A .gz is then read only as far as
+    needed, not checked whole first: a fault in it keeps the documents before it (the skip count says how many)."""
 
 
 @dataclass

@@ -172,8 +172,20 @@ def test_a_corrupt_or_truncated_gz_is_skipped_whole_not_read_up_to_its_error(tmp
         assert list(documents([str(tmp_path / name)], stats=stats)) == []
         assert stats.skipped == {"unreadable file": 1} and stats.first["unreadable file"].startswith(
             str(tmp_path / name))
-    # A trial on the first documents (data.prepare.max_docs) reads only as far as it needs.
+    # A trial on the first documents (data.prepare.max_docs) reads only as far as it needs; where that reaches
+    # the fault, the count says how many documents before it were kept.
     assert next(documents([str(tmp_path / "truncated.txt.gz")], check_gz=False)) == "document number 0 of the file"
+    stats = CorpusStats()
+    assert len(list(documents([str(tmp_path / "truncated.txt.gz")], stats=stats, check_gz=False))) == 100
+    assert stats.first["unreadable file"].endswith("; the 100 documents read before it were kept)")
+    # An empty .gz (a download cut at its start) is no gzip file, although gzip reads it as empty text.
+    (tmp_path / "empty.txt.gz").write_bytes(b"")
+    for check_gz in (True, False):
+        stats = CorpusStats()
+        assert list(documents([str(tmp_path / "empty.txt.gz")], stats=stats, check_gz=check_gz)) == []
+        assert stats.skipped == {"unreadable file": 1}
+    with pytest.raises(InputError, match=r"empty\.txt\.gz: unreadable file \(an empty file, where gzip's header"):
+        list(documents([str(tmp_path / "empty.txt.gz")], strict=True))
 
 
 def test_inputs_are_read_once_each_and_through_linked_folders(tmp_path):
@@ -228,6 +240,31 @@ def test_a_file_whose_name_looks_like_a_glob_is_read_as_that_file(tmp_path):
     assert expand_inputs([str(named)]) == [str(named)]
     assert list(documents([str(named)])) == ["the only document"]
     assert expand_inputs([str(tmp_path / "*.txt")]) == [str(named)]
+
+
+def test_a_glob_may_match_folders_without_text_but_must_find_some(tmp_path):
+    corpus = tmp_path / "corpus"
+    (corpus / "images").mkdir(parents=True)
+    (corpus / "images" / "cat.png").write_bytes(b"\x89PNG")
+    (corpus / "text").mkdir()
+    (corpus / "text" / "a.txt").write_text("document a\n")
+    other: list[str] = []
+    assert expand_inputs([str(corpus / "*")], other) == [str(corpus / "text" / "a.txt")]
+    assert other == [str(corpus / "images" / "cat.png")]  # counted as a file of another kind, as in a folder input
+    with pytest.raises(InputError, match=re.escape(f"{corpus / 'im*'}: the pattern matches no text file")):
+        expand_inputs([str(corpus / "im*")])
+
+
+def test_inputs_that_name_no_file_are_refused_in_a_line(tmp_path, monkeypatch):
+    """An unset shell variable gives an empty input, which named the working directory; a pipe (or a shell's
+    `<(zcat ...)`) was called missing, and the passes over the inputs would have read it once."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "stray.txt").write_text("not meant to be read\n")
+    with pytest.raises(InputError, match=re.escape("'': an empty input path (a shell variable that is not set?)")):
+        expand_inputs([""])
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'pipe'}: not a file or folder (a pipe or a device")):
+        expand_inputs([str(tmp_path / "pipe")])
 
 
 def test_a_byte_order_mark_is_not_text(tmp_path):
