@@ -28,11 +28,13 @@ def policy_function(name: str) -> Callable[..., torch.Tensor]:
         raise ValueError(f"unknown masking policy {name!r}: one of {', '.join(sorted(masking.POLICIES))}, or your "
                          "own as module:function")
     try:
-        found = getattr(importlib.import_module(module), attribute)
-    except ImportError as err:
-        raise ValueError(f"masking policy {name!r}: cannot import {module} ({err})") from None
-    except AttributeError:
-        raise ValueError(f"masking policy {name!r}: {module} has no {attribute}") from None
+        imported = importlib.import_module(module)
+    except Exception as err:  # the researcher's module: whatever its import raises (a SyntaxError...) is the reason
+        said = str(err) if isinstance(err, ImportError) else f"{type(err).__name__}: {err}"
+        raise ValueError(f"masking policy {name!r}: cannot import {module} ({said})") from None
+    if not hasattr(imported, attribute):
+        raise ValueError(f"masking policy {name!r}: {module} has no {attribute}")
+    found = getattr(imported, attribute)
     if not callable(found):
         raise ValueError(f"masking policy {name!r}: {module}.{attribute} is not a function")
     return found

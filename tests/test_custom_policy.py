@@ -50,7 +50,9 @@ def test_a_policy_of_ones_own_selects_what_it_returns_but_never_a_special_token(
 
 
 def test_a_policy_that_cannot_be_found_or_breaks_the_contract_stops_the_run_before_it_starts(tiny_data, my_masks):
+    (my_masks / "broken_masks.py").write_text("def select(ids:\n")  # its import raises a SyntaxError
     for name, said in [("no_such_module:f", "cannot import no_such_module (No module named 'no_such_module')"),
+                       ("broken_masks:select", "cannot import broken_masks (SyntaxError: "),
                        ("my_masks:absent", "my_masks has no absent"), ("my_masks", "unknown masking policy")]:
         with pytest.raises(ConfigError, match=f"data.masking.policy: .*{re.escape(said)}"):
             load_config("smoke", [*tiny_data, f"data.masking.policy={name}"])
