@@ -227,7 +227,7 @@ class OptimConfig:
     schedule: str = "cosine"
     """LR schedule after warmup: constant, linear, cosine, damped_cosine, wsd (see trainer.lr.LR_SCHEDULES)."""
     warmup_steps: int = 10
-    """Steps of linear warmup from 0 to lr."""
+    """Steps of linear warmup to lr: step k (from 1) runs at lr * k / warmup_steps."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak."""
     cycles: int = 4

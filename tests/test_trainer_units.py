@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,10 @@ def test_lr_warms_up_linearly_then_follows_the_schedule_to_its_floor(schedule):
 def test_damped_cosine_restarts_each_cycle_at_a_damped_peak():
     optim = OptimConfig(lr=1.0, warmup_steps=0, schedule="damped_cosine", min_lr_ratio=0.0, cycles=4, damping=0.5)
     assert [lr_at(step, optim, 100) for step in (0, 25, 50, 75)] == pytest.approx([1.0, 0.5, 0.25, 0.125])
+    # Once the damped peak falls under min_lr the LR stays at min_lr, instead of dipping under it and rising.
+    floored = replace(optim, min_lr_ratio=0.1, cycles=5)
+    assert all(lr_at(step, floored, 100) >= 0.1 - 1e-12 for step in range(100))
+    assert [lr_at(step, floored, 100) for step in (60, 70, 80, 90)] == pytest.approx([0.125, 0.1125, 0.1, 0.1])
 
 
 def test_wsd_holds_the_peak_until_its_decay_whatever_the_run_length_then_falls_as_one_minus_sqrt():
@@ -413,6 +418,7 @@ def test_torchrun_reports_a_killed_rank_in_a_line_and_exits_as_a_shell_would(tmp
 
 
 CHILD = """import signal, sys, time
+from dataclasses import replace
 from pathlib import Path
 got = []
 for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -520,6 +526,7 @@ def test_a_zero_checkpoint_on_another_rank_count_is_a_change_to_allow_and_loads_
 
 CONVERTING_RANK = """
 import sys
+from dataclasses import replace
 from pathlib import Path
 from masktrain.trainer import checkpoint
 from masktrain.trainer.signals import StopRequest

@@ -16,7 +16,8 @@ LR_SCHEDULES: dict[str, Callable[[float, OptimConfig], float]] = {
     "constant": lambda t, o: 1.0,
     "linear": lambda t, o: 1.0 - (1.0 - o.min_lr_ratio) * t,
     "cosine": lambda t, o: o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t)),
-    # `cycles` cosine cycles, each peak `damping` times the previous; all reach min_lr at their end.
+    # `cycles` cosine cycles, each peak `damping` times the previous (never below min_lr); all reach min_lr at
+    # their end.
     "damped_cosine": lambda t, o: damped_cosine(t, o),
     "wsd": lambda t, o: warmup_stable_decay(t, o),
 }
@@ -35,7 +36,7 @@ def warmup_stable_decay(t: float, o: OptimConfig) -> float:
 def damped_cosine(t: float, o: OptimConfig) -> float:
     cycle = min(int(t * o.cycles), o.cycles - 1)
     within = t * o.cycles - cycle
-    peak = o.damping ** cycle
+    peak = max(o.damping ** cycle, o.min_lr_ratio)  # a cycle starting under the floor would rise to it
     return o.min_lr_ratio + (peak - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * within))
 
 

@@ -101,7 +101,7 @@ class MaeLM(nn.Module):
         context, _ = last.attention.self(hidden, attention_mask=mask)
         return last.feed_forward_chunk(last.attention.output(context[where], hidden[where]))
 
-    targets = staticmethod(MaskedLM.targets)  # labels only at the removed positions
+    targets = staticmethod(MaskedLM.targets)  # labels at every selected position, removed or not (see mae_batch)
 
     def flops_per_token(self, rate: float, seq_len: int, mask_prob: float = 1.0) -> float:
         """Training FLOPs per input token when a `rate` share is selected: the encoder (and the map into a narrower
