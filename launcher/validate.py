@@ -50,14 +50,30 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
     for key in ("optimizer", "scheduler"):
         if key in ds:
             problems.append(f"{key} comes from optim.* (the trainer hands DeepSpeed its own); remove it from the file")
-    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled"):
+    # DeepSpeed's classes coerce a few forms the trainer reads as they are ("3", "false", `true` for the
+    # section): the two would train different setups, so only the plain JSON types pass.
+    zero = ds.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
+    if not isinstance(zero, dict):
+        problems.append(f"zero_optimization must be a mapping, e.g. {{\"stage\": 2}}, got {zero!r}")
+    elif "stage" in zero and (type(zero["stage"]) is not int or zero["stage"] not in range(4)):
+        problems.append(f"zero_optimization.stage must be the number 0, 1, 2 or 3, got {zero['stage']!r}")
+    elif (isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
+          and ds.get("zero_force_ds_cpu_optimizer", True) is not False):
+        problems.append("zero_optimization.offload_optimizer: DeepSpeed offloads the optimizer it prefers, its CPU "
+                        "Adam, and refuses the AdamW the trainer hands it unless \"zero_force_ds_cpu_optimizer\" is "
+                        "false; add that to the file to offload it")
+    for key in ("fp16", "bf16"):
+        if isinstance(ds.get(key), dict) and not isinstance(ds[key].get("enabled", False), bool):
+            problems.append(f"{key}.enabled must be true or false, got {ds[key]['enabled']!r}")
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
         problems.append("fp16.enabled: masktrain trains in fp32 or bf16 (trainer.precision); remove it from the file")
-    if isinstance(ds.get("bf16"), dict) and "enabled" in ds["bf16"]:
+    if isinstance(ds.get("bf16"), dict) and isinstance(ds["bf16"].get("enabled"), bool):
         precision, enabled = cfg.trainer.precision, ds["bf16"]["enabled"]
         if precision == "auto":
             problems.append("bf16.enabled: trainer.precision auto chooses on each machine; set trainer.precision "
                             "instead")
-        elif bool(enabled) != (precision == "bf16"):
+        elif enabled != (precision == "bf16"):
             problems.append(f"bf16.enabled is {enabled!r}, but trainer.precision is {precision}; remove it from "
                             "the file")
 
@@ -293,9 +309,15 @@ def validate(cfg: Config) -> list[str]:
               f"{max(per_step, round(t.global_batch_size / per_step) * per_step)}")
 
     if deepspeed_json is not None:
-        for problem in deepspeed_json_problems(deepspeed_json, cfg, batches_valid=not problems):
+        # The JSON is checked whatever else is wrong, so that one round fixes both; only the checks that need
+        # the keys the run's DeepSpeed config is made of wait for those.
+        invalid = {problem.partition(":")[0] for problem in problems}
+        batches_valid = not invalid & {"data.micro_batch_size", "trainer.global_batch_size", "launch.nproc_per_node",
+                                       "launch.nnodes"}
+        json_problems = deepspeed_json_problems(deepspeed_json, cfg, batches_valid)
+        for problem in json_problems:
             check(False, "trainer.deepspeed_config", f"{t.deepspeed_config}: {problem}")
-        if not problems:  # the merge below needs a valid config and JSON
+        if batches_valid and not json_problems and not invalid & {"trainer.zero_stage", "optim.grad_clip"}:
             refusal = deepspeed_refusal(cfg)
             check(refusal is None, "trainer.deepspeed_config", f"{t.deepspeed_config}: DeepSpeed refuses it: {refusal}")
     return problems

@@ -293,10 +293,10 @@ def test_a_deepspeed_json_that_contradicts_the_config_is_refused_before_any_rank
 def test_a_deepspeed_json_that_deepspeed_itself_would_refuse_is_refused_before_any_rank_starts(tmp_path):
     path = tmp_path / "ds.json"
     refusals = {
-        "stage": ({"zero_optimization": {"stage": 7}}, "DeepSpeedZeroConfig: stage: Input should be 0, 1, 2, 3"),
         "typo": ({"zero_optimization": {"stage": 2, "overlap_com": True}},
                  "DeepSpeedZeroConfig: overlap_com: Extra inputs are not permitted, got True"),
-        "not a mapping": ({"zero_optimization": "x"}, "TypeError: "),
+        "bucket": ({"zero_optimization": {"stage": 2, "reduce_bucket_size": -1}}, "DeepSpeedZeroConfig: "
+                   "reduce_bucket_size: Input should be greater than 0, got -1"),
         "its own error": ({"checkpoint": {"tag_validation": "bogus"}}, "DeepSpeedConfigError: "),
         "clipping": ({"gradient_clipping": "abc"}, "gradient_clipping must be a finite number >= 0, got 'abc'"),
     }
@@ -306,6 +306,48 @@ def test_a_deepspeed_json_that_deepspeed_itself_would_refuse_is_refused_before_a
         assert problem.startswith(f"trainer.deepspeed_config: {path}: ") and message in problem, name
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}}))
     load_config("smoke", [f"trainer.deepspeed_config={path}"])
+
+
+def test_a_deepspeed_json_that_deepspeed_reads_otherwise_than_the_trainer_is_refused(tmp_path):
+    """DeepSpeed takes `true` for the ZeRO section, "3" for a stage and "false" for a flag, which the trainer
+    read as they are: it crashed, built a stage-3 model unpartitioned, or believed it trained in bf16. Offloading
+    the optimizer passed until DeepSpeed refused the trainer's AdamW in every rank."""
+    path = tmp_path / "ds.json"
+    refusals = {
+        "section": ({"zero_optimization": True}, "zero_optimization must be a mapping, e.g. {\"stage\": 2}, got True"),
+        "not a mapping": ({"zero_optimization": "x"}, "zero_optimization must be a mapping"),
+        "text": ({"zero_optimization": {"stage": "3"}}, "zero_optimization.stage must be the number 0, 1, 2 or 3, "
+                                                         "got '3'"),
+        "stage": ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage must be the number 0, 1, 2 or 3"),
+        "flag": ({"bf16": {"enabled": "false"}}, "bf16.enabled must be true or false, got 'false'"),
+        "offload": ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}},
+                    "zero_optimization.offload_optimizer: DeepSpeed offloads the optimizer it prefers"),
+    }
+    for name, (settings, message) in refusals.items():
+        path.write_text(json.dumps(settings))
+        (problem,) = problems_of("trainer.precision=bf16", f"trainer.deepspeed_config={path}")
+        assert problem.startswith(f"trainer.deepspeed_config: {path}: ") and message in problem, name
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+                                "zero_force_ds_cpu_optimizer": False}))
+    load_config("smoke", [f"trainer.deepspeed_config={path}"])
+
+
+def test_the_deepspeed_json_is_checked_beside_the_configs_other_problems(tmp_path):
+    """One round of fixes: another key's problem hid every problem of the JSON."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 2, "bogus": 1}}))
+    assert problems_of("optim.lr=-1", f"trainer.deepspeed_config={path}") == [
+        "optim.lr: must be a finite number > 0, got -1.0",
+        f"trainer.deepspeed_config: {path}: train_batch_size is 999, but trainer.global_batch_size makes it 16; "
+        "remove it from the file"]
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2, "bogus": 1}}))
+    problems = problems_of("optim.lr=-1", f"trainer.deepspeed_config={path}")
+    assert problems[0] == "optim.lr: must be a finite number > 0, got -1.0" and "bogus: Extra inputs are not permitted" in problems[1]
+    # A batch size the config gets wrong leaves the JSON's batch keys unjudged: the config's own is at fault.
+    path.write_text(json.dumps({"train_batch_size": 999}))
+    assert problems_of("trainer.global_batch_size=17", f"trainer.deepspeed_config={path}") == [
+        "trainer.global_batch_size: 17 is not a multiple of data.micro_batch_size (8) x world size (2 = 1 nodes x "
+        "2); try 16"]
 
 
 def test_values_read_as_yaml_1_2_and_str_fields_keep_the_text_as_typed(tmp_path):
