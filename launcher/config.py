@@ -314,7 +314,7 @@ class LaunchConfig:
     accelerator: str = "auto"
     """auto, cpu or cuda. cpu uses gloo and DS_ACCELERATOR=cpu."""
     master_port: int = 0
-    """Rendezvous port for local launches; 0 picks a free one."""
+    """Rendezvous port for local launches; 0 picks a free one. A port in use is refused."""
     shutdown_timeout: int = 300
     """Seconds torchrun waits for ranks to checkpoint after a signal before killing them."""
     collective_timeout: int = 600

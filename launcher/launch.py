@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -172,11 +173,15 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
                 return 0
             check_ready(cfg)
             check_free(cfg.output_dir)  # a job of this run waiting in the SLURM queue is not holding it yet
+            if cfg.launch.master_port:
+                check_port(cfg.launch.master_port)
             with holding(cfg.output_dir) as lock:
                 config_path = write_run_config(cfg)
                 (Path(cfg.output_dir) / STATUS).unlink(missing_ok=True)
                 if cfg.launch.master_port:
-                    rendezvous = ["--nnodes=1", "--rdzv-backend=c10d",
+                    # is_host: torchrun must serve the rendezvous itself. Finding the port taken it would join
+                    # whatever holds it, as a client, and wait there for good.
+                    rendezvous = ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-conf=is_host=1",
                                   f"--rdzv-endpoint=127.0.0.1:{cfg.launch.master_port}"]
                 else:
                     rendezvous = ["--standalone"]
@@ -187,6 +192,18 @@ def launch_local(cfg: Config, stop: StopForwarding | None = None) -> int:
                 return outcome(cfg.output_dir, process.wait(), stop.received)
         except StoppedBeforeStart as err:
             return stopped_before_start(err)
+
+
+def check_port(port: int) -> None:
+    """`launch.master_port` must be free here: said in a line, before torchrun fails on it with a traceback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed run's port in TIME_WAIT is free
+        try:
+            probe.bind(("", port))
+        except OSError as err:
+            raise ConfigError("masktrain train", [f"launch.master_port: port {port} is in use on this machine "
+                                                  f"({err.strerror}): another run's, or another program's; pick "
+                                                  "another, or 0 for a free one"]) from None
 
 
 def use_cuda(cfg: Config) -> bool:

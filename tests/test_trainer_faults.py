@@ -106,6 +106,24 @@ def test_nan_steps_are_skipped_counted_and_abort_a_run_that_stays_nan(tiny_data,
     assert sorted(dict(tb["train/loss"])) == [1, 3, 4, 7]  # non-finite values (8, 9) stay out of TensorBoard
 
 
+def test_a_master_port_in_use_is_refused_in_a_line_and_a_free_one_serves_the_launch(tiny_data, tmp_path):
+    """torchrun, finding its rendezvous port taken, joined whatever held it and waited there with no end."""
+    import socket
+
+    from conftest import run_cli
+
+    args = ["train", "smoke", *tiny_data, f"run.output_dir={tmp_path / 'run'}", "trainer.max_steps=1",
+            "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.progress_bar=false"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = run_cli(*args, f"launch.master_port={port}", timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert f"launch.master_port: port {port} is in use on this machine" in result.stderr
+    run_cli(*args, f"launch.master_port={port}", check=True)
+
+
 def test_bad_data_under_strict_ends_the_run_as_failed_with_the_member_named(tiny_data, tmp_path):
     from conftest import run_cli
 
