@@ -32,8 +32,8 @@ class ConfigError(ValueError):
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """YAML 1.2's core schema for plain scalars, not PyYAML's 1.1: `1e-4` is a float; `on`, `no`, dates and
-    `0312` (no octal) stay as written. A key given twice in one mapping is an error, as YAML says: PyYAML keeps
+    """YAML 1.2's core schema for plain scalars, not PyYAML's 1.1: `1e-4` is a float; `on`, `no` and dates stay
+    as written; `0312` is 312 (not octal). A key given twice in one mapping is an error, as YAML says: PyYAML keeps
     the last one, and a second `trainer:` section would drop the first one's settings without a word."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -131,12 +131,12 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(str(path), [f"base: expected a config name or path, or a list of them; got {bases!r}"])
     merged: dict = {}
     for base in bases:
-        base_path = (path.parent / base) if not Path(base).is_absolute() else Path(base)
-        if not base_path.is_file():
-            try:
-                base_path = resolve_path(base)
-            except ConfigError as err:
-                raise ConfigError(str(path), [f"base: {base!r}: {err.problems[0]}"]) from None
+        # Beside the config, or a shipped one: never a file of that name where the command happens to run.
+        base_path = path.parent / base
+        if not base_path.is_file() and (base_path := builtin_configs.find(base)) is None:
+            what = "a folder, not a config file" if (path.parent / base).is_dir() else "no such config file"
+            raise ConfigError(str(path), [f"base: {base!r}: {what} beside it; shipped configs are: "
+                                          f"{', '.join(builtin_configs.names())}"])
         merge(merged, read_yaml(base_path, _seen + (path,)))
     return merge(merged, raw)
 
@@ -265,10 +265,12 @@ def build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
             kwargs[key] = build(kind, {} if value is None else value, dotted + ".", problems)
         elif typing.get_origin(kind) is list and dataclasses.is_dataclass(item := typing.get_args(kind)[0]):
             items = [] if value in (None, "") else value  # data.mixture= empties the list
+            items = [items] if isinstance(items, dict) else items  # one item as it is, as other list fields take it
             if isinstance(items, list):
                 kwargs[key] = [build(item, entry, f"{dotted}[{index}].", problems) for index, entry in enumerate(items)]
             else:
-                problems.append(f"{dotted}: expected a list of mappings, got {type(items).__name__} {items!r}")
+                shown = items.parsed if isinstance(items, OverrideText) else items
+                problems.append(f"{dotted}: expected a list of mappings, got {type(shown).__name__} {shown!r}")
         else:
             ok, converted = coerce(value, kind)
             if ok:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,6 +88,9 @@ def test_a_mixture_is_a_list_of_folders_or_shard_lists_with_positive_weights_and
         "data.mixture: lists the same shards twice; give them the sum of the weights",
         "data.mixture: gives two sources the same name"]
     assert problems_of("data.mixture=a") == ["data.mixture: expected a list of mappings, got str 'a'"]
+    assert problems_of("data.mixture=5") == ["data.mixture: expected a list of mappings, got int 5"]
+    # One source as it is, as every list field takes one item.
+    assert problems_of("data.mixture={dir: a, weight: 0}") == ["data.mixture[0].weight: must be a positive number, got 0.0"]
 
 
 def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
@@ -133,7 +137,21 @@ def test_missing_config_file_lists_shipped_ones_and_a_missing_base_names_the_fil
     with pytest.raises(ConfigError) as err:
         load_config(str(child))
     assert str(err.value).startswith(f"invalid configuration ({child}):")
-    assert err.value.problems[0].startswith("base: 'missing.yaml': no such config file; shipped configs are: ")
+    assert err.value.problems[0].startswith("base: 'missing.yaml': no such config file beside it; shipped configs "
+                                            "are: ")
+
+
+def test_a_relative_base_is_read_beside_its_config_or_shipped_never_from_the_working_directory(tmp_path,
+                                                                                               monkeypatch):
+    (tmp_path / "exp").mkdir()
+    child = tmp_path / "exp" / "mine.yaml"
+    child.write_text("base: bert-base.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    Path("bert-base.yaml").write_text("base: smoke\nrun:\n  name: stray\n")  # where the command runs
+    cfg = load_config(str(child))
+    assert cfg.run.name != "stray" and cfg.model.hidden_size == 768
+    (tmp_path / "exp" / "bert-base.yaml").write_text("base: smoke\nrun:\n  name: beside\n")
+    assert load_config(str(child)).run.name == "beside"
 
 
 def test_a_path_that_does_not_exist_is_never_read_as_the_shipped_config_of_that_name(tmp_path):
