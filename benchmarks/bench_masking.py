@@ -95,8 +95,8 @@ def contenders(cfg, tokenizer: Tokenizer, data: list[torch.Tensor]) -> dict[str,
 
     vocab = tokenizer.vocab()
     extras = [hf_inputs(ids, vocab, tokenizer) for ids in data]
-    idf = importance.load_table(importance_path(cfg), len(tokenizer))
-    pairs = collocations.load_table(collocation_path(cfg))
+    idf = importance.load_table(importance_path(cfg), len(tokenizer), tokenizer.fingerprint())
+    pairs = collocations.load_table(collocation_path(cfg), tokenizer.fingerprint())
 
     def ours(make, **spec) -> callable:
         options = PolicyOptions(exact=spec.pop("exact", True), importance=idf, collocations=pairs)

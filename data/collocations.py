@@ -104,9 +104,10 @@ def examples(urls: list[str], vocab: Vocab, keys: torch.Tensor, decode: Callable
 
 
 def build_table(urls: list[str], vocab: Vocab, decode: Callable[[list[int]], str], path: str | Path,
-                min_count: int, keep: int, strict: bool = False) -> dict:
+                min_count: int, keep: int, strict: bool = False, fingerprint: str = "") -> dict:
     """Count the shards, write the table of the strongest pairs to `path` (and `<path>.json`, what it was built
-    from, with the strongest pairs as text) under temporary names renamed into place; returns the record."""
+    from, with the strongest pairs as text and the tokenizer's `fingerprint`) under temporary names renamed into
+    place; returns the record."""
     skips = Skips(strict)
     words, pairs = count(urls, vocab, skips)
     keys, pmi = strongest(words, pairs, min_count, keep)
@@ -117,17 +118,18 @@ def build_table(urls: list[str], vocab: Vocab, decode: Callable[[list[int]], str
     record = {"words": int(words["counts"].sum()), "distinct_words": len(words["keys"]),
               "pairs": int(pairs["counts"].sum()), "distinct_pairs": len(pairs["keys"]), "kept": len(keys),
               "min_count": min_count, "pmi_range": [float(pmi[-1]), float(pmi[0])], "skipped": dict(skips.counts),
-              "shards": expand_urls(urls),
+              "shards": expand_urls(urls), "tokenizer_sha256": fingerprint or None,
               "strongest": [{"text": text.get(int(k), "?"), "pmi": round(float(v), 3)}
                             for k, v in zip(keys[:SHOWN], pmi[:SHOWN])]}
     tables.save(path, keys.sort().values.numpy(), record)
     return record
 
 
-def load_table(path: str | Path) -> torch.Tensor:
-    """The sorted pair keys at `path`."""
-    keys = tables.load(path, "collocation table", "collocations", "data.masking.collocation_table")
-    if keys.dtype != np.int64 or keys.ndim != 1 or len(keys) == 0 or (np.diff(keys) <= 0).any():
+def load_table(path: str | Path, fingerprint: str = "") -> torch.Tensor:
+    """The sorted pair keys at `path` (`fingerprint`: the run tokenizer's, see `tables.load`)."""
+    keys = tables.load(path, "collocation table", "collocations", "data.masking.collocation_table", fingerprint)
+    # Compared, not subtracted: keys are hashes over all of int64, and a difference of two can wrap around.
+    if keys.dtype != np.int64 or keys.ndim != 1 or len(keys) == 0 or (keys[1:] <= keys[:-1]).any():
         raise ValueError(f"{path}: expected sorted, distinct int64 pair keys, got {keys.dtype} {keys.shape}")
     return torch.from_numpy(keys)
 
@@ -141,7 +143,7 @@ def build_for_config(cfg, log: Callable[[str], None] = print) -> Path:
     tokenizer = Tokenizer(tokenizer_dir(cfg))
     path = collocation_path(cfg)
     record = build_table(shard_urls(cfg, "train"), tokenizer.vocab(), tokenizer.decode, path,
-                         m.collocation_min_count, m.collocation_pairs, cfg.data.strict)
+                         m.collocation_min_count, m.collocation_pairs, cfg.data.strict, tokenizer.fingerprint())
     shown = ", ".join(repr(pair["text"].strip()) for pair in record["strongest"][:8])
     log(f"collocations: kept {record['kept']:,} of {record['distinct_pairs']:,} word pairs "
         f"({record['pairs']:,} seen; skipped: {record['skipped'] or 'none'}), strongest: {shown} -> {path}")

@@ -44,28 +44,30 @@ def idf(frequencies: np.ndarray, documents: int) -> np.ndarray:
     return (np.log((1.0 + documents) / (1.0 + frequencies)) + 1.0).astype(np.float32)
 
 
-def build_table(urls: list[str], vocab_size: int, path: str | Path, strict: bool = False) -> dict:
+def build_table(urls: list[str], vocab_size: int, path: str | Path, strict: bool = False,
+                fingerprint: str = "") -> dict:
     """Count the shards and write the IDF table to `path` (`tables.save`); returns the record of what it was
-    built from."""
+    built from (`fingerprint`: the tokenizer's, which `load_table` compares)."""
     skips = Skips(strict)
     frequencies, documents, tokens = document_frequencies(urls, vocab_size, skips)
     if documents == 0:
         raise DataError(f"no readable document in {len(expand_urls(urls))} train shards "
                         f"(skipped: {dict(skips.counts) or 'none'})")
     record = {"documents": documents, "tokens": tokens, "vocab_size": vocab_size, "shards": expand_urls(urls),
-              "skipped": dict(skips.counts), "formula": "ln((1 + documents) / (1 + df)) + 1"}
+              "skipped": dict(skips.counts), "formula": "ln((1 + documents) / (1 + df)) + 1",
+              "tokenizer_sha256": fingerprint or None}
     tables.save(path, idf(frequencies, documents), record)
     return record
 
 
-def load_table(path: str | Path, vocab_size: int) -> torch.Tensor:
+def load_table(path: str | Path, vocab_size: int, fingerprint: str = "") -> torch.Tensor:
     """The table at `path` as float32[vocab_size], checked against the tokenizer it must match."""
-    table = tables.load(path, "importance table", "importance", "data.masking.importance_table")
+    table = tables.load(path, "importance table", "importance", "data.masking.importance_table", fingerprint)
     if table.shape != (vocab_size,):
         raise ValueError(f"{path}: holds {table.shape} values, the tokenizer has {vocab_size} ids "
                          "(built for another tokenizer? rebuild with `masktrain data importance CONFIG`)")
-    if not np.isfinite(table).all() or (table < 0).any():
-        raise ValueError(f"{path}: importance weights must be finite and >= 0")
+    if table.dtype.kind not in "iuf" or not np.isfinite(table).all() or (table < 0).any():
+        raise ValueError(f"{path}: importance weights must be finite real numbers >= 0 ({table.dtype} here)")
     return torch.from_numpy(table.astype(np.float32))
 
 
@@ -75,7 +77,8 @@ def build_for_config(cfg, log: Callable[[str], None] = print) -> Path:
     from masktrain.data.tokenizer import Tokenizer
 
     path = importance_path(cfg)
-    record = build_table(shard_urls(cfg, "train"), len(Tokenizer(tokenizer_dir(cfg))), path, cfg.data.strict)
+    tokenizer = Tokenizer(tokenizer_dir(cfg))
+    record = build_table(shard_urls(cfg, "train"), len(tokenizer), path, cfg.data.strict, tokenizer.fingerprint())
     log(f"importance: IDF over {record['documents']:,} documents ({record['tokens']:,} tokens, skipped: "
         f"{record['skipped'] or 'none'}) -> {path}")
     return path

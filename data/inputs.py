@@ -270,9 +270,10 @@ def mask_spec(cfg: Config, tokenizer: Tokenizer, policy: str = "") -> MaskSpec:
     policy = (policy or m.policy) if objective.masked else "random"
     weights = pairs = None
     if policy == "importance":
-        weights = importance.load_table(importance_path(cfg), len(tokenizer)) ** m.importance_power
+        table = importance.load_table(importance_path(cfg), len(tokenizer), tokenizer.fingerprint())
+        weights = table ** m.importance_power
     if policy == "pmi":
-        pairs = collocations.load_table(collocation_path(cfg))
+        pairs = collocations.load_table(collocation_path(cfg), tokenizer.fingerprint())
     # A policy option is the masking key of the same name; the tables are the two loaded from their paths.
     options = PolicyOptions(**{f.name: getattr(m, f.name) for f in fields(PolicyOptions) if hasattr(m, f.name)},
                             importance=weights, collocations=pairs)

@@ -4,6 +4,9 @@ built by the CLI and used."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +149,33 @@ def test_importance_table_problems_name_the_file_and_the_fix(tmp_path):
     np.save(tmp_path / "small.npy", np.ones(10, dtype=np.float32))
     with pytest.raises(ValueError, match=r"small.npy: holds \(10,\) values, the tokenizer has 100 ids"):
         importance.load_table(tmp_path / "small.npy", 100)
+    # An empty file (a copy cut short) and an .npz under the table's name: said, not a traceback.
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.savez(tmp_path / "archive.npz", np.ones(100))
+    (tmp_path / "archive.npz").rename(tmp_path / "archive.npy")
+    for name, said in (("empty", "not a numpy table"), ("archive", "not a numpy table (an .npz archive")):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / name}.npy: {said}")):
+            importance.load_table(tmp_path / f"{name}.npy", 100)
+    np.save(tmp_path / "complex.npy", np.ones(100, dtype=np.complex64))
+    with pytest.raises(ValueError, match=r"complex.npy: importance weights must be finite real numbers >= 0"):
+        importance.load_table(tmp_path / "complex.npy", 100)
+
+
+def test_a_policy_table_built_with_another_tokenizer_is_refused(tiny_data, tmp_path):
+    """Shards written again into a data folder with a tokenizer of the same size left its tables, whose ids
+    then meant other tokens, and nothing compared them."""
+    overrides = [*tiny_data, "data.masking.policy=importance", f"data.masking.importance_table={tmp_path / 'idf.npy'}"]
+    cfg = load_config("smoke", overrides)
+    importance.build_for_config(cfg, log=lambda text: None)
+    inputs.check_ready(cfg)
+    record = json.loads((tmp_path / "idf.npy.json").read_text())
+    assert record["tokenizer_sha256"] == Tokenizer(inputs.tokenizer_dir(cfg)).fingerprint()
+    (tmp_path / "idf.npy.json").write_text(json.dumps({**record, "tokenizer_sha256": "0" * 64}))
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'idf.npy'}: built for another tokenizer (sha256 "
+                                                  "000000000000, the run's is ")):
+        inputs.check_ready(cfg)
+    (tmp_path / "idf.npy.json").unlink()  # no record: a table of one's own, or an old one, can't tell
+    inputs.check_ready(cfg)
 
 
 def test_idf_counts_each_document_once_per_id_and_skips_ids_outside_the_vocabulary(tmp_path):
@@ -185,9 +215,15 @@ def test_collocations_keep_the_pairs_that_occur_together_far_more_than_chance(tm
     assert record["words"] == 300 * 14 and record["pairs"] == 300 * 13  # 12 fillers + 2 words per document
     assert record["skipped"] == {"bad sample": 1}
     table = collocations.load_table(tmp_path / "pairs.npy")
-    assert 1 <= len(table) <= 10 and bool((table.diff() > 0).all())
+    assert 1 <= len(table) <= 10 and bool((table[1:] > table[:-1]).all())
     with pytest.raises(FileNotFoundError, match="masktrain data collocations"):
         collocations.load_table(tmp_path / "missing.npy")
+    # Keys are hashes over all of int64: two far apart are sorted although their difference wraps around.
+    np.save(tmp_path / "far.npy", np.array([-8854378049987593670, 8883786455086679568], dtype=np.int64))
+    assert collocations.load_table(tmp_path / "far.npy").tolist() == [-8854378049987593670, 8883786455086679568]
+    np.save(tmp_path / "unsorted.npy", np.array([5, 3], dtype=np.int64))
+    with pytest.raises(ValueError, match="unsorted.npy: expected sorted, distinct int64 pair keys"):
+        collocations.load_table(tmp_path / "unsorted.npy")
 
 
 def test_pmi_policy_through_the_loader_with_collocations_of_the_tiny_corpus(tiny_data, tmp_path):
