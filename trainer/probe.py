@@ -4,8 +4,8 @@ An answer counts as retrieved when greedy decoding after the prompt reproduces e
 Under teacher forcing that is the same as each answer token being the argmax at its position, so one forward
 pass per example decides it. The same pass tells whether the first token predicted starts *some* value of the
 context: a model that copies from the context without binding values to keys nearly always does, retrieving
-the right one at a rate of 1/pairs, and one that has not learned to copy at all rarely does. Inputs are clean: MEAP's [MASK] corruption
-is a training-time device only.
+the right one at a rate of about 1/pairs (a little more: a context may hold a value twice), and one that has not
+learned to copy at all rarely does. Inputs are clean: MEAP's [MASK] corruption is a training-time device only.
 """
 
 from __future__ import annotations
