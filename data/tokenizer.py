@@ -4,7 +4,7 @@ tables masking uses.
 The special tokens take the lowest ids (pad 0, unk 1, bos 2, eos 3, [CLS] 4, [SEP] 5, [MASK] 6) as control
 symbols, so encoding text never produces them. Normalization is the identity and whitespace is kept, so text
 round-trips exactly, and `save_hf` writes a Hugging Face fast tokenizer that encodes identically (but for text
-that begins with a space, see `hf_tokenizer`).
+that begins with a space or spells a special token, see `hf_tokenizer`).
 """
 
 from __future__ import annotations
@@ -202,14 +202,15 @@ class Tokenizer:
         "decoder" prefixes <s> (and pads on the left, where batched generation needs it); None adds nothing.
         `max_length`: the model's longest input, which `truncation=True` cuts to (None: no limit).
 
-        Text encodes exactly as sentencepiece encodes it, except text that begins with a space: sentencepiece
+        Text encodes exactly as sentencepiece encodes it, except the special tokens' spellings ("[MASK]", "<s>",
+        ...), which become those tokens, and text that begins with a space: sentencepiece
         adds its "\u2581" prefix even there, and this tokenizer does not (Hugging Face's Metaspace cannot). That
         is the price of "[MASK]" written in text (fill-mask) encoding as training made it, in place of a word:
         "the [MASK] of" is \u2581the [MASK] \u2581of, not \u2581the \u2581 [MASK] \u2581 \u2581of, which a prefix
         added to every piece of text between special tokens gave.
         """
         from tokenizers import Tokenizer as Backend
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
+        from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, processors
         from transformers import PreTrainedTokenizerFast
         from transformers.tokenization_utils_base import generate_merges
 
@@ -227,6 +228,10 @@ class Tokenizer:
             pieces = [(self.sp.id_to_piece(i), -1e9 if i in never else self.sp.get_score(i)) for i in range(len(self))]
             model = models.Unigram(pieces, unk_id=self.unk_id, byte_fallback=True)
         backend = Backend(model)
+        # [MASK] takes the one space before it, which the word it stands for would have held as its "\u2581";
+        # nothing else (an added token's lstrip took every space, tab and newline before it).
+        mask = SPECIAL_TOKENS["mask"]
+        backend.normalizer = normalizers.Replace(f" {mask}", mask)
         # Sentencepiece adds the dummy prefix and splits before every space; "first": only where the input begins,
         # not after a special token.
         backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=True)
@@ -235,18 +240,20 @@ class Tokenizer:
         cls, sep, bos = SPECIAL_TOKENS["cls"], SPECIAL_TOKENS["sep"], SPECIAL_TOKENS["bos"]
         if template == "encoder":
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B:1 {sep}:1",
+                single=f"{cls} $A {sep}", pair=f"{cls} $A {sep} $B {sep}",
                 special_tokens=[(cls, self.cls_id), (sep, self.sep_id)])
         elif template == "decoder":
             backend.post_processor = processors.TemplateProcessing(
-                single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, self.bos_id)])
+                single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, self.bos_id)])
         special = {f"{name}_token": piece for name, piece in SPECIAL_TOKENS.items()}
-        # [MASK] takes the space before it, as the word it stands for would have.
-        special["mask_token"] = AddedToken(SPECIAL_TOKENS["mask"], lstrip=True, rstrip=False, normalized=False,
-                                           special=True)
+        # Matched in normalized text, where the space before it is gone (above).
+        special["mask_token"] = AddedToken(mask, lstrip=False, rstrip=False, normalized=True, special=True)
+        # No token_type_ids: the models have one token type (a pair's second text as type 1 indexed past their
+        # table), and a decoder's generate() refuses inputs it does not take, as transformers 4 returns them.
         return PreTrainedTokenizerFast(tokenizer_object=backend, **special, model_max_length=max_length or int(1e30),
                                        padding_side="left" if template == "decoder" else "right",
-                                       clean_up_tokenization_spaces=False)
+                                       clean_up_tokenization_spaces=False,
+                                       model_input_names=["input_ids", "attention_mask"])
 
     def save_hf(self, out_dir: str | Path, template: str | None = None, max_length: int | None = None) -> Path:
         """Write the Hugging Face files (tokenizer.json, tokenizer_config.json) and the sentencepiece model."""

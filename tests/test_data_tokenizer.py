@@ -69,11 +69,21 @@ def test_autotokenizer_loads_the_folder_and_encodes_exactly_like_sentencepiece(c
         *sp.encode(["Iterate over the"])[0].tolist(), sp.mask_id, *tail(" of a sequence.")]
     assert hf("[MASK] is [MASK].", add_special_tokens=False)["input_ids"] == [
         sp.mask_id, *tail(" is"), sp.mask_id, *tail(".")]
+    # It takes the one space a word holds, no more: a newline, a tab or a second space before it stay.
+    assert hf("a\n\t[MASK]\nb", add_special_tokens=False)["input_ids"] == [
+        *sp.encode(["a\n\t"])[0].tolist(), sp.mask_id, *tail("\nb")]
+    assert hf("a  [MASK] b", add_special_tokens=False)["input_ids"] == [
+        *sp.encode(["a "])[0].tolist(), sp.mask_id, *tail(" b")]
 
     # The templates the objectives train with: [CLS] text [SEP] for encoders, <s> text for decoders.
     ids = sp.encode([SAMPLES[0]])[0].tolist()
     sp.save_hf(tmp_path / "encoder", template="encoder")
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "encoder"))(SAMPLES[0])["input_ids"] == [4, *ids, 5]
+    encoder = AutoTokenizer.from_pretrained(str(tmp_path / "encoder"))
+    assert encoder(SAMPLES[0])["input_ids"] == [4, *ids, 5]
+    # The models have one token type: none is returned (transformers 4 did, which a decoder's generate()
+    # refuses), and a pair's second text, asked for, is type 0 too (1 indexed past the model's table).
+    assert set(encoder("a question", "an answer")) == {"input_ids", "attention_mask"}
+    assert set(encoder("a question", "an answer", return_token_type_ids=True)["token_type_ids"]) == {0}
     sp.save_hf(tmp_path / "decoder", template="decoder")
     assert AutoTokenizer.from_pretrained(str(tmp_path / "decoder"))(SAMPLES[0])["input_ids"] == [2, *ids]
 

@@ -115,6 +115,7 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     out = run / "export"
     assert_plain_transformers_folder(out, "BertForMaskedLM")
     assert "document attention" not in (out / "README.md").read_text()
+    assert "never had as an input" not in (out / "README.md").read_text()  # fill-mask: [MASK] is its input
 
     exported = AutoModelForMaskedLM.from_pretrained(out).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
@@ -223,6 +224,7 @@ def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):
     card = (out / "README.md").read_text()
     assert "AutoModel.from_pretrained" in card and "fill-mask does not apply" in card
     assert "with document attention: each attended only to itself" in card
+    assert "So does [MASK], which this model never had as an input." in card
 
     # Consolidating the ZeRO-3 shards gives back the trained model: it reproduces the logged validation loss.
     cfg, tokenizer, trained = load_trained(checkpoint)

@@ -150,7 +150,9 @@ def model_card(cfg, model, checkpoint: Path) -> str:
             + pooler + mae + documents
             + f"\nInputs longer than {max_positions(cfg.model, cfg.data.seq_len)} tokens (the model's positions) "
             "must be cut (`truncation=True`). Text that holds the special tokens' spelling (<s>, </s>, [CLS], [SEP], "
-            "[PAD], <unk>) encodes it as those tokens; pre-training's tokenizer spelled it out.\n")
+            "[PAD], <unk>) encodes it as those tokens; pre-training's tokenizer spelled it out."
+            + (" So does [MASK], which this model never had as an input." if cfg.model.objective in ("ntp", "mae_lm")
+               else "") + "\n")
 
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
