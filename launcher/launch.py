@@ -29,6 +29,8 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUI
 def check_resume_compatible(cfg: Config) -> Path | None:
     """Fail before spawning anything when the checkpoint the ranks will resume from was made with a different
     config. Returns that checkpoint (None: the run starts from scratch)."""
+    from masktrain.data.inputs import tokenizer_dir
+    from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
     from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
     from masktrain.trainer.engine import deepspeed_config
     from masktrain.trainer.models import zero_stage
@@ -36,8 +38,10 @@ def check_resume_compatible(cfg: Config) -> Path | None:
     source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
     if source is not None and (source / "config.yaml").is_file():
         precision = None if cfg.trainer.precision == "auto" else cfg.trainer.precision  # auto: the ranks check
+        folder = tokenizer_dir(cfg)  # not prepared yet (train prepares it): the ranks check
+        tokenizer = (folder, Tokenizer(folder).fingerprint()) if (folder / MODEL_FILE).is_file() else None
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change,
-                        zero_stage(deepspeed_config(cfg, precision or "fp32")), precision)
+                        zero_stage(deepspeed_config(cfg, precision or "fp32")), precision, tokenizer)
     return source
 
 

@@ -180,6 +180,18 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
     run_cli("export", str(copied), str(tmp_path / "moved"), check=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "moved").iterdir() if p.name != "README.md"} == {
         name: content for name, content in before.items() if name != "README.md"}
+    # Never another tokenizer: its own gone (the data folder's may have been replaced since), or not the one its
+    # meta.json names.
+    meta = json.loads((checkpoint / "meta.json").read_text())
+    assert meta["tokenizer_sha256"] == tokenizer.fingerprint()
+    (copied / "tokenizer" / "spm.model").unlink()
+    for problem in (f"{copied / 'tokenizer' / 'spm.model'}, the tokenizer it was trained with, is missing",
+                    f"{copied / 'tokenizer' / 'spm.model'} is not the tokenizer it was trained with (sha256 "
+                    f"{tokenizer.fingerprint()[:12]}, not 000000000000)"):
+        result = run_cli("export", str(copied), str(tmp_path / "wrong-tokenizer"))
+        assert result.returncode == 1 and problem in result.stderr and "Traceback" not in result.stderr, problem
+        (copied / "tokenizer" / "spm.model").write_bytes(tokenizer.model_bytes)
+        (copied / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": "0" * 64}))
 
     # A checkpoint damaged after it was published (by a disk, or a hand) is refused naming the file: by export,
     # and by a resume before any rank starts.

@@ -619,9 +619,16 @@ def test_a_checkpoint_resumes_only_under_a_zero_stage_and_precision_deepspeed_ca
     (ckpt / "config.yaml").write_text(yaml.safe_dump(config))
     torch.save({}, ckpt / "mp_rank_00_model_states.pt")
     (ckpt / "meta.json").write_text(json.dumps({"serial": 1, "zero_stage": 2, "precision": "fp32",
-                                                 "deepspeed_json": deepspeed_json(config)}))
+                                                 "deepspeed_json": deepspeed_json(config),
+                                                 "tokenizer_sha256": "a" * 64}))
     for stage, precision in ((2, "fp32"), (1, "fp32"), (2, None)):
         check_resumable(ckpt, config, False, stage, precision)
+    check_resumable(ckpt, config, False, 2, "fp32", (tmp_path / "tok", "a" * 64))
+    # The data folder's tokenizer replaced by one of the same size: the weights' ids would mean other tokens.
+    with pytest.raises(SystemExit, match=f"cannot resume from {ckpt}: it was trained with another tokenizer \\(sha256 "
+                                         f"aaaaaaaaaaaa\\) than the run's, {tmp_path / 'tok'} \\(bbbbbbbbbbbb\\).*"
+                                         "even with trainer.allow_config_change"):
+        check_resumable(ckpt, config, True, 2, "fp32", (tmp_path / "tok", "b" * 64))
     for stage in (0, 3):
         with pytest.raises(SystemExit, match=f"cannot resume from {ckpt} under ZeRO-{stage}: it was saved under "
                                              "ZeRO-2, and DeepSpeed loads its state files only under ZeRO-1/2; set "

@@ -442,12 +442,14 @@ def deepspeed_json(config: dict) -> dict | None:
     return value
 
 
-def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precision: str | None) -> None:
+def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precision: str | None,
+                    tokenizer: tuple[Path, str] | None = None) -> None:
     """Refuse to resume from `path` with a config that would change what the run computes (the rank count among
-    it), and, whatever is allowed, what DeepSpeed cannot load: a ZeRO stage of another layout, another precision.
-    `stage` and `precision` are the run's as its DeepSpeed config resolves them (precision None where not yet
-    known: auto, before the ranks see their device); checkpoints saved before meta.json recorded them are not
-    checked for these."""
+    it), and, whatever is allowed, what DeepSpeed cannot load: a ZeRO stage of another layout, another precision,
+    nor weights trained with another tokenizer than the run's `tokenizer` (its folder and sha256; None: not yet
+    known). `stage` and `precision` are the run's as its DeepSpeed config resolves them (precision None where not
+    yet known: auto, before the ranks see their device); checkpoints saved before meta.json recorded them are
+    not checked for these."""
     saved = saved_config(path)
     check_intact(path, saved)
     even = "even with trainer.allow_config_change"
@@ -457,6 +459,10 @@ def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precisi
         raise SystemExit(f"cannot resume from {path} under ZeRO-{stage}: it was saved under ZeRO-{saved_stage}, and "
                          f"DeepSpeed loads its state files only under {STAGE_LAYOUTS[saved_stage]}; set "
                          f"trainer.zero_stage={saved_stage} (and no other stage in trainer.deepspeed_config), {even}")
+    if tokenizer is not None and meta.get("tokenizer_sha256") not in (None, tokenizer[1]):
+        raise SystemExit(f"cannot resume from {path}: it was trained with another tokenizer (sha256 "
+                         f"{meta['tokenizer_sha256'][:12]}) than the run's, {tokenizer[0]} ({tokenizer[1][:12]}): its "
+                         f"ids mean other tokens; point data.dir (or data.tokenizer) at the one it had, {even}")
     if saved_precision and precision and saved_precision != precision:
         raise SystemExit(f"cannot resume from {path} in {precision}: it was saved in {saved_precision}, and DeepSpeed "
                          f"loads its optimizer state only in {saved_precision}; set "

@@ -20,7 +20,8 @@ from masktrain.data.inputs import collocation_path, importance_path, tokenizer_d
 from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
 from masktrain.launcher.config import Config
 from masktrain.launcher.loading import config_from_dict, merge
-from masktrain.trainer.checkpoint import check_intact, partitioned_over, resolve_checkpoint, saved_config
+from masktrain.trainer.checkpoint import (check_intact, meta_or_none, partitioned_over, resolve_checkpoint,
+                                          saved_config)
 from masktrain.trainer.engine import param_groups
 from masktrain.trainer.models import TokenIds, build_model, max_positions
 from masktrain.trainer.objectives import OBJECTIVES
@@ -112,8 +113,24 @@ def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple
     cfg = saved
     if changes:  # a problem now is the changes' (the saved config was valid): the message says so
         cfg = config_from_dict(merge(raw, changes), f"{checkpoint / 'config.yaml'} with the changes given")
-    embedded = checkpoint / "tokenizer"  # absent only in checkpoints from before it was saved with them
-    return checkpoint, cfg, Tokenizer(embedded if (embedded / MODEL_FILE).is_file() else tokenizer_dir(saved))
+    return checkpoint, cfg, trained_tokenizer(checkpoint, saved)
+
+
+def trained_tokenizer(checkpoint: Path, saved: Config) -> Tokenizer:
+    """The tokenizer saved with the checkpoint, which its meta.json names by sha256. Checkpoints from before
+    either fall back to the data folder's, which may have been replaced since: what they name is compared."""
+    embedded, recorded = checkpoint / "tokenizer" / MODEL_FILE, (meta_or_none(checkpoint) or {}).get("tokenizer_sha256")
+    if embedded.is_file():
+        tokenizer = Tokenizer(embedded.parent)
+    elif recorded is not None:
+        raise SystemExit(f"cannot use checkpoint {checkpoint}: {embedded}, the tokenizer it was trained with, is "
+                         "missing; restore it (a copy of the run's data.dir tokenizer, if that was not replaced)")
+    else:
+        tokenizer = Tokenizer(tokenizer_dir(saved))
+    if recorded not in (None, tokenizer.fingerprint()):
+        raise SystemExit(f"cannot use checkpoint {checkpoint}: {tokenizer.dir / MODEL_FILE} is not the tokenizer it "
+                         f"was trained with (sha256 {tokenizer.fingerprint()[:12]}, not {recorded[:12]})")
+    return tokenizer
 
 
 def trained_model(checkpoint: Path, cfg: Config, tokenizer: Tokenizer) -> torch.nn.Module:

@@ -190,7 +190,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     dist.barrier()
     source, origin = resume_point(cfg.trainer.resume, ckpt)
     if source is not None:
-        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change, zero_stage(ds), dtype)
+        check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change, zero_stage(ds), dtype,
+                        (tokenizer.dir, tokenizer.fingerprint()))
         if needs_universal(source, runtime.world_size):
             ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer), ds)
@@ -250,7 +251,7 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
                 "objective": cfg.model.objective, "resumed_from": origin, "zero_stage": zero_stage(ds),
-                "precision": dtype, "deepspeed_json": user_json}
+                "precision": dtype, "deepspeed_json": user_json, "tokenizer_sha256": tokenizer.fingerprint()}
         # The tokenizer travels with the weights: export needs no data folder, and cannot pick up another one.
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta,
                          files={f"tokenizer/{MODEL_FILE}": tokenizer.model_bytes})
