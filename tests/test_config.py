@@ -90,7 +90,8 @@ def test_a_mixture_is_a_list_of_folders_or_shard_lists_with_positive_weights_and
     assert problems_of("data.mixture=a") == ["data.mixture: expected a list of mappings, got str 'a'"]
     assert problems_of("data.mixture=5") == ["data.mixture: expected a list of mappings, got int 5"]
     # One source as it is, as every list field takes one item.
-    assert problems_of("data.mixture={dir: a, weight: 0}") == ["data.mixture[0].weight: must be a positive number, got 0.0"]
+    assert problems_of("data.mixture={dir: a, weight: 0}") == [
+        "data.mixture[0].weight: must be a positive number, got 0.0"]
 
 
 def test_mae_lm_decoder_shape_resolves_from_the_encoder_and_is_checked():
@@ -360,7 +361,8 @@ def test_the_deepspeed_json_is_checked_beside_the_configs_other_problems(tmp_pat
         "remove it from the file"]
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "bogus": 1}}))
     problems = problems_of("optim.lr=-1", f"trainer.deepspeed_config={path}")
-    assert problems[0] == "optim.lr: must be a finite number > 0, got -1.0" and "bogus: Extra inputs are not permitted" in problems[1]
+    assert problems[0] == "optim.lr: must be a finite number > 0, got -1.0"
+    assert "bogus: Extra inputs are not permitted" in problems[1]
     # A batch size the config gets wrong leaves the JSON's batch keys unjudged: the config's own is at fault.
     path.write_text(json.dumps({"train_batch_size": 999}))
     assert problems_of("trainer.global_batch_size=17", f"trainer.deepspeed_config={path}") == [

@@ -520,7 +520,8 @@ def np_bytes(array: np.ndarray) -> bytes:
 
 
 SURVIVORS = {"concatenated": [100, 101, 102, 103], "concatenated_gzip": [100, 101, 102, 103],
-             "concatenated_gzip_pipe": [100, 101, 102, 103], "gzip_without_trailer": [100, 101, 102, 103], "cut_gzip": [100, 101], "cut_at_member": [100, 101],
+             "concatenated_gzip_pipe": [100, 101, 102, 103], "gzip_without_trailer": [100, 101, 102, 103],
+             "cut_gzip": [100, 101], "cut_at_member": [100, 101],
              "cut_in_member": [100, 101], "garbled_header": [100, 101],
              "garbled_member": [110], "empty_document": [110], "id_outside_vocab": [110], "negative_id": [110],
              "repeated_member": [110, 115], "no_extension": [110], "link_member": [110]}
