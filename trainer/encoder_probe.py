@@ -108,7 +108,8 @@ def fit_and_score(fit: tuple[torch.Tensor, torch.Tensor], scored: tuple[torch.Te
     It starts from zero weights and the bias of the token frequencies (add-one smoothed), the best a probe that
     reads nothing can do, and a tenth of `fit` is held out: training stops at the first epoch that does not lower
     the loss there (after at most `epochs`), and the weights before it are the ones scored, since a
-    vocabulary-wide probe has more weights than a toy split has targets and overfits. Features of width 0 give the token frequencies' score."""
+    vocabulary-wide probe has more weights than a toy split has targets and overfits. Features of width 0 give
+    the token frequencies' score."""
     order = torch.Generator().manual_seed(seed)
     shuffled = torch.randperm(len(fit[1]), generator=order)
     held = shuffled[:max(len(shuffled) // 10, 1)]
