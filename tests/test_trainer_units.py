@@ -547,11 +547,20 @@ open(os.path.join(out, "done"), "w").close()
 
 SLOW_CONVERTER = """
 import os, sys, time
-out = sys.argv[sys.argv.index("--output_folder") + 1]
-os.makedirs(out)
-with open(os.path.join(out, "pid"), "w") as handle:
-    handle.write(str(os.getpid()))
-time.sleep(120)
+from concurrent.futures import ProcessPoolExecutor
+
+def work(out):  # in a worker process, as DeepSpeed's converter does its work
+    with open(os.path.join(out, "worker"), "w") as handle:
+        handle.write(str(os.getpid()))
+    time.sleep(120)
+
+if __name__ == "__main__":
+    out = sys.argv[sys.argv.index("--output_folder") + 1]
+    os.makedirs(out)
+    with open(os.path.join(out, "pid"), "w") as handle:
+        handle.write(str(os.getpid()))
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        pool.submit(work, out).result()
 """
 
 
@@ -575,27 +584,31 @@ def test_a_preemption_during_the_universal_conversion_leaves_it_to_finish_and_th
     assert "converted; stop requested by SIGUSR1" in rank.stdout
     assert (target / "done").is_file()
 
-    # Ignoring them, it must not outlive a rank killed outright, writing into what the next start converts into.
+    # Ignoring them, it must not outlive a rank killed outright, writing into what the next start converts into;
+    # nor must its workers.
     (fake / "ds_to_universal.py").write_text(SLOW_CONVERTER)
     target = tmp_path / "copy2" / "universal"
     rank = subprocess.Popen([sys.executable, "-c", CONVERTING_RANK, str(tmp_path), str(target)],
                             stdout=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "PYTHONPATH": str(fake.parent.parent)})
     deadline = time.monotonic() + 60
-    while not (target / "pid").is_file() or not (target / "pid").read_text():
-        assert time.monotonic() < deadline and rank.poll() is None, "the converter did not start"
+    while not all((target / name).is_file() and (target / name).read_text() for name in ("pid", "worker")):
+        assert time.monotonic() < deadline and rank.poll() is None, "the converter and its worker did not start"
         time.sleep(0.1)
-    converter = Path("/proc") / (target / "pid").read_text()
+    processes = {who: Path("/proc") / (target / name).read_text()
+                 for who, name in (("converter", "pid"), ("converter's worker", "worker"))}
     rank.kill()
     rank.wait()
     deadline = time.monotonic() + 10
     try:
-        while running(converter):
-            assert time.monotonic() < deadline, "the converter outlived its rank"
-            time.sleep(0.1)
+        for who, process in processes.items():
+            while running(process):
+                assert time.monotonic() < deadline, f"the {who} outlived its rank"
+                time.sleep(0.1)
     finally:
-        if running(converter):
-            os.kill(int(converter.name), signal.SIGKILL)
+        for process in processes.values():
+            if running(process):
+                os.kill(int(process.name), signal.SIGKILL)
 
 
 def running(process: Path) -> bool:

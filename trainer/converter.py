@@ -3,8 +3,8 @@ own: python -m masktrain.trainer.converter RANK_PID ARGS... runs `deepspeed.chec
 
 It ignores the stop signals, as loader workers do (started under `stops_deferred`): SLURM and torchrun signal
 the ranks' whole process group, and a converter killed by a preemption crashed its rank, which is to finish
-starting, take its first step and save. And it dies with the rank: a rank killed outright must not leave it
-writing into the folder that the next start removes and converts into again.
+starting, take its first step and save. And it dies with the rank, its pool of workers with it: a rank killed
+outright must not leave them writing into the folder that the next start removes and converts into again.
 """
 
 from __future__ import annotations
@@ -19,12 +19,21 @@ from masktrain.launcher.launch import PR_SET_PDEATHSIG
 from masktrain.trainer.signals import ignore_stops
 
 
+def dies_with(parent: int) -> bool:
+    """Have this process killed when `parent` ends; False when it has ended already (before that took effect)."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    return os.getppid() == parent
+
+
 def main() -> None:
     rank = int(sys.argv.pop(1))
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != rank:  # it ended before the line above took effect
+    if not dies_with(rank):
         sys.exit("the rank converting the checkpoint has ended")
     ignore_stops()
+    # DeepSpeed converts in a pool of forked workers, which the death signal does not reach: each is given its own.
+    forking = [os.getpid()]
+    os.register_at_fork(before=lambda: forking.__setitem__(0, os.getpid()),
+                        after_in_child=lambda: dies_with(forking[0]) or os._exit(1))
     runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
 
 
