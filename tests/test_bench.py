@@ -227,9 +227,12 @@ def test_provenance_names_the_measured_commit_and_local_changes():
 def test_a_stamp_says_when_where_what_and_how_busy_the_machine_was():
     from masktrain.launcher.machine import stamp
 
+    before = os.getloadavg()[0]
     header = stamp()
+    after = os.getloadavg()[0]
     assert {"date", "machine", "code", "command"} <= set(header)
-    assert header["machine"]["cores"] >= 1 and header["machine"]["load_average"] >= 0
+    assert header["machine"]["cores"] == len(os.sched_getaffinity(0))
+    assert min(before, after) - 0.01 <= header["machine"]["load_average"] <= max(before, after) + 0.01
 
 
 def test_code_version_reads_the_commit_and_whether_files_changed(tmp_path):

@@ -110,7 +110,7 @@ def test_a_vocabulary_too_small_for_the_corpus_and_a_model_that_is_no_tokenizer_
     assert f"{tmp_path / 'bad' / 'spm.model'}: not a readable sentencepiece model" in result.stderr
 
 
-def test_the_same_recipe_gives_the_same_tokenizer_whatever_the_thread_count(corpus, tmp_path):
+def test_the_same_recipe_gives_the_same_tokenizer_whatever_the_thread_count(corpus, tmp_path, monkeypatch):
     models = []
     for workers in ("1", "2"):
         out = tmp_path / workers
@@ -118,6 +118,18 @@ def test_the_same_recipe_gives_the_same_tokenizer_whatever_the_thread_count(corp
                 check=True)
         models.append((out / "spm.model").read_bytes())
     assert models[0] == models[1]
+    # Nor the machine's cores: sentencepiece's result depends on its thread count, which they must not set.
+    from masktrain.data.prepare import build_tokenizer
+    from masktrain.launcher.config import PrepareConfig
+
+    built = []
+    for cores in (1, 64):
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+        out = tmp_path / f"cores-{cores}"
+        build_tokenizer(PrepareConfig(inputs=[str(corpus)], vocab_size=600), out, seed=3, log=lambda text: None)
+        built.append((out / "spm.model").read_bytes())
+    assert built[0] == built[1]
 
 
 def test_the_tokenizer_sample_is_drawn_from_every_input_not_the_first_files(tmp_path):

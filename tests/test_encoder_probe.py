@@ -105,7 +105,12 @@ def test_repro_mae_decoder_trains_three_decoders_and_probes_each_encoder(tiny_da
     # One config, one seed: every encoder is probed on the same removed tokens.
     assert len({(p["targets"], p["fit_targets"]) for p in probes}) == 1 and probes[0]["targets"] > 0
     assert report["probe_reading_nothing"]["targets"] == probes[0]["targets"]
-    assert all(min(report["arms"][name]["probe_difference_stderr"].values()) >= 0 for name in names[1:])
+    # Other decoders leave other encoders, whose probe losses differ target by target (their argmax, at this toy
+    # size, may not); each noise figure is the one its summary row shows.
+    noise = [report["arms"][name]["probe_difference_stderr"] for name in names[1:]]
+    assert all(n["loss"] > 0 and n["accuracy"] >= 0 for n in noise)
+    assert [row["metric"].split("+-")[1] for row in report["summary"] if "scoring noise" in row["metric"]] == [
+        f"{value})" for n in noise for value in (f"{n['loss']:.3f}", f"{100 * n['accuracy']:.2f}")]
     differences = [row for row in report["summary"] if " - " in row["metric"]]
     assert [row["value"] for row in differences] == pytest.approx(
         [value for p in probes[1:] for value in (p["loss"] - probes[0]["loss"],
