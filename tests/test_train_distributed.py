@@ -166,7 +166,7 @@ def test_zero2_kill9_mid_save_and_at_a_random_step_resumes_bitwise(tiny_data, tm
     second = Launch(args, tmp_path / "2.log")
     second.wait_for_step(kill_at)
     second.kill()
-    assert f"resumed from {previous} at step {saving - 3}" in second.text()
+    assert f"resumed from {previous} at step {saving - 3}" in second.text(), f"to be killed at step {kill_at}"
 
     # 3. run to the end: every step's loss equals the uninterrupted run's, bit for bit.
     third = run_cli("train", *args, check=True)
