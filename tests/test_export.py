@@ -220,6 +220,12 @@ def test_mlm_zero2_export_reproduces_the_trained_module(tiny_data, tmp_path):
                 continue
             assert result.returncode == 1 and message in result.stderr, (name, args[0], result.stderr[-2000:])
             assert "Traceback" not in result.stderr and "[rank" not in result.stderr, (name, args[0])
+    no_config = tmp_path / "no-config" / checkpoint.name
+    shutil.copytree(checkpoint, no_config)
+    (no_config / "config.yaml").unlink()
+    result = run_cli("export", str(no_config), str(tmp_path / "no-config" / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{no_config / 'config.yaml'}: missing; it is the run's config as saved" in result.stderr
 
 
 def test_mae_lm_zero3_exports_the_encoder_alone(tiny_data, tmp_path):

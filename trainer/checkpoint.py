@@ -333,6 +333,9 @@ def saved_config(path: Path) -> dict:
         config = yaml.safe_load((path / "config.yaml").read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
         config = None
+    except FileNotFoundError:
+        raise SystemExit(f"{path / 'config.yaml'}: missing; it is the run's config as saved, which resuming and "
+                         "exporting need") from None
     # Saved whole (to_dict of a Config): a file cut short still parses, without its last sections or keys.
     if (not isinstance(config, dict) or any(not isinstance(config.get(f.name), dict) for f in fields(Config))
             or comparable(config)[WORLD_SIZE] is None):
