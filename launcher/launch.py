@@ -70,8 +70,9 @@ def write_run_config(cfg: Config) -> Path:
 
 def rank_environment(cfg: Config, cuda: bool) -> dict[str, str]:
     env = dict(os.environ)
-    if not cuda:
-        env["DS_ACCELERATOR"] = "cpu"
+    # Said either way: a DS_ACCELERATOR=cpu inherited from a CPU session's shell would run a GPU job's DeepSpeed
+    # on its CPU accelerator.
+    env["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
     threads = cfg.launch.threads_per_rank or max(1, len(os.sched_getaffinity(0)) // cfg.launch.nproc_per_node)
     env.setdefault("OMP_NUM_THREADS", str(threads))
     env.setdefault("MKL_NUM_THREADS", str(threads))

@@ -457,10 +457,13 @@ def test_a_stop_signal_before_the_ranks_start_starts_nothing(tmp_path, monkeypat
     assert not run.exists()  # the launch ended there: nothing written, no rank started
 
 
-def test_torchrun_is_told_to_forward_sigusr1_to_the_ranks():
+def test_torchrun_is_told_to_forward_sigusr1_to_the_ranks(monkeypatch):
     env = rank_environment(load_config("smoke", []), cuda=False)
     assert set(env["PET_SIGNALS_TO_HANDLE"].split(",")) == {s.name for s in FORWARDED_SIGNALS}
     assert signal.SIGUSR1 in FORWARDED_SIGNALS and signal.SIGTERM in FORWARDED_SIGNALS
+    # The accelerator is the launch's, not one left in the shell by a CPU session.
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    assert rank_environment(load_config("smoke", []), cuda=True)["DS_ACCELERATOR"] == "cuda"
 
 
 def test_an_explicit_resume_must_name_a_complete_checkpoint(tmp_path):

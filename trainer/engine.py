@@ -37,9 +37,8 @@ class Runtime:
 def init_distributed(cfg: Config) -> Runtime:
     """Join the process group the launcher set up (torchrun or srun environment variables)."""
     cuda = use_cuda(cfg)
-    if not cuda:
-        # DeepSpeed picks its accelerator at import; on CPU that must be said before the import.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed picks its accelerator at import (or from DS_ACCELERATOR, which srun passes on from the shell).
+    os.environ["DS_ACCELERATOR"] = "cuda" if cuda else "cpu"
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
