@@ -323,7 +323,8 @@ class LaunchConfig:
     DeepSpeed's default; raise it when a large model's save on a slow file system takes longer, lower it to
     notice a hung rank sooner. It applies to DeepSpeed's groups too, in place of DEEPSPEED_TIMEOUT."""
     threads_per_rank: int = 0
-    """OMP/MKL threads per rank; 0 divides the cores evenly."""
+    """OMP/MKL threads per rank; 0 divides the cores evenly. OMP_NUM_THREADS or MKL_NUM_THREADS set in the
+    environment (a job script's) take precedence, each for its library."""
 
 
 @dataclass
