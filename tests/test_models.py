@@ -390,6 +390,7 @@ def test_peak_flops_match_the_longest_gpu_name_and_the_training_precision(monkey
     assert peak_tflops("NVIDIA L40S", "bf16") == 362 and peak_tflops("NVIDIA L40", "bf16") == 181
     assert peak_tflops("NVIDIA L4", "bf16") == 121 and peak_tflops("NVIDIA H100 PCIe", "bf16") == 756
     assert peak_tflops("NVIDIA H100 NVL", "bf16") == 835 and peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == 989
+    assert peak_tflops("NVIDIA H200 NVL", "bf16") == 835 and peak_tflops("NVIDIA H200", "bf16") == 989
     assert peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == 0
     # fp32 (what precision=auto picks on a V100) is measured against the fp32 units, not the tensor cores.
     assert peak_tflops("Tesla V100-SXM2-32GB", "fp32") == 15.7 and peak_tflops("Tesla V100-SXM2-32GB", "bf16") == 0
