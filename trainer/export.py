@@ -181,6 +181,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     # Said before consolidating the checkpoint, which takes minutes for a large model.
     if not (existing := next(p for p in out_dir.parents if p.exists())).is_dir():
         raise NotADirectoryError(f"{out_dir}: {existing} is a file, not a folder to export into")
+    checkpoint = resolve_checkpoint(checkpoint)  # a run folder, or its `latest`: the card names the checkpoint
     cfg, tokenizer, model = load_trained(checkpoint)
     # Staged on the same file system: beside a new folder, or inside an existing empty one (a mount point, a
     # volume whose parent is not ours), whose files then move up.
@@ -192,7 +193,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         model.exported().save_pretrained(staging, safe_serialization=True)
         tokenizer.save_hf(staging, "encoder" if OBJECTIVES[cfg.model.objective].encoder else "decoder",
                           max_positions(cfg.model, cfg.data.seq_len))
-        (staging / "README.md").write_text(model_card(cfg, model, Path(checkpoint)))
+        (staging / "README.md").write_text(model_card(cfg, model, checkpoint))
         # safetensors writes its file 0600; colleagues on a shared file system read the rest with the umask.
         mode = 0o666 & ~current_umask()
         for path in staging.iterdir():
