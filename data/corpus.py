@@ -171,8 +171,9 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats,
                 parsed = jsonl_documents(lines_of(handle), path, text_field, strict, stats)
             else:
                 parsed = paragraph_documents(lines_of(handle), path, strict, stats)
-            for read, document in enumerate(parsed, 1):
-                yield document
+            for where, text in parsed:
+                read += bool(text.strip())  # an empty one is skipped, not kept
+                yield where, text
     except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
         kept = f"; the {read:,} documents read before it were kept" if read else ""
         stats.skip("unreadable file", path, strict, f"{err}{kept}")

@@ -96,11 +96,12 @@ class Unread:
         self.head, self.stream = head, stream
 
     def read(self, size: int = -1) -> bytes:
-        if not self.head:
-            return self.stream.read(size)
-        cut = len(self.head) if size < 0 else size
-        data, self.head = self.head[:cut], self.head[cut:]
-        return data + self.stream.read(-1) if size < 0 else data
+        """As many bytes as asked for (tarfile tells a compression by the magic in its first read of 512)."""
+        if size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + self.stream.read(size - len(data)) if len(data) < size else data
 
 
 class Inflated:
@@ -114,9 +115,13 @@ class Inflated:
         self.inflater, self.fresh = zlib.decompressobj(wbits=31), True
 
     def read(self, size: int = -1) -> bytes:
-        while True:
+        """The next inflated bytes, at most `size` (-1: all the rest); b"" at the end."""
+        if size < 0:
+            return b"".join(iter(lambda: self.read(1 << 20), b""))
+        while size:
             if self.inflater.eof:  # a member ended, checked: another may follow
-                self.pending = self.inflater.unused_data + self.pending
+                # All the input left, which unconsumed_tail may hold part of a second time.
+                self.pending = self.inflater.unused_data
                 self.inflater, self.fresh = zlib.decompressobj(wbits=31), True
             if self.fresh:
                 self.pending = self.pending.lstrip(b"\0")
@@ -126,10 +131,11 @@ class Inflated:
                     self.cut = not self.fresh
                     return b""
                 continue
-            data = self.inflater.decompress(self.pending, max(size, 0))
+            data = self.inflater.decompress(self.pending, size)
             self.pending, self.fresh = self.inflater.unconsumed_tail, False
             if data:
                 return data
+        return b""
 
 
 def tar_input(stream):

@@ -40,6 +40,7 @@ def load(path: str | Path, what: str, command: str, key: str, fingerprint: str =
         raise ValueError(f"{path}: not a numpy table (an .npz archive of arrays; save one array with np.save)")
     built = (read_json(path.with_name(path.name + ".json")) or {}).get("tokenizer_sha256")
     if fingerprint and built not in (None, fingerprint):
-        raise ValueError(f"{path}: built for another tokenizer (sha256 {built[:12]}, the run's is {fingerprint[:12]}): "
-                         f"its ids would mean other tokens; build it again with `masktrain data {command} CONFIG`")
+        raise ValueError(f"{path}: built for another tokenizer (sha256 {str(built)[:12]}, the run's is "
+                         f"{fingerprint[:12]}): its ids would mean other tokens; build it again with "
+                         f"`masktrain data {command} CONFIG`")
     return table

@@ -135,7 +135,8 @@ def read_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict:
         base_path = path.parent / base
         if not base_path.is_file() and (base_path := builtin_configs.find(base)) is None:
             what = "a folder, not a config file" if (path.parent / base).is_dir() else "no such config file"
-            raise ConfigError(str(path), [f"base: {base!r}: {what} beside it; shipped configs are: "
+            where = "" if Path(base).is_absolute() else " beside it"
+            raise ConfigError(str(path), [f"base: {base!r}: {what}{where}; shipped configs are: "
                                           f"{', '.join(builtin_configs.names())}"])
         merge(merged, read_yaml(base_path, _seen + (path,)))
     return merge(merged, raw)

@@ -64,7 +64,7 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
                         "Adam, and refuses the AdamW the trainer hands it unless \"zero_force_ds_cpu_optimizer\" is "
                         "false; add that to the file to offload it")
     for key in ("fp16", "bf16"):
-        if isinstance(ds.get(key), dict) and not isinstance(ds[key].get("enabled", False), bool):
+        if isinstance(ds.get(key), dict) and ds[key].get("enabled", False) not in (True, False, "auto"):
             problems.append(f"{key}.enabled must be true or false, got {ds[key]['enabled']!r}")
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
         problems.append("fp16.enabled: masktrain trains in fp32 or bf16 (trainer.precision); remove it from the file")
@@ -148,6 +148,8 @@ def validate(cfg: Config) -> list[str]:
           "and data.train_shards both say what to train on; keep one")
     p = d.prepare
     check(bool(p.inputs), "data.prepare.inputs", "needs at least one input")
+    check(all(item.strip() for item in p.inputs), "data.prepare.inputs",
+          f"holds an empty path (a shell variable that is not set?), got {p.inputs}")
     check(p.vocab_size >= MIN_VOCAB_SIZE, "data.prepare.vocab_size",
           f"must be at least {MIN_VOCAB_SIZE} (256 byte pieces and the special tokens), got {p.vocab_size}")
     choice(p.tokenizer_type, "data.prepare.tokenizer_type", ("unigram", "bpe"))

@@ -349,6 +349,10 @@ def test_a_deepspeed_json_that_deepspeed_reads_otherwise_than_the_trainer_is_ref
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
                                 "zero_force_ds_cpu_optimizer": False}))
     load_config("smoke", [f"trainer.deepspeed_config={path}"])
+    path.write_text(json.dumps({"bf16": {"enabled": "auto"}}))  # a Hugging Face JSON: said once, as a placeholder
+    assert problems_of(f"trainer.deepspeed_config={path}") == [
+        f"trainer.deepspeed_config: {path}: bf16.enabled: 'auto' is a Hugging Face Trainer placeholder, which "
+        "DeepSpeed cannot read; give a value or remove the key"]
 
 
 def test_the_deepspeed_json_is_checked_beside_the_configs_other_problems(tmp_path):

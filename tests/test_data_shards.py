@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from conftest import MASKTRAIN
+from conftest import MASKTRAIN, run_cli
 from masktrain.data.corpus import CorpusStats, DataError, InputError, documents, expand_inputs
 from masktrain.data.prepare import build_tokenizer, input_changes, input_sizes, refuse_output_in_inputs
 from masktrain.data.tokenizer import Tokenizer
@@ -262,6 +262,8 @@ def test_inputs_that_name_no_file_are_refused_in_a_line(tmp_path, monkeypatch):
     (tmp_path / "stray.txt").write_text("not meant to be read\n")
     with pytest.raises(InputError, match=re.escape("'': an empty input path (a shell variable that is not set?)")):
         expand_inputs([""])
+    result = run_cli("data", "tokenizer", "", "--out", "out", cwd=tmp_path)  # out/ lies in the working directory
+    assert result.returncode == 2 and "data.prepare.inputs: holds an empty path" in result.stderr, result.stderr
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(InputError, match=re.escape(f"{tmp_path / 'pipe'}: not a file or folder (a pipe or a device")):
         expand_inputs([str(tmp_path / "pipe")])
@@ -296,8 +298,6 @@ def test_a_corpus_without_documents_is_an_error_naming_it(tmp_path, capsys):
 
 def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatched(tiny_data, tmp_path):
     """One message naming the path and the fix, no rank tracebacks, nothing written to the run folder."""
-    from conftest import run_cli
-
     data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
     cases = {
         "no data": ([f"data.dir={tmp_path / 'none'}"], f"{tmp_path / 'none' / 'tokenizer' / 'spm.model'}: no "

@@ -418,7 +418,6 @@ def test_torchrun_reports_a_killed_rank_in_a_line_and_exits_as_a_shell_would(tmp
 
 
 CHILD = """import signal, sys, time
-from dataclasses import replace
 from pathlib import Path
 got = []
 for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -529,7 +528,6 @@ def test_a_zero_checkpoint_on_another_rank_count_is_a_change_to_allow_and_loads_
 
 CONVERTING_RANK = """
 import sys
-from dataclasses import replace
 from pathlib import Path
 from masktrain.trainer import checkpoint
 from masktrain.trainer.signals import StopRequest

@@ -448,11 +448,11 @@ def deepspeed_json(config: dict) -> dict | None:
 def check_resumable(path: Path, config: dict, allowed: bool, stage: int, precision: str | None,
                     tokenizer: tuple[Path, str] | None = None) -> None:
     """Refuse to resume from `path` with a config that would change what the run computes (the rank count among
-    it), and, whatever is allowed, what DeepSpeed cannot load: a ZeRO stage of another layout, another precision,
-    nor weights trained with another tokenizer than the run's `tokenizer` (its folder and sha256; None: not yet
-    known). `stage` and `precision` are the run's as its DeepSpeed config resolves them (precision None where not
-    yet known: auto, before the ranks see their device); checkpoints saved before meta.json recorded them are
-    not checked for these."""
+    it), and, whatever is allowed, weights trained with another tokenizer than the run's `tokenizer` (its folder
+    and sha256; None: not yet known) and what DeepSpeed cannot load: a ZeRO stage of another layout, another
+    precision. `stage` and `precision` are the run's as its DeepSpeed config resolves them (precision None where
+    not yet known: auto, before the ranks see their device); checkpoints saved before meta.json recorded them
+    are not checked for these."""
     saved = saved_config(path)
     check_intact(path, saved)
     even = "even with trainer.allow_config_change"

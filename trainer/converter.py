@@ -30,11 +30,24 @@ def main() -> None:
     if not dies_with(rank):
         sys.exit("the rank converting the checkpoint has ended")
     ignore_stops()
-    # DeepSpeed converts in a pool of forked workers, which the death signal does not reach: each is given its own.
-    forking = [os.getpid()]
-    os.register_at_fork(before=lambda: forking.__setitem__(0, os.getpid()),
-                        after_in_child=lambda: dies_with(forking[0]) or os._exit(1))
+    children_die_with_their_parent()
     runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__", alter_sys=True)
+
+
+def children_die_with_their_parent() -> None:
+    """DeepSpeed converts in a pool of workers, forked (Python 3.11's way on Linux), which the death signal does
+    not reach: each process forked from here on sets its own, for the process that forked it."""
+    parent = os.getpid()
+
+    def before() -> None:
+        nonlocal parent
+        parent = os.getpid()
+
+    def in_child() -> None:
+        if not dies_with(parent):
+            os._exit(1)
+
+    os.register_at_fork(before=before, after_in_child=in_child)
 
 
 if __name__ == "__main__":

@@ -127,9 +127,9 @@ def trained_tokenizer(checkpoint: Path, saved: Config) -> Tokenizer:
                          "missing; restore it (a copy of the run's data.dir tokenizer, if that was not replaced)")
     else:
         tokenizer = Tokenizer(tokenizer_dir(saved))
-    if recorded not in (None, tokenizer.fingerprint()):
+    if recorded not in (None, actual := tokenizer.fingerprint()):
         raise SystemExit(f"cannot use checkpoint {checkpoint}: {tokenizer.dir / MODEL_FILE} is not the tokenizer it "
-                         f"was trained with (sha256 {tokenizer.fingerprint()[:12]}, not {recorded[:12]})")
+                         f"was trained with (sha256 {actual[:12]}, not {recorded[:12]})")
     return tokenizer
 
 

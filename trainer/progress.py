@@ -14,8 +14,8 @@ from masktrain.launcher.config import Config
 # units (0: no estimate). Matched in GPU names longest first, so that "L4" does not take the L40S, nor "H100"
 # the H100 PCIe.
 PEAK_TFLOPS = {"H100 PCIe": (756.0, 51.2), "H100 NVL": (835.0, 60.0), "H100": (989.0, 66.9),
-               "H200 NVL": (835.0, 60.0), "H200": (989.0, 66.9), "A100": (312.0, 19.5), "A10G": (125.0, 31.2), "L40S": (362.0, 91.6), "L40": (181.0, 90.5),
-               "L4": (121.0, 30.3), "V100": (0.0, 15.7)}
+               "H200 NVL": (835.0, 60.0), "H200": (989.0, 66.9), "A100": (312.0, 19.5), "A10G": (125.0, 31.2),
+               "L40S": (362.0, 91.6), "L40": (181.0, 90.5), "L4": (121.0, 30.3), "V100": (0.0, 15.7)}
 
 
 def peak_tflops(device_name: str, precision: str) -> float:
