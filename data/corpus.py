@@ -160,7 +160,7 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats,
                    check_gz: bool) -> Iterator[tuple[str, str]]:
     """(where, text) for each document of one file; `where` is "path:line"."""
     is_jsonl = path.removesuffix(".gz").endswith((".jsonl", ".json"))
-    read = 0
+    kept_before = stats.documents  # `documents` counts each document of ours it keeps there
     try:
         if path.endswith(".gz") and os.path.getsize(path) == 0:  # gzip reads it as empty text
             raise EOFError("an empty file, where gzip's header should be (a download cut at its start?)")
@@ -168,13 +168,11 @@ def file_documents(path: str, text_field: str, strict: bool, stats: CorpusStats,
             check_gzip(path)
         with open_binary(path) as handle:
             if is_jsonl:
-                parsed = jsonl_documents(lines_of(handle), path, text_field, strict, stats)
+                yield from jsonl_documents(lines_of(handle), path, text_field, strict, stats)
             else:
-                parsed = paragraph_documents(lines_of(handle), path, strict, stats)
-            for where, text in parsed:
-                read += bool(text.strip())  # an empty one is skipped, not kept
-                yield where, text
+                yield from paragraph_documents(lines_of(handle), path, strict, stats)
     except (OSError, EOFError, zlib.error) as err:  # truncated or corrupt .gz, unreadable file
+        read = stats.documents - kept_before
         kept = f"; the {read:,} documents read before it were kept" if read else ""
         stats.skip("unreadable file", path, strict, f"{err}{kept}")
 
