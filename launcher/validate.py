@@ -53,12 +53,11 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
     # DeepSpeed's classes coerce a few forms the trainer reads as they are ("3", "false", `true` for the
     # section): the two would train different setups, so only the plain JSON types pass.
     zero = ds.get("zero_optimization", {})
-    offload = zero.get("offload_optimizer") if isinstance(zero, dict) else None
     if not isinstance(zero, dict):
         problems.append(f"zero_optimization must be a mapping, e.g. {{\"stage\": 2}}, got {zero!r}")
     elif "stage" in zero and (type(zero["stage"]) is not int or zero["stage"] not in range(4)):
         problems.append(f"zero_optimization.stage must be the number 0, 1, 2 or 3, got {zero['stage']!r}")
-    elif (isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
+    elif (isinstance(offload := zero.get("offload_optimizer"), dict) and offload.get("device") in ("cpu", "nvme")
           and ds.get("zero_force_ds_cpu_optimizer", True) is not False):
         problems.append("zero_optimization.offload_optimizer: DeepSpeed offloads the optimizer it prefers, its CPU "
                         "Adam, and refuses the AdamW the trainer hands it unless \"zero_force_ds_cpu_optimizer\" is "
