@@ -209,6 +209,11 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     after = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101")
     assert after.returncode == 1 and "SRUN" not in after.stdout, after.stdout
     assert "job 101 ended without a verdict and without a checkpoint since step 40; not restarting" in after.stdout
+    # The same status left by this job's own attempt, SLURM having requeued the job (a node lost, a preemption),
+    # is taken up, as it is outside a chain.
+    (run / "status.json").write_text(json.dumps({"state": "running", "step": 40, "start": 40}))
+    again = run_script(script, stubs, nodes=1, MASKTRAIN_AFTER="101", SLURM_RESTART_COUNT="1", STUB_STATE="completed")
+    assert again.returncode == 0 and "SRUN" in again.stdout, again.stdout
     (run / "status.json").write_text(json.dumps({"state": "preempted", "step": 40, "start": 20}))
     never = run_script(script, stubs, nodes=1)  # the stub writes no status: the ranks never started
     assert never.returncode == 1 and "before the ranks started" in never.stdout, never.stdout
@@ -234,6 +239,28 @@ def test_preempted_job_requeues_itself_or_hands_over_to_its_chain(tmp_path, stub
     (run / "config.yaml.tmp").rmdir()
     again = run_script(script, stubs, nodes=1, STUB_STATE="completed")
     assert again.returncode == 0 and "SRUN" in again.stdout, again.stdout
+
+
+def test_a_signal_before_the_ranks_start_is_passed_on_once_they_do(tmp_path, stubs):
+    """SIGUSR1 can reach the job script in its first second (SLURM may send it 60 s early; a preemption comes when
+    it comes): it must neither end the script, unlogged and never requeued, nor be lost."""
+    run = tmp_path / "run"
+    script = tmp_path / "job.sbatch"
+    run_cli("slurm", "render", "smoke", f"run.output_dir={run}", "--nodes=1", "--gpus-per-node=2", *JOB_ARGS,
+            f"--out={script}", check=True)
+    env = {**os.environ, **job_env(stubs=stubs), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "1",
+           "SLURM_JOB_NODELIST": "gpu07"}
+    job = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if "job 123456 attempt 0" in line:  # the first line: the run folder's lock and status are still ahead
+            job.send_signal(signal.SIGUSR1)
+    code, text = job.wait(timeout=60), "".join(lines)
+    # The launch started and got the signal (which may end the stand-in srun before it prints a line).
+    assert code == 0 and "got SIGUSR1: passing it to the ranks" in text, (code, text)
+    assert "stopped on SIGUSR1 before the ranks started" in text and "requeued job 123456" in text, text
+    assert (stubs / "requeued").read_text().split() == ["123456"]
 
 
 def test_submit_chain_links_jobs_with_afterany(tmp_path, stubs, tiny_data):
