@@ -4,9 +4,11 @@ Run under torchrun in place of `-m masktrain.trainer.rank`. The faults come from
   FAULT_NAN_RANK, FAULT_NAN_STEPS  that rank's loss is NaN on these (1-based, comma-separated) steps
   FAULT_NAN_FROM                   every rank's loss is NaN from this step on
   FAULT_SIGNAL_IN_SAVE             RANK:STEP, that rank gets SIGUSR1 while it saves the checkpoint of STEP
+  FAULT_SIGNAL_IN_EVAL             RANK:N, that rank gets SIGUSR1 while it scores its N-th validation set
   FAULT_HANG                       RANK:STEP, that rank hangs in its forward of STEP (sleeps until killed)
   FAULT_BAD_DATA_RANK              that rank's loader finds a corrupt shard at its first batch (DataError)
   FAULT_SLOW_RUNNING               seconds rank 0 takes to write the "running" status (a slow file system)
+  FAULT_FULL_DISK_AT_START         the run's logs cannot be started: the disk is full
   FAULT_LOG                        folder for rank<r>.jsonl: a weight checksum at the start of every step, and
                                    fsync-rank<r>.txt: every path that rank fsyncs
 """
@@ -76,6 +78,20 @@ def signal_during_save(save):
     return saving
 
 
+def signal_during_evaluation(evaluate):
+    rank, nth = map(int, os.environ.get("FAULT_SIGNAL_IN_EVAL", "-1:-1").split(":"))
+    calls = 0
+
+    def evaluating(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == nth and int(os.environ["RANK"]) == rank:
+            signal.raise_signal(signal.SIGUSR1)
+        return evaluate(*args, **kwargs)
+
+    return evaluating
+
+
 class BadData:
     """A rank's loader whose first batch is in a corrupt shard; the rest it delegates."""
 
@@ -106,6 +122,11 @@ def slow_running_status(write_status, seconds: float):
     return write
 
 
+class FullDisk:
+    def __init__(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+
 def noting_fsyncs(fsync):
     log = Path(os.environ["FAULT_LOG"]) / f"fsync-rank{os.environ['RANK']}.txt"
 
@@ -122,6 +143,7 @@ def main() -> None:
     build = train_module.build_model
     train_module.build_model = lambda *args, **kwargs: FaultyModel(build(*args, **kwargs), cfg.grad_accum)
     checkpoint.Checkpointer.save = signal_during_save(checkpoint.Checkpointer.save)
+    train_module.evaluate = signal_during_evaluation(train_module.evaluate)
     # Both names: checkpoint's own calls, and sync_tree's and write_atomic's in files.
     checkpoint.fsync_path = files.fsync_path = noting_fsyncs(files.fsync_path)
     if "FAULT_BAD_DATA_RANK" in os.environ:
@@ -130,6 +152,8 @@ def main() -> None:
     if "FAULT_SLOW_RUNNING" in os.environ:
         train_module.write_status = slow_running_status(train_module.write_status,
                                                         float(os.environ["FAULT_SLOW_RUNNING"]))
+    if "FAULT_FULL_DISK_AT_START" in os.environ:
+        train_module.Metrics = FullDisk
     train_module.main(sys.argv[1:])
 
 

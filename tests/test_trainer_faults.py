@@ -195,6 +195,33 @@ def test_a_stop_signal_during_a_checkpoint_leaves_from_it_and_each_file_is_synce
     assert staged in synced[0] and staged not in synced[1]
 
 
+def test_a_stop_signal_during_evaluation_saves_at_once(tiny_data, tmp_path):
+    """Scoring the validation set can take minutes of the grace time: the ranks save at that step, rather than
+    train one more before they see the signal."""
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [*tiny_data, f"run.output_dir={run}", "trainer.zero_stage=2", "trainer.max_steps=8",
+                                "trainer.log_every=1", "trainer.checkpoint_every=5", "trainer.eval_every=3",
+                                "trainer.progress_bar=false"])
+    ranks = run_faulty_ranks(cfg, {"FAULT_LOG": str(tmp_path), "FAULT_SIGNAL_IN_EVAL": "0:1"})
+    assert outcome(run, ranks.returncode) == 75, ranks.stdout[-3000:] + ranks.stderr[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert status == {**status, "state": "preempted", "step": 3, "reason": "SIGUSR1"}, status
+    assert re.findall(r"step (\d+): checkpoint ", ranks.stdout) == ["3"]
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_a_full_disk_as_the_run_starts_is_said_in_a_line(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [*tiny_data, f"run.output_dir={run}", "trainer.max_steps=2",
+                                "trainer.progress_bar=false"])
+    ranks = run_faulty_ranks(cfg, {"FAULT_LOG": str(tmp_path), "FAULT_FULL_DISK_AT_START": "1",
+                                   "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5"})
+    assert ranks.returncode != 0
+    assert re.search(r"\[masktrain\] starting the run's logs \(metrics.jsonl, status.json\) failed \(\[Errno 28\] No "
+                     r"space left on device\); [\d,]+ MiB free in ", ranks.stderr), ranks.stderr[-3000:]
+    assert "FullDisk" not in ranks.stderr, ranks.stderr[-3000:]  # no traceback through it
+
+
 def test_a_resume_onto_another_shard_list_ends_the_run_as_failed_naming_it(tiny_data, tmp_path):
     """Prepared again in place (data added): the saved position indexes a list that is gone. Each rank fails
     alike, before any step, with the reason in status.json, which the launcher prints."""

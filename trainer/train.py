@@ -226,9 +226,6 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                 print(f"[masktrain] {note}", flush=True)
     loader.align(state.step)
 
-    metrics = Metrics(out_dir, is_main, state.step)
-    # At the launch's first step: a resume from an earlier checkpoint drops it with the rest of this launch.
-    metrics.config(state.step + 1, dump_yaml(cfg))
     interval = Interval()
     skipped_seen, skipped_by_reason = 0.0, {}
     mask_rate = rate_schedule(cfg.data.masking, cfg.trainer.max_steps)
@@ -239,8 +236,14 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     last_save = time.monotonic()
     profiler = StepProfiler(cfg.trainer.profile_steps, out_dir, runtime.rank, runtime.device)
     ended, reason = "completed", None
-    if is_main:
-        write_status(out_dir, "running", state.step, start=launch_start)
+    try:
+        metrics = Metrics(out_dir, is_main, state.step)
+        # At the launch's first step: a resume from an earlier checkpoint drops it with the rest of this launch.
+        metrics.config(state.step + 1, dump_yaml(cfg))
+        if is_main:
+            write_status(out_dir, "running", state.step, start=launch_start)
+    except OSError as err:  # a full disk or a lost mount, before the first step
+        crashed("starting the run's logs (metrics.jsonl, status.json)", err, out_dir)
     # A rank that fails at its first batch (bad data under data.strict) writes its verdict after this one, not
     # before it, where rank 0's "running" would replace it and leave the run without a verdict.
     dist.barrier()
@@ -350,6 +353,11 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
             if evaluating and not leaving:
                 validate()
                 evaluating = False
+                if not (saving or final):
+                    # Scoring a large validation set takes minutes: a stop asked for meanwhile saves now, not after
+                    # one more step (a save due here asks below, after it).
+                    (stops,) = all_reduce([float(stop.requested)], runtime.device)
+                    leaving = saving = stops > 0
 
             if saving:
                 # A resume keeps the logs up to this checkpoint: on disk before it, they survive losing the node.
