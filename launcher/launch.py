@@ -31,11 +31,14 @@ def check_resume_compatible(cfg: Config) -> Path | None:
     config. Returns that checkpoint (None: the run starts from scratch)."""
     from masktrain.data.inputs import tokenizer_dir
     from masktrain.data.tokenizer import MODEL_FILE, Tokenizer
-    from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point
+    from masktrain.trainer.checkpoint import Checkpointer, check_resumable, resume_point, rollback_note
     from masktrain.trainer.engine import deepspeed_config
     from masktrain.trainer.models import zero_stage
 
-    source, _ = resume_point(cfg.trainer.resume, Checkpointer(cfg.output_dir, 1, False))
+    ckpt = Checkpointer(cfg.output_dir, 1, False)
+    source, _ = resume_point(cfg.trainer.resume, ckpt)
+    if note := rollback_note(cfg.trainer.resume, ckpt):
+        print(f"masktrain: {note}", file=sys.stderr)
     if source is not None and (source / "config.yaml").is_file():
         precision = None if cfg.trainer.precision == "auto" else cfg.trainer.precision  # auto: the ranks check
         folder = tokenizer_dir(cfg)  # not prepared yet (train prepares it): the ranks check

@@ -223,6 +223,8 @@ def test_zero3_sigterm_and_sigusr1_checkpoint_requeue_and_resume_exactly(tiny_da
     requeued = run_cli("train", *args, f"trainer.resume={earlier}", "trainer.stop_after_steps=1")
     assert requeued.returncode == 75, requeued.stderr[-3000:]
     assert f"resumed from {latest} at step {int(latest.name.split('-')[1])}" in requeued.stdout
+    assert f"this run has gone on from there and saved since, so it goes on from its latest checkpoint, {latest}" \
+        in requeued.stderr, requeued.stderr[-3000:]
 
     third = run_cli("train", *args, check=True)
     assert "resumed from" in third.stdout

@@ -24,8 +24,8 @@ from conftest import scalars
 from masktrain.launcher.config import OptimConfig
 from masktrain.launcher.launch import FORWARDED_SIGNALS, StopForwarding, outcome, rank_environment
 from masktrain.launcher.loading import ConfigError, load_config, merge, to_dict
-from masktrain.trainer.checkpoint import (Checkpointer, config_changes, resume_point, save_due, saved_config,
-                                          tag_for)
+from masktrain.trainer.checkpoint import (Checkpointer, config_changes, resume_point, rollback_note, save_due,
+                                          saved_config, tag_for)
 from masktrain.trainer.engine import deepspeed_config
 from masktrain.trainer.lr import lr_at
 from masktrain.trainer.metrics import Interval, Metrics
@@ -483,8 +483,37 @@ def test_an_explicit_resume_must_name_a_complete_checkpoint(tmp_path):
     assert not rollback.exists()
     cfg = load_config("smoke", [f"run.output_dir={run}", f"trainer.resume={rollback}"])
     assert resume_point(cfg.trainer.resume, ckpt) == (run / "checkpoints" / "step-00000005", str(rollback.resolve()))
+    assert rollback_note(cfg.trainer.resume, ckpt).endswith(f"step-00000005 ({rollback} itself has been pruned)")
     with pytest.raises(ConfigError):  # another run never started from it
         load_config("smoke", [f"run.output_dir={tmp_path / 'other'}", f"trainer.resume={rollback}"])
+
+
+def test_a_second_rollback_to_the_same_checkpoint_is_said_with_how_to_make_it(tmp_path):
+    """A rollback's line of checkpoints descends from trainer.resume, so the same trainer.resume given again (a
+    second rollback, after the first line went bad too) goes on from that line: said before the ranks start, with
+    what rolls back again."""
+    run = tmp_path / "run"
+    target = run / "checkpoints" / "step-00000004"
+    ckpt = Checkpointer(run, keep_last=10, is_main=True)
+    for step, meta in ((4, {}), (6, {}), (5, {"resumed_from": str(target.resolve())}),
+                       (6, {"resumed_from": str(target.resolve())})):
+        staging = ckpt.dir / f"{tag_for(step)}.partial"
+        staging.mkdir(parents=True)
+        ckpt.publish(staging, step, {"run": {}}, meta)
+    assert rollback_note("auto", ckpt) is None
+    assert resume_point(str(target), ckpt)[0] == run / "checkpoints" / "step-00000006"
+    note = rollback_note(str(target), ckpt)
+    assert note == (f"trainer.resume={target}: this run has gone on from there and saved since, so it goes on from "
+                    f"its latest checkpoint, {run}/checkpoints/step-00000006. To roll back to {target} again, move "
+                    "aside the checkpoints saved since (step-00000005, step-00000006) or train into a new "
+                    "run.output_dir")
+    # Done as it says, the rollback is taken again.
+    aside = tmp_path / "aside"
+    aside.mkdir()
+    for name in ("step-00000005", "step-00000006"):
+        (run / "checkpoints" / name).rename(aside / name)
+    assert resume_point(str(target), ckpt) == (target, str(target.resolve()))
+    assert rollback_note(str(target), ckpt) is None
 
 
 def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):

@@ -328,6 +328,23 @@ def resume_point(resume: str, ckpt: Checkpointer) -> tuple[Path | None, str | No
     return Path(resume), explicit
 
 
+def rollback_note(resume: str, ckpt: Checkpointer) -> str | None:
+    """What to say when an explicit trainer.resume gives way to the run's own latest checkpoint (see
+    `resume_point`): a second rollback to the same checkpoint looks like a requeue, and would go on silently."""
+    if resume in ("auto", "never"):
+        return None
+    source, explicit = resume_point(resume, ckpt)
+    if str(source.resolve()) == explicit:
+        return None
+    note = (f"trainer.resume={resume}: this run has gone on from there and saved since, so it goes on from its "
+            f"latest checkpoint, {source}")
+    if not is_complete(Path(resume)):
+        return f"{note} ({resume} itself has been pruned)"
+    since = [path.name for _, path in ckpt.published() if meta_or_none(path).get("resumed_from") == explicit]
+    return (f"{note}. To roll back to {resume} again, move aside the checkpoints saved since ({', '.join(since)}) "
+            "or train into a new run.output_dir")
+
+
 def saved_config(path: Path) -> dict:
     try:
         config = yaml.safe_load((path / "config.yaml").read_text())
