@@ -4,6 +4,7 @@ before the data it names)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -14,11 +15,16 @@ def write_atomic(path: Path, content: str | bytes, tmp_name: str = "") -> None:
     """Replaces `path` whole or not at all, durably; the content goes first to `tmp_name` beside it (default:
     the name + ".tmp")."""
     tmp = path.with_name(tmp_name or path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(content.encode() if isinstance(content, str) else content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: no part-written file left beside `path`
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_path(path.parent)
 
 

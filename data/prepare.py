@@ -214,6 +214,9 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
                                  len(tokenizer), p.shard_bytes, p.val_fraction, p.shuffle_buffer, seed)
     if manifest["splits"]["train"]["documents"] == 0:  # the folder keeps what it had
         discard_staged(out_dir)
+        if documents := manifest["splits"]["val"]["documents"]:
+            raise InputError(f"{', '.join(p.inputs)}: no documents to train on: all {documents:,} went to validation "
+                             f"(data.prepare.val_fraction={p.val_fraction})")
         raise no_documents(p, stats)
     manifest.update(recipe=recipe(p, seed), tokenizer=str(tokenizer_path), tokenizer_sha256=tokenizer.fingerprint(),
                     input_documents=stats.documents, input_skipped=dict(stats.skipped), input_sizes=sizes)
@@ -229,14 +232,19 @@ def build_shards(p: PrepareConfig, tokenizer_path: str | Path, out_dir: str | Pa
 
 def changed_inputs(manifest: dict | None, inputs: list[str]) -> str:
     """How `inputs` changed since `manifest` (or a tokenizer's recipe) was written; '' when they did not, or
-    cannot be compared: folders written before sizes were recorded, and inputs removed once sharded (the shards
-    are what training reads)."""
+    cannot be compared: folders written before sizes were recorded. An input removed once sharded is no change
+    (the shards are what training reads), but the others are still compared."""
     if (built := (manifest or {}).get("input_sizes")) is None:
         return ""
-    try:
-        return input_changes(built, input_sizes(inputs))
-    except InputError:
-        return ""
+    now, removed = {}, False
+    for item in inputs:
+        try:
+            now.update(input_sizes([item]))
+        except InputError:
+            removed = True
+    if removed:  # which recorded files were that input's is not known: none is said to be gone
+        built = {path: size for path, size in built.items() if path in now}
+    return input_changes(built, now)
 
 
 def prepare(cfg: Config, log=print) -> dict:

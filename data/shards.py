@@ -31,6 +31,7 @@ from masktrain.data.reader import TOKENS_KEY, DataError
 
 MANIFEST = "manifest.json"
 STAGING = ".writing"
+STAGED_MANIFEST = MANIFEST + ".new"  # a write's manifest, whole on disk before the earlier dataset is taken out
 """The folder in each split's folder where `write_dataset` puts new shards until they replace the earlier ones
 (on the split folder's own file system, which may be another's than the dataset folder's, so renames work);
 in a tokenizer's folder, where `build_tokenizer` writes its files."""
@@ -117,8 +118,9 @@ class SplitWriter:
         self.close_shard()
         relative = f"{self.split}/{SHARD_PATTERN.format(len(self.info.shards))}"
         self.info.shards.append(ShardInfo(path=relative))
-        # An integer mtime keeps headers plain ustar: a float one costs each member a 1 KiB pax header.
-        self.writer = wds.TarWriter(str(staged(self.root, relative)), mtime=0)
+        # An integer mtime keeps headers plain ustar: a float one costs each member a 1 KiB pax header. The path is
+        # absolute, as gopen would take a folder named like `run-06-01T12:30` for a URL scheme.
+        self.writer = wds.TarWriter(str(staged(self.root, relative).absolute()), mtime=0)
 
     def close_shard(self) -> None:
         if self.writer is not None:
@@ -228,13 +230,20 @@ def staged(root: Path, relative: str) -> Path:
 def discard_staged(root: str | Path) -> None:
     for split in SPLITS:
         shutil.rmtree(Path(root) / split / STAGING, ignore_errors=True)
+    (Path(root) / STAGED_MANIFEST).unlink(missing_ok=True)
 
 
 def publish_dataset(root: str | Path, manifest: dict) -> None:
-    """Put the shards `write_dataset` staged in place of the folder's earlier ones, then write the manifest.
-    Until it is whole again the folder has no manifest, so a publish that dies is never reused; and no shard of
-    an earlier, larger write stays behind for a brace pattern in data.train_shards to pick up."""
+    """Put the shards `write_dataset` staged in place of the folder's earlier ones, then the manifest. Until it
+    is in place the folder has no manifest, so a publish that dies is never reused; and no shard of an earlier,
+    larger write stays behind for a brace pattern in data.train_shards to pick up. The manifest is written
+    before anything is taken out: a disk too full for it leaves the folder as it was."""
     root = Path(root)
+    try:
+        write_json(root / STAGED_MANIFEST, manifest)
+    except OSError as err:
+        discard_staged(root)
+        raise DataError(f"{root}: writing the manifest failed ({err}); the folder is as it was") from None
     (root / MANIFEST).unlink(missing_ok=True)
     # Each step is on disk before the next: a power loss must not keep the old manifest over new shards, nor a
     # new manifest over shards whose bytes or names were lost (close_shard synced the bytes).
@@ -245,8 +254,9 @@ def publish_dataset(root: str | Path, manifest: dict) -> None:
         for shard in manifest["splits"][split]["shards"]:
             staged(root, shard["path"]).rename(root / shard["path"])
         fsync_path(root / split)
+    (root / STAGED_MANIFEST).replace(root / MANIFEST)
+    fsync_path(root)
     discard_staged(root)
-    write_json(root / MANIFEST, manifest)
 
 
 def read_manifest(root: str | Path) -> dict:
@@ -256,14 +266,15 @@ def read_manifest(root: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable manifest ({err}); run `masktrain data prepare` again") from None
+        raise DataError(f"{path}: not a readable manifest ({err}); remove it, then run `masktrain data prepare` "
+                        "again") from None
     splits = manifest.get("splits") if isinstance(manifest, dict) else None
     if not (isinstance(splits, dict) and all(
             isinstance(splits.get(split), dict) and isinstance(splits[split].get("shards"), list)
             and all(shard_record(shard) for shard in splits[split]["shards"]) for split in SPLITS)):
         raise DataError(f"{path}: not a masktrain manifest (it needs splits.train and splits.val, each with a list "
                         "of shards that have a path, and a whole number of bytes and a sha256 text where they "
-                        "record them); run `masktrain data prepare` again")
+                        "record them); remove it, then run `masktrain data prepare` again")
     return manifest
 
 
@@ -279,8 +290,9 @@ def manifest_urls(root: str | Path, split: str) -> list[str]:
 
 
 def shard_paths(root: str | Path, shards: list[dict]) -> list[str]:
-    """The paths of a manifest's record of shards, in `root`."""
-    return [str(Path(root) / shard["path"]) for shard in shards]
+    """The absolute paths of a manifest's record of shards, in `root`: the loader opens them with gopen, which
+    would take a relative `run-06-01T12:30/train/...` for a URL of scheme `run-06-01t12`."""
+    return [str((Path(root) / shard["path"]).absolute()) for shard in shards]
 
 
 def tokenize_stream(texts: Iterable[str], tokenizer, threads: int = 1,

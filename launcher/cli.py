@@ -98,10 +98,11 @@ def cmd_data_verify(args) -> int:
         raise FileNotFoundError(f"{args.dir}: no {MANIFEST}, so not a dataset folder of `masktrain data prepare` or "
                                 "`data shards`")
     problems, totals = verify_shards(args.dir, args.workers)
-    if totals["shards"] == 0:
-        problems.append(f"{Path(args.dir) / MANIFEST}: lists no shard")
     for problem in problems:
         print(problem)
+    if totals["shards"] == 0:
+        print(f"{Path(args.dir) / MANIFEST}: lists no shard")
+        return 1
     hashed, count = totals["hashed"], totals["shards"]
     checked = ("size and sha256" if hashed == count else "size only: the manifest records no sha256 (written "
                "before manifests did)" if hashed == 0 else f"size, and sha256 for the {hashed} the manifest has one for")

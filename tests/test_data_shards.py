@@ -23,7 +23,9 @@ import webdataset as wds
 
 from conftest import MASKTRAIN, run_cli
 from masktrain.data.corpus import CorpusStats, DataError, InputError, documents, expand_inputs
+from masktrain.data.files import write_atomic
 from masktrain.data.prepare import build_tokenizer, input_changes, input_sizes, refuse_output_in_inputs
+from masktrain.data.shards import manifest_urls
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher import cli
 from masktrain.launcher.config import PrepareConfig
@@ -95,6 +97,19 @@ def test_every_input_kind_is_read_and_plain_webdataset_reads_it_back(inputs, tok
             assert shard["bytes"] == (out / shard["path"]).stat().st_size
             decoded.update(sp.decode(a.tolist()) for a in arrays)
     assert decoded == Counter(docs)
+
+
+def test_a_data_folder_named_like_a_url_is_written_and_read_as_a_folder(inputs, tokenizer, tmp_path, monkeypatch):
+    """webdataset's gopen reads `run-06-01T12:30/...` as a URL of scheme `run-06-01t12`: shards are written and
+    listed by absolute path."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("run-06-01T12:30")
+    manifest = build(inputs, tokenizer, out)
+    for split in ("train", "val"):
+        urls = manifest_urls(out, split)
+        assert urls == [str(tmp_path / out / shard["path"]) for shard in manifest["splits"][split]["shards"]]
+        read = [sample["tokens.npy"] for url in urls for sample in wds.WebDataset(url, shardshuffle=False).decode()]
+        assert len(read) == manifest["splits"][split]["documents"]
 
 
 def test_shards_reach_the_target_size_and_tar_lists_and_extracts_them(inputs, tokenizer, tmp_path):
@@ -296,6 +311,28 @@ def test_a_corpus_without_documents_is_an_error_naming_it(tmp_path, capsys):
     assert f"{empty}: no documents to train on" in capsys.readouterr().err
 
 
+def test_documents_that_all_go_to_validation_are_said_to(tokenizer, tmp_path, capsys):
+    few = tmp_path / "few.txt"
+    few.write_text("one document only")
+    assert shards(str(few), "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out"), "--val-fraction",
+                  "0.999999") == 1
+    assert capsys.readouterr().err == (f"masktrain: {few}: no documents to train on: all 1 went to validation "
+                                       "(data.prepare.val_fraction=0.999999)\n")
+
+
+def test_an_input_removed_once_sharded_leaves_the_others_compared(tmp_path):
+    from masktrain.data.prepare import changed_inputs
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("first")
+    b.write_text("second")
+    manifest = {"input_sizes": input_sizes([str(a), str(b)])}
+    a.unlink()
+    assert changed_inputs(manifest, [str(a), str(b)]) == ""
+    b.write_text("second, grown")
+    assert changed_inputs(manifest, [str(a), str(b)]) == f"{b}: 6 -> 13 bytes"
+
+
 def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatched(tiny_data, tmp_path):
     """One message naming the path and the fix, no rank tracebacks, nothing written to the run folder."""
     data = Path(next(o for o in tiny_data if o.startswith("data.dir=")).partition("=")[2])
@@ -347,7 +384,10 @@ def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatch
     manifest["splits"]["train"]["shards"] = [shard["path"] for shard in manifest["splits"]["train"]["shards"]]
     (malformed / "manifest.json").write_text(json.dumps(manifest))
     cases["malformed manifest"] = ([*tiny_data, f"data.dir={malformed}", f"data.tokenizer={data / 'tokenizer'}"],
-                                   f"{malformed / 'manifest.json'}: not a masktrain manifest")
+                                   f"{malformed / 'manifest.json'}: not a masktrain manifest (it needs splits.train "
+                                   "and splits.val, each with a list of shards that have a path, and a whole number "
+                                   "of bytes and a sha256 text where they record them); remove it, then run "
+                                   "`masktrain data prepare` again")
     for name, (overrides, message) in cases.items():
         run = tmp_path / name.replace(" ", "-")
         result = run_cli("train", "smoke", *overrides, f"run.output_dir={run}")
@@ -440,7 +480,7 @@ def test_verify_finds_shards_cut_short_changed_or_missing_and_training_stops_on_
         manifest["splits"][split]["shards"] = []
     (data / "manifest.json").write_text(json.dumps(manifest))
     code, lines = verify()
-    assert code == 1 and lines[0] == f"{data / 'manifest.json'}: lists no shard"
+    assert code == 1 and lines == [f"{data / 'manifest.json'}: lists no shard"]  # and no "-1 of 0 shards"
 
 
 def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_path):
@@ -648,8 +688,12 @@ def test_shards_and_the_manifest_reach_the_disk_before_what_names_them(inputs, t
     disk_journal.clear()
     manifest = build(inputs, tokenizer, out, "--shard-bytes", "8192")  # replaces the first
     events = disk_journal
-    published = events.index(("rename", f"{out}/manifest.json.tmp", f"{out}/manifest.json"))
+    published = events.index(("rename", f"{out}/manifest.json.new", f"{out}/manifest.json"))
     taken_out = events.index(("unlink", f"{out}/manifest.json"))
+    # The new manifest is whole on disk before the earlier dataset is taken out: a disk too full for it stops there.
+    written = events.index(("rename", f"{out}/manifest.json.new.tmp", f"{out}/manifest.json.new"))
+    assert ("fsync", f"{out}/manifest.json.new.tmp") in events[:written]
+    assert ("fsync", str(out)) in events[written:taken_out]
     first_removal = next(i for i, event in enumerate(events) if event[0] == "unlink" and "/shard-" in event[1])
     assert ("fsync", str(out)) in events[taken_out:first_removal]
     for split in ("train", "val"):
@@ -659,7 +703,6 @@ def test_shards_and_the_manifest_reach_the_disk_before_what_names_them(inputs, t
             renames.append(events.index(("rename", written, final)))
             assert ("fsync", written) in events[:renames[-1]], shard
         assert ("fsync", str(out / split)) in events[max(renames):published], split
-    assert ("fsync", f"{out}/manifest.json.tmp") in events[:published]
     assert ("fsync", str(out)) in events[published:]
 
 
@@ -749,6 +792,41 @@ def test_a_full_disk_while_writing_shards_is_one_line_naming_the_folder(tokenize
     assert not list(out.rglob("*.tar"))
 
 
+def test_a_disk_too_full_for_the_manifest_leaves_the_folder_as_it_was(inputs, tokenizer, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The manifest is written before the earlier dataset is taken out: a full disk there lost that dataset and
+    left no manifest, in a traceback."""
+    from masktrain.data import shards as shards_module
+
+    out = tmp_path / "out"
+    build(inputs, tokenizer, out)
+    before = {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards_module, "write_json", full)
+    assert shards(*inputs[1], "--tokenizer", str(tokenizer), "--out", str(out), "--text-field", "body",
+                  "--shard-bytes", "8192") == 1
+    assert capsys.readouterr().err == (f"masktrain: {out}: writing the manifest failed ([Errno 28] No space left on "
+                                       "device); the folder is as it was\n")
+    assert {str(path.relative_to(out)): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} \
+        == before
+
+
+def test_a_file_replaced_whole_is_left_as_it_was_by_a_full_disk(tmp_path, monkeypatch):
+    path = tmp_path / "status.json"
+    path.write_text("before")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        write_atomic(path, "after")
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"] and path.read_text() == "before"
+
+
 def test_a_text_file_of_one_document_per_line_is_pointed_out(tokenizer, tmp_path, capsys):
     """Read as one document (plain text separates them by blank lines), it would go whole to train or to
     validation: kept, and said."""
@@ -780,5 +858,5 @@ def test_each_other_mixture_source_is_validated_on_under_its_name(tiny_data, tmp
     assert [prefix for prefix, _ in splits] == ["val", "val/source1", "val/source2", "val/other", "val/web",
                                                 "val/source6"]
     copied = json.loads((data / "manifest.json").read_text())
-    assert splits[0][1] is None and splits[3][1] == split_urls(Path("."), copied, "val")  # those of `other`
+    assert splits[0][1] is None and splits[3][1] == split_urls(tmp_path / "other", copied, "val")  # those of `other`
     assert splits[4][1] == ["v.tar"] and splits[5][1] == ["y.tar"]
