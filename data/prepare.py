@@ -274,6 +274,10 @@ def prepare(cfg: Config, log=print) -> dict:
             raise SystemExit(mismatch)
         log(f"data: reusing {root} ({manifest['splits']['train']['tokens']:,} train tokens)")
         return manifest
+    if not has_tokenizer and cfg.data.tokenizer:  # a tokenizer to use as it is: a mistyped path must not train one
+        raise SystemExit(f"{tok_dir / MODEL_FILE}: missing (data.tokenizer); train one there with `masktrain data "
+                         f"tokenizer INPUTS --out {tok_dir}`, or leave data.tokenizer empty for prepare to train one "
+                         f"in {root / 'tokenizer'}")
     if not has_tokenizer:
         build_tokenizer(p, tok_dir, cfg.run.seed, cfg.data.strict, log=log)
     elif not cfg.data.tokenizer:  # prepare's own tokenizer, left by a prepare that did not finish

@@ -135,7 +135,8 @@ class DataConfig:
     dir: str = "runs/data/smoke"
     """Prepared dataset folder (tokenizer/, train/, val/, manifest.json); the default for the fields below."""
     tokenizer: str = ""
-    """Tokenizer folder (sentencepiece model plus Hugging Face files). Empty means `<dir>/tokenizer`."""
+    """Tokenizer folder (sentencepiece model plus Hugging Face files) to use as it is, made by `masktrain data
+    tokenizer` or another prepare. Empty means `<dir>/tokenizer`, which prepare trains when it is missing."""
     train_shards: list[str] = field(default_factory=list)
     """Shard URLs: paths, brace patterns (shard-{000000..000127}.tar) or `pipe:` commands. Empty: manifest."""
     val_shards: list[str] = field(default_factory=list)

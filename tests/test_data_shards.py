@@ -510,6 +510,11 @@ def test_prepare_reuses_only_a_tokenizer_and_shards_that_belong_together(tmp_pat
     prepare(config("data.prepare.vocab_size=500", f"data.dir={tmp_path / 'other'}", f"data.tokenizer={tok}"),
             log=logged.append)
     assert f"data: using the tokenizer in {tok} (data.tokenizer)" in logged
+    # data.tokenizer names a tokenizer to use: at a mistyped path, none is trained in its place.
+    typo = tmp_path / "tokenzier"
+    with pytest.raises(SystemExit, match=f"{typo / 'spm.model'}: missing \\(data.tokenizer\\); train one there"):
+        prepare(config(f"data.dir={tmp_path / 'third'}", f"data.tokenizer={typo}"))
+    assert not typo.exists() and not (tmp_path / "third").exists()
     # Settings that only train a tokenizer say nothing of shards cut with a given one (`data shards
     # --tokenizer` records their defaults): that tokenizer is compared by fingerprint instead.
     prepare(config("data.prepare.vocab_size=600", f"data.dir={tmp_path / 'other'}", f"data.tokenizer={tok}"),
