@@ -236,15 +236,22 @@ def changed_inputs(manifest: dict | None, inputs: list[str]) -> str:
     (the shards are what training reads), but the others are still compared."""
     if (built := (manifest or {}).get("input_sizes")) is None:
         return ""
-    now, removed = {}, False
-    for item in inputs:
-        try:
-            now.update(input_sizes([item]))
-        except InputError:
-            removed = True
-    if removed:  # which recorded files were that input's is not known: none is said to be gone
+    present = [item for item in inputs if names_a_file(item)]
+    if not present:
+        return ""
+    # Sized together, as when recorded: expand_inputs drops a file named twice (a folder and a file in it).
+    now = input_sizes(present)
+    if len(present) < len(inputs):  # which recorded files were a removed input's is not known: none is gone
         built = {path: size for path, size in built.items() if path in now}
     return input_changes(built, now)
+
+
+def names_a_file(item: str) -> bool:
+    try:
+        expand_inputs([item])
+    except InputError:
+        return False
+    return True
 
 
 def prepare(cfg: Config, log=print) -> dict:

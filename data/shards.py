@@ -31,10 +31,10 @@ from masktrain.data.reader import TOKENS_KEY, DataError
 
 MANIFEST = "manifest.json"
 STAGING = ".writing"
-STAGED_MANIFEST = MANIFEST + ".new"  # a write's manifest, whole on disk before the earlier dataset is taken out
 """The folder in each split's folder where `write_dataset` puts new shards until they replace the earlier ones
 (on the split folder's own file system, which may be another's than the dataset folder's, so renames work);
 in a tokenizer's folder, where `build_tokenizer` writes its files."""
+STAGED_MANIFEST = MANIFEST + ".new"  # a write's manifest, whole on disk before the earlier dataset is taken out
 SPLITS = ("train", "val")
 SHARD_PATTERN = "shard-{:06d}.tar"
 TAR_BLOCK = 512

@@ -331,6 +331,10 @@ def test_an_input_removed_once_sharded_leaves_the_others_compared(tmp_path):
     assert changed_inputs(manifest, [str(a), str(b)]) == ""
     b.write_text("second, grown")
     assert changed_inputs(manifest, [str(a), str(b)]) == f"{b}: 6 -> 13 bytes"
+    # A file named twice (by itself and in its folder) is one input, now as when it was recorded.
+    twice = [str(tmp_path), str(b)]
+    assert changed_inputs({"input_sizes": input_sizes(twice)}, twice) == ""
+    assert changed_inputs({"input_sizes": input_sizes(twice)}, [*twice, str(a)]) == ""
 
 
 def test_train_fails_before_any_rank_starts_when_the_data_is_missing_or_mismatched(tiny_data, tmp_path):

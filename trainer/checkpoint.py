@@ -340,7 +340,7 @@ def rollback_note(resume: str, ckpt: Checkpointer) -> str | None:
             f"latest checkpoint, {source}")
     if not is_complete(Path(resume)):
         return f"{note} ({resume} itself has been pruned)"
-    since = [path.name for _, path in ckpt.published() if meta_or_none(path).get("resumed_from") == explicit]
+    since = [path.name for _, path in ckpt.published() if (meta_or_none(path) or {}).get("resumed_from") == explicit]
     return (f"{note}. To roll back to {resume} again, move aside the checkpoints saved since ({', '.join(since)}) "
             "or train into a new run.output_dir")
 
