@@ -77,6 +77,24 @@ def probe(runtime) -> dict:
     return results
 
 
+def zero3_weight_decay(runtime) -> dict:
+    """The weight decay of the optimizer's groups for a model built partitioned, as the trainer builds it at
+    ZeRO-3 (where each parameter is an empty 1-D tensor until gathered)."""
+    import deepspeed
+    import torch
+
+    from masktrain.trainer import engine as eng
+
+    cfg = load_config("smoke", ["launch.nproc_per_node=1", "trainer.global_batch_size=8", "launch.accelerator=cpu",
+                                "trainer.zero_stage=3", "optim.weight_decay=0.1"])
+    with deepspeed.zero.Init(config_dict_or_path=eng.deepspeed_config(cfg, "fp32")):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 1))
+    decay, no_decay = (len(group["params"]) for group in eng.param_groups(model, 0.1))
+    engine = eng.build_engine(cfg, model, runtime, "fp32")
+    return {"decay": decay, "no_decay": no_decay,
+            "engine": sorted(group["weight_decay"] for group in engine.optimizer.param_groups)}
+
+
 def applied_gradient_error(runtime) -> float:
     """How far the gradient the optimizer receives from the trainer's micro-steps is from the mean over every
     target of the step, for two micro-batches of 1 and 7 targets (relative)."""
@@ -138,6 +156,8 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
     results = json.loads(child.stdout.strip().splitlines()[-1])
     # A step's gradient is the mean over all its targets; a mean of micro-batch means is 1.19 off here.
     assert results.pop("applied_gradient_error") < 1e-6
+    # Weight decay on the two weight matrices, none on the biases and the norm, whatever ZeRO-3 has partitioned.
+    assert results.pop("zero3_weight_decay") == {"decay": 2, "no_decay": 4, "engine": [0.0, 0.1]}
     for stage, r in results.items():
         assert r["nan_applied"] is False and r["unchanged"], f"ZeRO-{stage} applied a NaN step: {r}"
         assert not r["nan_norm_finite"], f"ZeRO-{stage}: {r}"
@@ -176,4 +196,5 @@ if __name__ == "__main__":
     from masktrain.trainer.engine import init_distributed
 
     runtime = init_distributed(load_config("smoke", ["launch.nproc_per_node=1", "launch.accelerator=cpu"]))
-    print(json.dumps({**probe(runtime), "applied_gradient_error": applied_gradient_error(runtime)}))
+    print(json.dumps({**probe(runtime), "applied_gradient_error": applied_gradient_error(runtime),
+                      "zero3_weight_decay": zero3_weight_decay(runtime)}))

@@ -516,6 +516,20 @@ def test_a_second_rollback_to_the_same_checkpoint_is_said_with_how_to_make_it(tm
     assert rollback_note(str(target), ckpt) is None
 
 
+def test_a_zero3_checkpoint_of_one_optimizer_group_is_loaded_parameter_by_parameter(tmp_path):
+    """masktrain read ZeRO-3's partitioned parameters as 1-D, so such runs held every parameter in one group,
+    without weight decay: this run's two groups would not load that optimizer state as it is."""
+    from masktrain.trainer.checkpoint import regrouped
+
+    ckpt = Checkpointer(tmp_path, keep_last=10, is_main=True)
+    for step, meta in ((1, {"zero_stage": 3}), (2, {"zero_stage": 2}), (3, {"zero_stage": 3, "optimizer_groups": 2})):
+        staging = ckpt.dir / f"{tag_for(step)}.partial"
+        staging.mkdir(parents=True)
+        ckpt.publish(staging, step, {"run": {}}, meta)
+    assert [regrouped(ckpt.dir / tag_for(step), 2) for step in (1, 2, 3)] == [True, False, False]
+    assert regrouped(ckpt.dir / tag_for(3), 3)
+
+
 def test_auto_precision_takes_bf16_only_where_the_gpu_runs_it_natively(monkeypatch):
     """torch.cuda.is_bf16_supported() counts emulation by default: it says yes on V100/T4 (sm 7.x)."""
     import torch

@@ -373,6 +373,15 @@ def needs_universal(path: Path, world_size: int) -> bool:
     return partitioned_over(path) not in (0, world_size)
 
 
+def regrouped(path: Path, groups: int) -> bool:
+    """Whether checkpoint `path`'s optimizer holds the parameters in another number of groups than `groups`
+    (this run's): its state then loads only through the universal format, which maps it parameter by parameter.
+    A ZeRO-3 checkpoint that records none is from a masktrain that read partitioned parameters as 1-D and put
+    them all in one group, without weight decay."""
+    meta = read_meta(path)
+    return meta.get("optimizer_groups", 1 if meta.get("zero_stage") == 3 else groups) != groups
+
+
 class ConversionFailed(RuntimeError):
     """`to_universal` failed; the message is one line, and the converter's output went to the rank's stderr."""
 

@@ -112,11 +112,12 @@ def deepspeed_config(cfg: Config, dtype: str) -> dict:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norm weights (1-D tensors), as in BERT and Llama recipes."""
+    """No weight decay on biases and norm weights (1-D tensors), as in BERT and Llama recipes. A model built
+    partitioned (ZeRO-3) holds empty 1-D tensors: its parameters' shapes are in ds_shape."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if len(getattr(param, "ds_shape", param.shape)) >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

@@ -32,7 +32,7 @@ from masktrain.launcher.loading import dump_yaml, read_run_config, to_dict
 from masktrain.launcher.validate import schedule_notes
 from masktrain.trainer import engine as eng
 from masktrain.trainer.checkpoint import (Checkpointer, ConversionFailed, check_resumable, deepspeed_json,
-                                          needs_universal, read_meta, resume_point, save_due)
+                                          needs_universal, read_meta, regrouped, resume_point, save_due)
 from masktrain.trainer.evaluation import forward_sums, to_device, val_metrics
 from masktrain.trainer.hang_dump import HangDump
 from masktrain.trainer.lr import lr_at
@@ -192,9 +192,14 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
     if source is not None:
         check_resumable(source, to_dict(cfg), cfg.trainer.allow_config_change, zero_stage(ds), dtype,
                         (tokenizer.dir, tokenizer.fingerprint()))
-        if needs_universal(source, runtime.world_size):
-            ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer), ds)
+    groups = sum(1 for group in eng.param_groups(model, cfg.optim.weight_decay) if group["params"])
+    if source is not None and (needs_universal(source, runtime.world_size) or regrouped(source, groups)):
+        if is_main and regrouped(source, groups):
+            print(f"[masktrain] {source}: its optimizer holds the parameters in another number of groups than this "
+                  f"run's {groups} (a ZeRO-3 checkpoint of a masktrain that gave no parameter weight decay); it is "
+                  "loaded parameter by parameter, and optim.weight_decay applies from here on", flush=True)
+        ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
     if is_main:
         print(f"[masktrain] model: {cfg.model.objective} on {cfg.model.arch}, {describe(model)}", flush=True)
     engine = eng.build_engine(cfg, model, runtime, dtype, ds)
@@ -254,7 +259,8 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
         client = {"version": STATE_VERSION, "state": asdict(state), "ranks": ranks}
         meta = {"tokens": state.tokens, "bad_steps": state.bad_steps, "world_size": runtime.world_size,
                 "objective": cfg.model.objective, "resumed_from": origin, "zero_stage": zero_stage(ds),
-                "precision": dtype, "deepspeed_json": user_json, "tokenizer_sha256": tokenizer.fingerprint()}
+                "precision": dtype, "deepspeed_json": user_json, "tokenizer_sha256": tokenizer.fingerprint(),
+                "optimizer_groups": groups}
         # The tokenizer travels with the weights: export needs no data folder, and cannot pick up another one.
         return ckpt.save(engine, state.step, client, to_dict(cfg), meta,
                          files={f"tokenizer/{MODEL_FILE}": tokenizer.model_bytes})
