@@ -11,6 +11,7 @@ from masktrain.data.batches import IGNORE, MaskSpec, document_positions
 from masktrain.data.reader import Skips
 from masktrain.data.tokenizer import Tokenizer
 from masktrain.launcher.loading import load_config
+from masktrain.trainer import models
 from masktrain.trainer.models import TokenIds, build_model
 from masktrain.trainer.objectives import OBJECTIVES
 
@@ -72,3 +73,24 @@ def test_a_document_packed_after_another_has_its_loss_alone(tiny_data, monkeypat
     with torch.no_grad():
         for batch in [*batches, empty]:
             assert "position_ids" in batch and torch.isfinite(model(**batch)["loss_sum"])
+
+
+def test_every_token_of_mae_lms_encoder_attends_to_something(tiny_data, monkeypatch):
+    """A query with no key to attend to (a padding slot masked as padding, alone in its document) is NaN on some
+    GPU attention kernels, and a NaN in a discarded row still reaches the weights' gradients."""
+    from masktrain.trainer import mae
+
+    cfg = load_config("smoke", [*tiny_data, *TINY_MODEL, "model.objective=mae_lm", "data.document_attention=true"])
+    tokenizer = Tokenizer(inputs.tokenizer_dir(cfg))
+    target = OBJECTIVES["mae_lm"]
+    model = build_model(target, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer)).eval()
+    masks = []
+    monkeypatch.setattr(mae, "document_mask", lambda *args: masks.append(models.document_mask(*args)) or masks[-1])
+    # Not the all-padding batch of a rank short of validation rows: it has no token to attend to, nor a target.
+    batches, _ = inputs.validation_set(cfg, target.batch, target.encoder, tokenizer, 0, 1, Skips(False))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    assert masks and any((~batch["visible_mask"]).any() for batch in batches)  # padding slots were there
+    for mask in masks:
+        assert mask.dtype == torch.bool and mask.any(dim=-1).all()

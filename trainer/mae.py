@@ -59,7 +59,9 @@ class MaeLM(nn.Module):
         positions, mask = visible_pos, visible_mask
         if position_ids is not None:
             positions = position_ids.gather(1, visible_pos)
-            mask = document_mask(self.hf.config, self.hf.dtype, positions, visible_mask)
+            # Padding slots sit at the row's position 0, so each is a document of its own, which no real token
+            # reads: masked as padding too, its row would have no key at all, which some GPU kernels turn to NaN.
+            mask = document_mask(self.hf.config, self.hf.dtype, positions, None)
         return self.hf.base_model(input_ids=None if words is not None else visible_ids, inputs_embeds=words,
                                   attention_mask=mask, position_ids=positions + self.position_offset).last_hidden_state
 
