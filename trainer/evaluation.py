@@ -3,9 +3,9 @@
 Training evaluates at trainer.eval_every with its own validation masking (data.masking.eval_rate, or the
 schedule's final rate). Runs with other masking schedules are then scored at other rates, and a run's
 milestones only on the data it trained with. `masktrain eval` scores any complete checkpoint again on one
-process, exactly as training did (same batches, same masks, the loss training logged), or with what it is
-scored on changed (EVAL_KEYS): another data folder's validation split, another masking rate or policy, more or
-fewer batches.
+process, as training did (same batches, same masks, the loss training logged; a bf16 run's to within bf16's
+rounding, as its fp32 master weights are scored here in fp32), or with what it is scored on changed (EVAL_KEYS):
+another data folder's validation split, another masking rate or policy, more or fewer batches.
 """
 
 from __future__ import annotations
