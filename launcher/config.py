@@ -287,7 +287,8 @@ class TrainerConfig:
     max_bad_steps: int = 5
     """Abort after this many consecutive steps with a non-finite loss (each one is skipped and counted)."""
     resume: str = "auto"
-    """auto (resume from the run folder's latest checkpoint if there is one), never, or a checkpoint path."""
+    """auto (resume from the run folder's latest checkpoint if there is one), never (start from scratch, in a
+    run folder without checkpoints), or a checkpoint path."""
     stop_after_steps: int = 0
     """Checkpoint and leave (with the requeue exit code) after this many steps of one launch; 0 runs on.
     For fixed-size pieces of a long run, and for trying resumption."""

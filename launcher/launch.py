@@ -36,6 +36,12 @@ def check_resume_compatible(cfg: Config) -> Path | None:
     from masktrain.trainer.models import zero_stage
 
     ckpt = Checkpointer(cfg.output_dir, 1, False)
+    if cfg.trainer.resume == "never" and (latest := ckpt.latest()) is not None:
+        # Started over there, the new run would prune the earlier one's checkpoints and cut its metrics.
+        raise ConfigError("masktrain train", [
+            f"trainer.resume: never, but {cfg.output_dir} holds the checkpoints of an earlier run (the latest "
+            f"{latest.name}), which a new start would prune and mix with its own; use another run.output_dir (or "
+            "run.name), or remove that run's folder"])
     source, _ = resume_point(cfg.trainer.resume, ckpt)
     if note := rollback_note(cfg.trainer.resume, ckpt):
         print(f"masktrain: {note}", file=sys.stderr)

@@ -516,6 +516,26 @@ def test_a_second_rollback_to_the_same_checkpoint_is_said_with_how_to_make_it(tm
     assert rollback_note(str(target), ckpt) is None
 
 
+def test_resume_never_starts_over_only_in_a_run_folder_without_checkpoints(tmp_path):
+    """Started over in place, a run pruned the earlier run's checkpoints, mixed its own among them and cut its
+    metrics, without a word."""
+    from masktrain.launcher.launch import check_resume_compatible
+
+    run = tmp_path / "run"
+    cfg = load_config("smoke", [f"run.output_dir={run}", "trainer.resume=never"])
+    assert check_resume_compatible(cfg) is None
+    ckpt = Checkpointer(run, keep_last=3, is_main=True)
+    staging = ckpt.dir / f"{tag_for(30)}.partial"
+    staging.mkdir(parents=True)
+    ckpt.publish(staging, 30, {"run": {}}, {})
+    with pytest.raises(ConfigError) as err:
+        check_resume_compatible(cfg)
+    assert err.value.problems == [
+        f"trainer.resume: never, but {run} holds the checkpoints of an earlier run (the latest step-00000030), which "
+        "a new start would prune and mix with its own; use another run.output_dir (or run.name), or remove that "
+        "run's folder"]
+
+
 def test_a_zero3_checkpoint_of_one_optimizer_group_is_loaded_parameter_by_parameter(tmp_path):
     """masktrain read ZeRO-3's partitioned parameters as 1-D, so such runs held every parameter in one group,
     without weight decay: this run's two groups would not load that optimizer state as it is."""
