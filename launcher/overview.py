@@ -60,6 +60,10 @@ def duration(seconds: float) -> str:
     return f"{days}d {hours}h" if days else f"{hours}h {minutes:02d}m" if hours else f"{minutes}m"
 
 
+RUN_FILES = ("config.yaml", "status.json", "run.lock", "metrics.jsonl", "checkpoints", "slurm")
+"""What a launch leaves in a run folder from its start (`slurm submit` writes the job script into slurm/)."""
+
+
 def run_config(run: Path) -> dict:
     try:
         config = yaml.safe_load((run / "config.yaml").read_text())
@@ -72,6 +76,8 @@ def overview(run_dir: str | Path, now: float | None = None) -> str:
     run = Path(run_dir)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no such run folder")
+    if not any((run / name).exists() for name in RUN_FILES):  # a parent folder, a data folder: not "not started"
+        raise FileNotFoundError(f"{run}: not a run folder (none of {', '.join(RUN_FILES)} in it)")
     now = time.time() if now is None else now
     config = run_config(run)
     trainer, data = (config.get(key) if isinstance(config.get(key), dict) else {} for key in ("trainer", "data"))

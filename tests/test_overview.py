@@ -6,6 +6,7 @@ import json
 import os
 import sys
 
+import pytest
 import yaml
 
 from conftest import run_cli
@@ -79,9 +80,16 @@ def test_a_run_marked_running_that_no_launch_holds_was_killed_and_says_where_it_
     assert overview(run).splitlines()[:2] == [f"{run}: failed: too many non-finite steps", "  step 250 of 1000 (25.0%)"]
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    assert overview(fresh) == f"{fresh}: not started\n  no checkpoint yet"
+    with pytest.raises(FileNotFoundError, match="not a run folder"):  # a parent or data folder is not a run
+        overview(fresh)
+    (fresh / "config.yaml").write_text("trainer: {max_steps: 10}\n")  # launched: the ranks have not begun
+    assert overview(fresh) == f"{fresh}: not started\n  step 0 of 10 (0.0%)\n  no checkpoint yet"
     result = run_cli("status", str(run), str(tmp_path / "absent"))
     assert result.returncode == 1 and f"masktrain: {tmp_path / 'absent'}: no such run folder" in result.stderr
+    parent = run_cli("status", str(tmp_path))
+    assert parent.returncode == 1 and parent.stderr == (
+        f"masktrain: {tmp_path}: not a run folder (none of config.yaml, status.json, run.lock, metrics.jsonl, "
+        "checkpoints, slurm in it)\n")
     assert result.stdout.startswith(f"{run}: failed: too many non-finite steps\n")  # the runs before it are shown
 
 
