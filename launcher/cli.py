@@ -420,7 +420,7 @@ def parser() -> argparse.ArgumentParser:
                    help="checkpoint folders or run folders (their newest complete checkpoint), and overrides of what "
                         "is scored: data.dir, data.val_shards, data.micro_batch_size, data.strict, data.masking.*, "
                         "trainer.eval_batches (e.g. data.masking.eval_rate=0.15)")
-    p.add_argument("--all", action="store_true", help="every complete checkpoint of each run folder, oldest first")
+    p.add_argument("--all", action="store_true", help="every complete checkpoint of each run folder's current line, oldest first")
     p.add_argument("--out", help="also write the results to this JSON file")
     p.set_defaults(func=cmd_eval, overrides=[])  # main adds overrides that follow the options
 

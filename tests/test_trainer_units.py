@@ -516,6 +516,24 @@ def test_a_second_rollback_to_the_same_checkpoint_is_said_with_how_to_make_it(tm
     assert rollback_note(str(target), ckpt) is None
 
 
+def test_every_checkpoint_of_a_run_means_those_of_its_current_line(tmp_path, capsys):
+    """After a rollback to step 20, the abandoned line's later saves stay until pruned: scored among the new
+    line's, they made one curve of two trainings."""
+    from masktrain.trainer.evaluation import checkpoints_of
+
+    ckpt = Checkpointer(tmp_path, keep_last=10, is_main=True)
+    for step in (10, 20, 30, 40, 22, 32):
+        staging = ckpt.dir / f"{tag_for(step)}.partial"
+        staging.mkdir(parents=True)
+        ckpt.publish(staging, step, {"run": {}}, {})
+    names = lambda paths: [path.name for path in paths]  # noqa: E731
+    assert [names(paths) for paths in ckpt.lines()] == [["step-00000010", "step-00000020", "step-00000022",
+                                                         "step-00000032"], ["step-00000030", "step-00000040"]]
+    assert names(checkpoints_of([str(tmp_path)], every=True)) == names(ckpt.lines()[0])
+    assert capsys.readouterr().err == (f"masktrain: {tmp_path}: not scoring the checkpoints of a line a rollback "
+                                       "abandoned (step-00000030, step-00000040); name them to score them\n")
+
+
 def test_resume_never_starts_over_only_in_a_run_folder_without_checkpoints(tmp_path):
     """Started over in place, a run pruned the earlier run's checkpoints, mixed its own among them and cut its
     metrics, without a word."""

@@ -126,6 +126,16 @@ class Checkpointer:
         """Complete checkpoints in the order they were published, oldest first (see `published`)."""
         return [path for _, path in self.published()]
 
+    def lines(self) -> tuple[list[Path], list[Path]]:
+        """The complete checkpoints of the run's current line, oldest first, and those of lines a rollback
+        abandoned: each checkpoint that a later one went back past (saved after it at no later step)."""
+        published = [(read_meta(path).get("step", 0), path) for _, path in self.published()]
+        current, abandoned = [], []
+        for index, (step, path) in enumerate(published):
+            gone_back = any(later <= step for later, _ in published[index + 1:])
+            (abandoned if gone_back else current).append(path)
+        return current, abandoned
+
     def latest(self) -> Path | None:
         """The checkpoint `latest` names or, when a crash came between publishing a checkpoint and pointing
         `latest` at it (or `latest` was removed), the last published one; None when there is none."""

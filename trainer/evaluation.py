@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -100,7 +101,8 @@ def check_out(path: str | None) -> None:
 
 
 def checkpoints_of(given: list[str], every: bool) -> list[Path]:
-    """The checkpoints named: each folder's newest complete one, or with `every`, all of a run's, oldest first."""
+    """The checkpoints named: each folder's newest complete one, or with `every`, all of a run's current line,
+    oldest first (those of a line a rollback abandoned are named in a line, not scored among them)."""
     if not every:
         return [resolve_checkpoint(path) for path in given]
     found = []
@@ -109,9 +111,13 @@ def checkpoints_of(given: list[str], every: bool) -> list[Path]:
         if not (run / "checkpoints").is_dir():
             raise FileNotFoundError(f"{path}: not a run folder (no checkpoints/ in it); every checkpoint of a "
                                     "run is asked for")
-        if not (complete := Checkpointer(run, 1, False).complete()):
+        current, abandoned = Checkpointer(run, 1, False).lines()
+        if not current:
             raise FileNotFoundError(f"{path}: no complete checkpoint in it")
-        found += complete
+        if abandoned:
+            print(f"masktrain: {path}: not scoring the checkpoints of a line a rollback abandoned "
+                  f"({', '.join(p.name for p in abandoned)}); name them to score them", file=sys.stderr)
+        found += current
     return found
 
 
