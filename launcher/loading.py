@@ -227,13 +227,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     return cfg
 
 
-def config_from_dict(raw: dict, source: str = "<dict>") -> Config:
-    """A validated Config from a plain dict (as saved in run folders and checkpoints)."""
+def config_from_dict(raw: dict, source: str = "<dict>", policies: tuple[str, ...] = ("policy", "eval_policy")
+                     ) -> Config:
+    """A validated Config from a plain dict (as saved in run folders and checkpoints); `policies` as in
+    `validate`."""
     from masktrain.launcher.validate import validate
 
     problems: list[str] = []
     cfg = build(Config, copy.deepcopy(raw), "", problems)
-    problems += validate(cfg)
+    problems += validate(cfg, policies)
     if problems:
         raise ConfigError(source, problems)
     return cfg

@@ -88,8 +88,9 @@ def deepspeed_json_problems(ds: dict, cfg: Config, batches_valid: bool) -> list[
     return problems
 
 
-def validate(cfg: Config) -> list[str]:
-    """Every problem with `cfg`, as 'key: what is wrong' lines (empty when valid)."""
+def validate(cfg: Config, policies: tuple[str, ...] = ("policy", "eval_policy")) -> list[str]:
+    """Every problem with `cfg`, as 'key: what is wrong' lines (empty when valid). `policies`: the keys of
+    data.masking whose policies will mask (export masks nothing): a policy of the researcher's own is imported."""
     from masktrain.data.batches import policy_function
     from masktrain.data.schedules import SCHEDULES
     from masktrain.data.tokenizer import MIN_VOCAB_SIZE
@@ -161,7 +162,7 @@ def validate(cfg: Config) -> list[str]:
     non_negative(p.max_docs, "data.prepare.max_docs")
 
     m = d.masking
-    for key in ("policy", "eval_policy"):
+    for key in policies:
         if name := getattr(m, key):  # a policy of the researcher's own is imported here, before any process starts
             try:
                 policy_function(name)

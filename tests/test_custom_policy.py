@@ -80,3 +80,12 @@ def test_the_ranks_and_their_loader_workers_train_with_it(tiny_data, my_masks, t
     objective = OBJECTIVES[cfg.model.objective]
     batches, _ = inputs.validation_set(cfg, objective.batch, objective.encoder, tokenizer, 0, 1, Skips(False))
     assert logged == sum(int((batch["labels"] != IGNORE).sum()) for batch in batches) > 0
+
+    # Exporting masks nothing, and scoring with another policy masks with that one: neither needs the module.
+    exported = run_cli("export", str(run), str(tmp_path / "exported"))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    scored = run_cli("eval", str(run), "data.masking.eval_policy=random")
+    assert scored.returncode == 0 and "random masking at" in scored.stdout, scored.stderr[-3000:]
+    unscored = run_cli("eval", str(run))
+    assert unscored.returncode == 2 and "data.masking.policy: masking policy 'my_masks:drawn': cannot import " \
+        "my_masks" in unscored.stderr, unscored.stderr[-3000:]

@@ -126,7 +126,7 @@ def evaluate_checkpoint(checkpoint: Path, changes: dict, device: torch.device) -
     skipped data) beside them."""
     from masktrain.trainer.export import trained_config, trained_model  # transformers: seconds to import
 
-    checkpoint, cfg, tokenizer = trained_config(checkpoint, changes)
+    checkpoint, cfg, tokenizer = trained_config(checkpoint, changes, scoring=True)
     inputs.check_ready(cfg, tokenizer, training=False)  # before the minutes a large model's weights take
     model = trained_model(checkpoint, cfg, tokenizer)
     objective = OBJECTIVES[cfg.model.objective]

@@ -96,23 +96,27 @@ def copy_weights(model: torch.nn.Module, master: dict[str, torch.Tensor], checkp
             param.copy_(master[name].reshape(param.shape))
 
 
-def trained_config(checkpoint: str | Path, changes: dict | None = None) -> tuple[Path, Config, Tokenizer]:
+def trained_config(checkpoint: str | Path, changes: dict | None = None,
+                   scoring: bool = False) -> tuple[Path, Config, Tokenizer]:
     """(the complete checkpoint folder, its config, its tokenizer) for a checkpoint or run folder; the config
-    with `changes` (a nested dict of keys that do not change the model) merged in and validated."""
+    with `changes` (a nested dict of keys that do not change the model) merged in and validated. `scoring`: the
+    validation set will be masked, with the evaluation's policy (only its module need be importable here)."""
     checkpoint = resolve_checkpoint(checkpoint)
     raw = saved_config(checkpoint)
     check_intact(checkpoint, raw)
     # Exported, not trained from: files only training reads may be gone, as a rollback target keep_last pruned
-    # or a DeepSpeed JSON named relative to where training ran.
+    # or a DeepSpeed JSON named relative to where training ran, or a masking policy's module.
     raw.setdefault("trainer", {}).update(resume="auto", deepspeed_config="")
-    saved = config_from_dict(raw, str(checkpoint / "config.yaml"))
+    masking = merge(merge({}, raw), changes or {}).get("data", {}).get("masking", {})  # raw itself unchanged
+    policies = ("eval_policy" if masking.get("eval_policy") else "policy",) if scoring else ()
+    saved = config_from_dict(raw, str(checkpoint / "config.yaml"), () if changes else policies)
     if changes and "dir" in changes.get("data", {}):
         # Another folder's data, masked as the run was: its masking tables default to its data folder's.
         tables = {"importance_table": str(importance_path(saved)), "collocation_table": str(collocation_path(saved))}
         changes = merge({"data": {"masking": tables}}, changes)
     cfg = saved
     if changes:  # a problem now is the changes' (the saved config was valid): the message says so
-        cfg = config_from_dict(merge(raw, changes), f"{checkpoint / 'config.yaml'} with the changes given")
+        cfg = config_from_dict(merge(raw, changes), f"{checkpoint / 'config.yaml'} with the changes given", policies)
     return checkpoint, cfg, trained_tokenizer(checkpoint, saved)
 
 
