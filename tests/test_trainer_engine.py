@@ -84,6 +84,7 @@ def zero3_weight_decay(runtime) -> dict:
     import torch
 
     from masktrain.trainer import engine as eng
+    from masktrain.trainer.checkpoint import CLIENT_KEY, Checkpointer
 
     cfg = load_config("smoke", ["launch.nproc_per_node=1", "trainer.global_batch_size=8", "launch.accelerator=cpu",
                                 "trainer.zero_stage=3", "optim.weight_decay=0.1"])
@@ -91,8 +92,21 @@ def zero3_weight_decay(runtime) -> dict:
         model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 1))
     decay, no_decay = (len(group["params"]) for group in eng.param_groups(model, 0.1))
     engine = eng.build_engine(cfg, model, runtime, "fp32")
-    return {"decay": decay, "no_decay": no_decay,
-            "engine": sorted(group["weight_decay"] for group in engine.optimizer.param_groups)}
+    built = [group["weight_decay"] for group in engine.optimizer.param_groups]
+    # Loaded through the universal format (another rank count, or a checkpoint of one group), each group keeps
+    # its own: DeepSpeed gives every group the settings of the checkpoint's first.
+    engine.backward(engine(torch.randn(8, 16)).pow(2).mean())
+    engine.step()
+    ckpt = Checkpointer("run", keep_last=1, is_main=True)
+    engine.save_checkpoint(str(ckpt.dir), tag="step-00000001", client_state={CLIENT_KEY: {"step": 1}})
+    ds = eng.deepspeed_config(cfg, "fp32")
+    ds["checkpoint"] = {"load_universal": True}
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 1))
+    universal = eng.build_engine(cfg, model, runtime, "fp32", ds)
+    assert ckpt.load(universal, ckpt.dir / "step-00000001") == {"step": 1}
+    return {"decay": decay, "no_decay": no_decay, "engine": built,
+            "universal": [group["weight_decay"] for group in universal.optimizer.param_groups]}
 
 
 def applied_gradient_error(runtime) -> float:
@@ -157,7 +171,8 @@ def test_every_zero_stage_skips_a_non_finite_step_and_reports_it(tmp_path):
     # A step's gradient is the mean over all its targets; a mean of micro-batch means is 1.19 off here.
     assert results.pop("applied_gradient_error") < 1e-6
     # Weight decay on the two weight matrices, none on the biases and the norm, whatever ZeRO-3 has partitioned.
-    assert results.pop("zero3_weight_decay") == {"decay": 2, "no_decay": 4, "engine": [0.0, 0.1]}
+    assert results.pop("zero3_weight_decay") == {"decay": 2, "no_decay": 4, "engine": [0.1, 0.0],
+                                                 "universal": [0.1, 0.0]}
     for stage, r in results.items():
         assert r["nan_applied"] is False and r["unchanged"], f"ZeRO-{stage} applied a NaN step: {r}"
         assert not r["nan_norm_finite"], f"ZeRO-{stage}: {r}"

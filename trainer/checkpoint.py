@@ -129,7 +129,9 @@ class Checkpointer:
     def lines(self) -> tuple[list[Path], list[Path]]:
         """The complete checkpoints of the run's current line, oldest first, and those of lines a rollback
         abandoned: each checkpoint that a later one went back past (saved after it at no later step)."""
-        published = [(read_meta(path).get("step", 0), path) for _, path in self.published()]
+        # One pruned meanwhile (a run still training) is left out, as it would be a moment later.
+        metas = [(meta_or_none(path), path) for _, path in self.published()]
+        published = [(meta.get("step", 0), path) for meta, path in metas if meta is not None]
         current, abandoned = [], []
         for index, (step, path) in enumerate(published):
             gone_back = any(later <= step for later, _ in published[index + 1:])
@@ -245,12 +247,18 @@ class Checkpointer:
         dist.destroy_process_group(patient)
         if failure[0] is not None:
             raise ConversionFailed(failure[0])
+        # DeepSpeed's ZeRO-3 universal load gives every group the settings of the checkpoint's first: the weight
+        # decay each group was built with (none on biases and norms) is put back.
+        decays = [group["weight_decay"] for group in engine.optimizer.param_groups]
         try:
-            return self.load_tag(engine, staging, "universal")
+            client = self.load_tag(engine, staging, "universal")
         finally:
             dist.barrier()
             if self.is_main:
                 shutil.rmtree(staging, ignore_errors=True)
+        for group, decay in zip(engine.optimizer.param_groups, decays):
+            group["weight_decay"] = decay
+        return client
 
     @staticmethod
     def load_tag(engine, folder: Path, tag: str) -> dict:
@@ -386,8 +394,8 @@ def needs_universal(path: Path, world_size: int) -> bool:
 def regrouped(path: Path, groups: int) -> bool:
     """Whether checkpoint `path`'s optimizer holds the parameters in another number of groups than `groups`
     (this run's): its state then loads only through the universal format, which maps it parameter by parameter.
-    A ZeRO-3 checkpoint that records none is from a masktrain that read partitioned parameters as 1-D and put
-    them all in one group, without weight decay."""
+    A ZeRO-3 checkpoint that records none is from a masktrain that read partitioned parameters as 1-D, so that
+    none had weight decay, and its optimizer state does not load into this run's groups as it is."""
     meta = read_meta(path)
     return meta.get("optimizer_groups", 1 if meta.get("zero_stage") == 3 else groups) != groups
 
