@@ -194,8 +194,9 @@ def train(cfg: Config, stop: StopRequest | None = None) -> None:
                         (tokenizer.dir, tokenizer.fingerprint()))
     model = build_model(objective, cfg.model, cfg.data.seq_len, TokenIds.of(tokenizer), ds)
     groups = sum(1 for group in eng.param_groups(model, cfg.optim.weight_decay) if group["params"])
-    if source is not None and (needs_universal(source, runtime.world_size) or regrouped(source, groups)):
-        if is_main and regrouped(source, groups):
+    regroup = source is not None and regrouped(source, groups)
+    if source is not None and (needs_universal(source, runtime.world_size) or regroup):
+        if is_main and regroup:
             print(f"[masktrain] {source}: its optimizer holds the parameters in another number of groups than this "
                   f"run's {groups} (a ZeRO-3 checkpoint of a masktrain that gave no parameter weight decay); it is "
                   "loaded parameter by parameter, and optim.weight_decay applies from here on", flush=True)
